@@ -1,0 +1,42 @@
+"""Durable, monotonic, fenced checkpoints (no Dagster import).
+
+Backends: ``memory`` (process-local), ``redis`` (fast, shared), ``postgres``
+(source of truth, auditable, transactional) and ``hybrid`` (Redis on every
+ack, Postgres every N acks / T seconds).
+"""
+
+from __future__ import annotations
+
+from durability_pipelines.checkpoints.base import (
+    CheckpointStore,
+    HistoryEntry,
+    Lease,
+    LeaseManager,
+    SaveContext,
+    SaveOutcome,
+    SaveResult,
+)
+from durability_pipelines.checkpoints.errors import (
+    ConfigError,
+    DurabilityError,
+    InvalidCheckpointKeyError,
+    InvalidSequenceError,
+    LeaseLostError,
+    StoreUnavailableError,
+)
+from durability_pipelines.checkpoints.factory import StoreConfig, open_store
+from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
+from durability_pipelines.checkpoints.ordering import (
+    LATEST,
+    SHARD_END,
+    TRIM_HORIZON,
+    compare_sequences,
+    normalize_sequence,
+)
+
+__all__ = [
+    "LATEST", "SHARD_END", "TRIM_HORIZON", "CheckpointKey", "CheckpointStore", "ConfigError",
+    "DurabilityError", "HistoryEntry", "InvalidCheckpointKeyError", "InvalidSequenceError", "Lease",
+    "LeaseKey", "LeaseLostError", "LeaseManager", "SaveContext", "SaveOutcome", "SaveResult",
+    "StoreConfig", "StoreUnavailableError", "compare_sequences", "normalize_sequence", "open_store",
+]

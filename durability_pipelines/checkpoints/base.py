@@ -1,0 +1,156 @@
+"""The ``CheckpointStore`` contract every backend implements.
+
+``save`` is monotonic (never backwards, equal is a no-op, the result says
+which happened) and optionally fenced by a lease epoch; ``load`` returns the
+acked position.  Nothing in here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
+
+
+class SaveOutcome(str, enum.Enum):
+    ADVANCED = "advanced"  # the checkpoint moved forward (or was created)
+    UNCHANGED = "unchanged"  # equal to the stored value: a no-op
+    STALE = "stale"  # behind the stored value: rejected, nothing written
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    key: CheckpointKey
+    outcome: SaveOutcome
+    previous: str | None
+    current: str
+
+    @property
+    def advanced(self) -> bool:
+        return self.outcome is SaveOutcome.ADVANCED
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof that ``owner`` holds ``key`` at ``epoch`` (KCL's leaseCounter).
+
+    Every takeover increments the epoch; a write carrying an older epoch, or
+    another owner, is refused with ``LeaseLostError``.
+    """
+
+    key: LeaseKey
+    owner: str
+    epoch: int
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    key: CheckpointKey
+    previous: str | None
+    sequence: str
+    writer: str | None
+    lease_epoch: int | None
+    run_id: str | None
+    ts: datetime | None
+    reason: str | None = None
+
+
+@dataclass
+class SaveContext:
+    """Who writes, and why; recorded in history."""
+
+    writer: str = field(default_factory=lambda: default_writer_id())
+    run_id: str | None = None
+    reason: str | None = None
+
+
+def default_writer_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class LeaseManager(abc.ABC):
+    """Acquire / renew / release shard leases with a monotonically rising epoch."""
+
+    @abc.abstractmethod
+    def acquire(self, key: LeaseKey, owner: str, duration_s: float = 60.0, *, steal: bool = False) -> Lease | None:
+        """Take the lease if free, expired, already ours, or ``steal``; else ``None``.
+
+        A takeover (new owner, expired, released, stolen) increments the epoch;
+        re-acquiring a lease we still hold keeps it and extends the expiry.
+        """
+
+    @abc.abstractmethod
+    def renew(self, lease: Lease, duration_s: float = 60.0) -> Lease:
+        """Extend the lease; ``LeaseLostError`` if someone took it over."""
+
+    @abc.abstractmethod
+    def release(self, lease: Lease) -> bool:
+        """Give the lease up (next acquire is a takeover). False if not ours any more."""
+
+    @abc.abstractmethod
+    def get(self, key: LeaseKey) -> Lease | None:
+        """The current holder (owner may be '' when released)."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Lease]:
+        """Every lease this store knows."""
+
+
+class CheckpointStore(abc.ABC):
+    """Durable, monotonic, fenced checkpoints."""
+
+    #: short backend name: memory | redis | postgres | hybrid
+    backend: str = "abstract"
+
+    @property
+    @abc.abstractmethod
+    def leases(self) -> LeaseManager: ...
+
+    @abc.abstractmethod
+    def load(self, key: CheckpointKey) -> str | None:
+        """The acked position, or ``None`` when the key was never saved."""
+
+    def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
+        return {k: self.load(k) for k in keys}
+
+    @abc.abstractmethod
+    def save(
+        self,
+        key: CheckpointKey,
+        sequence: str,
+        *,
+        lease: Lease | None = None,
+        context: SaveContext | None = None,
+    ) -> SaveResult:
+        """Monotonic save; raises ``LeaseLostError`` (nothing written) if ``lease`` is stale."""
+
+    @abc.abstractmethod
+    def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    def keys(self) -> list[CheckpointKey]:
+        """Every checkpoint key the store holds."""
+
+    def load_all(self) -> Mapping[CheckpointKey, str | None]:
+        return self.load_many(self.keys())
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Push buffered state to durable storage (hybrid); no-op elsewhere."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        self.flush()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,65 @@
+-- durability_pipelines: monotonic, fenced checkpoint save in one round trip.
+-- Ordering (same as ordering.py and durability_sequence_rank in SQL):
+-- TRIM_HORIZON < LATEST < numbers < SHARD_END; numbers compare by length, then
+-- text, after stripping leading zeros (tonumber would be a lossy double).
+--
+-- KEYS[1] checkpoint key, KEYS[2] lease key, KEYS[3] history stream key
+-- ARGV[1] sequence (canonical), ARGV[2] writer, ARGV[3] lease epoch ('' = unfenced),
+-- ARGV[4] ttl in ms ('' = none), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen ('0' = off)
+-- Returns {outcome, previous|false, lease_owner|false, lease_epoch|false}
+
+local function rank(s)
+  if s == 'TRIM_HORIZON' then return 0, '' end
+  if s == 'LATEST' then return 1, '' end
+  if s == 'SHARD_END' then return 3, '' end
+  if #s >= 1 and #s <= 40 and not string.find(s, '[^0-9]') then
+    local t = string.gsub(s, '^0+', '')
+    if t == '' then t = '0' end
+    return 2, t
+  end
+  return nil, nil
+end
+
+local function cmp(a, b)
+  local ra, ta = rank(a)
+  local rb, tb = rank(b)
+  if ra ~= rb then if ra < rb then return -1 else return 1 end end
+  if ra ~= 2 then return 0 end
+  if #ta ~= #tb then if #ta < #tb then return -1 else return 1 end end
+  if ta == tb then return 0 end
+  if ta < tb then return -1 else return 1 end
+end
+
+local seq = ARGV[1]
+if rank(seq) == nil then
+  return redis.error_reply('DURABILITY_INVALID_SEQUENCE given ' .. string.sub(seq, 1, 80))
+end
+if ARGV[3] ~= '' then
+  local l = redis.call('HMGET', KEYS[2], 'owner', 'epoch')
+  if l[1] ~= ARGV[2] or l[2] ~= ARGV[3] then
+    return {'lease_lost', false, l[1] or false, l[2] or false}
+  end
+end
+local prev = redis.call('GET', KEYS[1])
+local outcome = 'advanced'
+if prev then
+  if rank(prev) == nil then
+    return redis.error_reply('DURABILITY_INVALID_SEQUENCE stored ' .. string.sub(prev, 1, 80))
+  end
+  local c = cmp(prev, seq)
+  if c == 0 then outcome = 'unchanged' elseif c > 0 then outcome = 'stale' end
+end
+if outcome == 'advanced' then
+  if ARGV[4] ~= '' then
+    redis.call('SET', KEYS[1], seq, 'PX', ARGV[4])
+  else
+    redis.call('SET', KEYS[1], seq)
+  end
+  if ARGV[7] ~= '0' then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'prev', prev or '', 'seq', seq,
+      'writer', ARGV[2], 'epoch', ARGV[3], 'run', ARGV[5], 'reason', ARGV[6])
+  end
+elseif outcome == 'unchanged' and ARGV[4] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return {outcome, prev or false, false, false}

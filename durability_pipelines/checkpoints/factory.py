@@ -1,0 +1,59 @@
+"""Build a checkpoint store from a small declarative config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from durability_pipelines.checkpoints.base import CheckpointStore
+from durability_pipelines.checkpoints.errors import ConfigError
+
+Backend = Literal["memory", "redis", "postgres", "hybrid"]
+
+
+class StoreConfig(BaseModel):
+    """Which store, and its knobs. URLs come from the environment, not from here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Backend = "hybrid"
+    redis_ttl_s: float | None = Field(default=None, gt=0, description="None = keys never expire (strict)")
+    history_maxlen: int = Field(default=1000, ge=0, description="Redis history stream cap per key; 0 = off")
+    flush_every_n: int = Field(default=100, ge=1, description="hybrid: flush to Postgres every N acks")
+    flush_every_s: float = Field(default=5.0, ge=0, description="hybrid: ... or every T seconds")
+
+
+
+def open_store(config: StoreConfig, *, redis_url: str | None = None, postgres_url: str | None = None,
+               memory_store: CheckpointStore | None = None) -> CheckpointStore:
+    """Open the configured store; raises ``ConfigError`` when a needed URL is missing."""
+    from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
+    from durability_pipelines.checkpoints.memory import MemoryCheckpointStore
+    from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
+    from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
+
+    def need(url: str | None, name: str) -> str:
+        if not url:
+            raise ConfigError(
+                f"checkpoint backend {config.backend!r} needs {name}; set the environment variable "
+                f"or choose another backend"
+            )
+        return url
+
+    if config.backend == "memory":
+        return memory_store or MemoryCheckpointStore()
+    if config.backend == "redis":
+        return RedisCheckpointStore.from_url(
+            need(redis_url, "DURABILITY_REDIS_URL"), ttl_s=config.redis_ttl_s, history_maxlen=config.history_maxlen
+        )
+    if config.backend == "postgres":
+        return PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL"))
+    return HybridCheckpointStore(
+        RedisCheckpointStore.from_url(
+            need(redis_url, "DURABILITY_REDIS_URL"), ttl_s=config.redis_ttl_s, history_maxlen=config.history_maxlen
+        ),
+        PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL")),
+        flush_every_n=config.flush_every_n,
+        flush_every_s=config.flush_every_s,
+    )

@@ -1,0 +1,321 @@
+"""Hybrid checkpoints: Redis on every ack, Postgres every N acks or T seconds.
+
+On restart ``load`` reads Redis first and falls back to Postgres (then
+re-warms Redis).  Outages degrade instead of losing acks:
+
+* Postgres down: saves keep going to Redis; the pending values stay buffered
+  (and are in Redis) and are flushed when Postgres answers again.
+* Redis down: saves go straight to Postgres, synchronously.
+
+Leases are granted by Postgres (authoritative) and mirrored to Redis; the
+highest epoch wins everywhere, so a stale writer can never win in either store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import redis
+
+from durability_pipelines.checkpoints.base import (
+    CheckpointStore,
+    HistoryEntry,
+    Lease,
+    LeaseManager,
+    SaveContext,
+    SaveResult,
+)
+from durability_pipelines.checkpoints.errors import (
+    InvalidSequenceError,
+    LeaseLostError,
+    StoreUnavailableError,
+)
+from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
+from durability_pipelines.checkpoints.ordering import max_sequence, normalize_sequence
+from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
+from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
+
+log = logging.getLogger(__name__)
+
+_REPLACE_IF_EQUAL_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+
+@dataclass
+class Fallback:
+    """Why a load did not come from Redis (kept for operators and audits)."""
+
+    key: CheckpointKey
+    reason: str
+    ts: float = field(default_factory=time.time)
+
+
+class HybridLeaseManager(LeaseManager):
+    def __init__(self, store: HybridCheckpointStore) -> None:
+        self._store = store
+        self._pg = store.postgres.leases
+        self._redis = store.redis.leases
+
+    def _mirror(self, lease: Lease, duration_s: float) -> None:
+        try:
+            self._redis.sync(lease, duration_s)
+        except StoreUnavailableError as exc:
+            self._store._degrade("redis", exc)
+
+    def acquire(self, key: LeaseKey, owner: str, duration_s: float = 60.0, *, steal: bool = False) -> Lease | None:
+        try:
+            lease = self._pg.acquire(key, owner, duration_s, steal=steal)
+        except StoreUnavailableError as exc:
+            self._store._degrade("postgres", exc)
+            return self._redis.acquire(key, owner, duration_s, steal=steal)
+        if lease is not None:
+            self._mirror(lease, duration_s)
+        return lease
+
+    def renew(self, lease: Lease, duration_s: float = 60.0) -> Lease:
+        try:
+            renewed = self._pg.renew(lease, duration_s)
+        except StoreUnavailableError as exc:
+            self._store._degrade("postgres", exc)
+            return self._redis.renew(lease, duration_s)
+        self._mirror(renewed, duration_s)
+        return renewed
+
+    def release(self, lease: Lease) -> bool:
+        released = False
+        for manager, name in ((self._pg, "postgres"), (self._redis, "redis")):
+            try:
+                released = manager.release(lease) or released
+            except StoreUnavailableError as exc:
+                self._store._degrade(name, exc)
+        return released
+
+    def get(self, key: LeaseKey) -> Lease | None:
+        try:
+            return self._pg.get(key)
+        except StoreUnavailableError:
+            return self._redis.get(key)
+
+    def list(self) -> list[Lease]:
+        try:
+            return self._pg.list()
+        except StoreUnavailableError:
+            return self._redis.list()
+
+
+class HybridCheckpointStore(CheckpointStore):
+    """Redis for speed, Postgres for truth.
+
+    ``flush_every_n`` acks or ``flush_every_s`` seconds (whichever first)
+    bound how far Postgres may lag Redis; ``flush()``/``close()`` push the rest.
+    """
+
+    backend = "hybrid"
+
+    def __init__(
+        self,
+        redis_store: RedisCheckpointStore,
+        postgres_store: PostgresCheckpointStore,
+        *,
+        flush_every_n: int = 100,
+        flush_every_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if flush_every_n < 1 or flush_every_s < 0:
+            raise ValueError("flush_every_n must be >= 1 and flush_every_s >= 0")
+        self.redis = redis_store
+        self.postgres = postgres_store
+        self.flush_every_n = flush_every_n
+        self.flush_every_s = flush_every_s
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._pending: dict[CheckpointKey, tuple[str, SaveContext]] = {}
+        self._acks_since_flush = 0
+        self._last_flush = clock()
+        self.degraded: dict[str, str] = {}
+        self.fallbacks: list[Fallback] = []
+        self._replace_if_equal = redis_store.client.register_script(_REPLACE_IF_EQUAL_LUA)
+        self._leases = HybridLeaseManager(self)
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def leases(self) -> HybridLeaseManager:
+        return self._leases
+
+    @property
+    def is_degraded(self) -> bool:
+        return bool(self.degraded)
+
+    @property
+    def pending(self) -> dict[CheckpointKey, str]:
+        """Acked values not yet in Postgres."""
+        with self._lock:
+            return {k: v for k, (v, _) in self._pending.items()}
+
+    def _degrade(self, store: str, exc: BaseException) -> None:
+        if store not in self.degraded:
+            log.warning("hybrid checkpoint store degraded: %s unavailable (%s)", store, exc)
+        self.degraded[store] = str(exc)
+
+    def _recover(self, store: str) -> None:
+        if self.degraded.pop(store, None) is not None:
+            log.info("hybrid checkpoint store: %s is back", store)
+
+    # -- writes ----------------------------------------------------------------
+    def save(self, key: CheckpointKey, sequence: str, *, lease: Lease | None = None,
+             context: SaveContext | None = None) -> SaveResult:
+        sequence = normalize_sequence(sequence, key=key.redis_key)
+        ctx = context or SaveContext()
+        try:
+            result = self._save_redis(key, sequence, lease, ctx)
+        except StoreUnavailableError as exc:
+            self._degrade("redis", exc)
+            result = self._save_postgres_direct(key, sequence, lease, ctx)
+            with self._lock:
+                pending = self._pending.get(key)
+                if pending and max_sequence(pending[0], result.current) == result.current:
+                    self._pending.pop(key, None)
+            return result
+        self._recover("redis")
+        with self._lock:
+            if result.advanced:
+                self._pending[key] = (sequence, ctx)
+            self._acks_since_flush += 1
+            due = (
+                self._acks_since_flush >= self.flush_every_n
+                or self._clock() - self._last_flush >= self.flush_every_s
+            )
+        if due:
+            self.flush(raise_on_outage=False)
+        return result
+
+    def _save_redis(self, key: CheckpointKey, sequence: str, lease: Lease | None, ctx: SaveContext) -> SaveResult:
+        try:
+            return self.redis.save(key, sequence, lease=lease, context=ctx)
+        except LeaseLostError:
+            # Redis may simply not have seen a lease Postgres granted while Redis was away.
+            if lease is None or not self._lease_valid_in_postgres(lease) or not self.redis.leases.sync(lease):
+                raise
+            return self.redis.save(key, sequence, lease=lease, context=ctx)
+
+    def _save_postgres_direct(self, key: CheckpointKey, sequence: str, lease: Lease | None,
+                              ctx: SaveContext) -> SaveResult:
+        try:
+            return self.postgres.save(key, sequence, lease=lease, context=ctx)
+        except LeaseLostError:
+            # Postgres may not have seen a lease Redis granted while Postgres was away.
+            if lease is None or not self.postgres.leases.sync(lease):
+                raise
+            return self.postgres.save(key, sequence, lease=lease, context=ctx)
+
+    def _lease_valid_in_postgres(self, lease: Lease) -> bool:
+        try:
+            current = self.postgres.leases.get(lease.key)
+        except StoreUnavailableError:
+            return False
+        return current is not None and (current.owner, current.epoch) == (lease.owner, lease.epoch)
+
+    def flush(self, *, raise_on_outage: bool = True) -> int:
+        """Write pending values to Postgres in one transaction; returns how many.
+
+        Unfenced on purpose: every pending value was admitted by a fenced Redis
+        save, and the monotonic guard keeps Postgres from moving backwards.
+        """
+        with self._lock:
+            batch = dict(self._pending)
+            self._acks_since_flush = 0
+            self._last_flush = self._clock()
+        if not batch:
+            return 0
+        try:
+            self.postgres.save_many(
+                [(k, v) for k, (v, _) in batch.items()],
+                context=SaveContext(writer=next(iter(batch.values()))[1].writer, reason="hybrid flush"),
+            )
+        except StoreUnavailableError as exc:
+            self._degrade("postgres", exc)
+            if raise_on_outage:
+                raise
+            return 0
+        self._recover("postgres")
+        with self._lock:
+            for k, (v, _) in batch.items():
+                if self._pending.get(k, (None,))[0] == v:
+                    del self._pending[k]
+        return len(batch)
+
+    def close(self) -> None:
+        try:
+            self.flush(raise_on_outage=True)
+        finally:
+            self.postgres.close()
+
+    # -- reads -----------------------------------------------------------------
+    def load(self, key: CheckpointKey) -> str | None:
+        return self.load_many([key])[key]
+
+    def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
+        keys = list(keys)
+        out: dict[CheckpointKey, str | None] = {}
+        missing: dict[CheckpointKey, bytes | None] = {}
+        try:
+            raws = self.redis.load_raw_many(keys)
+            self._recover("redis")
+        except StoreUnavailableError as exc:
+            self._degrade("redis", exc)
+            raws = None
+        for i, key in enumerate(keys):
+            if raws is None:
+                missing[key] = None
+                continue
+            raw = raws[i]
+            if raw is None:
+                missing[key] = None
+                continue
+            try:
+                out[key] = normalize_sequence(raw, key=key.redis_key)
+            except InvalidSequenceError as exc:
+                self.fallbacks.append(Fallback(key, f"garbage in Redis: {exc}"))
+                log.warning("checkpoint %s: %s; falling back to Postgres", key, exc)
+                missing[key] = raw
+        if missing:
+            from_pg = self.postgres.load_many(list(missing))
+            pending = self.pending
+            for key, value in from_pg.items():
+                # An ack buffered here but not yet flushed is newer than Postgres.
+                value = max_sequence(value, pending.get(key))
+                out[key] = value
+                if value is not None and raws is not None:
+                    self._rewarm(key, value, missing[key])
+        return {k: out.get(k) for k in keys}
+
+    def _rewarm(self, key: CheckpointKey, value: str, garbage: bytes | None) -> None:
+        try:
+            if garbage is not None:
+                self._replace_if_equal(keys=[key.redis_key], args=[garbage, value])
+            else:
+                self.redis.save(key, value, context=SaveContext(writer="hybrid-rewarm", reason="rewarm from postgres"))
+        except (StoreUnavailableError, redis.RedisError) as exc:
+            log.warning("could not re-warm %s in Redis: %s", key, exc)
+
+    def keys(self) -> list[CheckpointKey]:
+        found: set[CheckpointKey] = set()
+        for store in (self.redis, self.postgres):
+            try:
+                found.update(store.keys())
+            except StoreUnavailableError as exc:
+                self._degrade(store.backend, exc)
+        return sorted(found)
+
+    def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
+        try:
+            entries = self.redis.history(key, limit)
+        except StoreUnavailableError:
+            entries = []
+        return entries or self.postgres.history(key, limit)

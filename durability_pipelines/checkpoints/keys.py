@@ -1,0 +1,158 @@
+"""Checkpoint and lease keys, byte-for-byte compatible with the original layout.
+
+``checkpoint:<adapter>:<stream>:<group>:<consumer>:<shard>`` is shared with
+other workers, so a component that would make it ambiguous (a ``:`` inside it,
+an empty one, control characters, surrounding whitespace) is rejected rather
+than escaped: escaping would silently produce keys other workers never read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from durability_pipelines.checkpoints.errors import InvalidCheckpointKeyError
+
+REDIS_PREFIX = "checkpoint"
+#: Our own Redis namespaces; they never match ``checkpoint:*``.
+LEASE_PREFIX = "durability:lease"
+HISTORY_PREFIX = "durability:history"
+
+MAX_COMPONENT_LENGTH = 256
+_FORBIDDEN = re.compile(r"[:\x00-\x1f\x7f]")
+_FIELDS = ("adapter", "stream", "group", "consumer", "shard")
+
+
+def validate_component(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidCheckpointKeyError(f"checkpoint key field {name!r} must be a string, got {type(value).__name__}")
+    if value == "":
+        raise InvalidCheckpointKeyError(f"checkpoint key field {name!r} is empty; give it a name")
+    if value != value.strip():
+        raise InvalidCheckpointKeyError(
+            f"checkpoint key field {name!r}={value!r} has leading or trailing whitespace; remove it"
+        )
+    bad = _FORBIDDEN.search(value)
+    if bad:
+        raise InvalidCheckpointKeyError(
+            f"checkpoint key field {name!r}={value!r} contains {bad.group()!r}: ':' and control characters "
+            "would make the Redis key checkpoint:<adapter>:<stream>:<group>:<consumer>:<shard> ambiguous; "
+            "choose a name without them (e.g. replace ':' with '-')"
+        )
+    if len(value) > MAX_COMPONENT_LENGTH:
+        raise InvalidCheckpointKeyError(
+            f"checkpoint key field {name!r} is {len(value)} characters long; the limit is {MAX_COMPONENT_LENGTH}"
+        )
+    return value
+
+
+def _suffix(shard: str | None) -> str:
+    return "" if shard is None else f":{shard}"
+
+
+@dataclass(frozen=True)
+class LeaseKey:
+    """What a lease covers: one shard of one stream for one consumer group."""
+
+    adapter: str
+    stream: str
+    group: str
+    shard: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("adapter", "stream", "group", "shard"):
+            value = getattr(self, field)
+            if not (field == "shard" and value is None):
+                validate_component(field, value)
+
+    def __lt__(self, other: LeaseKey) -> bool:
+        return (self.adapter, self.stream, self.group, self.shard_column) < (
+            other.adapter, other.stream, other.group, other.shard_column)
+
+    @property
+    def redis_key(self) -> str:
+        return f"{LEASE_PREFIX}:{self.adapter}:{self.stream}:{self.group}{_suffix(self.shard)}"
+
+    @property
+    def shard_column(self) -> str:
+        return self.shard or ""
+
+    def __str__(self) -> str:
+        return f"{self.adapter}:{self.stream}:{self.group}{_suffix(self.shard)}"
+
+
+@dataclass(frozen=True)
+class CheckpointKey:
+    """Identifies one checkpoint: ``(adapter, stream, group, consumer, shard)``.
+
+    ``shard`` is ``None`` for unsharded streams (the Supabase change feed):
+    the Redis key is then ``checkpoint:supabase:<channel>:<group>:<consumer>``
+    as in the original layout, and the Postgres ``shard`` column holds ``''``.
+    In Postgres the group column is called ``grp`` (``group`` is reserved).
+    """
+
+    adapter: str
+    stream: str
+    group: str
+    consumer: str
+    shard: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in _FIELDS:
+            value = getattr(self, field)
+            if field == "shard" and value is None:
+                continue
+            validate_component(field, value)
+
+    def __lt__(self, other: CheckpointKey) -> bool:
+        return self.sort_tuple < other.sort_tuple
+
+    @property
+    def sort_tuple(self) -> tuple[str, str, str, str, str]:
+        return (self.adapter, self.stream, self.group, self.consumer, self.shard_column)
+
+    @property
+    def redis_key(self) -> str:
+        return f"{REDIS_PREFIX}:{self.adapter}:{self.stream}:{self.group}:{self.consumer}{_suffix(self.shard)}"
+
+    @property
+    def history_key(self) -> str:
+        return f"{HISTORY_PREFIX}:{self.adapter}:{self.stream}:{self.group}:{self.consumer}{_suffix(self.shard)}"
+
+    @property
+    def shard_column(self) -> str:
+        return self.shard or ""
+
+    @property
+    def lease_key(self) -> LeaseKey:
+        return LeaseKey(self.adapter, self.stream, self.group, self.shard)
+
+    def as_row(self) -> dict[str, str]:
+        """Column values for the ``checkpoints`` table."""
+        return {
+            "adapter": self.adapter,
+            "stream": self.stream,
+            "grp": self.group,
+            "consumer": self.consumer,
+            "shard": self.shard_column,
+        }
+
+    @classmethod
+    def from_row(cls, adapter: str, stream: str, grp: str, consumer: str, shard: str) -> CheckpointKey:
+        return cls(adapter, stream, grp, consumer, shard or None)
+
+    @classmethod
+    def parse(cls, redis_key: str | bytes) -> CheckpointKey:
+        """Parse ``checkpoint:a:s:g:c[:shard]``; raises for anything else."""
+        if isinstance(redis_key, bytes):
+            redis_key = redis_key.decode("utf-8", "replace")
+        parts = redis_key.split(":")
+        if len(parts) not in (5, 6) or parts[0] != REDIS_PREFIX:
+            raise InvalidCheckpointKeyError(
+                f"{redis_key!r} is not a checkpoint key of the form "
+                "checkpoint:<adapter>:<stream>:<group>:<consumer>[:<shard>]"
+            )
+        return cls(*parts[1:])
+
+    def __str__(self) -> str:
+        return self.redis_key

@@ -1,0 +1,359 @@
+"""Postgres checkpoints: the source of truth, auditable, transactional.
+
+Uses the original ``checkpoints`` table unchanged, plus ``checkpoint_history``
+and ``checkpoint_leases`` (see ``schema.sql``).  A save is one round trip: a
+call of ``durability_save_checkpoint`` that applies the lease check, the
+monotonic guard and the history append in one transaction.  Every value is a
+bound parameter; SQL is never built from user strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from durability_pipelines.checkpoints.base import (
+    CheckpointStore,
+    HistoryEntry,
+    Lease,
+    LeaseManager,
+    SaveContext,
+    SaveOutcome,
+    SaveResult,
+)
+from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError
+from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
+from durability_pipelines.checkpoints.memory import lease_lost
+from durability_pipelines.checkpoints.ordering import max_sequence, normalize_sequence
+
+SCHEMA_SQL = (resources.files("durability_pipelines.checkpoints") / "schema.sql").read_text()
+SCHEMA_VERSION = 1
+_MIGRATION_LOCK = 72_190_311  # pg_advisory_xact_lock id: one migrator at a time
+
+_SAVE_SQL = "SELECT outcome, previous, lease_owner, lease_epoch FROM durability_save_checkpoint(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_SAVE_MANY_SQL = """
+SELECT r.outcome, r.previous, r.lease_owner, r.lease_epoch
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[],
+            %s::text[], %s::text[]) WITH ORDINALITY AS k(a, s, g, c, sh, seq, w, e, run, reason, ord)
+CROSS JOIN LATERAL durability_save_checkpoint(k.a, k.s, k.g, k.c, k.sh, k.seq, k.w, k.e, k.run, k.reason) AS r
+ORDER BY k.ord
+"""
+_LOAD_MANY_SQL = """
+SELECT c.adapter, c.stream, c.grp, c.consumer, c.shard, c.sequence
+FROM checkpoints c
+JOIN unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS k(a, s, g, co, sh)
+  ON c.adapter = k.a AND c.stream = k.s AND c.grp = k.g AND c.consumer = k.co AND c.shard = k.sh
+"""
+_KEY_WHERE = "adapter = %s AND stream = %s AND grp = %s AND consumer = %s AND shard = %s"
+_LEASE_WHERE = "adapter = %s AND stream = %s AND grp = %s AND shard = %s"
+_LEASE_COLS = "adapter, stream, grp, shard, owner, epoch, expires_at"
+
+
+def mask_conninfo(conninfo: str) -> str:
+    """The connection target without credentials, for error messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "postgres (unparseable connection string)"
+    host = info.get("host") or "localhost"
+    return f"postgres at {host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
+
+
+def _lease_params(key: LeaseKey) -> tuple[str, str, str, str]:
+    return (key.adapter, key.stream, key.group, key.shard_column)
+
+
+def _lease_from_row(row: Sequence[Any]) -> Lease:
+    adapter, stream, grp, shard, owner, epoch, expires = row
+    return Lease(LeaseKey(adapter, stream, grp, shard or None), owner, int(epoch), expires)
+
+
+class PostgresConnection:
+    """One lazily (re)connected psycopg connection shared by a store, with a lock.
+
+    Kept deliberately simple: a checkpoint store does a handful of calls per
+    batch, so pooling buys nothing; reconnecting after an outage matters more.
+    """
+
+    def __init__(self, conninfo: str, *, connect_timeout: int = 5) -> None:
+        self.conninfo = conninfo
+        self.connect_timeout = connect_timeout
+        self.lock = threading.RLock()
+        self._conn: psycopg.Connection | None = None
+
+    @property
+    def target(self) -> str:
+        return mask_conninfo(self.conninfo)
+
+    def _connect(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=self.connect_timeout)
+        return self._conn
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """The connection, with outages mapped to ``StoreUnavailableError``."""
+        with self.lock:
+            try:
+                yield self._connect()
+            except psycopg.OperationalError as exc:
+                self.reset()
+                raise StoreUnavailableError(
+                    f"cannot reach {self.target}: {type(exc).__name__}. Check that Postgres is running and "
+                    "DURABILITY_POSTGRES_URL is right; the transaction was rolled back."
+                ) from None
+            except psycopg.InterfaceError as exc:
+                self.reset()
+                raise StoreUnavailableError(f"connection to {self.target} was lost ({exc}); retry") from None
+
+    def reset(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # already broken
+                self._conn.close()
+        self._conn = None
+
+    def close(self) -> None:
+        with self.lock:
+            self.reset()
+
+
+def migrate(db: PostgresConnection) -> None:
+    """Create or upgrade the schema; idempotent and safe to run concurrently."""
+    with db.connection() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(SCHEMA_SQL)
+        conn.execute(
+            "INSERT INTO durability_schema_version (component, version) VALUES ('checkpoints', %s) "
+            "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, applied_at = NOW()",
+            (SCHEMA_VERSION,),
+        )
+
+
+class PostgresLeaseManager(LeaseManager):
+    def __init__(self, db: PostgresConnection) -> None:
+        self._db = db
+
+    def acquire(self, key: LeaseKey, owner: str, duration_s: float = 60.0, *, steal: bool = False) -> Lease | None:
+        with self._db.connection() as conn:
+            row = conn.execute(
+                f"""INSERT INTO checkpoint_leases AS l (adapter, stream, grp, shard, owner, epoch, expires_at)
+                VALUES (%s, %s, %s, %s, %s, 1, NOW() + make_interval(secs => %s))
+                ON CONFLICT (adapter, stream, grp, shard) DO UPDATE SET
+                  epoch = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > NOW() THEN l.epoch
+                               ELSE l.epoch + 1 END,
+                  owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, updated_at = NOW()
+                WHERE l.owner = EXCLUDED.owner OR l.owner = '' OR l.expires_at <= NOW() OR %s
+                RETURNING {_LEASE_COLS}""",
+                (*_lease_params(key), owner, duration_s, steal),
+            ).fetchone()
+        return _lease_from_row(row) if row else None
+
+    def renew(self, lease: Lease, duration_s: float = 60.0) -> Lease:
+        with self._db.connection() as conn:
+            row = conn.execute(
+                f"""UPDATE checkpoint_leases SET expires_at = NOW() + make_interval(secs => %s), updated_at = NOW()
+                WHERE {_LEASE_WHERE} AND owner = %s AND epoch = %s RETURNING {_LEASE_COLS}""",
+                (duration_s, *_lease_params(lease.key), lease.owner, lease.epoch),
+            ).fetchone()
+        if row is None:
+            now = self.get(lease.key)
+            raise lease_lost(lease, now.owner if now else None, now.epoch if now else None)
+        return _lease_from_row(row)
+
+    def release(self, lease: Lease) -> bool:
+        with self._db.connection() as conn:
+            row = conn.execute(
+                f"""UPDATE checkpoint_leases SET owner = '', expires_at = NOW(), updated_at = NOW()
+                WHERE {_LEASE_WHERE} AND owner = %s AND epoch = %s RETURNING epoch""",
+                (*_lease_params(lease.key), lease.owner, lease.epoch),
+            ).fetchone()
+        return row is not None
+
+    def sync(self, lease: Lease, duration_s: float = 60.0) -> bool:
+        """Mirror a lease granted by another store (hybrid); the highest epoch wins."""
+        with self._db.connection() as conn:
+            row = conn.execute(
+                """INSERT INTO checkpoint_leases AS l (adapter, stream, grp, shard, owner, epoch, expires_at)
+                VALUES (%s, %s, %s, %s, %s, %s, NOW() + make_interval(secs => %s))
+                ON CONFLICT (adapter, stream, grp, shard) DO UPDATE SET
+                  owner = EXCLUDED.owner, epoch = EXCLUDED.epoch, expires_at = EXCLUDED.expires_at,
+                  updated_at = NOW()
+                WHERE l.epoch < EXCLUDED.epoch OR (l.epoch = EXCLUDED.epoch AND l.owner IN (EXCLUDED.owner, ''))
+                RETURNING epoch""",
+                (*_lease_params(lease.key), lease.owner, lease.epoch, duration_s),
+            ).fetchone()
+        return row is not None
+
+    def get(self, key: LeaseKey) -> Lease | None:
+        with self._db.connection() as conn:
+            row = conn.execute(
+                f"SELECT {_LEASE_COLS} FROM checkpoint_leases WHERE {_LEASE_WHERE}", _lease_params(key)
+            ).fetchone()
+        return _lease_from_row(row) if row else None
+
+    def list(self) -> list[Lease]:
+        with self._db.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_LEASE_COLS} FROM checkpoint_leases ORDER BY adapter, stream, grp, shard"
+            ).fetchall()
+        return [_lease_from_row(r) for r in rows]
+
+
+def _save_params(key: CheckpointKey, sequence: str, lease: Lease | None, ctx: SaveContext) -> tuple:
+    return (
+        key.adapter, key.stream, key.group, key.consumer, key.shard_column, sequence,
+        lease.owner if lease else ctx.writer, lease.epoch if lease else None, ctx.run_id, ctx.reason,
+    )
+
+
+def _result(key: CheckpointKey, sequence: str, lease: Lease | None, row: Sequence[Any]) -> SaveResult:
+    outcome, previous, held_by, held_epoch = row
+    if outcome == "lease_lost":
+        raise lease_lost(lease, held_by, held_epoch)  # type: ignore[arg-type]
+    result = SaveOutcome(outcome)
+    return SaveResult(key, result, previous, sequence if result is SaveOutcome.ADVANCED else previous)
+
+
+@contextmanager
+def _invalid_sequence(key_desc: str) -> Iterator[None]:
+    try:
+        yield
+    except pg_errors.InvalidTextRepresentation as exc:
+        raise InvalidSequenceError(
+            f"Postgres checkpoint {key_desc} holds an invalid sequence ({exc.diag.message_primary}); "
+            "nothing was written. Fix the row with `durability-pipelines checkpoints set ... --force`.",
+            key=key_desc,
+        ) from None
+
+
+@dataclass
+class PostgresCheckpointTransaction:
+    """Business writes and checkpoint saves committed together (or not at all).
+
+    Obtained from ``PostgresCheckpointStore.transaction()``; use ``connection``
+    for your own statements and ``save`` for checkpoints.
+    """
+
+    connection: psycopg.Connection
+    store: PostgresCheckpointStore
+
+    def save(self, key: CheckpointKey, sequence: str, *, lease: Lease | None = None,
+             context: SaveContext | None = None) -> SaveResult:
+        return self.store._save_on(self.connection, key, sequence, lease, context)
+
+
+class PostgresCheckpointStore(CheckpointStore):
+    backend = "postgres"
+
+    def __init__(self, conninfo: str, *, migrate_schema: bool = True, connect_timeout: int = 5) -> None:
+        self.db = PostgresConnection(conninfo, connect_timeout=connect_timeout)
+        self._leases = PostgresLeaseManager(self.db)
+        if migrate_schema:
+            migrate(self.db)
+
+    @property
+    def leases(self) -> PostgresLeaseManager:
+        return self._leases
+
+    def migrate(self) -> None:
+        migrate(self.db)
+
+    def _parse(self, key: CheckpointKey, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return normalize_sequence(value, key=f"postgres checkpoints row {key.redis_key}")
+
+    def load(self, key: CheckpointKey) -> str | None:
+        with self.db.connection() as conn:
+            row = conn.execute(
+                f"SELECT sequence FROM checkpoints WHERE {_KEY_WHERE}", tuple(key.as_row().values())
+            ).fetchone()
+        return self._parse(key, row[0] if row else None)
+
+    def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        cols = list(zip(*(k.sort_tuple for k in keys), strict=True))
+        with self.db.connection() as conn:
+            rows = conn.execute(_LOAD_MANY_SQL, [list(c) for c in cols]).fetchall()
+        found = {CheckpointKey.from_row(*r[:5]): r[5] for r in rows}
+        return {k: self._parse(k, found.get(k)) for k in keys}
+
+    def load_rows(self) -> list[tuple[CheckpointKey, str, Any]]:
+        """Every row as (key, raw sequence, ts); for audits and the mirror."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT adapter, stream, grp, consumer, shard, sequence, ts FROM checkpoints"
+            ).fetchall()
+        out = []
+        for r in rows:
+            try:
+                out.append((CheckpointKey.from_row(*r[:5]), r[5], r[6]))
+            except ValueError:
+                continue  # a row another worker wrote with a component we cannot express
+        return out
+
+    def keys(self) -> list[CheckpointKey]:
+        return sorted(k for k, _, _ in self.load_rows())
+
+    def _save_on(self, conn: psycopg.Connection, key: CheckpointKey, sequence: str, lease: Lease | None,
+                 context: SaveContext | None) -> SaveResult:
+        sequence = normalize_sequence(sequence, key=key.redis_key)
+        with _invalid_sequence(key.redis_key):
+            row = conn.execute(_SAVE_SQL, _save_params(key, sequence, lease, context or SaveContext())).fetchone()
+        return _result(key, sequence, lease, row)
+
+    def save(self, key: CheckpointKey, sequence: str, *, lease: Lease | None = None,
+             context: SaveContext | None = None) -> SaveResult:
+        with self.db.connection() as conn:
+            return self._save_on(conn, key, sequence, lease, context)
+
+    def save_many(self, items: Sequence[tuple[CheckpointKey, str]], *, context: SaveContext | None = None,
+                  lease_for: dict[CheckpointKey, Lease] | None = None) -> list[SaveResult]:
+        """Save many checkpoints in one statement and one transaction (hybrid flush, mirror).
+
+        Returns one result per distinct key, in the order the keys were first given.
+        Keys are locked in sorted order so concurrent batch writers never deadlock.
+        A lease lost on any key raises ``LeaseLostError`` and rolls the whole batch back.
+        """
+        if not items:
+            return []
+        ctx = context or SaveContext()
+        lease_for = lease_for or {}
+        latest: dict[CheckpointKey, str] = {}
+        for k, s in items:  # one row per key: the greatest value given for it
+            latest[k] = max_sequence(latest.get(k), normalize_sequence(s, key=k.redis_key))  # type: ignore[assignment]
+        ordered = sorted(latest.items(), key=lambda kv: kv[0])
+        params = [_save_params(k, s, lease_for.get(k), ctx) for k, s in ordered]
+        cols = [list(c) for c in zip(*params, strict=True)]
+        with self.db.connection() as conn, _invalid_sequence("in batch"), conn.transaction():
+            rows = conn.execute(_SAVE_MANY_SQL, cols).fetchall()
+            results = {k: _result(k, s, lease_for.get(k), row) for (k, s), row in zip(ordered, rows, strict=True)}
+        return [results[k] for k in dict.fromkeys(k for k, _ in items)]
+
+    @contextmanager
+    def transaction(self) -> Iterator[PostgresCheckpointTransaction]:
+        """Commit the caller's writes and checkpoint saves atomically."""
+        with self.db.connection() as conn, conn.transaction():
+            yield PostgresCheckpointTransaction(conn, self)
+
+    def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                f"""SELECT previous_sequence, new_sequence, writer, lease_epoch, run_id, ts, reason
+                FROM checkpoint_history WHERE {_KEY_WHERE} ORDER BY id DESC LIMIT %s""",
+                (*key.as_row().values(), limit),
+            ).fetchall()
+        return [HistoryEntry(key, *r[:6], reason=r[6]) for r in rows]
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,221 @@
+"""Redis checkpoints: fast and shared between workers.
+
+Each save is one ``EVALSHA`` of ``checkpoint.lua`` (monotonic guard, lease
+fencing, optional TTL and a capped history stream, atomically).  Keys follow
+the original layout so other workers read and write the same checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+import redis
+
+from durability_pipelines.checkpoints.base import (
+    CheckpointStore,
+    HistoryEntry,
+    Lease,
+    LeaseManager,
+    SaveContext,
+    SaveOutcome,
+    SaveResult,
+)
+from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError
+from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey, LeaseKey
+from durability_pipelines.checkpoints.memory import lease_lost
+from durability_pipelines.checkpoints.ordering import normalize_sequence
+
+_SCRIPT_DIR = resources.files("durability_pipelines.checkpoints")
+SAVE_LUA = (_SCRIPT_DIR / "checkpoint.lua").read_text()
+LEASE_LUA = (_SCRIPT_DIR / "lease.lua").read_text()
+MGET_CHUNK = 1000
+
+
+def _s(v: Any) -> str | None:
+    if v is None or v is False:
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _mask(client: redis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+    return f"redis at {where} db {kw.get('db', 0)}"
+
+
+@contextmanager
+def redis_errors(client: redis.Redis) -> Iterator[None]:
+    """Turn connection failures into ``StoreUnavailableError`` (no credentials in the message)."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailableError(
+            f"cannot reach {_mask(client)}: {type(exc).__name__}. Check that Redis is running and "
+            "DURABILITY_REDIS_URL is right; nothing was written."
+        ) from exc
+
+
+class RedisLeaseManager(LeaseManager):
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._script = client.register_script(LEASE_LUA)
+
+    def _call(self, key: LeaseKey, *args: object) -> tuple[bool, Lease]:
+        with redis_errors(self._client):
+            ok, owner, epoch, expires = self._script(keys=[key.redis_key], args=list(args))
+        lease = Lease(key, _s(owner) or "", int(epoch), datetime.fromtimestamp(int(expires) / 1000, timezone.utc))
+        return bool(ok), lease
+
+    def acquire(self, key: LeaseKey, owner: str, duration_s: float = 60.0, *, steal: bool = False) -> Lease | None:
+        ok, lease = self._call(key, "acquire", owner, int(duration_s * 1000), "1" if steal else "0")
+        return lease if ok else None
+
+    def renew(self, lease: Lease, duration_s: float = 60.0) -> Lease:
+        ok, now = self._call(lease.key, "renew", lease.owner, int(duration_s * 1000), lease.epoch)
+        if not ok:
+            raise lease_lost(lease, now.owner, now.epoch)
+        return now
+
+    def release(self, lease: Lease) -> bool:
+        ok, _ = self._call(lease.key, "release", lease.owner, 0, lease.epoch)
+        return ok
+
+    def sync(self, lease: Lease, duration_s: float = 60.0) -> bool:
+        """Mirror a lease granted elsewhere (hybrid); the highest epoch wins."""
+        ok, _ = self._call(lease.key, "sync", lease.owner, int(duration_s * 1000), lease.epoch)
+        return ok
+
+    def get(self, key: LeaseKey) -> Lease | None:
+        with redis_errors(self._client):
+            owner, epoch, expires = self._client.hmget(key.redis_key, "owner", "epoch", "expires")
+        if epoch is None:
+            return None
+        return Lease(key, _s(owner) or "", int(epoch), datetime.fromtimestamp(int(expires) / 1000, timezone.utc))
+
+    def list(self) -> list[Lease]:
+        from durability_pipelines.checkpoints.keys import LEASE_PREFIX
+
+        out = []
+        with redis_errors(self._client):
+            for raw in self._client.scan_iter(match=f"{LEASE_PREFIX}:*", count=1000):
+                parts = _s(raw).split(":")[2:]
+                if len(parts) in (3, 4) and (lease := self.get(LeaseKey(*parts))) is not None:
+                    out.append(lease)
+        return sorted(out, key=lambda lease: lease.key)
+
+
+class RedisCheckpointStore(CheckpointStore):
+    """Checkpoints in Redis under ``checkpoint:<adapter>:<stream>:<group>:<consumer>:<shard>``.
+
+    ``ttl_s=None`` (default) keeps keys forever: strict durability.  A TTL
+    (the original examples use 86400) lets abandoned consumers expire.
+    ``history_maxlen`` caps the per-key history stream (0 disables it).
+    """
+
+    backend = "redis"
+
+    def __init__(self, client: redis.Redis, *, ttl_s: float | None = None, history_maxlen: int = 1000) -> None:
+        self.client = client
+        self.ttl_ms = "" if ttl_s is None else str(int(ttl_s * 1000))
+        self.history_maxlen = str(int(history_maxlen))
+        self._save = client.register_script(SAVE_LUA)
+        self._leases = RedisLeaseManager(client)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisCheckpointStore:
+        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5), **kwargs)
+
+    @property
+    def leases(self) -> RedisLeaseManager:
+        return self._leases
+
+    def _parse(self, key: CheckpointKey, raw: Any) -> str | None:
+        if raw is None:
+            return None
+        return normalize_sequence(raw, key=key.redis_key)
+
+    def load(self, key: CheckpointKey) -> str | None:
+        with redis_errors(self.client):
+            raw = self.client.get(key.redis_key)
+        return self._parse(key, raw)
+
+    def load_raw_many(self, keys: list[CheckpointKey]) -> list[Any]:
+        """Raw values in key order (pipelined MGET in chunks), unparsed."""
+        if not keys:
+            return []
+        with redis_errors(self.client):
+            if len(keys) <= MGET_CHUNK:
+                return self.client.mget([k.redis_key for k in keys])
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(0, len(keys), MGET_CHUNK):
+                pipe.mget([k.redis_key for k in keys[i : i + MGET_CHUNK]])
+            return [v for chunk in pipe.execute() for v in chunk]
+
+    def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
+        keys = list(keys)
+        return {k: self._parse(k, raw) for k, raw in zip(keys, self.load_raw_many(keys), strict=True)}
+
+    def keys(self) -> list[CheckpointKey]:
+        out = []
+        with redis_errors(self.client):
+            for raw in self.client.scan_iter(match=f"{REDIS_PREFIX}:*", count=1000):
+                try:
+                    out.append(CheckpointKey.parse(raw))
+                except ValueError:
+                    continue  # not ours to interpret (a foreign key under the same prefix)
+        return sorted(out)
+
+    def save(
+        self,
+        key: CheckpointKey,
+        sequence: str,
+        *,
+        lease: Lease | None = None,
+        context: SaveContext | None = None,
+    ) -> SaveResult:
+        sequence = normalize_sequence(sequence, key=key.redis_key)
+        ctx = context or SaveContext()
+        writer = lease.owner if lease else ctx.writer
+        args = [sequence, writer, "" if lease is None else str(lease.epoch), self.ttl_ms,
+                ctx.run_id or "", ctx.reason or "", self.history_maxlen]
+        try:
+            with redis_errors(self.client):
+                outcome, prev, held_by, held_epoch = self._save(
+                    keys=[key.redis_key, key.lease_key.redis_key, key.history_key], args=args
+                )
+        except redis.ResponseError as exc:
+            if "DURABILITY_INVALID_SEQUENCE" in str(exc):
+                raise InvalidSequenceError(
+                    f"Redis key {key.redis_key!r} holds an invalid sequence ({exc}); nothing was written. "
+                    "Fix it with `durability-pipelines checkpoints set ... --sequence S --force` "
+                    "or delete the key to fall back to Postgres (hybrid).",
+                    key=key.redis_key,
+                ) from exc
+            raise
+        outcome = _s(outcome)
+        previous = _s(prev)
+        if outcome == "lease_lost":
+            raise lease_lost(lease, _s(held_by), int(held_epoch) if held_epoch else None)  # type: ignore[arg-type]
+        result = SaveOutcome(outcome)
+        current = sequence if result is SaveOutcome.ADVANCED else (previous or sequence)
+        return SaveResult(key, result, previous, current)
+
+    def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
+        with redis_errors(self.client):
+            rows = self.client.xrevrange(key.history_key, count=limit)
+        out = []
+        for entry_id, fields in rows:
+            f = {_s(k): _s(v) for k, v in fields.items()}
+            ms = int(_s(entry_id).split("-")[0])
+            out.append(
+                HistoryEntry(
+                    key, f.get("prev") or None, f.get("seq") or "", f.get("writer") or None,
+                    int(f["epoch"]) if f.get("epoch") else None, f.get("run") or None,
+                    datetime.fromtimestamp(ms / 1000, timezone.utc), f.get("reason") or None,
+                )
+            )
+        return out

@@ -1,0 +1,98 @@
+-- durability_pipelines checkpoint schema. Idempotent: safe to run on every start
+-- and concurrently from several workers (guarded by an advisory lock in migrate()).
+--
+-- `checkpoints` is byte-for-byte the original pattern's table so that workers
+-- already using that layout share checkpoints with this project.
+CREATE TABLE IF NOT EXISTS checkpoints (
+  adapter TEXT NOT NULL, stream TEXT NOT NULL, grp TEXT NOT NULL,
+  consumer TEXT NOT NULL, shard TEXT NOT NULL, sequence TEXT NOT NULL,
+  ts TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+  PRIMARY KEY (adapter, stream, grp, consumer, shard));
+
+-- Append-only audit trail of every advance.
+CREATE TABLE IF NOT EXISTS checkpoint_history (
+  id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  adapter TEXT NOT NULL, stream TEXT NOT NULL, grp TEXT NOT NULL,
+  consumer TEXT NOT NULL, shard TEXT NOT NULL,
+  previous_sequence TEXT, new_sequence TEXT NOT NULL,
+  writer TEXT, lease_epoch BIGINT, run_id TEXT, reason TEXT,
+  ts TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());
+CREATE INDEX IF NOT EXISTS checkpoint_history_key_idx
+  ON checkpoint_history (adapter, stream, grp, consumer, shard, id);
+
+-- One lease per shard and consumer group; epoch = KCL's leaseCounter.
+CREATE TABLE IF NOT EXISTS checkpoint_leases (
+  adapter TEXT NOT NULL, stream TEXT NOT NULL, grp TEXT NOT NULL, shard TEXT NOT NULL,
+  owner TEXT NOT NULL DEFAULT '', epoch BIGINT NOT NULL DEFAULT 0,
+  expires_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+  PRIMARY KEY (adapter, stream, grp, shard));
+
+CREATE TABLE IF NOT EXISTS durability_schema_version (
+  component TEXT PRIMARY KEY, version INT NOT NULL,
+  applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW());
+
+-- The one ordering (see ordering.py): TRIM_HORIZON < LATEST < numbers < SHARD_END.
+-- Numbers compare as NUMERIC (exact, arbitrary size), never as text.
+CREATE OR REPLACE FUNCTION durability_sequence_rank(s TEXT) RETURNS NUMERIC
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+BEGIN
+  IF s ~ '^[0-9]{1,40}$' THEN RETURN s::NUMERIC; END IF;
+  IF s = 'TRIM_HORIZON' THEN RETURN -2; END IF;
+  IF s = 'LATEST' THEN RETURN -1; END IF;
+  IF s = 'SHARD_END' THEN RETURN 1e41; END IF;
+  RAISE EXCEPTION 'durability: invalid sequence %', quote_literal(left(s, 80))
+    USING ERRCODE = '22P02', HINT = 'expected 1-40 digits, TRIM_HORIZON, LATEST or SHARD_END';
+END $$;
+
+-- Monotonic, fenced save in one round trip. Outcomes:
+--   advanced | unchanged | stale | lease_lost (nothing written)
+-- p_epoch NULL = unfenced (compatible with workers that use no leases).
+CREATE OR REPLACE FUNCTION durability_save_checkpoint(
+  p_adapter TEXT, p_stream TEXT, p_grp TEXT, p_consumer TEXT, p_shard TEXT,
+  p_sequence TEXT, p_writer TEXT, p_epoch BIGINT, p_run_id TEXT, p_reason TEXT)
+RETURNS TABLE (outcome TEXT, previous TEXT, lease_owner TEXT, lease_epoch BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_prev TEXT; v_owner TEXT; v_epoch BIGINT;
+BEGIN
+  PERFORM durability_sequence_rank(p_sequence);
+  IF p_epoch IS NOT NULL THEN
+    SELECT l.owner, l.epoch INTO v_owner, v_epoch FROM checkpoint_leases l
+     WHERE l.adapter = p_adapter AND l.stream = p_stream AND l.grp = p_grp AND l.shard = p_shard
+     FOR SHARE;
+    IF NOT FOUND OR v_owner IS DISTINCT FROM p_writer OR v_epoch IS DISTINCT FROM p_epoch THEN
+      RETURN QUERY SELECT 'lease_lost'::TEXT, NULL::TEXT, v_owner, v_epoch;
+      RETURN;
+    END IF;
+  END IF;
+  INSERT INTO checkpoints AS c (adapter, stream, grp, consumer, shard, sequence, ts)
+  VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, p_sequence, NOW())
+  ON CONFLICT (adapter, stream, grp, consumer, shard) DO NOTHING;
+  IF FOUND THEN
+    INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence,
+                                    new_sequence, writer, lease_epoch, run_id, reason)
+    VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, NULL, p_sequence, p_writer, p_epoch,
+            p_run_id, p_reason);
+    RETURN QUERY SELECT 'advanced'::TEXT, NULL::TEXT, v_owner, v_epoch;
+    RETURN;
+  END IF;
+  SELECT c.sequence INTO v_prev FROM checkpoints c
+   WHERE c.adapter = p_adapter AND c.stream = p_stream AND c.grp = p_grp
+     AND c.consumer = p_consumer AND c.shard = p_shard
+   FOR UPDATE;
+  IF durability_sequence_rank(v_prev) < durability_sequence_rank(p_sequence) THEN
+    UPDATE checkpoints c SET sequence = p_sequence, ts = NOW()
+     WHERE c.adapter = p_adapter AND c.stream = p_stream AND c.grp = p_grp
+       AND c.consumer = p_consumer AND c.shard = p_shard;
+    INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence,
+                                    new_sequence, writer, lease_epoch, run_id, reason)
+    VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, v_prev, p_sequence, p_writer, p_epoch,
+            p_run_id, p_reason);
+    RETURN QUERY SELECT 'advanced'::TEXT, v_prev, v_owner, v_epoch;
+  ELSIF durability_sequence_rank(v_prev) = durability_sequence_rank(p_sequence) THEN
+    RETURN QUERY SELECT 'unchanged'::TEXT, v_prev, v_owner, v_epoch;
+  ELSE
+    RETURN QUERY SELECT 'stale'::TEXT, v_prev, v_owner, v_epoch;
+  END IF;
+END $$;

@@ -1,0 +1,62 @@
+"""Python, Redis Lua and Postgres SQL agree on the order of the same pairs."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from durability_pipelines.checkpoints import LATEST, SHARD_END, TRIM_HORIZON, compare_sequences
+from durability_pipelines.checkpoints.postgres_store import PostgresConnection, migrate
+from durability_pipelines.checkpoints.redis_store import SAVE_LUA
+
+numbers = st.integers(min_value=1, max_value=40).flatmap(
+    lambda n: st.text(alphabet="0123456789", min_size=n, max_size=n)
+)
+positions = st.one_of(numbers, st.sampled_from([TRIM_HORIZON, LATEST, SHARD_END]))
+OUTCOME_TO_CMP = {"advanced": -1, "unchanged": 0, "stale": 1}
+
+
+@pytest.fixture(scope="module")
+def lua(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    return client, client.register_script(SAVE_LUA)
+
+
+@pytest.fixture(scope="module")
+def pg(postgres_url: str):
+    db = PostgresConnection(postgres_url)
+    migrate(db)
+    conn = psycopg.connect(postgres_url, autocommit=True)
+    yield conn
+    conn.close()
+    db.close()
+
+
+def _lua_cmp(lua, a: str, b: str) -> int:
+    client, script = lua
+    key = f"checkpoint:test:{uuid.uuid4().hex}:g:c:s"
+    client.set(key, a)
+    outcome, *_ = script(keys=[key, key + ":lease", key + ":hist"], args=[b, "w", "", "", "", "", "0"])
+    client.delete(key)
+    return OUTCOME_TO_CMP[outcome.decode()]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(positions, positions)
+def test_lua_sql_and_python_agree(lua, pg, a: str, b: str) -> None:
+    expected = compare_sequences(a, b)
+    assert _lua_cmp(lua, a, b) == expected
+    (sql,) = pg.execute(
+        "SELECT sign(durability_sequence_rank(%s) - durability_sequence_rank(%s))::int", (a, b)
+    ).fetchone()
+    assert sql == expected
+
+
+def test_sql_rank_rejects_garbage_clearly(pg) -> None:
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation, match="invalid sequence"):
+        pg.execute("SELECT durability_sequence_rank(%s)", ("12abc",))
