@@ -257,29 +257,45 @@ def test_hybrid_flushes_every_n_acks_and_on_flush(redis_url: str, postgres_url: 
     store = build_store("hybrid", redis_url, postgres_url, flush_every_n=3, flush_every_s=3600)
     assert isinstance(store, HybridCheckpointStore)
     key = unique_key()
-    store.save(key, "1")
+    store.save(key, "1")  # the first ack of a key is flushed at once (never flushed before)
+    assert store.postgres.load(key) == "1"
     store.save(key, "2")
-    assert store.postgres.load(key) is None and store.pending == {key: "2"}
-    store.save(key, "3")  # third ack: flushed
-    assert store.postgres.load(key) == "3" and store.pending == {}
-    store.save(key, "4")
+    store.save(key, "3")
+    assert store.postgres.load(key) == "1" and store.pending == {key: "3"}
+    store.save(key, "4")  # third ack since the flush
+    assert store.postgres.load(key) == "4" and store.pending == {}
+    store.save(key, "5")
     store.flush()
-    assert store.postgres.load(key) == "4"
+    assert store.postgres.load(key) == "5"
     store.close()
 
 
+def test_hybrid_flush_bound_is_shared_across_processes(redis_url: str, postgres_url: str) -> None:
+    """Two store instances (two run processes) count acks in the same Redis flush state."""
+    key = unique_key()
+    first = build_store("hybrid", redis_url, postgres_url, flush_every_n=2, flush_every_s=3600)
+    first.save(key, "1")  # flushed: first ack
+    first.save(key, "2")  # 1 ack since flush
+    first.close(flush=False)
+    second = build_store("hybrid", redis_url, postgres_url, flush_every_n=2, flush_every_s=3600)
+    assert second.postgres.load(key) == "1"
+    second.save(key, "3")  # 2 acks since flush, counted across both instances
+    assert second.postgres.load(key) == "3"
+    second.close(flush=False)
+
+
 def test_hybrid_flushes_after_t_seconds(redis_url: str, postgres_url: str) -> None:
-    now = [0.0]
-    store = HybridCheckpointStore(
-        RedisCheckpointStore.from_url(redis_url), PostgresCheckpointStore(postgres_url),
-        flush_every_n=1000, flush_every_s=5, clock=lambda: now[0],
-    )
+    store = build_store("hybrid", redis_url, postgres_url, flush_every_n=1000, flush_every_s=5)
+    assert isinstance(store, HybridCheckpointStore)
     key = unique_key()
     store.save(key, "1")
-    assert store.postgres.load(key) is None
-    now[0] = 6.0
     store.save(key, "2")
-    assert store.postgres.load(key) == "2"
+    assert store.postgres.load(key) == "1"
+    # Pretend the last flush happened 6 s ago (Redis server clock, shared by all writers).
+    (secs, micros) = store.redis.client.time()
+    store.redis.client.hset(key.hybrid_state_key, "flushed_ms", secs * 1000 + micros // 1000 - 6000)
+    store.save(key, "3")
+    assert store.postgres.load(key) == "3"
     store.close()
 
 

@@ -3,10 +3,14 @@
 -- TRIM_HORIZON < LATEST < numbers < SHARD_END; numbers compare by length, then
 -- text, after stripping leading zeros (tonumber would be a lossy double).
 --
--- KEYS[1] checkpoint key, KEYS[2] lease key, KEYS[3] history stream key
+-- KEYS[1] checkpoint key, KEYS[2] lease key, KEYS[3] history stream key,
+-- KEYS[4] (optional, hybrid) flush-state hash {acks, flushed_ms}: counts acks since the
+--         last Postgres flush across every process, so "every N acks or T seconds" holds
+--         for short-lived run processes too.
 -- ARGV[1] sequence (canonical), ARGV[2] writer, ARGV[3] lease epoch ('' = unfenced),
 -- ARGV[4] ttl in ms ('' = none), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen ('0' = off)
--- Returns {outcome, previous|false, lease_owner|false, lease_epoch|false}
+-- Returns {outcome, previous|false, acks_since_flush|false, ms_since_flush|false}
+-- (or {'lease_lost', false, lease_owner|false, lease_epoch|false})
 
 local function rank(s)
   if s == 'TRIM_HORIZON' then return 0, '' end
@@ -61,5 +65,12 @@ if outcome == 'advanced' then
   end
 elseif outcome == 'unchanged' and ARGV[4] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+if KEYS[4] then
+  local acks = redis.call('HINCRBY', KEYS[4], 'acks', 1)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local flushed = tonumber(redis.call('HGET', KEYS[4], 'flushed_ms') or '0')
+  return {outcome, prev or false, acks, now - flushed}
 end
 return {outcome, prev or false, false, false}

@@ -26,7 +26,7 @@ class StoreConfig(BaseModel):
 
 
 def open_store(config: StoreConfig, *, redis_url: str | None = None, postgres_url: str | None = None,
-               memory_store: CheckpointStore | None = None) -> CheckpointStore:
+               memory_store: CheckpointStore | None = None, migrate_schema: bool = True) -> CheckpointStore:
     """Open the configured store; raises ``ConfigError`` when a needed URL is missing."""
     from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
     from durability_pipelines.checkpoints.memory import MemoryCheckpointStore
@@ -48,12 +48,12 @@ def open_store(config: StoreConfig, *, redis_url: str | None = None, postgres_ur
             need(redis_url, "DURABILITY_REDIS_URL"), ttl_s=config.redis_ttl_s, history_maxlen=config.history_maxlen
         )
     if config.backend == "postgres":
-        return PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL"))
+        return PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL"), migrate_schema=migrate_schema)
     return HybridCheckpointStore(
         RedisCheckpointStore.from_url(
             need(redis_url, "DURABILITY_REDIS_URL"), ttl_s=config.redis_ttl_s, history_maxlen=config.history_maxlen
         ),
-        PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL")),
+        PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL"), migrate_schema=migrate_schema),
         flush_every_n=config.flush_every_n,
         flush_every_s=config.flush_every_s,
     )

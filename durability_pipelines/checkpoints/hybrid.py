@@ -1,5 +1,9 @@
 """Hybrid checkpoints: Redis on every ack, Postgres every N acks or T seconds.
 
+The ack count and the last flush time live in Redis (a small hash per key,
+updated by the same Lua call as the save), so the bound holds across the
+short-lived processes Dagster runs ops in, not only within one process.
+
 On restart ``load`` reads Redis first and falls back to Postgres (then
 re-warms Redis).  Outages degrade instead of losing acks:
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import redis
@@ -125,7 +129,6 @@ class HybridCheckpointStore(CheckpointStore):
         *,
         flush_every_n: int = 100,
         flush_every_s: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if flush_every_n < 1 or flush_every_s < 0:
             raise ValueError("flush_every_n must be >= 1 and flush_every_s >= 0")
@@ -133,11 +136,8 @@ class HybridCheckpointStore(CheckpointStore):
         self.postgres = postgres_store
         self.flush_every_n = flush_every_n
         self.flush_every_s = flush_every_s
-        self._clock = clock
         self._lock = threading.RLock()
         self._pending: dict[CheckpointKey, tuple[str, SaveContext]] = {}
-        self._acks_since_flush = 0
-        self._last_flush = clock()
         self.degraded: dict[str, str] = {}
         self.fallbacks: list[Fallback] = []
         self._replace_if_equal = redis_store.client.register_script(_REPLACE_IF_EQUAL_LUA)
@@ -182,27 +182,30 @@ class HybridCheckpointStore(CheckpointStore):
                 if pending and max_sequence(pending[0], result.current) == result.current:
                     self._pending.pop(key, None)
             return result
+        result, acks, ms_since_flush = result
         self._recover("redis")
         with self._lock:
             if result.advanced:
                 self._pending[key] = (sequence, ctx)
-            self._acks_since_flush += 1
-            due = (
-                self._acks_since_flush >= self.flush_every_n
-                or self._clock() - self._last_flush >= self.flush_every_s
-            )
+            elif key not in self._pending:
+                # Counted as an ack; make sure a due flush carries the stored value.
+                self._pending[key] = (result.current, ctx)
+        due = (acks is not None and acks >= self.flush_every_n) or (
+            ms_since_flush is not None and ms_since_flush >= self.flush_every_s * 1000
+        )
         if due:
             self.flush(raise_on_outage=False)
         return result
 
-    def _save_redis(self, key: CheckpointKey, sequence: str, lease: Lease | None, ctx: SaveContext) -> SaveResult:
+    def _save_redis(self, key: CheckpointKey, sequence: str, lease: Lease | None,
+                    ctx: SaveContext) -> tuple[SaveResult, int | None, int | None]:
         try:
-            return self.redis.save(key, sequence, lease=lease, context=ctx)
+            return self.redis.save_counting(key, sequence, lease=lease, context=ctx, flush_state=True)
         except LeaseLostError:
             # Redis may simply not have seen a lease Postgres granted while Redis was away.
             if lease is None or not self._lease_valid_in_postgres(lease) or not self.redis.leases.sync(lease):
                 raise
-            return self.redis.save(key, sequence, lease=lease, context=ctx)
+            return self.redis.save_counting(key, sequence, lease=lease, context=ctx, flush_state=True)
 
     def _save_postgres_direct(self, key: CheckpointKey, sequence: str, lease: Lease | None,
                               ctx: SaveContext) -> SaveResult:
@@ -229,8 +232,6 @@ class HybridCheckpointStore(CheckpointStore):
         """
         with self._lock:
             batch = dict(self._pending)
-            self._acks_since_flush = 0
-            self._last_flush = self._clock()
         if not batch:
             return 0
         try:
@@ -244,15 +245,27 @@ class HybridCheckpointStore(CheckpointStore):
                 raise
             return 0
         self._recover("postgres")
+        try:
+            self.redis.mark_flushed(batch)
+        except StoreUnavailableError as exc:
+            self._degrade("redis", exc)
         with self._lock:
             for k, (v, _) in batch.items():
                 if self._pending.get(k, (None,))[0] == v:
                     del self._pending[k]
         return len(batch)
 
-    def close(self) -> None:
+    def close(self, *, flush: bool = True) -> None:
+        """Flush (by default) and disconnect.
+
+        ``flush=False`` leaves unflushed acks in Redis only (where the flush
+        bound or the scheduled mirror carries them to Postgres): what a
+        per-batch run process wants, so that hybrid does not degrade into
+        "both stores on every ack".
+        """
         try:
-            self.flush(raise_on_outage=True)
+            if flush:
+                self.flush(raise_on_outage=True)
         finally:
             self.postgres.close()
 

@@ -17,6 +17,7 @@ REDIS_PREFIX = "checkpoint"
 #: Our own Redis namespaces; they never match ``checkpoint:*``.
 LEASE_PREFIX = "durability:lease"
 HISTORY_PREFIX = "durability:history"
+HYBRID_STATE_PREFIX = "durability:hybrid"
 
 MAX_COMPONENT_LENGTH = 256
 _FORBIDDEN = re.compile(r"[:\x00-\x1f\x7f]")
@@ -118,6 +119,10 @@ class CheckpointKey:
     @property
     def history_key(self) -> str:
         return f"{HISTORY_PREFIX}:{self.adapter}:{self.stream}:{self.group}:{self.consumer}{_suffix(self.shard)}"
+
+    @property
+    def hybrid_state_key(self) -> str:
+        return f"{HYBRID_STATE_PREFIX}:{self.adapter}:{self.stream}:{self.group}:{self.consumer}{_suffix(self.shard)}"
 
     @property
     def shard_column(self) -> str:

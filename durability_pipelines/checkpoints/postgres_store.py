@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -137,6 +137,31 @@ def migrate(db: PostgresConnection) -> None:
         )
 
 
+_ENSURED: set[tuple[str, str]] = set()
+
+
+def ensure_schema(db: PostgresConnection, component: str, version: int, apply: Callable[[PostgresConnection], None]) -> None:
+    """Run ``apply`` only when ``component`` is missing or older than ``version``.
+
+    Checked once per process and database: a sensor tick or a run then costs
+    one SELECT, not DDL (and writes nothing when the schema is current).
+    """
+    marker = (db.conninfo, component)
+    if marker in _ENSURED:
+        return
+    with db.connection() as conn:
+        exists = conn.execute("SELECT to_regclass('durability_schema_version') IS NOT NULL").fetchone()[0]
+        current = None
+        if exists:
+            row = conn.execute(
+                "SELECT version FROM durability_schema_version WHERE component = %s", (component,)
+            ).fetchone()
+            current = row[0] if row else None
+    if current is None or current < version:
+        apply(db)
+    _ENSURED.add(marker)
+
+
 class PostgresLeaseManager(LeaseManager):
     def __init__(self, db: PostgresConnection) -> None:
         self._db = db
@@ -257,7 +282,7 @@ class PostgresCheckpointStore(CheckpointStore):
         self.db = PostgresConnection(conninfo, connect_timeout=connect_timeout)
         self._leases = PostgresLeaseManager(self.db)
         if migrate_schema:
-            migrate(self.db)
+            ensure_schema(self.db, "checkpoints", SCHEMA_VERSION, migrate)
 
     @property
     def leases(self) -> PostgresLeaseManager:

@@ -32,6 +32,12 @@ from durability_pipelines.checkpoints.ordering import normalize_sequence
 _SCRIPT_DIR = resources.files("durability_pipelines.checkpoints")
 SAVE_LUA = (_SCRIPT_DIR / "checkpoint.lua").read_text()
 LEASE_LUA = (_SCRIPT_DIR / "lease.lua").read_text()
+MARK_FLUSHED_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, k in ipairs(KEYS) do redis.call('HSET', k, 'acks', 0, 'flushed_ms', string.format('%d', now)) end
+return #KEYS
+"""
 MGET_CHUNK = 1000
 
 
@@ -123,6 +129,7 @@ class RedisCheckpointStore(CheckpointStore):
         self.ttl_ms = "" if ttl_s is None else str(int(ttl_s * 1000))
         self.history_maxlen = str(int(history_maxlen))
         self._save = client.register_script(SAVE_LUA)
+        self._mark_flushed = client.register_script(MARK_FLUSHED_LUA)
         self._leases = RedisLeaseManager(client)
 
     @classmethod
@@ -177,16 +184,33 @@ class RedisCheckpointStore(CheckpointStore):
         lease: Lease | None = None,
         context: SaveContext | None = None,
     ) -> SaveResult:
+        return self.save_counting(key, sequence, lease=lease, context=context)[0]
+
+    def save_counting(
+        self,
+        key: CheckpointKey,
+        sequence: str,
+        *,
+        lease: Lease | None = None,
+        context: SaveContext | None = None,
+        flush_state: bool = False,
+    ) -> tuple[SaveResult, int | None, int | None]:
+        """Save; with ``flush_state`` also count the ack in the key's hybrid flush-state hash.
+
+        Returns ``(result, acks_since_flush, ms_since_flush)`` (the last two ``None``
+        without ``flush_state``), still in one round trip.
+        """
         sequence = normalize_sequence(sequence, key=key.redis_key)
         ctx = context or SaveContext()
         writer = lease.owner if lease else ctx.writer
         args = [sequence, writer, "" if lease is None else str(lease.epoch), self.ttl_ms,
                 ctx.run_id or "", ctx.reason or "", self.history_maxlen]
+        keys = [key.redis_key, key.lease_key.redis_key, key.history_key]
+        if flush_state:
+            keys.append(key.hybrid_state_key)
         try:
             with redis_errors(self.client):
-                outcome, prev, held_by, held_epoch = self._save(
-                    keys=[key.redis_key, key.lease_key.redis_key, key.history_key], args=args
-                )
+                outcome, prev, third, fourth = self._save(keys=keys, args=args)
         except redis.ResponseError as exc:
             if "DURABILITY_INVALID_SEQUENCE" in str(exc):
                 raise InvalidSequenceError(
@@ -199,10 +223,20 @@ class RedisCheckpointStore(CheckpointStore):
         outcome = _s(outcome)
         previous = _s(prev)
         if outcome == "lease_lost":
-            raise lease_lost(lease, _s(held_by), int(held_epoch) if held_epoch else None)  # type: ignore[arg-type]
+            raise lease_lost(lease, _s(third), int(fourth) if fourth else None)  # type: ignore[arg-type]
         result = SaveOutcome(outcome)
         current = sequence if result is SaveOutcome.ADVANCED else (previous or sequence)
-        return SaveResult(key, result, previous, current)
+        acks = int(third) if flush_state and third is not None else None
+        since = int(fourth) if flush_state and fourth is not None else None
+        return SaveResult(key, result, previous, current), acks, since
+
+    def mark_flushed(self, keys: Iterable[CheckpointKey]) -> None:
+        """Reset the hybrid flush-state of ``keys`` after a successful Postgres flush."""
+        keys = list(keys)
+        if not keys:
+            return
+        with redis_errors(self.client):
+            self._mark_flushed(keys=[k.hybrid_state_key for k in keys])
 
     def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
         with redis_errors(self.client):

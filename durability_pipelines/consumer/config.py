@@ -1,0 +1,166 @@
+"""Declarative consumer configs: adding a consumer is adding a YAML file.
+
+The three starters (DynamoDB worker, Supabase worker, DynamoDB -> Supabase
+Realtime) are files in ``durability_pipelines/consumers/``; one factory turns
+each into a sensor and a job.  A bad file fails definition loading with an
+error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from durability_pipelines.checkpoints.errors import ConfigError
+from durability_pipelines.checkpoints.factory import StoreConfig
+from durability_pipelines.checkpoints.keys import validate_component
+
+CONSUMERS_DIR = Path(__file__).resolve().parent.parent / "consumers"
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DOTTED = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DynamoDBSourceConfig(_Strict):
+    kind: Literal["dynamodb"] = "dynamodb"
+    table: str = Field(description="DynamoDB table whose stream is consumed; also the checkpoint key's stream")
+    region: str = "us-east-1"
+    endpoint_url: str | None = Field(
+        default=None, description="Local emulator URL; DURABILITY_DYNAMODB_ENDPOINT_URL overrides it when set"
+    )
+    initial_position: Literal["TRIM_HORIZON", "LATEST"] = "TRIM_HORIZON"
+    trim_policy: Literal["fail", "skip_to_trim_horizon"] = "fail"
+
+    @property
+    def adapter(self) -> str:
+        return "dynamodb"
+
+    @property
+    def stream(self) -> str:
+        return self.table
+
+
+class SupabaseSourceConfig(_Strict):
+    kind: Literal["supabase"] = "supabase"
+    channel: str = Field(description="Logical channel name; the checkpoint key's stream")
+    table: str = Field(description="Source table whose changes are captured (schema.table or table)")
+    change_log: str = Field(default="durability_change_log", description="Change-log table filled by the trigger")
+    replay_from: Literal["stored", "earliest", "latest"] = "stored"
+
+    @property
+    def adapter(self) -> str:
+        return "supabase"
+
+    @property
+    def stream(self) -> str:
+        return self.channel
+
+
+SourceConfig = Annotated[DynamoDBSourceConfig | SupabaseSourceConfig, Field(discriminator="kind")]
+
+
+class RetryConfig(_Strict):
+    max_retries: int = Field(default=3, ge=0, le=100, description="op retries before the batch is dead-lettered")
+    delay_s: float = Field(default=1.0, ge=0, description="first retry delay; doubles each retry, with jitter")
+
+
+class DeadLetterConfig(_Strict):
+    policy: Literal["stop", "bisect"] = Field(
+        default="stop",
+        description="stop: the shard stops advancing until an operator acts; "
+        "bisect: split the batch to isolate poison records, dead-letter only those and go on",
+    )
+
+
+class ConsumerConfig(_Strict):
+    name: str = Field(description="Unique name; the Dagster job is <name>_job and the sensor <name>_sensor")
+    description: str = ""
+    source: SourceConfig
+    group: str
+    consumer: str
+    handler: str = Field(
+        default="durability_pipelines.sinks.postgres_events:handle",
+        description="Dotted path 'package.module:function' of the batch handler",
+    )
+    handler_options: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: StoreConfig = Field(default_factory=StoreConfig)
+    max_events: int = Field(default=500, ge=1, le=10_000, description="events per run (batch size)")
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    sensor_interval_s: int = Field(default=5, ge=1, le=3600)
+    sensor_running_by_default: bool = True
+    lease_duration_s: float = Field(default=300, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be a Python identifier (letters, digits, underscores)")
+        return v
+
+    @field_validator("group", "consumer")
+    @classmethod
+    def _key_part(cls, v: str, info: Any) -> str:
+        try:
+            return validate_component(info.field_name, v)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("handler")
+    @classmethod
+    def _handler(cls, v: str) -> str:
+        if not _DOTTED.match(v):
+            raise ValueError("must be a dotted path like 'package.module:function'")
+        return v
+
+    @property
+    def adapter(self) -> str:
+        return self.source.adapter
+
+    @property
+    def stream(self) -> str:
+        return self.source.stream
+
+
+def _format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return f"consumer config {path}: invalid field(s):\n" + "\n".join(lines)
+
+
+def load_consumer_config(path: Path) -> ConsumerConfig:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"consumer config {path}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"consumer config {path}: cannot read it: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"consumer config {path}: expected a mapping of fields at the top level")
+    try:
+        return ConsumerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(path, exc)) from None
+
+
+def load_consumer_configs(directory: Path | None = None) -> list[ConsumerConfig]:
+    """Every ``*.yaml`` in the directory, validated; names must be unique."""
+    directory = directory or CONSUMERS_DIR
+    configs: list[ConsumerConfig] = []
+    seen: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        cfg = load_consumer_config(path)
+        if cfg.name in seen:
+            raise ConfigError(f"consumer config {path}: name {cfg.name!r} is already used by {seen[cfg.name]}")
+        seen[cfg.name] = path
+        configs.append(cfg)
+    return configs

@@ -1,0 +1,139 @@
+"""The sensor's decision each tick, as a pure function of what it observed.
+
+Two positions per shard: the *acked* checkpoint (only the job moves it) and
+the *dispatched* position in the sensor cursor (moves when a run is
+submitted).  Each tick reconciles them:
+
+* at most one in-flight run per shard;
+* ``run_key = <consumer>:<shard>:<start position>:a<attempt>`` so a repeated
+  tick never launches the same batch twice (Dagster dedups run keys);
+* a run that failed (or never launched) is re-dispatched from the acked
+  checkpoint with the next attempt number — Dagster blocks a failed run's key
+  forever, so without the suffix the batch would be silently skipped;
+* a shard with an open dead letter is not dispatched (policy ``stop``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
+CURSOR_VERSION = 1
+
+
+class RunState(str, enum.Enum):
+    IN_PROGRESS = "in_progress"
+    SUCCESS = "success"
+    FAILURE = "failure"  # failed or canceled
+    MISSING = "missing"  # no run with that key (launch failed)
+
+
+@dataclass
+class ShardCursor:
+    dispatched: str | None = None  # acked position the in-flight run started after
+    run_key: str | None = None
+    attempt: int = 0
+
+
+@dataclass
+class SensorCursor:
+    shards: dict[str, ShardCursor] = field(default_factory=dict)
+    v: int = CURSOR_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"v": self.v, "shards": {k: asdict(v) for k, v in sorted(self.shards.items())}},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> SensorCursor:
+        """Parse a cursor; a garbage one is replaced by an empty one (logged).
+
+        Nothing is lost by that: the acked checkpoints are the truth, and run
+        keys dedup any batch that is already running.
+        """
+        if not raw:
+            return cls()
+        try:
+            data = json.loads(raw)
+            shards = {str(k): ShardCursor(**v) for k, v in data.get("shards", {}).items()}
+            return cls(shards=shards, v=int(data.get("v", CURSOR_VERSION)))
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable sensor cursor (%s); rebuilding it from acked checkpoints", exc)
+            return cls()
+
+
+def shard_id(shard: str | None) -> str:
+    return shard or "-"
+
+
+def make_run_key(consumer: str, shard: str | None, start_after: str | None, attempt: int) -> str:
+    return f"{consumer}:{shard_id(shard)}:{start_after or 'INITIAL'}:a{attempt}"
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    shard: str | None
+    start_after: str | None
+    run_key: str
+    attempt: int
+
+
+@dataclass
+class TickPlan:
+    cursor: SensorCursor
+    dispatches: list[Dispatch]
+    skipped: dict[str, str]  # shard -> why nothing was dispatched
+
+
+def plan_tick(
+    consumer: str,
+    cursor: SensorCursor,
+    *,
+    shards: list[str | None],
+    acked: Mapping[str | None, str | None],
+    has_new: Callable[[str | None, str | None], bool],
+    run_state: Callable[[str], RunState],
+    blocked: set[str],
+    max_dispatches: int = 100,
+) -> TickPlan:
+    new = SensorCursor(shards=dict(cursor.shards))
+    dispatches: list[Dispatch] = []
+    skipped: dict[str, str] = {}
+    for shard in shards:
+        sid = shard_id(shard)
+        start = acked.get(shard)
+        sc = new.shards.get(sid, ShardCursor())
+        attempt = sc.attempt
+        if sc.run_key:
+            state = run_state(sc.run_key)
+            if state is RunState.IN_PROGRESS:
+                skipped[sid] = f"run {sc.run_key} in flight"
+                continue
+            progressed = start != sc.dispatched
+            if state is RunState.SUCCESS:
+                attempt = 0 if progressed else sc.attempt + 1
+            else:
+                attempt = 0 if progressed else sc.attempt + 1
+                log.warning("consumer %s shard %s: run %s ended %s; re-dispatching from the acked checkpoint %s",
+                            consumer, sid, sc.run_key, state.value, start)
+            sc = ShardCursor(dispatched=start, run_key=None, attempt=attempt)
+            new.shards[sid] = sc
+        if (shard or "") in blocked:
+            skipped[sid] = "open dead letter: stopped until an operator acts"
+            continue
+        if len(dispatches) >= max_dispatches:
+            skipped[sid] = "dispatch budget of this tick used"
+            continue
+        if not has_new(shard, start):
+            skipped[sid] = "caught up"
+            continue
+        key = make_run_key(consumer, shard, start, attempt)
+        dispatches.append(Dispatch(shard, start, key, attempt))
+        new.shards[sid] = ShardCursor(dispatched=start, run_key=key, attempt=attempt)
+    return TickPlan(new, dispatches, skipped)

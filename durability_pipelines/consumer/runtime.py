@@ -1,0 +1,374 @@
+"""read -> process -> ack: the batch rules, independent of Dagster.
+
+* ``read`` takes the shard's lease (fencing) and reads after the *acked*
+  checkpoint, never after the sensor's dispatched position.
+* ``process`` calls the handler on events not yet acked (a retry after a
+  partial failure does not redo what was acked), applies partial-batch
+  failure (checkpoint just before the lowest failed sequence) and, when the
+  retries are exhausted, dead-letters the batch: ``stop`` (the shard stops
+  advancing until an operator acts) or ``bisect`` (isolate the poison records,
+  dead-letter only those and go on).
+* ``ack`` saves the checkpoint under the lease only after side effects
+  committed; it is idempotent (saving the same position is a no-op).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+
+from durability_pipelines.checkpoints import (
+    CheckpointKey,
+    CheckpointStore,
+    DurabilityError,
+    Lease,
+    SaveContext,
+    SaveResult,
+)
+from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
+from durability_pipelines.checkpoints.ordering import sequence_gap, sort_key
+from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
+from durability_pipelines.consumer.config import ConsumerConfig
+from durability_pipelines.consumer.events import ChangeEvent
+from durability_pipelines.consumer.handlers import HandlerContext, HandlerResult, is_transactional
+from durability_pipelines.consumer.source import Gap, SourceBatch, StreamSource
+from durability_pipelines.consumer.storage import ConsumerStorage
+from durability_pipelines.observability import (
+    ACK_SUCCESS_RATE,
+    EVENTS_PER_BATCH,
+    LAG_SECONDS,
+    SEQUENCE_GAP,
+    Labels,
+    Metrics,
+)
+
+log = logging.getLogger(__name__)
+MAX_DEAD_LETTER_PAYLOAD = 100  # events stored with a dead letter (first N), for inspection
+
+
+class ShardBusyError(DurabilityError):
+    """Another live worker holds the shard's lease."""
+
+
+class PartialBatchFailure(DurabilityError):
+    """The handler reported failed items; the part before the lowest one was acked."""
+
+
+class BatchDeadLettered(DurabilityError):
+    """Retries are exhausted and the batch is in ``dead_letters``; the shard is stopped."""
+
+    def __init__(self, message: str, dead_letter_id: int) -> None:
+        super().__init__(message)
+        self.dead_letter_id = dead_letter_id
+
+
+@dataclass
+class ReadOutput:
+    """What ``read_batch`` hands to ``process_batch`` (pickled between ops)."""
+
+    consumer: str
+    shard: str | None
+    run_id: str
+    batch: SourceBatch
+    lease: Lease | None
+
+
+@dataclass
+class ProcessOutput:
+    ack_to: str | None
+    processed: int = 0
+    failed: list[str] = field(default_factory=list)
+    dead_letter_ids: list[int] = field(default_factory=list)
+    attempts: int = 1
+
+
+class ConsumerRuntime:
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        *,
+        store: CheckpointStore,
+        source: StreamSource | None,
+        handler: Callable[..., HandlerResult | None],
+        storage: ConsumerStorage | None,
+        postgres_url: str | None,
+        metrics: Metrics | None = None,
+        is_owner_dead: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.source = source
+        self.handler = handler
+        self.storage = storage
+        self.postgres_url = postgres_url
+        self.metrics = metrics or Metrics(Labels(config.adapter, config.stream, config.group, config.consumer))
+        self.is_owner_dead = is_owner_dead or (lambda owner: False)
+
+    def key(self, shard: str | None) -> CheckpointKey:
+        c = self.config
+        return CheckpointKey(c.adapter, c.stream, c.group, c.consumer, shard)
+
+    def _labels(self, shard: str | None) -> Labels:
+        return self.metrics.labels.with_(shard=shard or "")
+
+    @contextmanager
+    def _timed(self, operation: str, adapter: str, shard: str | None):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.record(
+                "adapter.call.duration_ms", (time.perf_counter() - start) * 1000, kind="timer",
+                labels=self._labels(shard).with_(adapter=adapter, operation=operation),
+            )
+
+    # -- read ------------------------------------------------------------------------
+    def acquire_lease(self, shard: str | None, owner: str) -> Lease:
+        leases = self.store.leases
+        lk = self.key(shard).lease_key
+        lease = leases.acquire(lk, owner, self.config.lease_duration_s)
+        if lease is None:
+            current = leases.get(lk)
+            if current is not None and self.is_owner_dead(current.owner):
+                lease = leases.acquire(lk, owner, self.config.lease_duration_s, steal=True)
+            if lease is None:
+                raise ShardBusyError(
+                    f"shard {lk} is leased by {current.owner if current else '?'} until "
+                    f"{current.expires_at if current else '?'}; another worker is processing it. "
+                    "This run changed nothing; the sensor dispatches again once the lease is free."
+                )
+        return lease
+
+    def read(self, shard: str | None, run_id: str) -> ReadOutput:
+        assert self.source is not None
+        key = self.key(shard)
+        with self._timed(f"{self.store.backend}.acquire_lease", self.store.backend, shard):
+            lease = self.acquire_lease(shard, run_id)
+        with self._timed(f"{self.store.backend}.load", self.store.backend, shard):
+            acked = self.store.load(key)
+        with self._timed("read_batch", self.config.adapter, shard):
+            batch = self.source.read(shard, acked, self.config.max_events)
+        if batch.gap is not None:
+            self._record_gap(batch.gap, run_id)
+        return ReadOutput(self.config.name, shard, run_id, batch, lease)
+
+    def _record_gap(self, gap: Gap, run_id: str) -> None:
+        log.warning("consumer %s skipped trimmed data on shard %s: %s", self.config.name, gap.shard, gap.reason)
+        if self.storage is not None:
+            c = self.config
+            self.storage.add_gap(
+                consumer=c.name, adapter=c.adapter, stream=c.stream, group=c.group, shard=gap.shard,
+                from_sequence=gap.from_sequence, to_sequence=gap.to_sequence, reason=gap.reason, run_id=run_id,
+            )
+
+    # -- process ---------------------------------------------------------------------
+    def pending_events(self, read: ReadOutput) -> list[ChangeEvent]:
+        """Events of the batch not yet acked (an earlier attempt may have acked a prefix)."""
+        acked = self.store.load(self.key(read.shard))
+        if acked is None:
+            return list(read.batch.events)
+        floor = sort_key(acked)
+        return [e for e in read.batch.events if sort_key(e.sequence) > floor]
+
+    def process(self, read: ReadOutput, *, retry_number: int = 0) -> ProcessOutput:
+        attempts = retry_number + 1
+        last_attempt = retry_number >= self.config.retry.max_retries
+        events = self.pending_events(read)
+        if not events:
+            return ProcessOutput(ack_to=read.batch.next_checkpoint, attempts=attempts)
+        try:
+            failed = self._handle(read, events, ack_to=read.batch.next_checkpoint)
+        except DurabilityError:
+            raise  # lease lost, store down: not the handler's fault, not dead-lettered
+        except Exception as exc:
+            if not last_attempt:
+                raise
+            return self._exhausted(read, events, exc, attempts)
+        if not failed:
+            return ProcessOutput(ack_to=read.batch.next_checkpoint, processed=len(events), attempts=attempts)
+        lowest = min(failed, key=sort_key)
+        done = [e for e in events if sort_key(e.sequence) < sort_key(lowest)]
+        if not last_attempt:
+            raise PartialBatchFailure(
+                f"handler reported {len(failed)} failed item(s) on shard {read.shard}; acked up to just before "
+                f"{lowest} ({len(done)} events) and retrying the rest"
+            )
+        remaining = [e for e in events if sort_key(e.sequence) >= sort_key(lowest)]
+        out = self._exhausted(read, remaining, PartialBatchFailure(f"failed items: {sorted(failed, key=sort_key)}"),
+                              attempts)
+        out.processed += len(done)
+        out.failed = list(failed)
+        return out
+
+    def _context(self, read: ReadOutput, connection: psycopg.Connection | None) -> HandlerContext:
+        c = self.config
+        return HandlerContext(
+            consumer=c.name, adapter=c.adapter, stream=c.stream, group=c.group, shard=read.shard,
+            run_id=read.run_id, options=dict(c.handler_options), postgres_url=self.postgres_url,
+            log=logging.getLogger(f"durability_pipelines.handler.{c.name}"), connection=connection,
+        )
+
+    def _handle(self, read: ReadOutput, events: Sequence[ChangeEvent], *, ack_to: str | None) -> list[str]:
+        """Run the handler; for transactional handlers commit its writes (and, with a Postgres
+        store, the checkpoint) in one transaction. Returns the failed sequences."""
+        key = self.key(read.shard)
+        ctx_save = SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack")
+        if not is_transactional(self.handler):
+            with self._timed("handler", "handler", read.shard):
+                result = self.handler(list(events), self._context(read, None))
+            return list(result.failed_sequences) if result else []
+        if isinstance(self.store, PostgresCheckpointStore):
+            with self.store.transaction() as tx:
+                with self._timed("handler", "handler", read.shard):
+                    result = self.handler(list(events), self._context(read, tx.connection))
+                failed = list(result.failed_sequences) if result else []
+                target = read.batch.checkpoint_before(min(failed, key=sort_key)) if failed else ack_to
+                if target is not None:
+                    tx.save(key, target, lease=read.lease, context=ctx_save)
+            return failed
+        if not self.postgres_url:
+            raise DurabilityError(f"handler {self.config.handler} is transactional but no Postgres URL is configured")
+        # psycopg's connection context commits on a clean exit, before the checkpoint is saved.
+        with psycopg.connect(self.postgres_url) as conn, self._timed("handler", "handler", read.shard):
+            result = self.handler(list(events), self._context(read, conn))
+        failed = list(result.failed_sequences) if result else []
+        if failed:
+            target = read.batch.checkpoint_before(min(failed, key=sort_key))
+            if target is not None:
+                self.store.save(key, target, lease=read.lease, context=ctx_save)
+        return failed
+
+    def _exhausted(self, read: ReadOutput, events: list[ChangeEvent], exc: BaseException,
+                   attempts: int) -> ProcessOutput:
+        if self.config.dead_letter.policy == "bisect":
+            return self._bisect(read, events, attempts)
+        dl_id = self._dead_letter(read, events, exc, attempts, policy="stop")
+        raise BatchDeadLettered(
+            f"consumer {self.config.name} shard {read.shard}: batch {events[0].sequence}..{events[-1].sequence} "
+            f"({len(events)} events) failed {attempts} time(s): {exc!r}. It is dead letter #{dl_id} and the "
+            "shard is stopped (policy 'stop'). Fix the handler or the data, then run "
+            f"`durability-pipelines dead-letters retry {dl_id}` to resume from the acked checkpoint.",
+            dl_id,
+        )
+
+    def _dead_letter(self, read: ReadOutput, events: Sequence[ChangeEvent], exc: BaseException, attempts: int,
+                     *, policy: str) -> int:
+        if self.storage is None:
+            raise DurabilityError("dead-lettering needs Postgres (DURABILITY_POSTGRES_URL)") from exc
+        c = self.config
+        return self.storage.add_dead_letter(
+            consumer=c.name, adapter=c.adapter, stream=c.stream, group=c.group, shard=read.shard,
+            first_sequence=events[0].sequence, last_sequence=events[-1].sequence, record_count=len(events),
+            error=f"{type(exc).__name__}: {exc}", attempts=attempts, policy=policy, run_id=read.run_id,
+            payload=[e.to_json_dict() for e in events[:MAX_DEAD_LETTER_PAYLOAD]],
+        )
+
+    def _bisect(self, read: ReadOutput, events: list[ChangeEvent], attempts: int) -> ProcessOutput:
+        """Split until the poison records are alone; dead-letter those, process the rest in order."""
+        out = ProcessOutput(ack_to=read.batch.next_checkpoint, attempts=attempts)
+        key = self.key(read.shard)
+        ctx = SaveContext(writer=read.run_id, run_id=read.run_id, reason="bisect ack")
+
+        def run(group: list[ChangeEvent]) -> None:
+            try:
+                failed = self._handle(read, group, ack_to=group[-1].sequence)
+                if failed:
+                    raise PartialBatchFailure(f"failed items: {failed}")
+                out.processed += len(group)
+                self.store.save(key, group[-1].sequence, lease=read.lease, context=ctx)
+            except DurabilityError as exc:
+                if not isinstance(exc, PartialBatchFailure):
+                    raise
+                split(group, exc)
+            except Exception as exc:  # noqa: BLE001 - the handler's failure is what we isolate
+                split(group, exc)
+
+        def split(group: list[ChangeEvent], exc: BaseException) -> None:
+            if len(group) == 1:
+                out.dead_letter_ids.append(self._dead_letter(read, group, exc, attempts, policy="bisect"))
+                out.failed.append(group[0].sequence)
+                self.store.save(key, group[0].sequence, lease=read.lease,
+                                context=SaveContext(writer=read.run_id, run_id=read.run_id,
+                                                    reason=f"skipped poison record (dead letter #{out.dead_letter_ids[-1]})"))
+                return
+            mid = len(group) // 2
+            run(group[:mid])
+            run(group[mid:])
+
+        split(events, RuntimeError("retries exhausted"))
+        return out
+
+    # -- ack -------------------------------------------------------------------------
+    def ack(self, read: ReadOutput, processed: ProcessOutput) -> SaveResult | None:
+        key = self.key(read.shard)
+        result = None
+        if processed.ack_to is not None:
+            with self._timed(f"{self.store.backend}.save", self.store.backend, read.shard):
+                result = self.store.save(
+                    key, processed.ack_to, lease=read.lease,
+                    context=SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack"),
+                )
+        self._batch_metrics(read, processed, result)
+        if read.lease is not None:
+            self.store.leases.release(read.lease)
+        return result
+
+    def _batch_metrics(self, read: ReadOutput, processed: ProcessOutput, result: SaveResult | None) -> None:
+        labels = self._labels(read.shard)
+        total = len(read.batch.events)
+        self.metrics.record(EVENTS_PER_BATCH, total, labels=labels)
+        ok = total - len(processed.failed)
+        self.metrics.record(ACK_SUCCESS_RATE, round(ok / total, 4) if total else 1.0, labels=labels)
+        acked = result.current if result else None
+        gap = sequence_gap(acked, read.batch.newest_sequence) if acked else None
+        self.metrics.record(SEQUENCE_GAP, gap or 0, labels=labels)
+        created = [e.created_at for e in read.batch.events if e.created_at is not None]
+        if created:
+            newest = max(created)
+            if newest.tzinfo is None:
+                newest = newest.replace(tzinfo=timezone.utc)
+            self.metrics.record(LAG_SECONDS, round((datetime.now(timezone.utc) - newest).total_seconds(), 3),
+                                labels=labels)
+
+    def close(self) -> None:
+        if isinstance(self.store, HybridCheckpointStore):
+            self.store.close(flush=False)
+        else:
+            self.store.close()
+        if self.source is not None:
+            self.source.close()
+
+
+def open_runtime(config: ConsumerConfig, *, redis_url: str | None, postgres_url: str | None,
+                 source: StreamSource | None = None, build_source: bool = True,
+                 metrics: Metrics | None = None, is_owner_dead: Callable[[str], bool] | None = None,
+                 migrate_schema: bool = True, **source_kwargs: Any) -> ConsumerRuntime:
+    """Wire a runtime from config and URLs (what the Dagster resources do)."""
+    from durability_pipelines.checkpoints.factory import open_store
+    from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+    from durability_pipelines.consumer.handlers import load_handler
+    from durability_pipelines.consumer.source import build_source as make_source
+    from durability_pipelines.consumer.storage import ensure
+
+    storage = None
+    if postgres_url:
+        db = PostgresConnection(postgres_url)
+        if migrate_schema:
+            ensure(db)
+        storage = ConsumerStorage(db)
+    store = open_store(config.checkpoint, redis_url=redis_url, postgres_url=postgres_url,
+                       migrate_schema=migrate_schema)
+    metrics = metrics or Metrics(Labels(config.adapter, config.stream, config.group, config.consumer))
+    if source is None and build_source:
+        source = make_source(config, on_call=lambda op, ms: metrics.call_duration(op, ms), **source_kwargs)
+    return ConsumerRuntime(
+        config, store=store, source=source, handler=load_handler(config.handler), storage=storage,
+        postgres_url=postgres_url, metrics=metrics, is_owner_dead=is_owner_dead,
+    )

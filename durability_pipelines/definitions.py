@@ -1,0 +1,31 @@
+"""The code location: one ``Definitions`` object.
+
+Consumers come from the YAML files in ``durability_pipelines/consumers/`` (or
+``$DURABILITY_CONSUMERS_DIR``): adding a consumer is adding a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import Definitions
+
+from durability_pipelines.consumer.config import CONSUMERS_DIR, load_consumer_configs
+from durability_pipelines.defs.consumers import build_consumer_defs
+from durability_pipelines.defs.resources import durability_resource_from_env
+
+CONSUMERS_DIR_ENV = "DURABILITY_CONSUMERS_DIR"
+
+
+def build_definitions(consumers_dir: Path | None = None) -> Definitions:
+    directory = consumers_dir or Path(os.environ.get(CONSUMERS_DIR_ENV) or CONSUMERS_DIR)
+    jobs, sensors = build_consumer_defs(load_consumer_configs(directory))
+    return Definitions(
+        jobs=jobs,
+        sensors=sensors,
+        resources={"durability": durability_resource_from_env()},
+    )
+
+
+defs = build_definitions()

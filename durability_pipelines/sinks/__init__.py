@@ -1,0 +1,1 @@
+"""Idempotent sinks and the handlers built on them (no Dagster import)."""
