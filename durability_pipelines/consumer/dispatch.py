@@ -43,10 +43,12 @@ class ShardCursor:
 class SensorCursor:
     shards: dict[str, ShardCursor] = field(default_factory=dict)
     v: int = CURSOR_VERSION
+    stream_identity: str | None = None  # e.g. the DynamoDB stream label the positions belong to
 
     def to_json(self) -> str:
         return json.dumps(
-            {"v": self.v, "shards": {k: asdict(v) for k, v in sorted(self.shards.items())}},
+            {"v": self.v, "stream_identity": self.stream_identity,
+             "shards": {k: asdict(v) for k, v in sorted(self.shards.items())}},
             separators=(",", ":"),
         )
 
@@ -62,7 +64,7 @@ class SensorCursor:
         try:
             data = json.loads(raw)
             shards = {str(k): ShardCursor(**v) for k, v in data.get("shards", {}).items()}
-            return cls(shards=shards, v=int(data.get("v", CURSOR_VERSION)))
+            return cls(shards=shards, v=int(data.get("v", CURSOR_VERSION)), stream_identity=data.get("stream_identity"))
         except (ValueError, TypeError, AttributeError) as exc:
             log.warning("ignoring unreadable sensor cursor (%s); rebuilding it from acked checkpoints", exc)
             return cls()
@@ -102,7 +104,7 @@ def plan_tick(
     blocked: set[str],
     max_dispatches: int = 100,
 ) -> TickPlan:
-    new = SensorCursor(shards=dict(cursor.shards))
+    new = SensorCursor(shards=dict(cursor.shards), stream_identity=cursor.stream_identity)
     dispatches: list[Dispatch] = []
     skipped: dict[str, str] = {}
     for shard in shards:
@@ -115,11 +117,10 @@ def plan_tick(
             if state is RunState.IN_PROGRESS:
                 skipped[sid] = f"run {sc.run_key} in flight"
                 continue
-            progressed = start != sc.dispatched
-            if state is RunState.SUCCESS:
-                attempt = 0 if progressed else sc.attempt + 1
-            else:
-                attempt = 0 if progressed else sc.attempt + 1
+            # A new start position gets a fresh key; the same one needs the next attempt number
+            # (Dagster never re-launches a run key it has seen).
+            attempt = 0 if start != sc.dispatched else sc.attempt + 1
+            if state is not RunState.SUCCESS:
                 log.warning("consumer %s shard %s: run %s ended %s; re-dispatching from the acked checkpoint %s",
                             consumer, sid, sc.run_key, state.value, start)
             sc = ShardCursor(dispatched=start, run_key=None, attempt=attempt)

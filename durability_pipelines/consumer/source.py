@@ -52,6 +52,8 @@ class SourceBatch:
 class StreamSource(Protocol):
     adapter: str
     stream: str
+    #: identifies the physical stream (DynamoDB stream label); None when the source has no such notion
+    identity: str | None
 
     def list_shards(self) -> list[str | None]:
         """Every shard the stream has now."""
@@ -97,6 +99,11 @@ class DynamoDBSource:
             initial_position="TRIM_HORIZON", on_call=on_call,
         )
 
+    @property
+    def identity(self) -> str:
+        """The stream's label: changes when the stream is disabled and re-enabled (a new stream)."""
+        return self.description.stream_label
+
     def list_shards(self) -> list[str | None]:
         self._listed = self.reader.list_shards()
         return [s.shard_id for s in self._listed]
@@ -110,7 +117,7 @@ class DynamoDBSource:
         assert shard is not None
         if after is None and self.cfg.initial_position == "LATEST":
             return True  # the position must be pinned (see read)
-        info = self.reader._shard_info(shard)  # noqa: SLF001 - cached by shards()
+        info = self.reader.shard_info(shard)
         if info is None or not info.in_stream or info.closed:
             return True  # a closed or vanished shard must be read to its end / to report the loss
         batch = self.reader.read_batch(shard, after, 1)

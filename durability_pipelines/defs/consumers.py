@@ -43,6 +43,7 @@ from durability_pipelines.consumer.runtime import (
     ShardBusyError,
 )
 from durability_pipelines.defs.resources import DurabilityResource
+from durability_pipelines.sources.errors import StreamChangedError
 
 SHARD_TAG = "durability/shard"
 CONSUMER_TAG = "durability/consumer"
@@ -202,6 +203,12 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         rt = durability.runtime(cfg)
         try:
             listed = rt.source.list_shards()
+            identity = getattr(rt.source, "identity", None)
+            if cursor.stream_identity and identity and identity != cursor.stream_identity:
+                raise StreamChangedError(
+                    expected_label=cursor.stream_identity, actual_label=identity, table_name=cfg.stream,
+                )
+            cursor.stream_identity = identity or cursor.stream_identity
             known = list(dict.fromkeys([*listed, *(None if s == "-" else s for s in cursor.shards)]))
             acked_by_key = rt.store.load_many([rt.key(s) for s in known])
             acked = {s: acked_by_key[rt.key(s)] for s in known}

@@ -1,0 +1,140 @@
+"""Shared fixtures: real PostgreSQL and Redis for every test, never a skip.
+
+Servers come from ``durability_pipelines.services``: ``$DURABILITY_POSTGRES_URL`` /
+``$DURABILITY_REDIS_URL`` when set (``.ci/run`` sets them to the machine's services), else embedded
+servers started on demand and reused across sessions. Tests that need to stop or break a server use
+``private_redis`` / ``private_postgres`` (their own processes) or a ``FlakyProxy`` in front of a
+shared one, never the shared server itself.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from durability_pipelines import services
+from tests.support.proxy import FlakyProxy
+from tests.support.servers import PrivatePostgres, PrivateRedis
+
+TEST_REDIS_DB_ENV = "DURABILITY_TEST_REDIS_DB"
+DEFAULT_TEST_REDIS_DB = 13
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    """URL of the resolved server's maintenance database; for creating/dropping extra databases."""
+    return services.resolve_postgres_url()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh database ``dp_test_<hex>`` for this test session, dropped (WITH FORCE) at the end."""
+    name = f"dp_test_{secrets.token_hex(4)}"
+    url = services.ensure_database(postgres_admin_url, name)
+    yield url
+    with psycopg.connect(services.libpq_url(postgres_admin_url), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The resolved Redis on db ``$DURABILITY_TEST_REDIS_DB`` (default 13), flushed at session start."""
+    db = int(os.environ.get(TEST_REDIS_DB_ENV, DEFAULT_TEST_REDIS_DB))
+    url = services.with_redis_db(services.resolve_redis_url(), db)
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def pg_conn(postgres_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit psycopg 3 connection to the session database, closed after the test."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A ``redis.Redis`` (bytes in, bytes out) on the session test db, closed after the test."""
+    client = redis.Redis.from_url(redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def make_private_redis() -> Iterator[Callable[..., PrivateRedis]]:
+    """Factory: ``make_private_redis(**PrivateRedis kwargs)`` → a started server, closed after the test."""
+    made: list[PrivateRedis] = []
+
+    def make(**kwargs: Any) -> PrivateRedis:
+        server = PrivateRedis(**kwargs)
+        made.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def private_redis(make_private_redis: Callable[..., PrivateRedis]) -> PrivateRedis:
+    """A started private Redis (AOF, fsync always) the test may ``stop()``/``kill()``/``start()``."""
+    return make_private_redis()
+
+
+@pytest.fixture
+def make_private_postgres() -> Iterator[Callable[..., PrivatePostgres]]:
+    """Factory: ``make_private_postgres(**PrivatePostgres kwargs)`` → a started server, closed after."""
+    made: list[PrivatePostgres] = []
+
+    def make(**kwargs: Any) -> PrivatePostgres:
+        server = PrivatePostgres(**kwargs)
+        made.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def private_postgres(make_private_postgres: Callable[..., PrivatePostgres]) -> PrivatePostgres:
+    """A started private PostgreSQL the test may ``stop()``/``kill()``/``start()``."""
+    return make_private_postgres()
+
+
+@pytest.fixture
+def make_flaky_proxy() -> Iterator[Callable[[str], FlakyProxy]]:
+    """Factory: ``make_flaky_proxy(url)`` → a ``FlakyProxy`` to that URL's host:port, closed after.
+
+    Use ``proxy.url_for(url)`` as the client URL, then ``proxy.down()`` / ``proxy.up()``.
+    """
+    made: list[FlakyProxy] = []
+
+    def make(url: str) -> FlakyProxy:
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ValueError(f"need a host:port URL to proxy, got {services.mask_url(url)}")
+        port = parts.port or (6379 if parts.scheme.startswith("redis") else 5432)
+        proxy = FlakyProxy(parts.hostname, port)
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.close()

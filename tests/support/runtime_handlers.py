@@ -1,0 +1,40 @@
+"""Handlers used by the runtime tests (importable by dotted path)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from durability_pipelines.consumer.events import ChangeEvent
+from durability_pipelines.consumer.handlers import HandlerContext, HandlerResult
+from durability_pipelines.sinks.postgres_events import write_events
+
+
+def poison_aware(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None:
+    """Writes events to stream_events, except those whose new_image has poison=True.
+
+    options: ``mode`` = 'raise' (fail the whole batch when a poison event is in it) or
+    'report' (report the poison events as failed items).
+    """
+    assert ctx.connection is not None
+    poison = [e.sequence for e in events if (e.new_image or {}).get("poison")]
+    if poison and ctx.options.get("mode", "raise") == "raise":
+        raise ValueError(f"poison record(s) {poison}")
+    good = [e for e in events if e.sequence not in poison]
+    if poison:
+        # partial failure: only what precedes the first failed item may be kept
+        first = min(int(p) for p in poison)
+        good = [e for e in good if int(e.sequence) < first]
+    write_events(ctx.connection, good, ctx.consumer)
+    return HandlerResult(failed_sequences=poison)
+
+
+poison_aware.transactional = True  # type: ignore[attr-defined]
+
+
+def crash_after_write(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
+    assert ctx.connection is not None
+    write_events(ctx.connection, events, ctx.consumer)
+    raise RuntimeError("crashed after writing, before the commit")
+
+
+crash_after_write.transactional = True  # type: ignore[attr-defined]

