@@ -12,6 +12,7 @@ from pathlib import Path
 from dagster import Definitions
 
 from durability_pipelines.consumer.config import CONSUMERS_DIR, load_consumer_configs
+from durability_pipelines.defs.assets import build_audit_defs
 from durability_pipelines.defs.consumers import build_consumer_defs
 from durability_pipelines.defs.resources import durability_resource_from_env
 
@@ -20,10 +21,15 @@ CONSUMERS_DIR_ENV = "DURABILITY_CONSUMERS_DIR"
 
 def build_definitions(consumers_dir: Path | None = None) -> Definitions:
     directory = consumers_dir or Path(os.environ.get(CONSUMERS_DIR_ENV) or CONSUMERS_DIR)
-    jobs, sensors = build_consumer_defs(load_consumer_configs(directory))
+    consumers = load_consumer_configs(directory)
+    jobs, sensors = build_consumer_defs(consumers)
+    assets, checks, (mirror_job, mirror_schedule) = build_audit_defs(consumers)
     return Definitions(
-        jobs=jobs,
+        assets=assets,
+        asset_checks=checks,
+        jobs=[*jobs, mirror_job],
         sensors=sensors,
+        schedules=[mirror_schedule],
         resources={"durability": durability_resource_from_env()},
     )
 

@@ -23,7 +23,7 @@ def plan(cursor: SensorCursor, acked: dict, states: dict | None = None, *, new=T
 def test_first_tick_dispatches_every_shard_with_new_data() -> None:
     p = plan(SensorCursor(), {"s1": None, "s2": "100"})
     assert [d.run_key for d in p.dispatches] == ["c:s1:INITIAL:a0", "c:s2:100:a0"]
-    assert p.cursor.shards["s2"] == ShardCursor(dispatched="100", run_key="c:s2:100:a0", attempt=0)
+    assert p.cursor.shards["s2"] == ShardCursor(dispatched="100", run_key="c:s2:100:a0", attempt=0, backlog=True)
 
 
 def test_in_flight_shard_is_not_dispatched_again() -> None:
@@ -67,6 +67,7 @@ def test_blocked_shard_is_not_dispatched() -> None:
 def test_caught_up_shard_is_skipped() -> None:
     p = plan(SensorCursor(), {"s1": "100"}, new=False)
     assert p.dispatches == [] and p.skipped["s1"] == "caught up"
+    assert p.cursor.shards["s1"].backlog is False
 
 
 def test_dispatch_budget_per_tick() -> None:

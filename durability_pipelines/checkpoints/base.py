@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from durability_pipelines.checkpoints.errors import InvalidSequenceError
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
+from durability_pipelines.checkpoints.ordering import normalize_sequence, sort_key
 
 
 class SaveOutcome(str, enum.Enum):
@@ -76,6 +78,43 @@ def default_writer_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+@dataclass(frozen=True)
+class ForceSetResult:
+    """What an unconditional (operator) write replaced.
+
+    ``previous`` is the raw stored value, which may be invalid: fixing a
+    garbage checkpoint is one of the reasons to force a write.
+    ``previous_by_store`` names each backing store's value (hybrid has two).
+    """
+
+    key: CheckpointKey
+    previous: str | None
+    current: str
+    previous_by_store: Mapping[str, str | None] = field(default_factory=dict)
+
+    @property
+    def direction(self) -> str:
+        """created | unchanged | forward | backward | replaced-invalid (relative to ``previous``)."""
+        if self.previous is None:
+            return "created"
+        try:
+            before = sort_key(normalize_sequence(self.previous))
+        except InvalidSequenceError:
+            return "replaced-invalid"
+        after = sort_key(self.current)
+        return "unchanged" if before == after else ("forward" if after > before else "backward")
+
+
+def require_force_context(context: SaveContext | None) -> SaveContext:
+    """A forced write must say who and why: it is the one write that may move a checkpoint backwards."""
+    if context is None or not (context.reason or "").strip() or not (context.writer or "").strip():
+        raise ValueError(
+            "force_set needs a SaveContext with a writer (who) and a non-empty reason (why); "
+            "both are recorded in the checkpoint history"
+        )
+    return context
+
+
 class LeaseManager(abc.ABC):
     """Acquire / renew / release shard leases with a monotonically rising epoch."""
 
@@ -131,6 +170,17 @@ class CheckpointStore(abc.ABC):
         context: SaveContext | None = None,
     ) -> SaveResult:
         """Monotonic save; raises ``LeaseLostError`` (nothing written) if ``lease`` is stale."""
+
+    def force_set(self, key: CheckpointKey, sequence: str, *, context: SaveContext) -> ForceSetResult:
+        """Write ``sequence`` unconditionally (even backwards, even over garbage) and record who/why.
+
+        For operators only (``durability-pipelines checkpoints set --force`` / ``rewind``):
+        no monotonic guard and no lease fencing, so a worker still holding the
+        shard's lease may move the checkpoint forward again; stop it first.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support force_set; use the memory, redis, postgres or hybrid store"
+        )
 
     @abc.abstractmethod
     def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:

@@ -27,11 +27,13 @@ import redis
 
 from durability_pipelines.checkpoints.base import (
     CheckpointStore,
+    ForceSetResult,
     HistoryEntry,
     Lease,
     LeaseManager,
     SaveContext,
     SaveResult,
+    require_force_context,
 )
 from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
@@ -223,6 +225,29 @@ class HybridCheckpointStore(CheckpointStore):
         except StoreUnavailableError:
             return False
         return current is not None and (current.owner, current.epoch) == (lease.owner, lease.epoch)
+
+    def force_set(self, key: CheckpointKey, sequence: str, *, context: SaveContext) -> ForceSetResult:
+        """Unconditional operator write to Postgres, then Redis; each store records it in its history.
+
+        Both stores must take it: a load reads Redis first, so a value forced into
+        Postgres only would be shadowed by Redis. If Redis fails after Postgres was
+        written, ``StoreUnavailableError`` says so; re-running is safe (idempotent).
+        """
+        sequence = normalize_sequence(sequence, key=key.redis_key)
+        ctx = require_force_context(context)
+        pg = self.postgres.force_set(key, sequence, context=ctx)
+        with self._lock:
+            self._pending.pop(key, None)  # an unflushed ack from before the forced write is superseded
+        try:
+            rd = self.redis.force_set(key, sequence, context=ctx)
+        except StoreUnavailableError as exc:
+            self._degrade("redis", exc)
+            raise StoreUnavailableError(
+                f"checkpoint {key} was set to {sequence} in Postgres but NOT in Redis ({exc}). Loads read "
+                "Redis first, so run the same command again when Redis is back (it is safe to repeat)."
+            ) from exc
+        previous = rd.previous if rd.previous is not None else pg.previous
+        return ForceSetResult(key, previous, sequence, {"redis": rd.previous, "postgres": pg.previous})
 
     def flush(self, *, raise_on_outage: bool = True) -> int:
         """Write pending values to Postgres in one transaction; returns how many.

@@ -14,12 +14,14 @@ from datetime import datetime, timezone
 
 from durability_pipelines.checkpoints.base import (
     CheckpointStore,
+    ForceSetResult,
     HistoryEntry,
     Lease,
     LeaseManager,
     SaveContext,
     SaveOutcome,
     SaveResult,
+    require_force_context,
 )
 from durability_pipelines.checkpoints.errors import LeaseLostError
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
@@ -137,6 +139,18 @@ class MemoryCheckpointStore(CheckpointStore):
                 )
             )
             return SaveResult(key, SaveOutcome.ADVANCED, previous, sequence)
+
+    def force_set(self, key: CheckpointKey, sequence: str, *, context: SaveContext) -> ForceSetResult:
+        """Unconditional operator write, recorded in history (see ``CheckpointStore.force_set``)."""
+        sequence = normalize_sequence(sequence, key=key.redis_key)
+        ctx = require_force_context(context)
+        with self._lock:
+            previous = self._values.get(key)
+            self._values[key] = sequence
+            self._history[key].append(
+                HistoryEntry(key, previous, sequence, ctx.writer, None, ctx.run_id, _now(), ctx.reason)
+            )
+        return ForceSetResult(key, previous, sequence, {self.backend: previous})
 
     def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
         with self._lock:

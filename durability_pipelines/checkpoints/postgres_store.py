@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -22,12 +23,14 @@ from psycopg import errors as pg_errors
 
 from durability_pipelines.checkpoints.base import (
     CheckpointStore,
+    ForceSetResult,
     HistoryEntry,
     Lease,
     LeaseManager,
     SaveContext,
     SaveOutcome,
     SaveResult,
+    require_force_context,
 )
 from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
@@ -379,6 +382,43 @@ class PostgresCheckpointStore(CheckpointStore):
                 (*key.as_row().values(), limit),
             ).fetchall()
         return [HistoryEntry(key, *r[:6], reason=r[6]) for r in rows]
+
+    def force_set(self, key: CheckpointKey, sequence: str, *, context: SaveContext) -> ForceSetResult:
+        """Unconditional operator write plus a ``checkpoint_history`` row, in one transaction.
+
+        The row is locked first so that the recorded previous value is the one replaced.
+        """
+        sequence = normalize_sequence(sequence, key=key.redis_key)
+        ctx = require_force_context(context)
+        params = tuple(key.as_row().values())
+        with self.db.connection() as conn, conn.transaction():
+            row = conn.execute(
+                f"SELECT sequence FROM checkpoints WHERE {_KEY_WHERE} FOR UPDATE", params
+            ).fetchone()
+            previous = row[0] if row else None
+            conn.execute(
+                """INSERT INTO checkpoints (adapter, stream, grp, consumer, shard, sequence, ts)
+                VALUES (%s, %s, %s, %s, %s, %s, NOW())
+                ON CONFLICT (adapter, stream, grp, consumer, shard)
+                DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()""",
+                (*params, sequence),
+            )
+            conn.execute(
+                """INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence,
+                new_sequence, writer, lease_epoch, run_id, reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, %s)""",
+                (*params, previous, sequence, ctx.writer, ctx.run_id, ctx.reason),
+            )
+        return ForceSetResult(key, previous, sequence, {self.backend: previous})
+
+    def history_at(self, key: CheckpointKey, at: datetime) -> HistoryEntry | None:
+        """The last history entry written at or before ``at`` (for rewinding to a point in time)."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                f"""SELECT previous_sequence, new_sequence, writer, lease_epoch, run_id, ts, reason
+                FROM checkpoint_history WHERE {_KEY_WHERE} AND ts <= %s ORDER BY ts DESC, id DESC LIMIT 1""",
+                (*key.as_row().values(), at),
+            ).fetchone()
+        return HistoryEntry(key, *row[:6], reason=row[6]) if row else None
 
     def close(self) -> None:
         self.db.close()

@@ -17,12 +17,14 @@ import redis
 
 from durability_pipelines.checkpoints.base import (
     CheckpointStore,
+    ForceSetResult,
     HistoryEntry,
     Lease,
     LeaseManager,
     SaveContext,
     SaveOutcome,
     SaveResult,
+    require_force_context,
 )
 from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey, LeaseKey
@@ -39,6 +41,36 @@ for _, k in ipairs(KEYS) do redis.call('HSET', k, 'acks', 0, 'flushed_ms', strin
 return #KEYS
 """
 MGET_CHUNK = 1000
+# Operator write: no monotonic guard, no fencing; replaces even a garbage value (or a key of the wrong
+# type) and always appends a history entry. KEYS[1] checkpoint, KEYS[2] history stream.
+# ARGV[1] sequence, ARGV[2] writer, ARGV[3] ttl ms ('' = keep the key's current TTL), ARGV[4] run id,
+# ARGV[5] reason, ARGV[6] history maxlen ('0' = uncapped: a forced write is always recorded).
+# Returns the previous value (or '<type>' for a non-string key), or false.
+FORCE_SET_LUA = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+local prev = false
+if kind == 'string' then
+  prev = redis.call('GET', KEYS[1])
+elseif kind ~= 'none' then
+  prev = '<redis ' .. kind .. '>'
+  redis.call('DEL', KEYS[1])
+end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+elseif kind == 'string' then
+  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+local fields = {'prev', prev or '', 'seq', ARGV[1], 'writer', ARGV[2], 'epoch', '', 'run', ARGV[4],
+                'reason', ARGV[5], 'forced', '1'}
+if ARGV[6] ~= '0' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
+else
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
+end
+return prev
+"""
 
 
 def _s(v: Any) -> str | None:
@@ -130,6 +162,7 @@ class RedisCheckpointStore(CheckpointStore):
         self.history_maxlen = str(int(history_maxlen))
         self._save = client.register_script(SAVE_LUA)
         self._mark_flushed = client.register_script(MARK_FLUSHED_LUA)
+        self._force_set = client.register_script(FORCE_SET_LUA)
         self._leases = RedisLeaseManager(client)
 
     @classmethod
@@ -229,6 +262,20 @@ class RedisCheckpointStore(CheckpointStore):
         acks = int(third) if flush_state and third is not None else None
         since = int(fourth) if flush_state and fourth is not None else None
         return SaveResult(key, result, previous, current), acks, since
+
+    def force_set(self, key: CheckpointKey, sequence: str, *, context: SaveContext) -> ForceSetResult:
+        """Unconditional operator write plus a history entry, atomically (one Lua call).
+
+        With ``ttl_s=None`` an existing key keeps its TTL, so forcing a value does not
+        change the expiry policy the workers configured.
+        """
+        sequence = normalize_sequence(sequence, key=key.redis_key)
+        ctx = require_force_context(context)
+        args = [sequence, ctx.writer, self.ttl_ms, ctx.run_id or "", ctx.reason or "", self.history_maxlen]
+        with redis_errors(self.client):
+            prev = self._force_set(keys=[key.redis_key, key.history_key], args=args)
+        previous = _s(prev)
+        return ForceSetResult(key, previous, sequence, {self.backend: previous})
 
     def mark_flushed(self, keys: Iterable[CheckpointKey]) -> None:
         """Reset the hybrid flush-state of ``keys`` after a successful Postgres flush."""

@@ -52,7 +52,19 @@ class SupabaseSourceConfig(_Strict):
     channel: str = Field(description="Logical channel name; the checkpoint key's stream")
     table: str = Field(description="Source table whose changes are captured (schema.table or table)")
     change_log: str = Field(default="durability_change_log", description="Change-log table filled by the trigger")
+    # Where a consumer WITHOUT a checkpoint starts (with one, all three resume from it): 'stored' = nowhere,
+    # fail loudly (a lost checkpoint is never papered over); 'earliest' = the oldest change still in the
+    # log; 'latest' = after every change settled now. See consumer/supabase_source.py.
     replay_from: Literal["stored", "earliest", "latest"] = "stored"
+    db_url_env: str = Field(
+        default="DURABILITY_SUPABASE_DB_URL",
+        description="Env var with the Postgres URL of the database holding the change log; "
+        "DURABILITY_POSTGRES_URL (the project's Postgres) when unset",
+    )
+    install: bool = Field(
+        default=False,
+        description="Create the change log and the table's trigger when the source opens (needs DDL rights)",
+    )
 
     @property
     def adapter(self) -> str:

@@ -37,6 +37,7 @@ class ShardCursor:
     dispatched: str | None = None  # acked position the in-flight run started after
     run_key: str | None = None
     attempt: int = 0
+    backlog: bool = False  # the last tick saw unread data (or a run in flight): used by the stale check
 
 
 @dataclass
@@ -116,6 +117,7 @@ def plan_tick(
             state = run_state(sc.run_key)
             if state is RunState.IN_PROGRESS:
                 skipped[sid] = f"run {sc.run_key} in flight"
+                new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, backlog=True)
                 continue
             # A new start position gets a fresh key; the same one needs the next attempt number
             # (Dagster never re-launches a run key it has seen).
@@ -127,14 +129,16 @@ def plan_tick(
             new.shards[sid] = sc
         if (shard or "") in blocked:
             skipped[sid] = "open dead letter: stopped until an operator acts"
+            new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, backlog=True)
             continue
         if len(dispatches) >= max_dispatches:
             skipped[sid] = "dispatch budget of this tick used"
             continue
         if not has_new(shard, start):
             skipped[sid] = "caught up"
+            new.shards[sid] = ShardCursor(sc.dispatched, None, sc.attempt, backlog=False)
             continue
         key = make_run_key(consumer, shard, start, attempt)
         dispatches.append(Dispatch(shard, start, key, attempt))
-        new.shards[sid] = ShardCursor(dispatched=start, run_key=key, attempt=attempt)
+        new.shards[sid] = ShardCursor(dispatched=start, run_key=key, attempt=attempt, backlog=True)
     return TickPlan(new, dispatches, skipped)

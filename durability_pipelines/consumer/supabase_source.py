@@ -1,0 +1,148 @@
+"""``StreamSource`` over the Supabase change feed (``sources.supabase_changes``).
+
+The feed is unsharded: one pseudo-shard ``None``, so the checkpoint key is
+``checkpoint:supabase:<channel>:<group>:<consumer>``. A checkpoint is a change-feed position
+(``txid * 10**19 + id``, see ``sources/supabase_changes.py`` for why not the bare id).
+
+``replay_from`` decides only where a consumer WITHOUT a checkpoint starts; with one, every mode
+resumes from it (moving a checkpoint is an operator's act: ``durability-pipelines checkpoints``):
+
+* ``stored`` (default): nowhere. The read fails with ``NoCheckpointError`` naming the fixes, so a
+  lost checkpoint (a flushed Redis, a renamed group) never silently replays or skips the log.
+* ``earliest``: the oldest change still in the log (retention may have purged older ones).
+* ``latest``: after every change settled now. The first run delivers nothing and checkpoints that
+  position, so "now" is pinned once rather than re-evaluated by every run.
+
+A stored sentinel is honoured too: ``TRIM_HORIZON`` = earliest, ``LATEST`` = pin latest,
+``SHARD_END`` = nothing more to read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from durability_pipelines.checkpoints.errors import ConfigError
+from durability_pipelines.checkpoints.ordering import LATEST, SHARD_END, TRIM_HORIZON, normalize_sequence
+from durability_pipelines.consumer.config import ConsumerConfig, SupabaseSourceConfig
+from durability_pipelines.consumer.events import ChangeEvent
+from durability_pipelines.consumer.source import CallHook, SourceBatch
+from durability_pipelines.sources.supabase_changes import (
+    ADAPTER,
+    ChangeFeedError,
+    ChangeFeedReader,
+    ChangeRow,
+    QualifiedName,
+    install_change_feed,
+)
+
+FALLBACK_DB_URL_ENV = "DURABILITY_POSTGRES_URL"
+
+
+class NoCheckpointError(ChangeFeedError):
+    """``replay_from: stored`` and the consumer has no checkpoint to resume from."""
+
+
+def resolve_db_url(cfg: SupabaseSourceConfig, explicit: str | None = None) -> str:
+    """The change log's database: argument, ``$<db_url_env>``, ``$DURABILITY_POSTGRES_URL``, else the
+    project's resolved Postgres (embedded when unset), the same one the runtime uses."""
+    url = explicit or os.environ.get(cfg.db_url_env) or os.environ.get(FALLBACK_DB_URL_ENV)
+    if url:
+        return url
+    from durability_pipelines import services
+
+    try:
+        return services.resolve_postgres_url()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no database to read
+        raise ConfigError(
+            f"supabase source for channel {cfg.channel!r}: no database URL. Set {cfg.db_url_env} to the Supabase "
+            f"project's Postgres URL (Settings > Database) or {FALLBACK_DB_URL_ENV} ({exc})"
+        ) from None
+
+
+def to_event(channel: str, row: ChangeRow) -> ChangeEvent:
+    return ChangeEvent(
+        adapter=ADAPTER, stream=channel, shard=None, sequence=row.sequence, event_name=row.operation,
+        keys=row.keys, new_image=row.record, old_image=row.old_record, created_at=row.captured_at,
+        event_id=str(row.id),
+    )
+
+
+class SupabaseChangeFeedSource:
+    """One channel = one source table's changes in one change log."""
+
+    adapter = ADAPTER
+
+    def __init__(self, cfg: SupabaseSourceConfig, *, db_url: str, on_call: CallHook | None = None,
+                 reader: ChangeFeedReader | None = None) -> None:
+        self.cfg = cfg
+        self.stream = cfg.channel
+        self.table = QualifiedName.parse(cfg.table)
+        if cfg.install and reader is None:
+            import psycopg
+
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                install_change_feed(conn, str(self.table), change_log=cfg.change_log)
+        self.reader = reader or ChangeFeedReader(
+            db_url, change_log=cfg.change_log, table=str(self.table), on_call=on_call,
+        )
+
+    def list_shards(self) -> list[str | None]:
+        return [None]
+
+    def readable(self, acked: Mapping[str | None, str | None]) -> list[str | None]:
+        return [None]
+
+    def _start(self, after: str | None) -> tuple[str, int | None]:
+        """('read', position) | ('pin', None) | ('end', None) | ('none', None)."""
+        if after is None:
+            return {"stored": ("none", None), "earliest": ("read", None), "latest": ("pin", None)}[self.cfg.replay_from]
+        after = normalize_sequence(after, key=f"checkpoint:supabase:{self.stream}")
+        if after == TRIM_HORIZON:
+            return ("read", None)
+        if after == LATEST:
+            return ("pin", None)
+        if after == SHARD_END:
+            return ("end", None)
+        return ("read", int(after))
+
+    def has_new(self, shard: str | None, after: str | None) -> bool:
+        mode, position = self._start(after)
+        if mode in ("pin", "none"):
+            return True  # a run must pin the position / explain the missing checkpoint
+        if mode == "end":
+            return False
+        return self.reader.has_new(position)
+
+    def read(self, shard: str | None, after: str | None, max_events: int) -> SourceBatch:
+        mode, position = self._start(after)
+        if mode == "none":
+            raise NoCheckpointError(
+                f"consumer of channel {self.stream!r} has no checkpoint and replay_from is 'stored', so it does not "
+                "guess where to start. Nothing was read. Either set replay_from: earliest (process every change "
+                "still in the log) or replay_from: latest (start from now) in the consumer's YAML, or seed a "
+                "checkpoint with `durability-pipelines checkpoints set ... --sequence <position>`. If this consumer "
+                "HAD a checkpoint, find out why it is gone (flushed Redis? renamed group/consumer?) first."
+            )
+        if mode == "end":
+            return SourceBatch(shard, after, [], None, shard_ended=True)
+        if mode == "pin":
+            return SourceBatch(shard, after, [], str(self.reader.latest_position()))
+        rows = self.reader.read(position, max_events)
+        events = [to_event(self.stream, r) for r in rows]
+        return SourceBatch(shard, after, events, events[-1].sequence if events else None)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def build_supabase_source(config: ConsumerConfig, **kwargs: Any) -> SupabaseChangeFeedSource:
+    """The runtime's factory. Known kwargs: ``postgres_url`` (or ``db_url``), ``on_call``, ``reader``;
+    others are ignored (the runtime passes what every source might need)."""
+    cfg = config.source
+    if not isinstance(cfg, SupabaseSourceConfig):
+        raise ConfigError(f"consumer {config.name}: build_supabase_source needs a 'supabase' source, got {cfg.kind!r}")
+    reader = kwargs.get("reader")
+    db_url = "" if reader is not None else resolve_db_url(cfg, kwargs.get("postgres_url") or kwargs.get("db_url"))
+    return SupabaseChangeFeedSource(cfg, db_url=db_url, on_call=kwargs.get("on_call"), reader=reader)
