@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -555,11 +555,3 @@ def purge_channel(conn: psycopg.Connection, channel: str, *, table: str, schema:
         return 0
     return purge_acked(conn, change_log, acked, table=table, schema=schema, keep_last=keep_last)
 
-
-def change_row_json(row: ChangeRow) -> Mapping[str, Any]:
-    """A row as JSON-compatible data (for logs and dead letters)."""
-    return {
-        "id": row.id, "txid": row.txid, "position": row.sequence, "schema": row.schema_name,
-        "table": row.table_name, "operation": row.operation, "record": row.record, "old_record": row.old_record,
-        "captured_at": row.captured_at.isoformat(), "keys": row.keys,
-    }
