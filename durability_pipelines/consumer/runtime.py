@@ -367,6 +367,7 @@ def open_runtime(config: ConsumerConfig, *, redis_url: str | None, postgres_url:
                        migrate_schema=migrate_schema)
     metrics = metrics or Metrics(Labels(config.adapter, config.stream, config.group, config.consumer))
     if source is None and build_source:
+        source_kwargs.setdefault("postgres_url", postgres_url)
         source = make_source(config, on_call=lambda op, ms: metrics.call_duration(op, ms), **source_kwargs)
     return ConsumerRuntime(
         config, store=store, source=source, handler=load_handler(config.handler), storage=storage,

@@ -78,7 +78,7 @@ class DynamoDBSource:
     adapter = "dynamodb"
 
     def __init__(self, cfg: DynamoDBSourceConfig, *, streams_client: Any = None, dynamodb_client: Any = None,
-                 on_call: CallHook | None = None) -> None:
+                 on_call: CallHook | None = None, **_unused: Any) -> None:
         from durability_pipelines.sources.dynamodb import DynamoDBStreamReader, make_clients, resolve_stream
 
         self.cfg = cfg

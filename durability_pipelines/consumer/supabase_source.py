@@ -40,14 +40,17 @@ from durability_pipelines.sources.supabase_changes import (
 FALLBACK_DB_URL_ENV = "DURABILITY_POSTGRES_URL"
 
 
+_INSTALLED: set[tuple[str, str, str]] = set()
+
+
 class NoCheckpointError(ChangeFeedError):
     """``replay_from: stored`` and the consumer has no checkpoint to resume from."""
 
 
 def resolve_db_url(cfg: SupabaseSourceConfig, explicit: str | None = None) -> str:
-    """The change log's database: argument, ``$<db_url_env>``, ``$DURABILITY_POSTGRES_URL``, else the
+    """The change log's database: ``$<db_url_env>``, the argument, ``$DURABILITY_POSTGRES_URL``, else the
     project's resolved Postgres (embedded when unset), the same one the runtime uses."""
-    url = explicit or os.environ.get(cfg.db_url_env) or os.environ.get(FALLBACK_DB_URL_ENV)
+    url = os.environ.get(cfg.db_url_env) or explicit or os.environ.get(FALLBACK_DB_URL_ENV)
     if url:
         return url
     from durability_pipelines import services
@@ -79,11 +82,13 @@ class SupabaseChangeFeedSource:
         self.cfg = cfg
         self.stream = cfg.channel
         self.table = QualifiedName.parse(cfg.table)
-        if cfg.install and reader is None:
+        if cfg.install and reader is None and (db_url, str(self.table), cfg.change_log) not in _INSTALLED:
+            # Once per process: a sensor builds the source every tick and must not run DDL each time.
             import psycopg
 
             with psycopg.connect(db_url, autocommit=True) as conn:
                 install_change_feed(conn, str(self.table), change_log=cfg.change_log)
+            _INSTALLED.add((db_url, str(self.table), cfg.change_log))
         self.reader = reader or ChangeFeedReader(
             db_url, change_log=cfg.change_log, table=str(self.table), on_call=on_call,
         )
