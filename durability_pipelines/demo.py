@@ -1,0 +1,343 @@
+"""The demo: every part running for real, on embedded services when no URLs are set.
+
+``durability-pipelines demo`` starts (or reuses) PostgreSQL and Redis, a local
+DynamoDB endpoint (moto server) with an ``orders`` table whose stream gets a
+steady trickle of writes, the Supabase change feed on ``public.orders``, and
+Dagster (daemon, plus the webserver at http://127.0.0.1:3000 unless
+``--no-ui``) with the three starter consumers and the mirror schedule.
+
+``--events N --timeout S`` is the bounded, headless form for scripts and CI:
+it writes N changes to each source, waits until every pipeline processed them
+(through the real sensor -> run -> checkpoint path), stops everything and
+prints a JSON summary as its last line; the exit code is non-zero if anything
+was lost or duplicated.  Ctrl-C stops every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import sql
+
+from durability_pipelines import services
+from durability_pipelines.processes import ProcessGroup
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DB = "durability_demo"
+DEMO_DAGSTER_DB = "durability_demo_dagster"
+TABLE = "orders"  # the DynamoDB table and the Postgres table
+PIPELINES = ("orders_worker", "orders_to_realtime", "supabase_orders_worker")
+AWS_DEMO_ENV = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class Progress:
+    """Numbered steps with timings on stderr (stdout's last line is the JSON summary)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n = total, 0
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        self.n += 1
+        start = time.monotonic()
+        print(f"[{self.n}/{self.total}] {what} ...", end="", file=sys.stderr, flush=True)
+        try:
+            yield
+        except BaseException:
+            print(" failed", file=sys.stderr, flush=True)
+            raise
+        print(f" done ({time.monotonic() - start:.1f}s)", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def note(text: str) -> None:
+        print(f"      {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class DemoEnv:
+    data_url: str
+    dagster_url: str
+    redis_url: str
+    dynamodb_url: str
+    metrics_path: Path
+
+    def process_env(self) -> dict[str, str]:
+        return {
+            **os.environ, **AWS_DEMO_ENV,
+            "DAGSTER_HOME": str(REPO / "dagster_home"),
+            "DAGSTER_POSTGRES_URL": services.dagster_storage_url(self.dagster_url),
+            services.ENV_POSTGRES_URL: self.data_url,
+            services.ENV_REDIS_URL: self.redis_url,
+            "DURABILITY_DYNAMODB_ENDPOINT_URL": self.dynamodb_url,
+            "DURABILITY_OBSERVABILITY_JSONL": str(self.metrics_path),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+
+def _recreate_database(admin_url: str, name: str) -> str:
+    with psycopg.connect(services.libpq_url(admin_url), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    return services.ensure_database(admin_url, name)
+
+
+def _clean_redis(url: str) -> None:
+    """Remove the demo's keys only (the Redis may be shared)."""
+    client = redis.Redis.from_url(url)
+    patterns = [f"checkpoint:*:{TABLE}*", f"durability:*:{TABLE}*"] + [
+        f"durability:sensor_cursor:{p}_sensor" for p in PIPELINES]
+    for pattern in patterns:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+    client.close()
+
+
+def _prepare_data_db(url: str) -> None:
+    from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+    from durability_pipelines.consumer.storage import ensure
+    from durability_pipelines.sinks.realtime import install_realtime_fixture
+    from durability_pipelines.sources.supabase_changes import install_change_feed
+
+    ensure(PostgresConnection(url))
+    with psycopg.connect(url, autocommit=True) as conn:
+        install_realtime_fixture(conn)
+        conn.execute(f"CREATE TABLE IF NOT EXISTS public.{TABLE} (id BIGINT PRIMARY KEY, status TEXT, total INT)")
+        install_change_feed(conn, f"public.{TABLE}")
+
+
+def _start_dynamodb(existing: str | None) -> tuple[str, Any]:
+    """The configured endpoint, or a moto server of our own; creates the table with a stream."""
+    import boto3
+
+    server = None
+    url = existing
+    if not url:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError as exc:
+            raise SystemExit("the demo needs moto[server]: pip install -e '.[dev]' (python3 dev.py demo does)") from exc
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+    ddb = boto3.client("dynamodb", endpoint_url=url, region_name="us-east-1",
+                       aws_access_key_id="demo", aws_secret_access_key="demo")
+    if TABLE in ddb.list_tables()["TableNames"]:
+        ddb.delete_table(TableName=TABLE)
+    ddb.create_table(
+        TableName=TABLE, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST",
+        StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
+    )
+    return url, server
+
+
+class Producer(threading.Thread):
+    """Writes order changes to DynamoDB and to public.orders at ``rate`` per second."""
+
+    def __init__(self, dynamodb_url: str, data_url: str, *, events: int | None, rate: float) -> None:
+        super().__init__(daemon=True, name="demo-producer")
+        self.dynamodb_url, self.data_url, self.events, self.rate = dynamodb_url, data_url, events, rate
+        self.produced = 0
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        import boto3
+
+        try:
+            ddb = boto3.client("dynamodb", endpoint_url=self.dynamodb_url, region_name="us-east-1",
+                               aws_access_key_id="demo", aws_secret_access_key="demo")
+            with psycopg.connect(self.data_url, autocommit=True) as conn:
+                i = 0
+                while not self.stop_event.is_set() and (self.events is None or i < self.events):
+                    burst = max(1, int(self.rate // 5))
+                    for _ in range(burst):
+                        if self.events is not None and i >= self.events:
+                            break
+                        ddb.put_item(TableName=TABLE, Item={
+                            "pk": {"S": f"order-{i:06d}"}, "status": {"S": "placed"}, "total": {"N": str(i % 97)}})
+                        conn.execute(f"INSERT INTO public.{TABLE} (id, status, total) VALUES (%s, 'placed', %s)",
+                                     (i, i % 97))
+                        i += 1
+                        self.produced = i
+                    self.stop_event.wait(burst / self.rate)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main loop
+            self.error = exc
+
+
+def _processed(url: str) -> dict[str, dict[str, int]]:
+    """Per pipeline: rows delivered and duplicates (same sequence delivered twice)."""
+    with psycopg.connect(url) as conn:
+        sink = conn.execute(
+            "SELECT stream, count(*), count(DISTINCT (shard, sequence)) FROM stream_events "
+            "WHERE stream IN (%s, %s) GROUP BY stream", (TABLE, "orders-changes")).fetchall()
+        rt = conn.execute(
+            "SELECT count(*), count(DISTINCT payload->>'sequence') FROM realtime.messages WHERE topic = %s",
+            (TABLE,)).fetchone()
+    by_stream = {s: (n, d) for s, n, d in sink}
+    out = {}
+    for pipeline, (n, d) in (("orders_worker", by_stream.get(TABLE, (0, 0))),
+                             ("supabase_orders_worker", by_stream.get("orders-changes", (0, 0))),
+                             ("orders_to_realtime", (rt[0], rt[1]))):
+        out[pipeline] = {"processed": int(d), "duplicates": int(n) - int(d)}
+    return out
+
+
+def _checkpoints(env: DemoEnv) -> list[dict[str, Any]]:
+    client = redis.Redis.from_url(env.redis_url)
+    with psycopg.connect(env.data_url) as conn:
+        rows = conn.execute(
+            "SELECT adapter, stream, grp, consumer, shard, sequence FROM checkpoints WHERE stream IN (%s, %s)",
+            (TABLE, "orders-changes")).fetchall()
+    keys = {f"checkpoint:{a}:{s}:{g}:{c}" + (f":{sh}" if sh else ""): seq for a, s, g, c, sh, seq in rows}
+    for k in client.scan_iter(match=f"checkpoint:*:{TABLE}*"):
+        keys.setdefault(k.decode(), None)
+    out = []
+    for key in sorted(keys):
+        raw = client.get(key)
+        out.append({"key": key, "redis": raw.decode() if raw else None, "postgres": keys[key]})
+    client.close()
+    return out
+
+
+def _failed_runs(env: DemoEnv) -> int:
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    saved = dict(os.environ)
+    try:
+        os.environ.update({k: v for k, v in env.process_env().items() if k.startswith("DAGSTER")})
+        with DagsterInstance.get() as instance:
+            return instance.get_runs_count(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate: float) -> int:
+    bounded = events is not None
+    progress = Progress(6)
+    started_embedded = not os.environ.get(services.ENV_POSTGRES_URL) or not os.environ.get(services.ENV_REDIS_URL)
+    already = set(services.embedded_servers()) if started_embedded else set()
+    groups: list[ProcessGroup] = []
+    moto_server = None
+    producer: Producer | None = None
+    summary: dict[str, Any] = {}
+    try:
+        with progress.step("PostgreSQL and Redis (embedded unless DURABILITY_*_URL are set)"):
+            admin = services.resolve_postgres_url()
+            redis_url = services.resolve_redis_url()
+            progress.note(f"postgres: {services.mask_url(admin)}   redis: {services.mask_url(redis_url)}")
+        with progress.step("demo databases and schema (checkpoints, change feed, realtime)"):
+            # Its own databases on the resolved server (embedded, or DURABILITY_POSTGRES_URL's server):
+            # the demo never touches the user's database.
+            data_url = _recreate_database(admin, DEMO_DB)
+            dagster_url = os.environ.get("DAGSTER_POSTGRES_URL") or _recreate_database(admin, DEMO_DAGSTER_DB)
+            _clean_redis(redis_url)
+            _prepare_data_db(data_url)
+        with progress.step("local DynamoDB endpoint (moto server) with table `orders` and its stream"):
+            dynamodb_url, moto_server = _start_dynamodb(os.environ.get("DURABILITY_DYNAMODB_ENDPOINT_URL"))
+            progress.note(f"dynamodb: {dynamodb_url}")
+        env = DemoEnv(data_url, dagster_url, redis_url, dynamodb_url, REPO / ".durability" / "demo-metrics.jsonl")
+        penv = env.process_env()
+        logs = REPO / ".durability" / "logs"
+        with progress.step("Dagster daemon" + (" and webserver" if ui else "")):
+            bin_dir = Path(sys.executable).parent
+            groups.append(ProcessGroup("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w",
+                                                          str(REPO / "workspace.yaml")],
+                                       penv, logs / "dagster-daemon.log", cwd=REPO).start())
+            if ui:
+                groups.append(ProcessGroup("dagster-webserver", [
+                    str(bin_dir / "dagster-webserver"), "-w", str(REPO / "workspace.yaml"),
+                    "-h", "127.0.0.1", "-p", str(port)], penv, logs / "dagster-webserver.log", cwd=REPO).start())
+                progress.note(f"UI: http://127.0.0.1:{port}  (logs in {logs})")
+        with progress.step(f"producer: {events if bounded else 'a steady trickle of'} changes per source"):
+            producer = Producer(dynamodb_url, data_url, events=events, rate=rate)
+            producer.start()
+        with progress.step("pipelines processing" + (f" (up to {timeout_s:.0f}s)" if bounded else "; Ctrl-C stops")):
+            deadline = time.monotonic() + timeout_s if bounded else None
+            last = ""
+            while True:
+                time.sleep(2)
+                if producer.error is not None:
+                    raise producer.error
+                for g in groups:
+                    if not g.alive():
+                        raise RuntimeError(f"{g.name} exited:\n{g.log_tail()}")
+                done = _processed(data_url)
+                line = "  ".join(f"{p}={d['processed']}/{producer.produced}" for p, d in done.items())
+                if line != last:
+                    Progress.note(line)
+                    last = line
+                if bounded and producer.produced >= (events or 0) and all(
+                        d["processed"] >= (events or 0) for d in done.values()):
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    Progress.note("timeout reached")
+                    break
+        if bounded:
+            done = _processed(data_url)
+            summary = {
+                "events_produced": {"dynamodb": producer.produced, "supabase": producer.produced},
+                "events_processed": {p: d["processed"] for p, d in done.items()},
+                "duplicates": {p: d["duplicates"] for p, d in done.items()},
+                "lost": {p: max(producer.produced - d["processed"], 0) for p, d in done.items()},
+                "checkpoints": _checkpoints(env),
+                "failed_runs": _failed_runs(env),
+            }
+            summary["ok"] = not any(summary["lost"].values()) and not any(summary["duplicates"].values())
+    except KeyboardInterrupt:
+        print("\nstopping ...", file=sys.stderr)
+    finally:
+        if producer is not None:
+            producer.stop_event.set()
+        leftovers = []
+        for g in reversed(groups):
+            leftovers += g.stop()
+        if moto_server is not None:
+            moto_server.stop()
+        if started_embedded and not already:
+            services.stop_embedded()
+        if leftovers:
+            print(f"warning: processes survived SIGKILL: {leftovers}", file=sys.stderr)
+    if bounded:
+        print(json.dumps(summary, separators=(",", ":")))
+        return 0 if summary.get("ok") else 1
+    return 0
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="durability-pipelines demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=None,
+                   help="bounded, headless run: write N changes per source, wait for them, print a JSON summary")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds the bounded run may take (default 600)")
+    p.add_argument("--no-ui", action="store_true", help="do not start the webserver (implied by --events)")
+    p.add_argument("--port", type=int, default=3000, help="webserver port (default 3000)")
+    p.add_argument("--rate", type=float, default=20.0, help="changes per second per source (default 20)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ui = not args.no_ui and args.events is None
+    return run_demo(args.events, args.timeout, ui=ui, port=args.port, rate=args.rate)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

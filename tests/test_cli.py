@@ -1,0 +1,473 @@
+"""``durability-pipelines``: every command in-process against the real servers, plus subprocess runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from durability_pipelines import services
+from durability_pipelines.checkpoints import CheckpointKey, LeaseKey, LeaseLostError, SaveContext
+from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
+from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+from durability_pipelines.cli import EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, main
+from durability_pipelines.consumer.storage import ConsumerStorage
+from tests.support.stores import build_store, unique_key
+
+SCRIPT = Path(sys.executable).parent / "durability-pipelines"
+PASSWORD = "Hunter2-Sup3rSecret"
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_url: str) -> str:
+    """The session's Redis server on a logical db of its own, never flushed.
+
+    The shared fixture flushes its db when a pytest session starts, so another session started
+    meanwhile (a colleague, CI on the same machine) would delete this module's keys mid-test.
+    Every key here is unique, so nothing needs flushing.
+    """
+    db = (int(os.environ.get("DURABILITY_TEST_REDIS_DB", "13")) + 1) % 16
+    return services.with_redis_db(redis_url, db)
+
+
+@pytest.fixture(autouse=True)
+def cli_env(monkeypatch: pytest.MonkeyPatch, postgres_url: str, redis_url: str) -> None:
+    """The CLI resolves the fixture servers through the same env vars operators set."""
+    monkeypatch.setenv(services.ENV_POSTGRES_URL, postgres_url)
+    monkeypatch.setenv(services.ENV_REDIS_URL, redis_url)
+    monkeypatch.delenv("DURABILITY_CHECKPOINT_BACKEND", raising=False)
+    monkeypatch.delenv("DURABILITY_SUPABASE_DB_URL", raising=False)
+    assert main(["migrate"]) == 0
+
+
+@pytest.fixture
+def hybrid(redis_url: str, postgres_url: str) -> Iterator[HybridCheckpointStore]:
+    store = build_store("hybrid", redis_url, postgres_url)
+    assert isinstance(store, HybridCheckpointStore)
+    yield store
+    store.close()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    code, out, err = run(capsys, "--json", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def parts(key: CheckpointKey) -> list[str]:
+    return [key.adapter, key.stream, key.group, key.consumer] + ([key.shard] if key.shard else [])
+
+
+def closed_port() -> int:
+    return services.free_port()
+
+
+# -- help and subprocess ------------------------------------------------------------------
+
+
+def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in ("checkpoints", "leases", "dead-letters", "migrate", "change-feed", "demo", "Exit"):
+        assert command in out
+    for argv in (["checkpoints", "--help"], ["checkpoints", "set", "--help"], ["checkpoints", "rewind", "--help"],
+                 ["leases", "release", "--help"], ["dead-letters", "retry", "--help"],
+                 ["change-feed", "install", "--help"]):
+        code, out, _ = run(capsys, *argv)
+        assert code == 0 and "usage: durability-pipelines" in out
+
+
+def test_console_script_help_and_a_real_command(postgres_url: str, redis_url: str) -> None:
+    assert SCRIPT.exists(), f"{SCRIPT} missing: pip install -e . declares the console script"
+    helped = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "checkpoints" in helped.stdout
+    key = unique_key()
+    env = {**os.environ, services.ENV_POSTGRES_URL: postgres_url, services.ENV_REDIS_URL: redis_url}
+    done = subprocess.run([str(SCRIPT), "checkpoints", "set", *parts(key), "--sequence", "42"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = subprocess.run([str(SCRIPT), "--json", "checkpoints", "get", *parts(key)],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert got.returncode == 0, got.stderr
+    data = json.loads(got.stdout)
+    assert (data["sequence"], data["redis"], data["postgres"], data["drift"]) == ("42", "42", "42", "in-sync")
+
+
+def test_console_script_unreachable_server_masks_password() -> None:
+    env = {**os.environ,
+           services.ENV_POSTGRES_URL: f"postgresql://ops:{PASSWORD}@127.0.0.1:{closed_port()}/db",
+           services.ENV_REDIS_URL: f"redis://:{PASSWORD}@127.0.0.1:{closed_port()}/0"}
+    done = subprocess.run([str(SCRIPT), "checkpoints", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == EXIT_UNAVAILABLE
+    assert PASSWORD not in done.stdout + done.stderr
+    assert "***" in done.stderr and "unreachable" in done.stderr
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def test_set_forward_refuses_backward_and_force_records_who_and_why(
+    capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore, pg_conn: psycopg.Connection[Any]
+) -> None:
+    key = unique_key()
+    assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", "100")[0] == 0
+    assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", "200")[0] == 0
+    code, out, err = run(capsys, "checkpoints", "set", *parts(key), "--sequence", "150")
+    assert code == EXIT_REFUSED and "refused" in err and "--force" in err and out == ""
+    assert hybrid.redis.load(key) == "200" and hybrid.postgres.load(key) == "200"
+
+    code, _, err = run(capsys, "checkpoints", "set", *parts(key), "--sequence", "150", "--force")
+    assert code == EXIT_USAGE and "--reason" in err
+
+    data = run_json(capsys, "checkpoints", "set", *parts(key), "--sequence", "150", "--force",
+                    "--reason", "replay after bad deploy", "--by", "alice@ops")
+    assert (data["previous"], data["sequence"], data["direction"]) == ("200", "150", "backward")
+    assert hybrid.redis.load(key) == "150" and hybrid.postgres.load(key) == "150"
+    row = pg_conn.execute(
+        "SELECT previous_sequence, new_sequence, writer, reason FROM checkpoint_history WHERE stream = %s "
+        "ORDER BY id DESC LIMIT 1", (key.stream,),
+    ).fetchone()
+    assert row == ("200", "150", "alice@ops", "replay after bad deploy")
+    assert hybrid.redis.history(key)[0].writer == "alice@ops"
+
+
+def test_set_equal_is_a_noop_and_default_writer_is_user_at_host(
+    capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore
+) -> None:
+    key = unique_key(shard=None)  # unsharded (supabase-style) key
+    assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", "7")[0] == 0
+    code, out, _ = run(capsys, "checkpoints", "set", *parts(key), "--sequence", "7")
+    assert code == 0 and "unchanged" in out
+    assert hybrid.postgres.history(key)[0].writer.endswith("@" + os.uname().nodename)
+
+
+def test_get_shows_each_store_and_history(capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore) -> None:
+    key = unique_key()
+    hybrid.postgres.save(key, "5", context=SaveContext(writer="w1", reason="batch"))
+    hybrid.redis.save(key, "9")
+    data = run_json(capsys, "checkpoints", "get", *parts(key))
+    assert (data["redis"], data["postgres"], data["sequence"], data["drift"], data["gap"]) == (
+        "9", "5", "9", "redis-ahead", 4)
+    assert data["history"]["postgres"][0]["writer"] == "w1"
+    code, out, _ = run(capsys, "checkpoints", "get", *parts(key))
+    assert code == 0 and "redis: 9" in out and "postgres: 5" in out
+
+
+def test_list_shows_values_per_store_and_drift(
+    capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore
+) -> None:
+    stream = f"orders-{uuid.uuid4().hex[:8]}"
+    k = {name: CheckpointKey("dynamodb", stream, "workers", name, "shard-000")
+         for name in ("synced", "redis-only", "pg-ahead", "garbage")}
+    hybrid.redis.save(k["synced"], "10")
+    hybrid.postgres.save(k["synced"], "10")
+    hybrid.redis.save(k["redis-only"], "11")
+    hybrid.redis.save(k["pg-ahead"], "3")
+    hybrid.postgres.save(k["pg-ahead"], "30")
+    hybrid.redis.client.set(k["garbage"].redis_key, "not-a-number")
+    rows = {r["consumer"]: r for r in run_json(capsys, "checkpoints", "list", "--stream", stream)}
+    assert {c: (r["redis"], r["postgres"], r["drift"]) for c, r in rows.items()} == {
+        "synced": ("10", "10", "in-sync"),
+        "redis-only": ("11", None, "redis-only"),
+        "pg-ahead": ("3", "30", "postgres-ahead"),
+        "garbage": ("not-a-number", None, "invalid-redis"),
+    }
+    assert rows["garbage"]["sequence"] is None
+    code, out, _ = run(capsys, "checkpoints", "list", "--stream", stream)
+    assert code == 0 and "invalid-redis" in out and "4 checkpoint(s)" in out
+    only_pg = run_json(capsys, "--backend", "postgres", "checkpoints", "list", "--stream", stream)
+    assert {r["consumer"]: r["postgres"] for r in only_pg} == {"synced": "10", "pg-ahead": "30"}
+
+
+def test_fix_a_garbage_checkpoint(capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore) -> None:
+    key = unique_key()
+    hybrid.redis.client.set(key.redis_key, "\x00garbage")
+    code, _, err = run(capsys, "checkpoints", "set", *parts(key), "--sequence", "5")
+    assert code == EXIT_REFUSED and "invalid value" in err and "--force" in err
+    data = run_json(capsys, "checkpoints", "set", *parts(key), "--sequence", "5", "--force", "--reason", "garbage")
+    assert data["direction"] == "replaced-invalid"
+    assert hybrid.redis.load(key) == "5" and hybrid.postgres.load(key) == "5"
+
+
+def test_unknown_key_bad_sequence_and_bad_key_part(capsys: pytest.CaptureFixture[str]) -> None:
+    key = unique_key()
+    code, out, err = run(capsys, "checkpoints", "get", *parts(key))
+    assert code == EXIT_NOT_FOUND and "no checkpoint" in err and key.redis_key in err and out == ""
+    code, _, err = run(capsys, "checkpoints", "set", *parts(key), "--sequence", "12.5")
+    assert code == EXIT_USAGE and "'12.5' is not a stream position" in err
+    code, _, err = run(capsys, "checkpoints", "set", "dynamodb", "a:b", "g", "c", "--sequence", "1")
+    assert code == EXIT_USAGE and "contains ':'" in err
+    code, _, err = run(capsys, "checkpoints", "get", "dynamodb", " padded", "g", "c")
+    assert code == EXIT_USAGE and "whitespace" in err
+    assert run(capsys, "checkpoints", "rewind", *parts(key), "--to-time", "yesterday", "--reason", "x")[0] == EXIT_USAGE
+
+
+def test_rewind_to_time_uses_postgres_history(
+    capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore, pg_conn: psycopg.Connection[Any]
+) -> None:
+    key = unique_key()
+    assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", "10")[0] == 0
+    (between,) = pg_conn.execute("SELECT clock_timestamp()").fetchone()
+    assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", "20")[0] == 0
+    assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", "30")[0] == 0
+
+    dry = run_json(capsys, "checkpoints", "rewind", *parts(key), "--to-time", between.isoformat(),
+                   "--reason", "replay", "--dry-run")
+    assert dry["target"] == "10" and hybrid.load(key) == "30"
+    data = run_json(capsys, "checkpoints", "rewind", *parts(key), "--to-time", between.isoformat(),
+                    "--reason", "replay orders after fix", "--by", "carol")
+    assert (data["previous"], data["sequence"], data["from"]) == ("30", "10", "postgres checkpoint_history")
+    assert hybrid.redis.load(key) == "10" and hybrid.postgres.load(key) == "10"
+    newest = hybrid.postgres.history(key)[0]
+    assert newest.writer == "carol" and newest.reason.startswith("rewind to ") and "replay orders" in newest.reason
+
+    code, _, err = run(capsys, "checkpoints", "rewind", *parts(key), "--to-time", "2001-01-01T00:00:00Z",
+                       "--reason", "x")
+    assert code == EXIT_NOT_FOUND and "TRIM_HORIZON" in err
+    assert run(capsys, "checkpoints", "rewind", *parts(key), "--to-sequence", "TRIM_HORIZON", "--reason", "all")[0] == 0
+    assert hybrid.load(key) == "TRIM_HORIZON"
+
+
+def test_rewind_to_time_on_redis_backend_uses_the_history_stream(
+    capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore
+) -> None:
+    key = unique_key()
+    assert run(capsys, "--backend", "redis", "checkpoints", "set", *parts(key), "--sequence", "10")[0] == 0
+    secs, micros = hybrid.redis.client.time()
+    time.sleep(0.01)
+    assert run(capsys, "--backend", "redis", "checkpoints", "set", *parts(key), "--sequence", "20")[0] == 0
+    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+    data = run_json(capsys, "checkpoints", "rewind", *parts(key), "--to-time", at, "--reason", "r",
+                    "--backend", "redis")
+    assert data["sequence"] == "10" and data["from"] == "redis history stream"
+    assert hybrid.redis.load(key) == "10" and hybrid.postgres.load(key) is None
+
+
+def test_export_csv_and_json_parse_back(
+    capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore, tmp_path: Path
+) -> None:
+    stream = f"exp-{uuid.uuid4().hex[:8]}"
+    expected = {}
+    for i, shard in enumerate(("shard-000", "shard-001", None)):
+        key = CheckpointKey("dynamodb", stream, "workers", "consumer-a", shard)
+        expected[key.redis_key] = str(10**25 + i)
+        assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", expected[key.redis_key])[0] == 0
+    target = tmp_path / "checkpoints.csv"
+    code, _, err = run(capsys, "checkpoints", "export", "--format", "csv", "--output", str(target), "--stream", stream)
+    assert code == 0 and "wrote 3 checkpoint(s)" in err
+    with open(target, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["key"]: r["sequence"] for r in rows} == expected
+    assert {r["shard"] for r in rows} == {"shard-000", "shard-001", ""}
+    code, out, _ = run(capsys, "checkpoints", "export", "--format", "json", "--stream", stream)
+    assert code == 0
+    data = json.loads(out)
+    assert {d["key"]: (d["sequence"], d["redis"], d["postgres"]) for d in data} == {
+        k: (v, v, v) for k, v in expected.items()}
+    assert all(CheckpointKey.parse(d["key"]).stream == stream for d in data)
+
+
+# -- leases --------------------------------------------------------------------------------
+
+
+def test_leases_list_and_release(capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore) -> None:
+    key = unique_key()
+    lease = hybrid.leases.acquire(key.lease_key, "worker-a", duration_s=300)
+    assert lease is not None and hybrid.save(key, "100", lease=lease).advanced
+    listed = [d for d in run_json(capsys, "leases", "list") if d["lease"] == str(key.lease_key)]
+    assert {(d["store"], d["owner"], d["state"]) for d in listed} == {
+        ("postgres", "worker-a", "held"), ("redis", "worker-a", "held")}
+
+    lease_parts = [key.adapter, key.stream, key.group, key.shard or ""]
+    code, _, err = run(capsys, "leases", "release", *lease_parts)
+    assert code == EXIT_REFUSED and "worker-a" in err and "--force" in err
+    assert hybrid.leases.get(key.lease_key).owner == "worker-a"
+
+    code, _, err = run(capsys, "checkpoints", "set", *parts(key), "--sequence", "50", "--force", "--reason", "x")
+    assert code == 0 and "held by worker-a" in err  # a forced write warns about the live holder
+
+    code, out, _ = run(capsys, "leases", "release", *lease_parts, "--force", "--by", "dave")
+    assert code == 0 and "FORCED by dave" in out and "worker-a" in out
+    with pytest.raises(LeaseLostError):
+        hybrid.save(key, "200", lease=lease)  # the old holder is fenced off
+    assert hybrid.redis.load(key) == "50"
+
+    code, out, _ = run(capsys, "leases", "release", *lease_parts)
+    assert code == 0 and "already released" in out
+    expired = unique_key()
+    assert hybrid.leases.acquire(expired.lease_key, "worker-b", duration_s=0.01) is not None
+    time.sleep(0.05)
+    code, out, _ = run(capsys, "leases", "release", expired.adapter, expired.stream, expired.group, "shard-000")
+    assert code == 0 and "(expired)" in out
+    mine = unique_key()
+    assert hybrid.leases.acquire(mine.lease_key, "worker-c", duration_s=300) is not None
+    assert run(capsys, "leases", "release", mine.adapter, mine.stream, mine.group, "shard-000",
+               "--owner", "worker-c")[0] == 0
+    missing = LeaseKey("dynamodb", f"none-{uuid.uuid4().hex[:6]}", "workers", "shard-000")
+    assert run(capsys, "leases", "release", missing.adapter, missing.stream, missing.group, "shard-000")[0] == EXIT_NOT_FOUND
+
+
+# -- dead letters --------------------------------------------------------------------------
+
+
+def test_dead_letters_list_retry_resolve(capsys: pytest.CaptureFixture[str], postgres_url: str) -> None:
+    storage = ConsumerStorage(PostgresConnection(postgres_url))
+    consumer = f"orders_{uuid.uuid4().hex[:8]}"
+    dl_id = storage.add_dead_letter(
+        consumer=consumer, adapter="dynamodb", stream="orders", group="workers", shard="shard-003",
+        first_sequence="100", last_sequence="200", record_count=3, error="KeyError: 'id'", attempts=4,
+        policy="stop", run_id="run-1",
+    )
+    assert storage.blocked_shards(consumer) == {"shard-003"}
+    listed = run_json(capsys, "dead-letters", "list", "--consumer", consumer)
+    assert [(d["id"], d["status"], d["shard"], d["error"]) for d in listed] == [
+        (dl_id, "open", "shard-003", "KeyError: 'id'")]
+    code, out, _ = run(capsys, "dead-letters", "list", "--consumer", consumer, "--status", "open")
+    assert code == 0 and str(dl_id) in out and "KeyError" in out
+
+    code, out, _ = run(capsys, "dead-letters", "retry", str(dl_id), "--note", "handler fixed", "--by", "erin")
+    assert code == 0 and "open -> retry" in out and "acked checkpoint" in out
+    assert storage.blocked_shards(consumer) == set()  # the sensor dispatches the shard again
+    assert run_json(capsys, "dead-letters", "list", "--consumer", consumer)[0]["status"] == "retry"
+    code, out, _ = run(capsys, "dead-letters", "retry", str(dl_id))
+    assert code == 0 and "already retry" in out
+
+    assert run(capsys, "dead-letters", "resolve", str(dl_id), "--note", "   ")[0] == EXIT_USAGE
+    assert run(capsys, "dead-letters", "resolve", str(dl_id), "--note", "replayed")[0] == 0
+    code, _, err = run(capsys, "dead-letters", "retry", str(dl_id))
+    assert code == EXIT_REFUSED and "rewind" in err
+    assert run(capsys, "dead-letters", "retry", "987654321")[0] == EXIT_NOT_FOUND
+    storage.db.close()
+
+
+# -- migrate, change feed, demo --------------------------------------------------------------
+
+
+def test_migrate_is_idempotent(capsys: pytest.CaptureFixture[str]) -> None:
+    first = run_json(capsys, "migrate")
+    second = run_json(capsys, "migrate")
+    assert second["created_tables"] == []
+    assert {"checkpoints", "checkpoint_history", "dead_letters"} <= set(second["existing_tables"])
+    assert second["components"]["checkpoints"]["action"] == "up to date"
+    assert first["components"].keys() == second["components"].keys()
+    code, out, _ = run(capsys, "migrate")
+    assert code == 0 and "up to date" in out
+
+
+def test_migrate_creates_the_schema_in_an_empty_database(
+    capsys: pytest.CaptureFixture[str], postgres_admin_url: str
+) -> None:
+    name = f"dp_cli_{uuid.uuid4().hex[:8]}"
+    url = services.ensure_database(postgres_admin_url, name)
+    try:
+        code, _, err = run(capsys, "--backend", "postgres", "--postgres-url", url, "checkpoints", "list")
+        assert code == EXIT_UNAVAILABLE and "migrate" in err  # reads never create the schema
+        data = run_json(capsys, "--postgres-url", url, "migrate")
+        assert "checkpoints" in data["created_tables"] and data["components"]["consumer"]["action"] == "created"
+    finally:
+        with psycopg.connect(services.libpq_url(postgres_admin_url), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_change_feed_install_and_uninstall(
+    capsys: pytest.CaptureFixture[str], pg_conn: psycopg.Connection[Any]
+) -> None:
+    table = f"todos_{uuid.uuid4().hex[:8]}"
+    log = f"cl_{uuid.uuid4().hex[:8]}"
+    pg_conn.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY, title text)')
+    data = run_json(capsys, "change-feed", "install", table, "--change-log", log)
+    assert data["change_log"] == f"public.{log}"
+    pg_conn.execute(f"INSERT INTO \"{table}\" VALUES (1, 'a')")
+    assert pg_conn.execute(f'SELECT operation FROM "{log}"').fetchall() == [("INSERT",)]
+    code, out, _ = run(capsys, "change-feed", "uninstall", table, "--change-log", log, "--drop-change-log")
+    assert code == 0 and "uninstalled" in out
+    assert pg_conn.execute("SELECT to_regclass(%s)", (log,)).fetchone() == (None,)
+    code, _, err = run(capsys, "change-feed", "install", f"missing_{table}")
+    assert code == EXIT_USAGE and "does not exist" in err
+
+
+def test_change_feed_missing_module_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "durability_pipelines.sources.supabase_changes", None)
+    code, _, err = run(capsys, "change-feed", "install", "todos")
+    assert code == EXIT_USAGE and "change feed is not available" in err
+
+
+def test_backend_from_environment_is_validated(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, hybrid: HybridCheckpointStore
+) -> None:
+    monkeypatch.setenv("DURABILITY_CHECKPOINT_BACKEND", "memory")
+    code, _, err = run(capsys, "checkpoints", "list")
+    assert code == EXIT_USAGE and "DURABILITY_CHECKPOINT_BACKEND" in err
+    monkeypatch.setenv("DURABILITY_CHECKPOINT_BACKEND", "postgres")
+    key = unique_key()
+    assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", "3")[0] == 0
+    assert hybrid.postgres.load(key) == "3" and hybrid.redis.load(key) is None
+
+
+def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "demo", "--events", "many")
+    assert code == 2 and "--events" in err
+
+
+# -- unreachable servers never leak a password ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["checkpoints", "list"],
+        ["--backend", "postgres", "checkpoints", "get", "dynamodb", "orders", "workers", "c"],
+        ["--backend", "redis", "leases", "list"],
+        ["dead-letters", "list"],
+        ["migrate"],
+    ],
+)
+def test_unreachable_server_exits_nonzero_without_the_password(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    monkeypatch.setenv(services.ENV_POSTGRES_URL, f"postgresql://ops:{PASSWORD}@127.0.0.1:{closed_port()}/db")
+    monkeypatch.setenv(services.ENV_REDIS_URL, f"redis://:{PASSWORD}@127.0.0.1:{closed_port()}/0")
+    code, out, err = run(capsys, *argv)
+    assert code == EXIT_UNAVAILABLE
+    assert PASSWORD not in out + err
+    assert "unreachable" in err and "***" in err
+
+
+def test_urls_given_as_flags_or_stray_arguments_are_masked(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"postgresql://ops:{PASSWORD}@127.0.0.1:{closed_port()}/db"
+    code, out, err = run(capsys, "--postgres-url", url, "migrate")
+    assert code == EXIT_UNAVAILABLE and PASSWORD not in out + err
+    code, out, err = run(capsys, "checkpoints", "list", url)  # argparse echoes unrecognized arguments
+    assert code == EXIT_USAGE and PASSWORD not in out + err
+    code, out, err = run(capsys, "checkpoints", "list", "--redis-url", f"redis://:{PASSWORD}@127.0.0.1:{closed_port()}/0")
+    assert code == EXIT_UNAVAILABLE and PASSWORD not in out + err and "--backend postgres" in err
+
+
+def test_redis_client_is_not_left_open(capsys: pytest.CaptureFixture[str], redis_url: str) -> None:
+    """Many in-process invocations (a scheduler, tests) must not leak connections."""
+    client = redis.Redis.from_url(redis_url)
+    before = len(client.client_list())
+    for _ in range(5):
+        assert run(capsys, "checkpoints", "list", "--stream", "nothing-here")[0] == 0
+    assert len(client.client_list()) <= before + 1
+    client.close()
