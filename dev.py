@@ -3,7 +3,7 @@
 
     python3 dev.py test [pytest args]   set up .venv if needed, then run pytest; exits with pytest's code
     python3 dev.py lint [ruff args]     ruff check (default: the whole repo)
-    python3 dev.py demo [args]          durability-pipelines demo (coming soon)
+    python3 dev.py demo [args]          durability-pipelines demo: everything running (UI on :3000); --events N for headless
     python3 dev.py setup                only create/refresh .venv
 
 The virtualenv is (re)installed with `pip install -e ".[dev]"` when it is missing or when
