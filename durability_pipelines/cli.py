@@ -819,7 +819,7 @@ def _change_feed_module() -> Any:
             "version that ships durability_pipelines/sources/supabase_changes.py",
             EXIT_USAGE,
         ) from None
-    for name in ("install_change_feed", "uninstall_change_feed"):
+    for name in ("install_change_feed", "uninstall_change_feed", "purge_channel"):
         if not hasattr(supabase_changes, name):
             raise CliError(f"durability_pipelines.sources.supabase_changes has no {name}(); update the package",
                            EXIT_USAGE)
@@ -846,6 +846,14 @@ def cmd_change_feed(session: Session, args: argparse.Namespace) -> int:
             data = {"action": "installed", "table": args.table, "schema": args.schema, "change_log": str(log)}
             text = (f"installed: changes of {args.schema}.{args.table} are captured into {log}"
                     if "." not in args.table else f"installed: changes of {args.table} are captured into {log}")
+        elif args.change_feed_command == "purge":
+            groups = [g for g in args.groups.split(",") if g] or None
+            with psycopg.connect(session.postgres_url(), autocommit=True, connect_timeout=5) as ckpt_conn:
+                deleted = module.purge_channel(conn, args.channel, table=args.table, schema=args.schema,
+                                               change_log=args.change_log, groups=groups, keep_last=args.keep_last,
+                                               checkpoints_conn=ckpt_conn)
+            data = {"action": "purged", "table": args.table, "channel": args.channel, "deleted": deleted}
+            text = f"purged {deleted} change-log row(s) of {args.table} acked by every consumer of {args.channel}"
         else:
             module.uninstall_change_feed(conn, args.table, schema=args.schema, change_log=args.change_log,
                                          drop_change_log=args.drop_change_log)
@@ -1005,7 +1013,8 @@ def build_parser() -> argparse.ArgumentParser:
     fps = fp.add_subparsers(dest="change_feed_command", metavar="ACTION", parser_class=_Parser)
     fps.required = True
     for name, help_text in (("install", "capture a table's changes into the change log (idempotent)"),
-                            ("uninstall", "stop capturing a table")):
+                            ("uninstall", "stop capturing a table"),
+                            ("purge", "delete change-log rows of TABLE that every consumer group of --channel acked")):
         p = add(fps, name, help_text, cmd_change_feed)
         p.add_argument("table", help="source table (or schema.table)")
         p.add_argument("--schema", default="public", help="schema of TABLE (default public)")
@@ -1015,6 +1024,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "uninstall":
             p.add_argument("--drop-change-log", action="store_true",
                            help="also drop the change log (stops capture of every table writing to it)")
+        if name == "purge":
+            p.add_argument("--channel", required=True, help="the consumers' channel (checkpoint stream)")
+            p.add_argument("--groups", default="",
+                           help="comma-separated consumer groups that must all have acked (a group that never "
+                           "checkpointed must be named, or its unread changes could be purged)")
+            p.add_argument("--keep-last", type=int, default=0, help="keep the newest N rows anyway (default 0)")
 
     from durability_pipelines.demo import build_parser as build_demo_parser
 

@@ -471,3 +471,32 @@ def test_redis_client_is_not_left_open(capsys: pytest.CaptureFixture[str], redis
         assert run(capsys, "checkpoints", "list", "--stream", "nothing-here")[0] == 0
     assert len(client.client_list()) <= before + 1
     client.close()
+
+
+def test_change_feed_purge_deletes_only_what_every_group_acked(
+    capsys: pytest.CaptureFixture[str], pg_conn: psycopg.Connection[Any], postgres_url: str
+) -> None:
+    from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
+    from durability_pipelines.sources.supabase_changes import ChangeFeedReader
+
+    table = f"todos_{uuid.uuid4().hex[:8]}"
+    log = f"cl_{uuid.uuid4().hex[:8]}"
+    channel = f"ch-{uuid.uuid4().hex[:6]}"
+    pg_conn.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY, title text)')
+    run_json(capsys, "change-feed", "install", table, "--change-log", log)
+    for i in range(5):
+        pg_conn.execute(f'INSERT INTO "{table}" VALUES (%s, %s)', (i, "t"))
+    reader = ChangeFeedReader(postgres_url, change_log=log, table=f"public.{table}")
+    rows = reader.read(None, 10)
+    reader.close()
+    store = PostgresCheckpointStore(postgres_url)
+    store.save(CheckpointKey("supabase", channel, "g1", "c"), rows[2].sequence)  # g1 acked 3 rows
+    code, _, err = run(capsys, "change-feed", "purge", table, "--change-log", log, "--channel", channel,
+                       "--groups", "g1,g2")
+    assert code == 0  # g2 never checkpointed: nothing may be purged
+    assert pg_conn.execute(f'SELECT count(*) FROM "{log}"').fetchone() == (5,)
+    data = run_json(capsys, "change-feed", "purge", table, "--change-log", log, "--channel", channel)
+    assert data["deleted"] == 3
+    assert [r[0] for r in pg_conn.execute(f'SELECT id FROM "{log}" ORDER BY id').fetchall()] == [
+        rows[3].id, rows[4].id]
+    store.close()

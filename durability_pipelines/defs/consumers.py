@@ -17,6 +17,7 @@ from dagster import (
     DefaultSensorStatus,
     Failure,
     In,
+    Jitter,
     JobDefinition,
     MetadataValue,
     OpExecutionContext,
@@ -150,7 +151,8 @@ def ack_and_checkpoint(context: OpExecutionContext, read: ReadOutput, processed:
 
 def build_consumer_job(cfg: ConsumerConfig) -> JobDefinition:
     retry = (
-        RetryPolicy(max_retries=cfg.retry.max_retries, delay=cfg.retry.delay_s, backoff=Backoff.EXPONENTIAL)
+        RetryPolicy(max_retries=cfg.retry.max_retries, delay=cfg.retry.delay_s, backoff=Backoff.EXPONENTIAL,
+                    jitter=Jitter.PLUS_MINUS)
         if cfg.retry.max_retries > 0
         else None
     )
