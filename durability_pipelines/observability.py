@@ -92,17 +92,22 @@ class Metrics:
                 fh.write(line + "\n")
 
     @contextmanager
-    def timed(self, operation: str, adapter: str | None = None) -> Iterator[None]:
-        """Record ``adapter.call.duration_ms`` for one call to AWS / Redis / Postgres."""
+    def timed(self, operation: str, adapter: str | None = None, shard: str | None = None) -> Iterator[None]:
+        """Record ``adapter.call.duration_ms`` for one call to AWS / Redis / Postgres / the handler."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.call_duration(operation, (time.perf_counter() - start) * 1000, adapter)
+            self.call_duration(operation, (time.perf_counter() - start) * 1000, adapter, shard)
 
-    def call_duration(self, operation: str, duration_ms: float, adapter: str | None = None) -> None:
-        labels = self.labels.with_(operation=operation, **({"adapter": adapter} if adapter else {}))
-        self.record(CALL_DURATION_MS, round(duration_ms, 3), kind="timer", labels=labels)
+    def call_duration(self, operation: str, duration_ms: float, adapter: str | None = None,
+                      shard: str | None = None) -> None:
+        changes = {"operation": operation}
+        if adapter:
+            changes["adapter"] = adapter
+        if shard:
+            changes["shard"] = shard
+        self.record(CALL_DURATION_MS, round(duration_ms, 3), kind="timer", labels=self.labels.with_(**changes))
 
     def summary(self) -> dict[str, float]:
         """Flat ``{name: number}``: last value of each gauge; count/p50/max of each timer."""

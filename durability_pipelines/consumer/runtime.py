@@ -15,9 +15,7 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -118,17 +116,6 @@ class ConsumerRuntime:
     def _labels(self, shard: str | None) -> Labels:
         return self.metrics.labels.with_(shard=shard or "")
 
-    @contextmanager
-    def _timed(self, operation: str, adapter: str, shard: str | None):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.metrics.record(
-                "adapter.call.duration_ms", (time.perf_counter() - start) * 1000, kind="timer",
-                labels=self._labels(shard).with_(adapter=adapter, operation=operation),
-            )
-
     # -- read ------------------------------------------------------------------------
     def acquire_lease(self, shard: str | None, owner: str) -> Lease:
         leases = self.store.leases
@@ -149,11 +136,11 @@ class ConsumerRuntime:
     def read(self, shard: str | None, run_id: str) -> ReadOutput:
         assert self.source is not None
         key = self.key(shard)
-        with self._timed(f"{self.store.backend}.acquire_lease", self.store.backend, shard):
+        with self.metrics.timed(f"{self.store.backend}.acquire_lease", self.store.backend, shard):
             lease = self.acquire_lease(shard, run_id)
-        with self._timed(f"{self.store.backend}.load", self.store.backend, shard):
+        with self.metrics.timed(f"{self.store.backend}.load", self.store.backend, shard):
             acked = self.store.load(key)
-        with self._timed("read_batch", self.config.adapter, shard):
+        with self.metrics.timed("read_batch", self.config.adapter, shard):
             batch = self.source.read(shard, acked, self.config.max_events)
         if batch.gap is not None:
             self._record_gap(batch.gap, run_id)
@@ -221,12 +208,12 @@ class ConsumerRuntime:
         key = self.key(read.shard)
         ctx_save = SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack")
         if not is_transactional(self.handler):
-            with self._timed("handler", "handler", read.shard):
+            with self.metrics.timed("handler", "handler", read.shard):
                 result = self.handler(list(events), self._context(read, None))
             return list(result.failed_sequences) if result else []
         if isinstance(self.store, PostgresCheckpointStore):
             with self.store.transaction() as tx:
-                with self._timed("handler", "handler", read.shard):
+                with self.metrics.timed("handler", "handler", read.shard):
                     result = self.handler(list(events), self._context(read, tx.connection))
                 failed = list(result.failed_sequences) if result else []
                 target = read.batch.checkpoint_before(min(failed, key=sort_key)) if failed else ack_to
@@ -236,7 +223,7 @@ class ConsumerRuntime:
         if not self.postgres_url:
             raise DurabilityError(f"handler {self.config.handler} is transactional but no Postgres URL is configured")
         # psycopg's connection context commits on a clean exit, before the checkpoint is saved.
-        with psycopg.connect(self.postgres_url) as conn, self._timed("handler", "handler", read.shard):
+        with psycopg.connect(self.postgres_url) as conn, self.metrics.timed("handler", "handler", read.shard):
             result = self.handler(list(events), self._context(read, conn))
         failed = list(result.failed_sequences) if result else []
         if failed:
@@ -310,7 +297,7 @@ class ConsumerRuntime:
         key = self.key(read.shard)
         result = None
         if processed.ack_to is not None:
-            with self._timed(f"{self.store.backend}.save", self.store.backend, read.shard):
+            with self.metrics.timed(f"{self.store.backend}.save", self.store.backend, read.shard):
                 result = self.store.save(
                     key, processed.ack_to, lease=read.lease,
                     context=SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack"),
