@@ -389,3 +389,20 @@ def test_source_can_install_the_feed_and_finds_the_url_in_the_env(
         source.close()
         uninstall_change_feed(pg_conn, table, change_log=log, drop_change_log=True)
         pg_conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(table)))
+
+
+def test_rows_order_by_transaction_id_as_a_number_across_digit_boundaries(
+    feed: Feed, pg_conn: psycopg.Connection
+) -> None:
+    """txid 10 sorts after 9 (as text it would sort first, and a batch cut there would skip 9)."""
+    log = sql.Identifier(feed.log)
+    for txid in (11, 10, 9, 8):  # old transactions, all below the visibility horizon
+        pg_conn.execute(sql.SQL(
+            "INSERT INTO {} (txid, schema_name, table_name, operation, record) "
+            "VALUES (%s::xid8, 'public', %s, 'INSERT', '{{}}'::jsonb)").format(log), (str(txid), feed.table))
+    reader = feed.reader()
+    first = reader.read(None, 2)
+    rest = reader.read(first[-1].position, 10)
+    assert [int(r.txid) for r in first] == [8, 9]
+    assert [int(r.txid) for r in rest] == [10, 11]
+    reader.close()

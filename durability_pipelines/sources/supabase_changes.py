@@ -391,7 +391,7 @@ class ChangeFeedReader:
             raise ValueError("limit must be at least 1")
         where, params = self._filters(after)
         query = sql.SQL(
-            "SELECT id, txid::text, schema_name, table_name, operation, record, old_record, captured_at "
+            "SELECT id, txid::text AS txid_text, schema_name, table_name, operation, record, old_record, captured_at "
             "FROM {log}{where} ORDER BY txid, id LIMIT %s"
         ).format(log=self.log.ident, where=where)
         with self._call("read") as conn:
@@ -433,7 +433,7 @@ class ChangeFeedReader:
         Reading with ``after=None`` starts there; this is for lag and retention reports.
         """
         where, params = self._filters(None, safe_only=False)
-        query = sql.SQL("SELECT id, txid::text FROM {log}{where} ORDER BY txid, id LIMIT 1").format(
+        query = sql.SQL("SELECT id, txid::text AS txid_text FROM {log}{where} ORDER BY txid, id LIMIT 1").format(
             log=self.log.ident, where=where)
         with self._call("earliest") as conn:
             row = conn.execute(query, params).fetchone()
@@ -521,7 +521,7 @@ def purge_acked(conn: psycopg.Connection, change_log: str, acked_position: int, 
     if keep_last:
         where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(filters) if filters else sql.SQL("")
         row = conn.execute(
-            sql.SQL("SELECT id, txid::text FROM {log}{where} ORDER BY txid DESC, id DESC OFFSET %s LIMIT 1").format(
+            sql.SQL("SELECT id, txid::text AS txid_text FROM {log}{where} ORDER BY txid DESC, id DESC OFFSET %s LIMIT 1").format(
                 log=log.ident, where=where),
             [*fparams, keep_last],
         ).fetchone()
