@@ -36,6 +36,7 @@ from durability_pipelines.checkpoints.base import (
     LeaseManager,
     SaveContext,
     SaveOutcome,
+    forced_reason,
 )
 from durability_pipelines.checkpoints.errors import (
     ConfigError,
@@ -402,7 +403,7 @@ def _warn_live_lease(session: Session, key: CheckpointKey) -> None:
 
 def _force(session: Session, key: CheckpointKey, sequence: str, reason: str, by: str) -> ForceSetResult:
     _warn_live_lease(session, key)
-    return session.store().force_set(key, sequence, context=SaveContext(writer=by, reason=reason))
+    return session.store().force_set(key, sequence, context=SaveContext(writer=by, reason=forced_reason(reason)))
 
 
 def _force_report(result: ForceSetResult, by: str, reason: str, verb: str) -> tuple[dict[str, Any], str]:

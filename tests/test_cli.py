@@ -145,7 +145,7 @@ def test_set_forward_refuses_backward_and_force_records_who_and_why(
         "SELECT previous_sequence, new_sequence, writer, reason FROM checkpoint_history WHERE stream = %s "
         "ORDER BY id DESC LIMIT 1", (key.stream,),
     ).fetchone()
-    assert row == ("200", "150", "alice@ops", "replay after bad deploy")
+    assert row == ("200", "150", "alice@ops", "force: replay after bad deploy")
     assert hybrid.redis.history(key)[0].writer == "alice@ops"
 
 
@@ -237,7 +237,7 @@ def test_rewind_to_time_uses_postgres_history(
     assert (data["previous"], data["sequence"], data["from"]) == ("30", "10", "postgres checkpoint_history")
     assert hybrid.redis.load(key) == "10" and hybrid.postgres.load(key) == "10"
     newest = hybrid.postgres.history(key)[0]
-    assert newest.writer == "carol" and newest.reason.startswith("rewind to ") and "replay orders" in newest.reason
+    assert newest.writer == "carol" and newest.reason.startswith("force: rewind to ") and "replay orders" in newest.reason
 
     code, _, err = run(capsys, "checkpoints", "rewind", *parts(key), "--to-time", "2001-01-01T00:00:00Z",
                        "--reason", "x")

@@ -22,6 +22,7 @@ import pandas as pd
 import redis
 
 from durability_pipelines.audit.mirror import CURSOR_PREFIX, drift
+from durability_pipelines.checkpoints.base import FORCED_REASON_PREFIX  # `set --force` / `rewind` rows
 from durability_pipelines.checkpoints.errors import InvalidSequenceError
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
 from durability_pipelines.checkpoints.ordering import normalize_sequence
@@ -42,7 +43,6 @@ SUMMARY_COLUMNS = {
     "advances_last_hour": "bigint", "regressions": "bigint", "forced_moves": "bigint",
     "dead_letters": "bigint", "open_dead_letters": "bigint", "trimmed_gaps": "bigint",
 }
-FORCED_REASON_PREFIX = "force"  # history rows written by `checkpoints set --force` / `rewind`
 
 _SUMMARY_SQL = """
 WITH h AS (

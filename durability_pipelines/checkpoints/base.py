@@ -74,6 +74,15 @@ class SaveContext:
     reason: str | None = None
 
 
+#: History rows of deliberate operator moves (``checkpoints set --force`` / ``rewind``) start with
+#: this, so audits tell a recorded rewind from a regression.
+FORCED_REASON_PREFIX = "force: "
+
+
+def forced_reason(reason: str) -> str:
+    return reason if reason.startswith(FORCED_REASON_PREFIX) else FORCED_REASON_PREFIX + reason
+
+
 def default_writer_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
