@@ -75,3 +75,17 @@ def test_bad_file_fails_definition_loading(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text(GOOD + "max_events: many\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         build_definitions(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [("checkpoint: {backend: memory}\n", "process-local"),
+     ("handler: no_such_module.handlers:handle\n", "cannot import module")],
+)
+def test_configs_that_cannot_work_under_dagster_fail_definition_loading(tmp_path: Path, extra: str,
+                                                                        message: str) -> None:
+    from durability_pipelines.definitions import build_definitions
+
+    (tmp_path / "c.yaml").write_text(GOOD + extra)
+    with pytest.raises(ConfigError, match=message):
+        build_definitions(tmp_path)

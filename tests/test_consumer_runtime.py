@@ -207,3 +207,17 @@ def test_legacy_jsonl_variable_is_honoured(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AINL_OBSERVABILITY_JSONL", str(path))
     Metrics(Labels("dynamodb", "s")).record("reactive.sequence_gap", 3)
     assert read_jsonl(path)[0]["value"] == 3
+
+
+def test_partial_failure_of_a_non_transactional_handler_acks_the_prefix(stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 6)
+    ev = source.shards_events["shard-0"]
+    ev[4] = type(ev[4])(**{**ev[4].__dict__, "new_image": {"poison": True}})
+    cfg = make_config(stream, "redis", handler="tests.support.runtime_handlers:report_poison",
+                      retry={"max_retries": 1})
+    rt = open_runtime(cfg, redis_url=redis_url, postgres_url=postgres_url, source=source)
+    read = rt.read("shard-0", "run-1")
+    with pytest.raises(PartialBatchFailure):
+        rt.process(read, retry_number=0)
+    assert rt.store.load(rt.key("shard-0")) == ev[3].sequence
+    rt.close()

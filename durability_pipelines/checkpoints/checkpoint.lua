@@ -12,21 +12,26 @@
 -- Returns {outcome, previous|false, acks_since_flush|false, ms_since_flush|false}
 -- (or {'lease_lost', false, lease_owner|false, lease_epoch|false})
 
+-- Hot path: numbers are checked first and a number without leading zeros (what Python
+-- always sends) is returned as is, so a save runs no gsub; each rank is computed once.
+local find, byte, gsub = string.find, string.byte, string.gsub
+
 local function rank(s)
-  if s == 'TRIM_HORIZON' then return 0, '' end
-  if s == 'LATEST' then return 1, '' end
-  if s == 'SHARD_END' then return 3, '' end
-  if #s >= 1 and #s <= 40 and not string.find(s, '[^0-9]') then
-    local t = string.gsub(s, '^0+', '')
+  local n = #s
+  if n >= 1 and n <= 40 and not find(s, '[^0-9]') then
+    if n == 1 or byte(s, 1) ~= 48 then return 2, s end
+    local t = gsub(s, '^0+', '')
     if t == '' then t = '0' end
     return 2, t
   end
+  if s == 'TRIM_HORIZON' then return 0, '' end
+  if s == 'LATEST' then return 1, '' end
+  if s == 'SHARD_END' then return 3, '' end
   return nil, nil
 end
 
-local function cmp(a, b)
-  local ra, ta = rank(a)
-  local rb, tb = rank(b)
+-- -1, 0 or 1 for two ranked values (rank, digits)
+local function cmp(ra, ta, rb, tb)
   if ra ~= rb then if ra < rb then return -1 else return 1 end end
   if ra ~= 2 then return 0 end
   if #ta ~= #tb then if #ta < #tb then return -1 else return 1 end end
@@ -35,7 +40,8 @@ local function cmp(a, b)
 end
 
 local seq = ARGV[1]
-if rank(seq) == nil then
+local rs, ts = rank(seq)
+if rs == nil then
   return redis.error_reply('DURABILITY_INVALID_SEQUENCE given ' .. string.sub(seq, 1, 80))
 end
 if ARGV[3] ~= '' then
@@ -47,10 +53,11 @@ end
 local prev = redis.call('GET', KEYS[1])
 local outcome = 'advanced'
 if prev then
-  if rank(prev) == nil then
+  local rp, tp = rank(prev)
+  if rp == nil then
     return redis.error_reply('DURABILITY_INVALID_SEQUENCE stored ' .. string.sub(prev, 1, 80))
   end
-  local c = cmp(prev, seq)
+  local c = cmp(rp, tp, rs, ts)
   if c == 0 then outcome = 'unchanged' elseif c > 0 then outcome = 'stale' end
 end
 if outcome == 'advanced' then

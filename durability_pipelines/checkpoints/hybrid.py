@@ -43,7 +43,7 @@ from durability_pipelines.checkpoints.errors import (
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import max_sequence, normalize_sequence
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
-from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
+from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore, fast_sequence
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class HybridCheckpointStore(CheckpointStore):
     # -- writes ----------------------------------------------------------------
     def save(self, key: CheckpointKey, sequence: str, *, lease: Lease | None = None,
              context: SaveContext | None = None) -> SaveResult:
-        sequence = normalize_sequence(sequence, key=key.redis_key)
+        canonical = fast_sequence(sequence)
+        sequence = canonical if canonical is not None else normalize_sequence(sequence, key=key.redis_key)
         ctx = context or SaveContext()
         try:
             result = self._save_redis(key, sequence, lease, ctx)
@@ -316,21 +317,26 @@ class HybridCheckpointStore(CheckpointStore):
             if raw is None:
                 missing[key] = None
                 continue
+            fast = fast_sequence(raw)
+            if fast is not None:
+                out[key] = fast
+                continue
             try:
                 out[key] = normalize_sequence(raw, key=key.redis_key)
             except InvalidSequenceError as exc:
                 self.fallbacks.append(Fallback(key, f"garbage in Redis: {exc}"))
                 log.warning("checkpoint %s: %s; falling back to Postgres", key, exc)
                 missing[key] = raw
-        if missing:
-            from_pg = self.postgres.load_many(list(missing))
-            pending = self.pending
-            for key, value in from_pg.items():
-                # An ack buffered here but not yet flushed is newer than Postgres.
-                value = max_sequence(value, pending.get(key))
-                out[key] = value
-                if value is not None and raws is not None:
-                    self._rewarm(key, value, missing[key])
+        if not missing:
+            return out  # every key came from Redis, already in the order given
+        from_pg = self.postgres.load_many(list(missing))
+        pending = self.pending
+        for key, value in from_pg.items():
+            # An ack buffered here but not yet flushed is newer than Postgres.
+            value = max_sequence(value, pending.get(key))
+            out[key] = value
+            if value is not None and raws is not None:
+                self._rewarm(key, value, missing[key])
         return {k: out.get(k) for k in keys}
 
     def _rewarm(self, key: CheckpointKey, value: str, garbage: bytes | None) -> None:

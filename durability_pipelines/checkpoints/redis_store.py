@@ -41,6 +41,9 @@ for _, k in ipairs(KEYS) do redis.call('HSET', k, 'acks', 0, 'flushed_ms', strin
 return #KEYS
 """
 MGET_CHUNK = 1000
+#: Per-store cache of a key's Redis key strings (building them validates a LeaseKey each time).
+KEY_CACHE_MAX = 65_536
+_OUTCOMES = {o.value: o for o in SaveOutcome}
 # Operator write: no monotonic guard, no fencing; replaces even a garbage value (or a key of the wrong
 # type) and always appends a history entry. KEYS[1] checkpoint, KEYS[2] history stream.
 # ARGV[1] sequence, ARGV[2] writer, ARGV[3] ttl ms ('' = keep the key's current TTL), ARGV[4] run id,
@@ -77,6 +80,30 @@ def _s(v: Any) -> str | None:
     if v is None or v is False:
         return None
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def fast_sequence(value: Any) -> str | None:
+    """``value`` as a str if it already is a canonical number (1-40 ASCII digits, no leading zero), else None.
+
+    The hot-path shortcut of ``normalize_sequence``: for such values it returns exactly what
+    ``normalize_sequence`` would; anything else (sentinels, leading zeros, garbage) goes the long way.
+    """
+    cls = value.__class__
+    if cls is bytes:
+        if value.isdigit() and len(value) <= 40 and (value[0] != 48 or len(value) == 1):
+            return value.decode("ascii")
+    elif (cls is str and value.isdigit() and value.isascii() and len(value) <= 40
+          and (value[0] != "0" or len(value) == 1)):
+        return value
+    return None
+
+
+def parse_stored(key: CheckpointKey, raw: Any) -> str | None:
+    """A stored raw value as a canonical sequence (``None`` if absent); raises ``InvalidSequenceError``."""
+    if raw is None:
+        return None
+    fast = fast_sequence(raw)
+    return fast if fast is not None else normalize_sequence(raw, key=key.redis_key)
 
 
 def _mask(client: redis.Redis) -> str:
@@ -164,6 +191,21 @@ class RedisCheckpointStore(CheckpointStore):
         self._mark_flushed = client.register_script(MARK_FLUSHED_LUA)
         self._force_set = client.register_script(FORCE_SET_LUA)
         self._leases = RedisLeaseManager(client)
+        self._key_cache: dict[CheckpointKey, tuple[str, str, str, str]] = {}
+
+    def _redis_keys(self, key: CheckpointKey) -> tuple[str, str, str, str]:
+        """(checkpoint, lease, history, hybrid flush-state) Redis keys of ``key``, cached."""
+        cached = self._key_cache.get(key)
+        if cached is None:
+            if len(self._key_cache) >= KEY_CACHE_MAX:
+                self._key_cache.clear()
+            cached = (key.redis_key, key.lease_key.redis_key, key.history_key, key.hybrid_state_key)
+            self._key_cache[key] = cached
+        return cached
+
+    def _checkpoint_redis_keys(self, keys: Iterable[CheckpointKey]) -> list[str]:
+        get = self._key_cache.get
+        return [(get(k) or self._redis_keys(k))[0] for k in keys]
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCheckpointStore:
@@ -174,14 +216,12 @@ class RedisCheckpointStore(CheckpointStore):
         return self._leases
 
     def _parse(self, key: CheckpointKey, raw: Any) -> str | None:
-        if raw is None:
-            return None
-        return normalize_sequence(raw, key=key.redis_key)
+        return parse_stored(key, raw)
 
     def load(self, key: CheckpointKey) -> str | None:
         with redis_errors(self.client):
-            raw = self.client.get(key.redis_key)
-        return self._parse(key, raw)
+            raw = self.client.get(self._redis_keys(key)[0])
+        return parse_stored(key, raw)
 
     def load_raw_many(self, keys: list[CheckpointKey]) -> list[Any]:
         """Raw values in key order (pipelined MGET in chunks), unparsed."""
@@ -189,15 +229,22 @@ class RedisCheckpointStore(CheckpointStore):
             return []
         with redis_errors(self.client):
             if len(keys) <= MGET_CHUNK:
-                return self.client.mget([k.redis_key for k in keys])
+                return self.client.mget(self._checkpoint_redis_keys(keys))
             pipe = self.client.pipeline(transaction=False)
             for i in range(0, len(keys), MGET_CHUNK):
-                pipe.mget([k.redis_key for k in keys[i : i + MGET_CHUNK]])
+                pipe.mget(self._checkpoint_redis_keys(keys[i : i + MGET_CHUNK]))
             return [v for chunk in pipe.execute() for v in chunk]
 
     def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
         keys = list(keys)
-        return {k: self._parse(k, raw) for k, raw in zip(keys, self.load_raw_many(keys), strict=True)}
+        out: dict[CheckpointKey, str | None] = {}
+        for k, raw in zip(keys, self.load_raw_many(keys), strict=True):
+            if raw is None:
+                out[k] = None
+            else:
+                fast = fast_sequence(raw)
+                out[k] = fast if fast is not None else normalize_sequence(raw, key=k.redis_key)
+        return out
 
     def keys(self) -> list[CheckpointKey]:
         out = []
@@ -233,14 +280,14 @@ class RedisCheckpointStore(CheckpointStore):
         Returns ``(result, acks_since_flush, ms_since_flush)`` (the last two ``None``
         without ``flush_state``), still in one round trip.
         """
-        sequence = normalize_sequence(sequence, key=key.redis_key)
+        redis_key, lease_key, history_key, state_key = self._redis_keys(key)
+        canonical = fast_sequence(sequence)
+        sequence = canonical if canonical is not None else normalize_sequence(sequence, key=redis_key)
         ctx = context or SaveContext()
         writer = lease.owner if lease else ctx.writer
         args = [sequence, writer, "" if lease is None else str(lease.epoch), self.ttl_ms,
                 ctx.run_id or "", ctx.reason or "", self.history_maxlen]
-        keys = [key.redis_key, key.lease_key.redis_key, key.history_key]
-        if flush_state:
-            keys.append(key.hybrid_state_key)
+        keys = [redis_key, lease_key, history_key, state_key] if flush_state else [redis_key, lease_key, history_key]
         try:
             with redis_errors(self.client):
                 outcome, prev, third, fourth = self._save(keys=keys, args=args)
@@ -257,7 +304,7 @@ class RedisCheckpointStore(CheckpointStore):
         previous = _s(prev)
         if outcome == "lease_lost":
             raise lease_lost(lease, _s(third), int(fourth) if fourth else None)  # type: ignore[arg-type]
-        result = SaveOutcome(outcome)
+        result = _OUTCOMES.get(outcome) or SaveOutcome(outcome)
         current = sequence if result is SaveOutcome.ADVANCED else (previous or sequence)
         acks = int(third) if flush_state and third is not None else None
         since = int(fourth) if flush_state and fourth is not None else None
@@ -283,7 +330,7 @@ class RedisCheckpointStore(CheckpointStore):
         if not keys:
             return
         with redis_errors(self.client):
-            self._mark_flushed(keys=[k.hybrid_state_key for k in keys])
+            self._mark_flushed(keys=[self._redis_keys(k)[3] for k in keys])
 
     def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
         with redis_errors(self.client):

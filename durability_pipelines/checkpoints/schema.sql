@@ -34,16 +34,26 @@ CREATE TABLE IF NOT EXISTS durability_schema_version (
 
 -- The one ordering (see ordering.py): TRIM_HORIZON < LATEST < numbers < SHARD_END.
 -- Numbers compare as NUMERIC (exact, arbitrary size), never as text.
-CREATE OR REPLACE FUNCTION durability_sequence_rank(s TEXT) RETURNS NUMERIC
-LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+CREATE OR REPLACE FUNCTION durability_invalid_sequence(s TEXT) RETURNS NUMERIC
+LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-  IF s ~ '^[0-9]{1,40}$' THEN RETURN s::NUMERIC; END IF;
-  IF s = 'TRIM_HORIZON' THEN RETURN -2; END IF;
-  IF s = 'LATEST' THEN RETURN -1; END IF;
-  IF s = 'SHARD_END' THEN RETURN 1e41; END IF;
   RAISE EXCEPTION 'durability: invalid sequence %', quote_literal(left(s, 80))
     USING ERRCODE = '22P02', HINT = 'expected 1-40 digits, TRIM_HORIZON, LATEST or SHARD_END';
 END $$;
+
+-- A plain SQL function (not plpgsql, not STRICT) so the planner inlines it: bulk
+-- statements (mirror, hybrid flush) call it twice per row.
+CREATE OR REPLACE FUNCTION durability_sequence_rank(s TEXT) RETURNS NUMERIC
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE
+    WHEN s IS NULL THEN NULL
+    WHEN s ~ '^[0-9]{1,40}$' THEN s::NUMERIC
+    WHEN s = 'TRIM_HORIZON' THEN -2
+    WHEN s = 'LATEST' THEN -1
+    WHEN s = 'SHARD_END' THEN 1e41
+    ELSE durability_invalid_sequence(s)
+  END
+$$;
 
 -- Monotonic, fenced save in one round trip. Outcomes:
 --   advanced | unchanged | stale | lease_lost (nothing written)

@@ -210,7 +210,9 @@ class ConsumerRuntime:
         if not is_transactional(self.handler):
             with self.metrics.timed("handler", "handler", read.shard):
                 result = self.handler(list(events), self._context(read, None))
-            return list(result.failed_sequences) if result else []
+            failed = list(result.failed_sequences) if result else []
+            self._ack_prefix(read, failed, ctx_save)
+            return failed
         if isinstance(self.store, PostgresCheckpointStore):
             with self.store.transaction() as tx:
                 with self.metrics.timed("handler", "handler", read.shard):
@@ -226,11 +228,16 @@ class ConsumerRuntime:
         with psycopg.connect(self.postgres_url) as conn, self.metrics.timed("handler", "handler", read.shard):
             result = self.handler(list(events), self._context(read, conn))
         failed = list(result.failed_sequences) if result else []
-        if failed:
-            target = read.batch.checkpoint_before(min(failed, key=sort_key))
-            if target is not None:
-                self.store.save(key, target, lease=read.lease, context=ctx_save)
+        self._ack_prefix(read, failed, ctx_save)
         return failed
+
+    def _ack_prefix(self, read: ReadOutput, failed: list[str], context: SaveContext) -> None:
+        """Partial failure: everything before the lowest failed item is done; checkpoint just before it."""
+        if not failed:
+            return
+        target = read.batch.checkpoint_before(min(failed, key=sort_key))
+        if target is not None:
+            self.store.save(self.key(read.shard), target, lease=read.lease, context=context)
 
     def _exhausted(self, read: ReadOutput, events: list[ChangeEvent], exc: BaseException,
                    attempts: int) -> ProcessOutput:

@@ -37,6 +37,7 @@ from dagster import (
 from durability_pipelines.checkpoints.errors import ConfigError, LeaseLostError
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.dispatch import RunState, SensorCursor, plan_tick, shard_id
+from durability_pipelines.consumer.handlers import load_handler
 from durability_pipelines.consumer.runtime import (
     BatchDeadLettered,
     ProcessOutput,
@@ -44,7 +45,7 @@ from durability_pipelines.consumer.runtime import (
     ShardBusyError,
 )
 from durability_pipelines.defs.resources import DurabilityResource
-from durability_pipelines.sources.errors import StreamChangedError
+from durability_pipelines.sources.errors import SourceError, StreamChangedError
 
 SHARD_TAG = "durability/shard"
 CONSUMER_TAG = "durability/consumer"
@@ -80,6 +81,10 @@ def _run_finished(context: OpExecutionContext):
 def read_batch(context: OpExecutionContext, config: ReadBatchConfig, durability: DurabilityResource) -> ReadOutput:
     """Take the shard's lease and read events after the acked checkpoint (up to max_events)."""
     cfg = consumer_config(config.consumer)
+    if cfg.adapter == "dynamodb" and not config.shard:
+        raise Failure(
+            f"consumer {cfg.name} reads a sharded stream: set ops.read_batch.config.shard to a shard id "
+            f"(the sensor {cfg.name}_sensor does this; its cursor lists the shards)", allow_retries=False)
     rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
     try:
         out = rt.read(config.shard or None, context.run_id)
@@ -214,16 +219,27 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
             known = list(dict.fromkeys([*listed, *(None if s == "-" else s for s in cursor.shards)]))
             acked_by_key = rt.store.load_many([rt.key(s) for s in known])
             acked = {s: acked_by_key[rt.key(s)] for s in known}
+            stopped: dict[str, str] = {}
+
+            def has_new(shard, after):
+                try:
+                    return rt.source.has_new(shard, after)
+                except SourceError as exc:  # e.g. trimmed data under trim_policy 'fail': stop this shard only
+                    stopped[shard_id(shard)] = str(exc)
+                    context.log.error(f"shard {shard_id(shard)} stopped: {exc}")
+                    return False
+
             plan = plan_tick(
                 cfg.name, cursor,
                 shards=rt.source.readable(acked),
                 acked=acked,
-                has_new=rt.source.has_new,
+                has_new=has_new,
                 run_state=lambda key: _run_state(context, key),
                 blocked=rt.storage.blocked_shards(cfg.name) if rt.storage else set(),
             )
         finally:
             rt.close()
+        plan.skipped.update({sid: f"STOPPED: {why}" for sid, why in stopped.items()})
         new_cursor = plan.cursor.to_json()
         mirror.save(sensor_name, new_cursor)
         requests = [
@@ -241,9 +257,21 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
     return _consumer_sensor
 
 
+def validate_for_dagster(cfg: ConsumerConfig) -> None:
+    """Fail definition loading (not the first tick) for configs that cannot work under Dagster."""
+    if cfg.checkpoint.backend == "memory":
+        raise ConfigError(
+            f"consumer {cfg.name}: checkpoint backend 'memory' is process-local, and Dagster runs every batch "
+            "in a new process, so the consumer would re-read its initial position forever. Use redis, "
+            "postgres or hybrid (memory is for library use and single-process tests)."
+        )
+    load_handler(cfg.handler)  # a handler that does not import fails here, naming the dotted path
+
+
 def build_consumer_defs(configs: Sequence[ConsumerConfig]) -> tuple[list[JobDefinition], list[SensorDefinition]]:
     jobs, sensors = [], []
     for cfg in configs:
+        validate_for_dagster(cfg)
         _REGISTRY[cfg.name] = cfg
         consumer_job = build_consumer_job(cfg)
         jobs.append(consumer_job)

@@ -38,3 +38,8 @@ def crash_after_write(events: Sequence[ChangeEvent], ctx: HandlerContext) -> Non
 
 
 crash_after_write.transactional = True  # type: ignore[attr-defined]
+
+
+def report_poison(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None:
+    """Non-transactional: records nothing itself, reports events with poison=True as failed."""
+    return HandlerResult(failed_sequences=[e.sequence for e in events if (e.new_image or {}).get("poison")])
