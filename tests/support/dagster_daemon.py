@@ -1,0 +1,346 @@
+"""A real Dagster instance and ``dagster-daemon`` process for end-to-end tests.
+
+* :class:`DagsterHome`: a temporary ``DAGSTER_HOME`` holding a *copy of the repository's*
+  ``dagster_home/dagster.yaml`` (so the file under test is the real one) and its own fresh
+  PostgreSQL database for Dagster's run/event/schedule storage (``DAGSTER_POSTGRES_URL``, in the
+  ``postgresql+psycopg2://`` form the file requires).
+* :class:`DagsterDaemon`: ``dagster-daemon run -w workspace.yaml`` as a subprocess in its own
+  session (process group), output captured to a log file. It runs the sensor daemon, the queued run
+  coordinator and launches runs in subprocesses of the code server, all inside that group.
+  :meth:`DagsterDaemon.stop` signals the whole group (SIGTERM, then SIGKILL) and waits until no
+  member is left: detached Dagster processes have ignored SIGTERM here (DESIGN.md §4).
+* :func:`wait_until`: a deadline loop (a hang guard, not a timed assertion).
+* Handlers the e2e consumers name by dotted path (``tests.support.dagster_daemon:record_deliveries``):
+  they run in Dagster run processes, so everything they share with the test is in Redis/Postgres.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import psycopg
+import redis
+from psycopg import sql
+
+from durability_pipelines import services
+from durability_pipelines.consumer.events import ChangeEvent
+from durability_pipelines.consumer.handlers import HandlerContext
+from durability_pipelines.sinks.postgres_events import handle as sink_handle
+
+REPO = Path(__file__).resolve().parents[2]
+REPO_DAGSTER_YAML = REPO / "dagster_home" / "dagster.yaml"
+REPO_WORKSPACE = REPO / "workspace.yaml"
+DAGSTER_POSTGRES_URL = "DAGSTER_POSTGRES_URL"
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    *,
+    what: str,
+    timeout: float = 120.0,
+    interval: float = 0.5,
+    diagnostics: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``predicate`` every ``interval`` s until it returns something truthy; return that.
+
+    A hang guard, not a timed assertion: on timeout it fails with ``what`` and the diagnostics
+    (e.g. the daemon log tail), so a stuck pipeline fails loudly instead of hanging the session.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            extra = diagnostics() if diagnostics else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{extra}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- DAGSTER_HOME
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class DagsterHome:
+    """A ``DAGSTER_HOME`` with the repository's ``dagster.yaml`` and a fresh storage database."""
+
+    path: Path
+    database: str
+    storage_url: str  # postgresql+psycopg2://…/<database>
+    admin_url: str
+    _instance: Any = None
+
+    @classmethod
+    def create(cls, parent: Path, admin_url: str, *, prefix: str = "dp_e2e") -> DagsterHome:
+        name = f"{prefix}_{secrets.token_hex(4)}"
+        url = services.ensure_database(admin_url, name)
+        path = parent / name
+        path.mkdir(parents=True)
+        shutil.copyfile(REPO_DAGSTER_YAML, path / "dagster.yaml")
+        return cls(path, name, services.dagster_storage_url(url), admin_url)
+
+    def instance(self) -> Any:
+        """A ``DagsterInstance`` on this home (created once; creating it migrates the storage schema).
+
+        ``dagster.yaml`` reads ``DAGSTER_POSTGRES_URL`` from the environment when the instance is
+        built, so it is set only for that moment.
+        """
+        if self._instance is None:
+            from dagster import DagsterInstance
+
+            with _env(DAGSTER_HOME=str(self.path), **{DAGSTER_POSTGRES_URL: self.storage_url}):
+                instance = DagsterInstance.from_config(str(self.path))
+                instance.get_runs(limit=1)  # touch the storage: schema created before any daemon starts
+            self._instance = instance
+        return self._instance
+
+    def dispose(self) -> None:
+        """Close the instance and drop the storage database (WITH FORCE: daemons may linger)."""
+        if self._instance is not None:
+            with contextlib.suppress(Exception):
+                self._instance.dispose()
+            self._instance = None
+        with psycopg.connect(services.libpq_url(self.admin_url), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database)))
+
+
+# --------------------------------------------------------------------------- the daemon process
+
+
+def _process_group_members(pgid: int) -> list[int]:
+    """PIDs whose process group is ``pgid`` (from /proc; zombies included until reaped)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces/parentheses: split after the last ')'
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _daemon_executable() -> str:
+    candidate = Path(sys.executable).parent / "dagster-daemon"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("dagster-daemon")
+    if not found:
+        raise RuntimeError("dagster-daemon is not installed next to this Python nor on PATH")
+    return found
+
+
+@dataclass
+class DagsterDaemon:
+    """``dagster-daemon run -w <workspace>`` on ``home`` with ``env`` added, output to ``log_path``."""
+
+    home: DagsterHome
+    env: Mapping[str, str]
+    log_path: Path
+    workspace: Path = REPO_WORKSPACE
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> DagsterDaemon:
+        if self.proc is not None:
+            raise RuntimeError("daemon already started")
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {
+            **os.environ,
+            **self.env,
+            "DAGSTER_HOME": str(self.home.path),
+            DAGSTER_POSTGRES_URL: self.home.storage_url,
+            "PYTHONPATH": pythonpath,
+            "PYTHONUNBUFFERED": "1",
+        }
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [_daemon_executable(), "run", "-w", str(self.workspace)],
+            cwd=str(REPO),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop() takes the code server and runs too
+        )
+        return self
+
+    @property
+    def pgid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None  # session leader: pgid == pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def group_members(self) -> list[int]:
+        return _process_group_members(self.pgid) if self.pgid else []
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``; wait until empty."""
+        if self.proc is None:
+            return
+        pgid = self.pgid
+        assert pgid is not None
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=0.1)  # reap the leader so it does not linger as a zombie
+                if not _process_group_members(pgid):
+                    break
+                time.sleep(0.2)
+            if not _process_group_members(pgid):
+                break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        left = _process_group_members(pgid)
+        if left:
+            raise RuntimeError(f"dagster-daemon process group {pgid} survived SIGKILL: {left}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 80) -> str:
+        tail = "\n".join(self.log_text().splitlines()[-lines:])
+        return f"--- tail of {self.log_path} ---\n{tail}\n--- end of daemon log ---"
+
+
+# --------------------------------------------------------------------------- instance queries
+
+
+def sensor_state(instance: Any, sensor_name: str) -> Any | None:
+    """The sensor's ``InstigatorState`` (created by the daemon at its first tick), or None."""
+    from dagster._core.scheduler.instigation import InstigatorType
+
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
+        if state.name == sensor_name:
+            return state
+    return None
+
+
+def sensor_ticks(instance: Any, sensor_name: str, *, limit: int | None = None) -> Sequence[Any]:
+    """The sensor's ticks, newest first (empty before its first tick)."""
+    state = sensor_state(instance, sensor_name)
+    if state is None:
+        return []
+    return instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=limit)
+
+
+def sensor_cursor(instance: Any, sensor_name: str) -> str | None:
+    state = sensor_state(instance, sensor_name)
+    data = state.instigator_data if state is not None else None
+    return getattr(data, "cursor", None)
+
+
+def tick_log_messages(instance: Any, tick: Any) -> list[str]:
+    """What the sensor logged (``context.log``) during ``tick``, from the compute log manager."""
+    from dagster._core.definitions.instigation_logger import get_instigation_log_records
+
+    if not tick.log_key:
+        return []
+    return [str(r.get("msg", "")) for r in get_instigation_log_records(instance, tick.log_key)]
+
+
+def run_records(instance: Any, tags: Mapping[str, str]) -> list[Any]:
+    """Run records carrying ``tags``, oldest first."""
+    from dagster import RunsFilter
+
+    return sorted(instance.get_run_records(filters=RunsFilter(tags=dict(tags))), key=lambda r: r.create_timestamp)
+
+
+# --------------------------------------------------------------------------- e2e handlers
+
+DELIVERIES_DDL = """
+CREATE TABLE IF NOT EXISTS e2e_deliveries (
+  id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  consumer TEXT NOT NULL, stream TEXT NOT NULL, shard TEXT NOT NULL, sequence TEXT NOT NULL,
+  run_id TEXT, ts TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())
+"""
+_INSERT_DELIVERIES = """
+INSERT INTO e2e_deliveries (consumer, stream, shard, sequence, run_id)
+SELECT %s, %s, s.shard, s.sequence, %s FROM unnest(%s::text[], %s::text[]) AS s(shard, sequence)
+"""
+
+
+class PoisonRecordError(ValueError):
+    """The batch holds the poison item and the test has not 'fixed the handler' yet."""
+
+
+def record_deliveries(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
+    """The real default sink plus one ``e2e_deliveries`` row per event, in the same transaction.
+
+    ``stream_events`` cannot show a batch committed twice (``ON CONFLICT DO NOTHING``);
+    ``e2e_deliveries`` has no such key, so a sequence found twice there was processed twice.
+    The table is created by the test before the daemon starts.
+    """
+    sink_handle(events, ctx)
+    assert ctx.connection is not None
+    ctx.connection.execute(
+        _INSERT_DELIVERIES,
+        (ctx.consumer, ctx.stream, ctx.run_id, [e.shard or "" for e in events], [e.sequence for e in events]),
+    )
+
+
+record_deliveries.transactional = True  # type: ignore[attr-defined]
+
+
+def poison_until_fixed(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
+    """Fail the whole batch while it holds the item ``handler_options.poison_pk`` and the Redis key
+    ``handler_options.fixed_flag`` is unset (the operator has not fixed the handler); every call is
+    counted in ``<fixed_flag>:calls``. Otherwise :func:`record_deliveries`."""
+    poison = str(ctx.options.get("poison_pk", "poison"))
+    flag = str(ctx.options["fixed_flag"])
+    client = redis.Redis.from_url(services.resolve_redis_url(check=False), socket_timeout=10)
+    try:
+        client.incr(f"{flag}:calls")
+        fixed = bool(client.exists(flag))
+    finally:
+        client.close()
+    if not fixed and any((e.keys or {}).get("pk") == poison for e in events):
+        raise PoisonRecordError(f"poison item {poison!r} in a batch of {len(events)} events")
+    record_deliveries(events, ctx)
+
+
+poison_until_fixed.transactional = True  # type: ignore[attr-defined]

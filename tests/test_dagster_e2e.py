@@ -1,0 +1,632 @@
+"""End to end on a real Dagster instance: the sensor's ticks launch real runs through a real daemon.
+
+One module-scoped environment (``e2e``):
+
+* a moto server (``tests.support.dynamodb.moto_server``) with one table + stream per consumer;
+* a temporary ``DAGSTER_HOME`` holding a copy of the repository's ``dagster_home/dagster.yaml`` (the
+  real file: dagster-postgres storage from ``DAGSTER_POSTGRES_URL``, QueuedRunCoordinator with the
+  per-shard tag limit, run retries) on a fresh database of the test PostgreSQL;
+* ``dagster-daemon run -w workspace.yaml`` (sensor daemon, run queue, run launcher) in its own process
+  group, with ``DURABILITY_*`` / AWS variables and ``DURABILITY_CONSUMERS_DIR`` pointing at three
+  consumer YAMLs written here (all hybrid checkpoints, ``sensor_interval_s: 1``, ``max_events: 100``):
+
+  - ``main``: the happy path (tests 1-2) and two node failovers (test 3): a new node restores the
+    sensor cursor from the Redis mirror, then a third one from the Postgres mirror (Redis copy deleted);
+  - ``retry``: a run that fails (its shard is leased by a foreign worker) is re-dispatched (test 4);
+  - ``poison``: a dead-lettered batch stops the shard until an operator acts (test 5).
+
+The handlers (``tests.support.dagster_daemon``) write through the real default sink into
+``stream_events`` and, in the same transaction, one ``e2e_deliveries`` row per event: that table
+has no unique key, so it shows a batch committed twice, which ``stream_events`` (``ON CONFLICT DO
+NOTHING``) would hide.
+
+The sensor daemon loops at most every ~5 s here (DESIGN.md §4), so batches are 100 events and the
+tests share one daemon (test 3 replaces it twice; tests 4-5 run on the third node). Redis is the test
+server on a logical db no session flushes. Every wait is a deadline loop (a hang guard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+import yaml
+
+from durability_pipelines import services
+from durability_pipelines.checkpoints import SaveContext
+from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
+from durability_pipelines.checkpoints.keys import CheckpointKey
+from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore, PostgresConnection
+from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
+from durability_pipelines.consumer.cursor_mirror import REDIS_PREFIX as CURSOR_MIRROR_PREFIX
+from durability_pipelines.consumer.storage import ConsumerStorage, ensure
+from durability_pipelines.defs.consumers import CONSUMER_TAG, SHARD_TAG
+from tests.support.dagster_daemon import (
+    DELIVERIES_DDL,
+    DagsterDaemon,
+    DagsterHome,
+    run_records,
+    sensor_cursor,
+    sensor_state,
+    sensor_ticks,
+    tick_log_messages,
+    wait_until,
+)
+from tests.support.dynamodb import AWS_TEST_ENV, clients, create_stream_table, moto_server, put_items
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+GROUP = "e2e"
+WORKER = "worker"
+MAX_EVENTS = 100
+FLUSH_EVERY_N = 100
+FLUSH_EVERY_S = 5.0
+WAIT_S = 150.0  # hang guard for one scenario step
+FOREIGN_OWNER = "e2e-foreign-worker"
+FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+# --------------------------------------------------------------------------- environment
+
+
+@dataclass
+class Consumer:
+    name: str
+    table: str
+    handler: str
+    handler_options: dict[str, Any] = field(default_factory=dict)
+    retry: dict[str, Any] = field(default_factory=lambda: {"max_retries": 1, "delay_s": 0.2})
+    produced: list[str] = field(default_factory=list)  # pk of every item written, in order
+
+    @property
+    def sensor(self) -> str:
+        return f"{self.name}_sensor"
+
+    def key(self, shard: str) -> CheckpointKey:
+        return CheckpointKey("dynamodb", self.table, GROUP, WORKER, shard)
+
+    def yaml(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": f"e2e consumer of {self.table}",
+            "source": {"kind": "dynamodb", "table": self.table, "region": AWS_TEST_ENV["AWS_DEFAULT_REGION"],
+                       "initial_position": "TRIM_HORIZON", "trim_policy": "fail"},
+            "group": GROUP,
+            "consumer": WORKER,
+            "handler": self.handler,
+            "handler_options": self.handler_options,
+            "checkpoint": {"backend": "hybrid", "flush_every_n": FLUSH_EVERY_N, "flush_every_s": FLUSH_EVERY_S},
+            "max_events": MAX_EVENTS,
+            "retry": self.retry,
+            "dead_letter": {"policy": "stop"},
+            "sensor_interval_s": 1,
+            "lease_duration_s": 120,
+        }
+
+
+@dataclass
+class E2E:
+    tmp: Path
+    endpoint: str
+    ddb: Any
+    streams: Any
+    postgres_url: str
+    admin_url: str
+    redis: redis.Redis
+    redis_url: str
+    daemon_env: dict[str, str]
+    consumers: dict[str, Consumer]
+    homes: list[DagsterHome] = field(default_factory=list)
+    daemons: list[DagsterDaemon] = field(default_factory=list)
+
+    # -- nodes -------------------------------------------------------------------------
+    @property
+    def daemon(self) -> DagsterDaemon:
+        return self.daemons[-1]
+
+    @property
+    def instance(self) -> Any:
+        return self.daemon.home.instance()
+
+    def start_node(self) -> DagsterDaemon:
+        """A new node: new empty DAGSTER_HOME + new storage database + a new daemon."""
+        home = DagsterHome.create(self.tmp / "homes", self.admin_url)
+        self.homes.append(home)
+        home.instance()  # creates the storage schema before the daemon races to
+        n = len(self.daemons) + 1
+        daemon = DagsterDaemon(home, self.daemon_env, self.tmp / f"daemon-{n}.log")
+        self.daemons.append(daemon)
+        daemon.start()
+        return daemon
+
+    def diagnostics(self) -> str:
+        lines = []
+        for c in self.consumers.values():
+            try:
+                runs = run_records(self.instance, {CONSUMER_TAG: c.name})
+                lines.append(f"{c.name}: " + ", ".join(
+                    f"{r.dagster_run.tags.get('dagster/run_key')}={r.dagster_run.status.value}" for r in runs))
+            except Exception as exc:  # noqa: BLE001 - diagnostics must not mask the failure
+                lines.append(f"{c.name}: runs unavailable ({exc})")
+        alive = "alive" if self.daemons and self.daemon.alive() else "NOT running"
+        return f"daemon {alive}\n" + "\n".join(lines) + "\n" + (self.daemon.log_tail() if self.daemons else "")
+
+    @contextlib.contextmanager
+    def dump_on_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            print(self.diagnostics())  # shown by pytest in "Captured stdout call"
+            raise
+
+    def wait(self, predicate: Any, what: str, timeout: float = WAIT_S) -> Any:
+        return wait_until(predicate, what=what, timeout=timeout, diagnostics=self.diagnostics)
+
+    # -- stream ----------------------------------------------------------------------
+    def produce(self, c: Consumer, pks: list[str]) -> None:
+        put_items(self.ddb, c.table, [{"pk": pk, "n": i, "by": "e2e"} for i, pk in enumerate(pks)])
+        c.produced.extend(pks)
+
+    def produce_new(self, c: Consumer, n: int) -> list[str]:
+        start = len(c.produced)
+        pks = [f"{c.name}-{start + i:05d}" for i in range(n)]
+        self.produce(c, pks)
+        return pks
+
+    def stream_records(self, c: Consumer) -> list[tuple[str, str, str]]:
+        """(shard, sequence, pk) of every record of the table's stream, read straight from moto."""
+        arn = self.ddb.describe_table(TableName=c.table)["Table"]["LatestStreamArn"]
+        out = []
+        for shard in self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
+            it = self.streams.get_shard_iterator(StreamArn=arn, ShardId=shard["ShardId"],
+                                                 ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+            while it:
+                resp = self.streams.get_records(ShardIterator=it, Limit=1000)
+                for r in resp["Records"]:
+                    out.append((shard["ShardId"], r["dynamodb"]["SequenceNumber"], r["dynamodb"]["Keys"]["pk"]["S"]))
+                if not resp["Records"]:
+                    break
+                it = resp.get("NextShardIterator")
+        return out
+
+    def last_sequences(self, c: Consumer) -> dict[str, str]:
+        last: dict[str, str] = {}
+        for shard, seq, _ in self.stream_records(c):
+            last[shard] = seq
+        return last
+
+    # -- stores ----------------------------------------------------------------------
+    def redis_checkpoint(self, c: Consumer, shard: str) -> str | None:
+        raw = self.redis.get(c.key(shard).redis_key)
+        return raw.decode() if raw is not None else None
+
+    def pg_checkpoint(self, c: Consumer, shard: str) -> str | None:
+        with psycopg.connect(self.postgres_url) as conn:
+            row = conn.execute(
+                "SELECT sequence FROM checkpoints WHERE adapter = 'dynamodb' AND stream = %s AND grp = %s "
+                "AND consumer = %s AND shard = %s", (c.table, GROUP, WORKER, shard)).fetchone()
+        return row[0] if row else None
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.postgres_url) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def runs(self, c: Consumer, instance: Any = None) -> list[Any]:
+        return run_records(instance or self.instance, {CONSUMER_TAG: c.name})
+
+    # -- waits -----------------------------------------------------------------------
+    def wait_drained(self, c: Consumer, timeout: float = WAIT_S) -> dict[str, str]:
+        """Until every shard's Redis checkpoint is the shard's last sequence and no run is in flight."""
+        last = self.last_sequences(c)
+        assert last, f"{c.table} has no stream records"
+        self.wait(lambda: all(self.redis_checkpoint(c, s) == seq for s, seq in last.items()),
+                  f"{c.name}: checkpoints to reach {last}", timeout)
+        self.wait(lambda: all(r.dagster_run.status.value in FINISHED for r in self.runs(c)),
+                  f"{c.name}: every run to finish", timeout)
+        return last
+
+    def wait_tick_after(self, c: Consumer, after: float, *, contains: str = "", count: int = 1) -> list[Any]:
+        """Until ``count`` ticks of the consumer's sensor evaluated after ``after`` (epoch s), each
+        with ``contains`` in its skip reason when given."""
+        def ticks() -> list[Any]:
+            found = [t for t in sensor_ticks(self.instance, c.sensor, limit=50)
+                     if t.timestamp > after and t.status.value in ("SKIPPED", "SUCCESS")
+                     and contains in (t.skip_reason or "")]
+            return found if len(found) >= count else []
+        return self.wait(ticks, f"{count} tick(s) of {c.sensor} after {after} with {contains!r}")
+
+
+def _delete_keys(client: redis.Redis, patterns: list[str]) -> None:
+    for pattern in patterns:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_admin_url: str,
+        redis_url: str) -> Iterator[E2E]:
+    tmp = tmp_path_factory.mktemp("dagster_e2e")
+    suffix = secrets.token_hex(3)
+    # The session's Redis server on a logical db that is never flushed (as tests/test_cli.py does): the
+    # shared fixture's db is flushed whenever a pytest session starts, and a colleague's session once
+    # wiped this module's checkpoints mid-test. Keys here are unique; teardown deletes them.
+    e2e_redis_url = services.with_redis_db(redis_url, (int(os.environ.get("DURABILITY_TEST_REDIS_DB", "13")) + 1) % 16)
+    db = PostgresConnection(postgres_url)
+    ensure(db)  # the consumer tables exist before the first query of the test
+    db.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(DELIVERIES_DDL)
+    client = redis.Redis.from_url(e2e_redis_url)
+    env: E2E | None = None
+    with moto_server() as endpoint:
+        ddb, streams = clients(endpoint)
+        handler = "tests.support.dagster_daemon:record_deliveries"
+        consumers = {
+            "main": Consumer(f"e2e_main_{suffix}", create_stream_table(ddb)[0], handler),
+            "retry": Consumer(f"e2e_retry_{suffix}", create_stream_table(ddb)[0], handler),
+            "poison": Consumer(
+                f"e2e_poison_{suffix}", create_stream_table(ddb)[0], "tests.support.dagster_daemon:poison_until_fixed",
+                handler_options={"poison_pk": "poison", "fixed_flag": f"e2e:{suffix}:poison_fixed"},
+            ),
+        }
+        consumers_dir = tmp / "consumers"
+        consumers_dir.mkdir()
+        for c in consumers.values():
+            (consumers_dir / f"{c.name}.yaml").write_text(yaml.safe_dump(c.yaml(), sort_keys=False))
+        daemon_env = {
+            **AWS_TEST_ENV,
+            "DURABILITY_DYNAMODB_ENDPOINT_URL": endpoint,
+            "DURABILITY_POSTGRES_URL": postgres_url,
+            "DURABILITY_REDIS_URL": e2e_redis_url,
+            "DURABILITY_CONSUMERS_DIR": str(consumers_dir),
+            # The code location also schedules the Redis<->Postgres checkpoint mirror every minute.
+            # Kept out of this module: it would mask the consumer's own hybrid flush bound asserted
+            # here, and its multiprocess runs double the CPU load of a 2-CPU machine.
+            "DURABILITY_MIRROR_CRON": "0 0 1 1 *",
+        }
+        env = E2E(tmp, endpoint, ddb, streams, postgres_url, postgres_admin_url, client, e2e_redis_url,
+                  daemon_env, consumers)
+        try:
+            env.start_node()
+            yield env
+        finally:
+            errors = []
+            for daemon in env.daemons:
+                try:
+                    daemon.stop()
+                except Exception as exc:  # noqa: BLE001 - stop every daemon, then report
+                    errors.append(exc)
+            for home in env.homes:
+                with contextlib.suppress(Exception):
+                    home.dispose()
+            with contextlib.suppress(redis.RedisError):
+                _delete_keys(client, [f"*{c.table}*" for c in consumers.values()] + [f"*{suffix}*"])
+            client.close()
+            if errors:
+                raise errors[0]
+
+
+# --------------------------------------------------------------------------- oracles
+
+
+def assert_every_event_once(e2e: E2E, c: Consumer) -> list[tuple[str, str, str]]:
+    """KCL-style oracle on the sink: every produced record exactly once, per shard, nothing else."""
+    records = e2e.stream_records(c)
+    assert len(records) == len(c.produced)  # one INSERT record per put (all keys distinct)
+    assert sorted(pk for _, _, pk in records) == sorted(c.produced)
+    (total, distinct), = e2e.query(
+        "SELECT count(*), count(DISTINCT (shard, sequence)) FROM stream_events WHERE stream = %s", c.table)
+    assert total == distinct == len(c.produced)
+    sink = e2e.query("SELECT shard, sequence, keys->>'pk' FROM stream_events WHERE stream = %s", c.table)
+    by_shard: dict[str, set[str]] = {}
+    for shard, seq, _ in records:
+        by_shard.setdefault(shard, set()).add(seq)
+    sink_by_shard: dict[str, set[str]] = {}
+    for shard, seq, _ in sink:
+        sink_by_shard.setdefault(shard, set()).add(seq)
+    assert sink_by_shard == by_shard  # per shard, exactly the produced sequences
+    assert sorted(pk for _, _, pk in sink) == sorted(c.produced)
+    # committed exactly once: e2e_deliveries has no unique key, a second commit would show
+    deliveries = Counter(e2e.query("SELECT shard, sequence FROM e2e_deliveries WHERE stream = %s", c.table))
+    twice = {k: n for k, n in deliveries.items() if n > 1}
+    assert not twice, f"events committed more than once: {twice}"
+    assert set(deliveries) == {(s, q) for s, q, _ in records}
+    return records
+
+
+def assert_runs_real_and_serial(e2e: E2E, c: Consumer, runs: list[Any]) -> None:
+    """Launched by the sensor through the daemon, distinct run keys, one in flight per shard."""
+    keys = [r.dagster_run.tags.get("dagster/run_key") for r in runs]
+    assert all(keys) and len(set(keys)) == len(keys), keys
+    for r in runs:
+        tags = r.dagster_run.tags
+        assert tags.get("dagster/sensor_name") == c.sensor
+        assert tags.get(SHARD_TAG, "").startswith(f"{c.name}:")
+        assert "dagster/parent_run_id" not in tags  # no run-level retry behind the sensor's back
+        assert r.start_time is not None and r.end_time is not None
+    by_shard: dict[str, list[Any]] = {}
+    for r in runs:
+        by_shard.setdefault(r.dagster_run.tags[SHARD_TAG], []).append(r)
+    for shard_runs in by_shard.values():
+        shard_runs.sort(key=lambda r: r.start_time)
+        for prev, nxt in zip(shard_runs, shard_runs[1:], strict=False):
+            assert nxt.start_time >= prev.end_time, (
+                f"runs {prev.dagster_run.run_id} and {nxt.dagster_run.run_id} of one shard overlapped")
+
+
+def redis_history(e2e: E2E, c: Consumer, shard: str) -> list[dict[str, str]]:
+    entries = e2e.redis.xrange(c.key(shard).history_key)
+    return [{k.decode(): v.decode() for k, v in fields.items()} | {"ms": eid.decode().split("-")[0]}
+            for eid, fields in entries]
+
+
+def assert_checkpoint_chain(e2e: E2E, c: Consumer, shard: str, runs: list[Any]) -> None:
+    """Checkpoints only ever advanced, each run started after the previous acked position."""
+    hist = redis_history(e2e, c, shard)
+    assert hist, "no checkpoint history in Redis"
+    prev = ""
+    for h in hist:
+        assert h["prev"] == prev and int(h["seq"]) > int(prev or 0), hist
+        prev = h["seq"]
+    pg_hist = e2e.query(
+        "SELECT previous_sequence, new_sequence FROM checkpoint_history WHERE stream = %s AND consumer = %s "
+        "AND shard = %s ORDER BY id", c.table, WORKER, shard)
+    assert pg_hist, "no checkpoint history in Postgres (hybrid flushes)"
+    last = None
+    for previous, new in pg_hist:
+        assert previous == last and int(new) > int(last or 0), pg_hist
+        last = new
+    # Every successful run advanced the checkpoint exactly once, in run order, from the acked
+    # position it was dispatched at; no other writer (failed run, test) ever advanced it.
+    succeeded = sorted((r for r in runs if r.dagster_run.status.value == "SUCCESS"), key=lambda r: r.start_time)
+    assert [h["writer"] for h in hist] == [r.dagster_run.run_id for r in succeeded]
+    for h, run in zip(hist, succeeded, strict=True):
+        assert run.dagster_run.tags["durability/start_after"] == (h["prev"] or "INITIAL"), h
+
+
+def assert_postgres_within_hybrid_bound(e2e: E2E, c: Consumer, shard: str) -> None:
+    """Hybrid: Postgres holds the checkpoint, never ahead of Redis, and at the last ack owed no flush
+    (fewer than N acks and less than T seconds since the last flush); an ack after T seconds brings
+    Postgres to Redis's value."""
+    r, p = e2e.redis_checkpoint(c, shard), e2e.pg_checkpoint(c, shard)
+    assert r is not None and p is not None
+    assert int(p) <= int(r)
+    state = {k.decode(): int(v) for k, v in e2e.redis.hgetall(c.key(shard).hybrid_state_key).items()}
+    assert state.get("acks", 0) < FLUSH_EVERY_N, state
+    if p != r:
+        last_ack_ms = int(redis_history(e2e, c, shard)[-1]["ms"])
+        assert last_ack_ms - state["flushed_ms"] < FLUSH_EVERY_S * 1000, (state, last_ack_ms)
+        # T seconds after that flush, one more (idempotent) ack flushes.
+        wait_s = (state["flushed_ms"] + FLUSH_EVERY_S * 1000) / 1000 - time.time()
+        time.sleep(max(0.0, wait_s) + 0.2)
+        store = HybridCheckpointStore(RedisCheckpointStore.from_url(e2e.redis_url),
+                                      PostgresCheckpointStore(e2e.postgres_url),
+                                      flush_every_n=FLUSH_EVERY_N, flush_every_s=FLUSH_EVERY_S)
+        try:
+            result = store.save(c.key(shard), r, context=SaveContext(writer="e2e-test", reason="idempotent re-ack"))
+            assert result.outcome.value == "unchanged"
+        finally:
+            store.close(flush=False)
+            store.redis.client.close()
+        assert e2e.pg_checkpoint(c, shard) == r
+
+
+def drain_first_wave(e2e: E2E, c: Consumer, n: int) -> dict[str, str]:
+    if not c.produced:
+        e2e.produce_new(c, n)
+    return e2e.wait_drained(c)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_sensor_ticks_launch_runs_that_checkpoint_every_event(e2e: E2E) -> None:
+    c = e2e.consumers["main"]
+    with e2e.dump_on_failure():
+        e2e.produce_new(c, 200)
+        last = e2e.wait_drained(c)
+        (shard,) = last
+
+        records = assert_every_event_once(e2e, c)
+        assert e2e.redis_checkpoint(c, shard) == records[-1][1]
+
+        runs = e2e.runs(c)
+        assert len(runs) >= 2  # 200 events, at most 100 per run
+        assert all(r.dagster_run.status.value == "SUCCESS" for r in runs)
+        assert_runs_real_and_serial(e2e, c, runs)
+        assert_checkpoint_chain(e2e, c, shard, runs)
+        # every delivery was committed by one of these runs
+        delivered_by = {row[0] for row in e2e.query(
+            "SELECT DISTINCT run_id FROM e2e_deliveries WHERE stream = %s", c.table)}
+        assert delivered_by <= {r.dagster_run.run_id for r in runs}
+
+        # caught up: the next tick dispatches nothing
+        e2e.wait_tick_after(c, max(r.end_time for r in runs), contains="caught up")
+        assert len(e2e.runs(c)) == len(runs)
+
+        assert_postgres_within_hybrid_bound(e2e, c, shard)
+
+
+def test_more_writes_while_running_are_picked_up(e2e: E2E) -> None:
+    c = e2e.consumers["main"]
+    with e2e.dump_on_failure():
+        first = drain_first_wave(e2e, c, 150)
+        (shard,) = first
+        before = {r.dagster_run.run_id for r in e2e.runs(c)}
+        drained_at = time.time()
+
+        e2e.produce_new(c, 60)
+        time.sleep(1.0)  # the daemon keeps running: a second write burst while it polls
+        e2e.produce_new(c, 60)
+        last = e2e.wait_drained(c)
+        assert int(last[shard]) > int(first[shard])
+
+        assert_every_event_once(e2e, c)
+        runs = e2e.runs(c)
+        new = [r for r in runs if r.dagster_run.run_id not in before]
+        assert new and all(r.dagster_run.status.value == "SUCCESS" for r in new)
+        assert all(r.start_time >= drained_at - 1 for r in new)
+        assert new[0].dagster_run.tags["durability/start_after"] == first[shard]  # resumed at the acked position
+        assert_runs_real_and_serial(e2e, c, runs)
+        assert_checkpoint_chain(e2e, c, shard, runs)
+        assert_postgres_within_hybrid_bound(e2e, c, shard)
+
+
+def fail_over(e2e: E2E, c: Consumer, *, expect_origin: str) -> tuple[Any, str]:
+    """Kill the current node once it is idle and start a new one (new empty DAGSTER_HOME, new storage
+    database, new daemon). Asserts the new node's sensor restored the old node's cursor from the
+    ``expect_origin`` mirror and dispatched nothing. Returns (old instance, the cursor)."""
+    old = e2e.daemon
+    old_instance = old.home.instance()
+    old_runs = e2e.runs(c, old_instance)
+    e2e.wait_tick_after(c, max((r.end_time for r in old_runs), default=0.0), contains="caught up")
+
+    old.stop()  # the node dies: the whole process group, nothing left behind
+    assert not old.alive() and not old.group_members()
+
+    dagster_cursor = sensor_cursor(old_instance, c.sensor)
+    mirror_redis = e2e.redis.get(f"{CURSOR_MIRROR_PREFIX}:{c.sensor}")
+    ((mirror_pg,),) = e2e.query("SELECT cursor FROM sensor_cursors WHERE sensor_name = %s", c.sensor)
+    assert dagster_cursor and mirror_redis
+    assert json.loads(mirror_redis) == json.loads(mirror_pg) == json.loads(dagster_cursor)
+    if expect_origin == "postgres":
+        e2e.redis.delete(f"{CURSOR_MIRROR_PREFIX}:{c.sensor}")  # Redis lost it: Postgres is the fallback
+
+    new = e2e.start_node()
+    assert new.home.database != old.home.database and new.home.path != old.home.path
+    new_instance = e2e.instance
+    assert sensor_state(new_instance, c.sensor) is None  # an empty instance: no Dagster cursor
+    first_tick = e2e.wait(
+        lambda: [t for t in sensor_ticks(new_instance, c.sensor)[-1:] if t.status.value != "STARTED"],
+        f"the first tick of {c.sensor} on the new node to complete")[0]
+    messages = tick_log_messages(new_instance, first_tick)
+    assert any(f"restored the cursor from the {expect_origin} mirror" in m for m in messages), messages
+    # the new node's Dagster cursor is the old node's, and it dispatched nothing
+    restored = e2e.wait(lambda: sensor_cursor(new_instance, c.sensor), "the new node's sensor cursor")
+    assert json.loads(restored) == json.loads(dagster_cursor)
+    assert e2e.runs(c, new_instance) == []
+    return old_instance, dagster_cursor
+
+
+def test_failover_restores_the_sensor_cursor_from_the_mirror(e2e: E2E) -> None:
+    c = e2e.consumers["main"]
+    with e2e.dump_on_failure():
+        before = drain_first_wave(e2e, c, 100)
+        (shard,) = before
+        old_instance, _ = fail_over(e2e, c, expect_origin="redis")
+        old_runs = e2e.runs(c, old_instance)
+        new_instance = e2e.instance
+
+        # Writes after the failover are processed by the new node, from the acked position.
+        e2e.produce_new(c, 100)
+        last = e2e.wait_drained(c)
+        new_runs = e2e.runs(c, new_instance)
+        assert new_runs and all(r.dagster_run.status.value == "SUCCESS" for r in new_runs)
+        assert new_runs[0].dagster_run.tags["durability/start_after"] == before[shard]
+        assert e2e.redis_checkpoint(c, shard) == last[shard]
+
+        # Nothing processed twice, checkpoints never went backwards across both nodes.
+        assert_every_event_once(e2e, c)
+        assert_runs_real_and_serial(e2e, c, new_runs)
+        assert_checkpoint_chain(e2e, c, shard, old_runs + new_runs)
+
+        # A second failover with the Redis copy of the cursor gone: restored from Postgres.
+        # (The following tests run on this third node.)
+        fail_over(e2e, c, expect_origin="postgres")
+
+
+def test_failed_batch_is_redispatched_not_skipped(e2e: E2E) -> None:
+    from dagster import DagsterEventType
+
+    c = e2e.consumers["retry"]
+    with e2e.dump_on_failure():
+        (shard_desc,) = e2e.streams.describe_stream(
+            StreamArn=e2e.ddb.describe_table(TableName=c.table)["Table"]["LatestStreamArn"]
+        )["StreamDescription"]["Shards"]
+        shard = shard_desc["ShardId"]
+        # A live foreign worker holds the shard's lease: the run's read_batch cannot take it.
+        store = HybridCheckpointStore(RedisCheckpointStore.from_url(e2e.redis_url),
+                                      PostgresCheckpointStore(e2e.postgres_url))
+        lease = store.leases.acquire(c.key(shard).lease_key, FOREIGN_OWNER, 300)
+        assert lease is not None
+        try:
+            e2e.produce_new(c, 80)  # one batch
+            failed = e2e.wait(lambda: [r for r in e2e.runs(c) if r.dagster_run.status.value == "FAILURE"],
+                              "a run failing on the leased shard")[0]
+        finally:
+            store.leases.release(lease)
+            store.close(flush=False)
+        failure_text = " ".join(
+            str(e.dagster_event.event_specific_data)
+            for e in e2e.instance.all_logs(failed.dagster_run.run_id, of_type=DagsterEventType.STEP_FAILURE))
+        assert FOREIGN_OWNER in failure_text and "read_batch" in str(
+            [e.step_key for e in e2e.instance.all_logs(failed.dagster_run.run_id,
+                                                       of_type=DagsterEventType.STEP_FAILURE)])
+        assert e2e.redis_checkpoint(c, shard) is None  # the failed batch was not skipped
+
+        e2e.wait_drained(c)
+        runs = e2e.runs(c)
+        tags = [r.dagster_run.tags for r in runs]
+        initial = [(t["dagster/run_key"], t["durability/attempt"], r.dagster_run.status.value)
+                   for t, r in zip(tags, runs, strict=True) if t["durability/start_after"] == "INITIAL"]
+        failures = [x for x in initial if x[2] == "FAILURE"]
+        successes = [x for x in initial if x[2] == "SUCCESS"]
+        # attempts 0..k-1 failed, attempt k (>= 1) succeeded from the same acked position
+        assert [int(a) for _, a, _ in initial] == list(range(len(initial))), initial
+        assert len(successes) == 1 and failures and successes[0] == initial[-1]
+        k = len(failures)
+        assert successes[0][0] == f"{c.name}:{shard}:INITIAL:a{k}"
+        assert_every_event_once(e2e, c)
+        assert_runs_real_and_serial(e2e, c, runs)
+        assert_checkpoint_chain(e2e, c, shard, runs)
+
+
+def test_dead_lettered_batch_stops_the_shard_until_an_operator_retries(e2e: E2E) -> None:
+    c = e2e.consumers["poison"]
+    flag = c.handler_options["fixed_flag"]
+    db = PostgresConnection(e2e.postgres_url)
+    storage = ConsumerStorage(db)
+    with e2e.dump_on_failure(), contextlib.closing(db):
+        e2e.produce(c, [f"ok-{i:03d}" for i in range(40)] + ["poison"] + [f"ok-{i:03d}" for i in range(40, 80)])
+        records = e2e.stream_records(c)
+        (shard,) = {s for s, _, _ in records}
+
+        dl = e2e.wait(lambda: storage.dead_letters(c.name, status="open"), "an open dead letter")[0]
+        assert (dl.shard, dl.first_sequence, dl.last_sequence, dl.record_count) == (
+            shard, records[0][1], records[-1][1], len(records))
+        assert dl.policy == "stop" and dl.attempts == c.retry["max_retries"] + 1 and "poison" in dl.error
+        failed = e2e.wait(lambda: [r for r in e2e.runs(c) if r.dagster_run.status.value == "FAILURE"],
+                          "the dead-lettering run to fail")
+        assert dl.run_id == failed[0].dagster_run.run_id
+        assert e2e.redis_checkpoint(c, shard) is None  # nothing acked, nothing skipped
+        assert e2e.query("SELECT count(*) FROM stream_events WHERE stream = %s", c.table) == [(0,)]
+
+        # While the dead letter is open the shard stops: ticks skip it, no run is dispatched.
+        e2e.wait_tick_after(c, failed[0].end_time, contains="open dead letter", count=2)
+        assert len(e2e.runs(c)) == 1
+
+        # The operator fixes the handler and asks for a retry.
+        e2e.redis.set(flag, "1")
+        assert storage.set_dead_letter_status(dl.id, "retry", by="e2e-operator", note="handler fixed")
+        e2e.wait_drained(c)
+
+        runs = e2e.runs(c)
+        assert [r.dagster_run.status.value for r in runs] == ["FAILURE", "SUCCESS"]
+        assert runs[1].dagster_run.tags["dagster/run_key"] == f"{c.name}:{shard}:INITIAL:a1"
+        assert_every_event_once(e2e, c)
+        assert [d.status for d in storage.dead_letters(c.name)] == ["retry"]  # no new dead letter
+        assert int(e2e.redis.get(f"{flag}:calls")) == dl.attempts + 1
+        assert_runs_real_and_serial(e2e, c, runs)
+        assert_checkpoint_chain(e2e, c, shard, runs)
