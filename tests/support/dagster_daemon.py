@@ -20,14 +20,13 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import redis
@@ -36,6 +35,7 @@ from psycopg import sql
 from durability_pipelines import services
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.handlers import HandlerContext
+from durability_pipelines.processes import ProcessGroup, group_members
 from durability_pipelines.sinks.postgres_events import handle as sink_handle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,23 +137,6 @@ class DagsterHome:
 # --------------------------------------------------------------------------- the daemon process
 
 
-def _process_group_members(pgid: int) -> list[int]:
-    """PIDs whose process group is ``pgid`` (from /proc; zombies included until reaped)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may contain spaces/parentheses: split after the last ')'
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
 def _daemon_executable() -> str:
     candidate = Path(sys.executable).parent / "dagster-daemon"
     if candidate.exists():
@@ -166,17 +149,20 @@ def _daemon_executable() -> str:
 
 @dataclass
 class DagsterDaemon:
-    """``dagster-daemon run -w <workspace>`` on ``home`` with ``env`` added, output to ``log_path``."""
+    """``dagster-daemon run -w <workspace>`` on ``home`` with ``env`` added, output to ``log_path``.
+
+    Runs as a ``durability_pipelines.processes.ProcessGroup`` (the demo's own mechanism): the
+    daemon, its code server and the runs it launches are stopped as one group.
+    """
 
     home: DagsterHome
     env: Mapping[str, str]
     log_path: Path
     workspace: Path = REPO_WORKSPACE
-    proc: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = field(default=None, repr=False)
+    group: ProcessGroup | None = None
 
     def start(self) -> DagsterDaemon:
-        if self.proc is not None:
+        if self.group is not None:
             raise RuntimeError("daemon already started")
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         env = {
@@ -187,54 +173,31 @@ class DagsterDaemon:
             "PYTHONPATH": pythonpath,
             "PYTHONUNBUFFERED": "1",
         }
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [_daemon_executable(), "run", "-w", str(self.workspace)],
-            cwd=str(REPO),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() takes the code server and runs too
-        )
+        self.group = ProcessGroup("dagster-daemon", [_daemon_executable(), "run", "-w", str(self.workspace)],
+                                  env, self.log_path, cwd=REPO).start()
         return self
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.group.proc if self.group else None
 
     @property
     def pgid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None  # session leader: pgid == pid
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.group is not None and self.group.alive()
 
     def group_members(self) -> list[int]:
-        return _process_group_members(self.pgid) if self.pgid else []
+        return group_members(self.pgid) if self.pgid else []
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``; wait until empty."""
-        if self.proc is None:
+        if self.group is None:
             return
-        pgid = self.pgid
-        assert pgid is not None
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, sig)
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=0.1)  # reap the leader so it does not linger as a zombie
-                if not _process_group_members(pgid):
-                    break
-                time.sleep(0.2)
-            if not _process_group_members(pgid):
-                break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        left = _process_group_members(pgid)
+        left = self.group.stop(grace_s)
         if left:
-            raise RuntimeError(f"dagster-daemon process group {pgid} survived SIGKILL: {left}")
+            raise RuntimeError(f"dagster-daemon process group {self.pgid} survived SIGKILL: {left}")
 
     def log_text(self) -> str:
         try:
