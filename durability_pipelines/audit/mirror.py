@@ -22,7 +22,12 @@ import redis
 
 from durability_pipelines.checkpoints.errors import InvalidSequenceError
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
-from durability_pipelines.checkpoints.ordering import normalize_sequence, sequence_gap, sort_key
+from durability_pipelines.checkpoints.ordering import (
+    fast_sequence,
+    normalize_sequence,
+    sequence_gap,
+    sort_key,
+)
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.checkpoints.redis_store import SAVE_LUA
 from durability_pipelines.consumer.storage import ensure
@@ -103,11 +108,11 @@ def _decode(v: bytes | str) -> str:
 
 def _canonical(raw: bytes | str) -> str | None:
     """Canonical sequence, or None when invalid; a fast path for the common canonical number."""
-    v = _decode(raw) if isinstance(raw, bytes) else raw
-    if v.isascii() and v.isdigit() and len(v) <= 40 and (v[0] != "0" or v == "0"):
-        return v
+    fast = fast_sequence(raw)
+    if fast is not None:
+        return fast
     try:
-        return normalize_sequence(v)
+        return normalize_sequence(raw)
     except InvalidSequenceError:
         return None
 

@@ -41,9 +41,9 @@ from durability_pipelines.checkpoints.errors import (
     StoreUnavailableError,
 )
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
-from durability_pipelines.checkpoints.ordering import max_sequence, normalize_sequence
+from durability_pipelines.checkpoints.ordering import fast_sequence, max_sequence, normalize_sequence
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
-from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore, fast_sequence
+from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
 
 log = logging.getLogger(__name__)
 

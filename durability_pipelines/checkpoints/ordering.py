@@ -57,6 +57,22 @@ def normalize_sequence(value: object, *, key: str | None = None) -> str:
     )
 
 
+def fast_sequence(value: object) -> str | None:
+    """``value`` as a str if it already is a canonical number (1-40 ASCII digits, no leading zero), else None.
+
+    The hot-path shortcut of ``normalize_sequence``: for such values it returns exactly what
+    ``normalize_sequence`` would; anything else (sentinels, leading zeros, garbage) goes the long way.
+    """
+    cls = value.__class__
+    if cls is bytes:
+        if value.isdigit() and len(value) <= 40 and (value[0] != 48 or len(value) == 1):
+            return value.decode("ascii")
+    elif (cls is str and value.isdigit() and value.isascii() and len(value) <= 40
+          and (value[0] != "0" or len(value) == 1)):
+        return value
+    return None
+
+
 def sort_key(value: str) -> tuple[int, int, str]:
     """Total-order key for a *canonical* position (see ``normalize_sequence``)."""
     rank = _SENTINEL_RANK.get(value)

@@ -29,7 +29,7 @@ from durability_pipelines.checkpoints.base import (
 from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.memory import lease_lost
-from durability_pipelines.checkpoints.ordering import normalize_sequence
+from durability_pipelines.checkpoints.ordering import fast_sequence, normalize_sequence
 
 _SCRIPT_DIR = resources.files("durability_pipelines.checkpoints")
 SAVE_LUA = (_SCRIPT_DIR / "checkpoint.lua").read_text()
@@ -82,20 +82,6 @@ def _s(v: Any) -> str | None:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def fast_sequence(value: Any) -> str | None:
-    """``value`` as a str if it already is a canonical number (1-40 ASCII digits, no leading zero), else None.
-
-    The hot-path shortcut of ``normalize_sequence``: for such values it returns exactly what
-    ``normalize_sequence`` would; anything else (sentinels, leading zeros, garbage) goes the long way.
-    """
-    cls = value.__class__
-    if cls is bytes:
-        if value.isdigit() and len(value) <= 40 and (value[0] != 48 or len(value) == 1):
-            return value.decode("ascii")
-    elif (cls is str and value.isdigit() and value.isascii() and len(value) <= 40
-          and (value[0] != "0" or len(value) == 1)):
-        return value
-    return None
 
 
 def parse_stored(key: CheckpointKey, raw: Any) -> str | None:
