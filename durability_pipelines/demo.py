@@ -230,7 +230,19 @@ def _failed_runs(env: DemoEnv) -> int:
         os.environ.update(saved)
 
 
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM both run the normal cleanup (a background job starts with SIGINT ignored)."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate: float) -> int:
+    _stop_on_signals()
     bounded = events is not None
     progress = Progress(6)
     started_embedded = not os.environ.get(services.ENV_POSTGRES_URL) or not os.environ.get(services.ENV_REDIS_URL)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 
 import psycopg
@@ -12,30 +11,15 @@ import redis
 
 from durability_pipelines.checkpoints import CheckpointKey
 from durability_pipelines.sinks.realtime import install_realtime_fixture
-from tests.support.dynamodb import AWS_TEST_ENV, clients, create_stream_table, moto_server, put_items
+from tests.support.dynamodb import clients, create_stream_table, put_items
 from tests.support.inprocess import Driver
+from tests.support.starters import starter_environment
 
 
 @pytest.fixture
 def env(monkeypatch, postgres_url: str, redis_url: str) -> Iterator[str]:
-    """The repo's starters, pointed at the test servers and a fresh moto server with table `orders`."""
-    for k, v in AWS_TEST_ENV.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("DURABILITY_POSTGRES_URL", postgres_url)
-    monkeypatch.setenv("DURABILITY_REDIS_URL", redis_url)
-    monkeypatch.delenv("DURABILITY_CONSUMERS_DIR", raising=False)
-    # Starters use fixed names (orders, consumer-a): start from a clean slate for them.
-    client = redis.Redis.from_url(redis_url)
-    for pattern in ("checkpoint:*:orders*", "durability:*orders*"):
-        for k in client.scan_iter(match=pattern):
-            client.delete(k)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        for table in ("checkpoints", "checkpoint_history", "stream_events", "dead_letters", "sensor_cursors"):
-            conn.execute(f"DO $$ BEGIN IF to_regclass('{table}') IS NOT NULL THEN DELETE FROM {table}; END IF; END $$")
-    with moto_server() as url:
-        # moto's state is process-wide, shared by every server in this process: start empty.
-        urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).read()
-        monkeypatch.setenv("DURABILITY_DYNAMODB_ENDPOINT_URL", url)
+    """The repo's starters, pointed at the test servers and a fresh moto server."""
+    with starter_environment(monkeypatch, postgres_url, redis_url) as url:
         yield url
 
 

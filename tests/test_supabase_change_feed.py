@@ -406,3 +406,32 @@ def test_rows_order_by_transaction_id_as_a_number_across_digit_boundaries(
     assert [int(r.txid) for r in first] == [8, 9]
     assert [int(r.txid) for r in rest] == [10, 11]
     reader.close()
+
+
+def test_reinstalling_next_to_a_busy_writer_does_not_deadlock(feed: Feed, pg_conn: psycopg.Connection,
+                                                              postgres_url: str) -> None:
+    """install takes the source table's lock before the log's, in the same order as writers."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            i = 10_000
+            while not stop.is_set():
+                try:
+                    feed.insert(conn, i)
+                except psycopg.Error as exc:
+                    errors.append(exc)
+                    return
+                i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            for _ in range(25):
+                install_change_feed(conn, feed.table, change_log=feed.log)
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []

@@ -191,6 +191,9 @@ def install_change_feed(conn: psycopg.Connection, table: str, *, schema: str = "
     with _transaction(conn):
         if conn.execute("SELECT to_regclass(%s)", (_regclass_text(src),)).fetchone()[0] is None:
             raise ConfigError(f"table {src} does not exist in this database; create it before installing the feed")
+        # Writers lock the source table, then (in the trigger) the log. Take the table first too, or
+        # the DDL on the log below deadlocks against a concurrent writer.
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(src.ident))
         conn.execute(ddl)
         conn.execute(
             sql.SQL("CREATE OR REPLACE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table} "

@@ -1,0 +1,140 @@
+"""The real Dagster UI of a running demo, looked at in headless Chromium as a person would.
+
+``durability-pipelines demo --port <free>`` (interactive mode) runs on a private PostgreSQL and Redis
+(tests/support/demo_process.py): moto DynamoDB, the Supabase change feed, dagster-daemon and
+dagster-webserver with the three starter consumers. Once every consumer job has a successful run
+(asked of the webserver's GraphQL API), Chromium (Debian's package, driven by Python Playwright:
+tests/support/browser.py) checks what the UI shows:
+
+* Automation: the three consumer sensors (and the mirror schedule), each switched on;
+* Runs: a successful run of a consumer job, launched by its sensor, and its run page with the
+  three ops (read_batch -> process_batch -> ack_and_checkpoint) succeeded;
+* Catalog: the audit asset ``checkpoint_audit`` with its description, checks and lineage.
+
+The runs page is saved as ``docs/screenshot-ui.png``. At the end the demo gets SIGINT (Ctrl-C) and
+must stop everything it started by itself; then every process group it had is checked empty.
+Every wait is a hang guard that returns as soon as its condition holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from durability_pipelines import services
+from tests.support.browser import chromium_context, ensure_chromium, ensure_playwright
+from tests.support.demo_process import DemoProcess, StopReport, isolated_services
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parent.parent
+SCREENSHOT = REPO / "docs" / "screenshot-ui.png"
+CONSUMERS = ("orders_worker", "orders_to_realtime", "supabase_orders_worker")
+JOBS = {f"{c}_job" for c in CONSUMERS}
+SENSORS = [f"{c}_sensor" for c in CONSUMERS]
+UI_TIMEOUT_MS = 30_000
+# Variables of the caller's environment that must not leak into the demo: it makes its own.
+NOT_INHERITED = ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL", "DURABILITY_DYNAMODB_ENDPOINT_URL",
+                 "DURABILITY_CONSUMERS_DIR", "DURABILITY_OBSERVABILITY_JSONL")
+
+
+def _successful_runs(demo: DemoProcess) -> dict[str, dict[str, Any]]:
+    """Newest successful run per consumer job, as the webserver reports them."""
+    newest: dict[str, dict[str, Any]] = {}
+    for run in demo.runs(["SUCCESS"]):
+        if run["jobName"] in JOBS:
+            newest.setdefault(run["jobName"], run)
+    return newest
+
+
+def _skip_community_modal(page: Any) -> None:
+    """Dagster shows a one-time 'Join the Dagster community' dialog over the first page: skip it
+    whenever it shows up, before any action or assertion."""
+    skip = page.get_by_role("button", name="Skip")
+    page.add_locator_handler(page.get_by_text("Join the Dagster community"), lambda _: skip.click())
+
+
+def _check_ui(demo: DemoProcess, tmp_path: Path, run: dict[str, Any]) -> None:
+    from playwright.sync_api import expect
+
+    base = demo.base_url
+    with chromium_context(tmp_path / "chromium-profile", viewport=(1440, 1000), timeout_ms=UI_TIMEOUT_MS) as context:
+        page = context.new_page()
+        _skip_community_modal(page)
+        expect.set_options(timeout=UI_TIMEOUT_MS)
+
+        # 1. Automation: the three sensors, switched on, and the mirror schedule
+        page.goto(f"{base}/automation")
+        for name in [*SENSORS, "checkpoint_mirror_schedule"]:
+            row = page.locator("[data-index]").filter(has=page.locator(f'a[href$="/{name}"]'))
+            expect(row).to_have_count(1)
+            expect(row).to_contain_text(name)
+            expect(row.locator("input[type=checkbox]").last).to_be_checked()  # the on/off switch
+        expect(page.locator("body")).to_contain_text("Standard sensor")
+
+        # 2. Runs, filtered to successes: every consumer job, each launched by its sensor
+        short = run["runId"][:8]
+        page.goto(f"{base}/runs?q%5B%5D=status%3ASUCCESS")
+        expect(page.locator("body")).to_contain_text("Status is")
+        rows = page.locator("[data-index]")
+        for job in sorted(JOBS):  # (not preceded by a name character: orders_worker_job vs supabase_...)
+            expect(rows.filter(has_text=re.compile(rf"(^|[^a-z_]){job}")).first).to_contain_text("Success")
+        expect(rows.filter(has_text="Queued")).to_have_count(0)  # the filter applied
+        row = rows.filter(has_text=short)
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text(run["jobName"])
+        expect(row).to_contain_text(run["jobName"].removesuffix("_job") + "_sensor")
+        expect(page.get_by_text("Join the Dagster community")).to_have_count(0)
+        page.wait_for_load_state("networkidle")
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT))
+
+        # ... and its run page: the three ops, all succeeded
+        page.goto(f"{base}/runs/{run['runId']}")
+        body = page.locator("body")
+        expect(body).to_contain_text(f"Run of {run['jobName']}")
+        for op in ("read_batch", "process_batch", "ack_and_checkpoint"):
+            expect(body).to_contain_text(op)
+        expect(body).to_contain_text("Succeeded (3)")
+        expect(body).to_contain_text("RUN_SUCCESS")
+
+        # 3. Catalog: the audit asset, then its own page (description, checks, upstream mirror)
+        page.goto(f"{base}/assets")
+        expect(page.locator('a[href="/assets/checkpoint_audit"]').first).to_be_visible()
+        expect(page.locator("body")).to_contain_text("One row per checkpoint key")
+        page.goto(f"{base}/assets/checkpoint_audit")
+        body = page.locator("body")
+        expect(body).to_contain_text("One row per checkpoint key")
+        expect(body).to_contain_text("checkpoint_mirror")  # upstream in its lineage
+        expect(body).to_contain_text("Latest check results")
+
+
+def test_dagster_ui_shows_the_running_demo(tmp_path: Path) -> None:
+    ensure_playwright()
+    ensure_chromium()  # fail (or install) before starting anything
+    started = time.monotonic()
+    with isolated_services() as service_env:
+        env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+        env.update(service_env)
+        demo = DemoProcess(services.free_port(), env, tmp_path / "demo.log").start()
+        report: StopReport | None = None
+        try:
+            demo.wait_until(demo.http_ok, timeout=120, what="answer from dagster-webserver")
+            # every consumer job has run successfully through the real daemon -> sensor -> run path
+            runs = demo.wait_until(lambda: (r := _successful_runs(demo)) and set(r) == JOBS and r,
+                                   timeout=150, what="successful run of every consumer job", every=2)
+            ready_s = time.monotonic() - started
+            _check_ui(demo, tmp_path, runs["orders_to_realtime_job"])
+        finally:
+            report = demo.stop()
+        print(f"ready after {ready_s:.0f}s; stopped in {report.seconds:.1f}s; groups {report.groups}")
+    assert not report.survivors, f"processes left after stopping the demo: {report.survivors}"
+    assert report.exit_code == 0 and report.graceful, (
+        f"the demo did not stop everything on SIGINT by itself ({report}); log:\n{demo.log_tail()}")
+    assert len(report.groups) >= 3  # the demo, dagster-daemon and dagster-webserver were all seen
+    assert SCREENSHOT.stat().st_size > 20_000
