@@ -38,7 +38,7 @@ from durability_pipelines.checkpoints.memory import lease_lost
 from durability_pipelines.checkpoints.ordering import max_sequence, normalize_sequence
 
 SCHEMA_SQL = (resources.files("durability_pipelines.checkpoints") / "schema.sql").read_text()
-SCHEMA_VERSION = 2  # 2: durability_sequence_rank became an inlinable SQL function
+SCHEMA_VERSION = 3  # 2: durability_sequence_rank became an inlinable SQL function; 3: leaner save function
 _MIGRATION_LOCK = 72_190_311  # pg_advisory_xact_lock id: one migrator at a time
 
 _SAVE_SQL = "SELECT outcome, previous, lease_owner, lease_epoch FROM durability_save_checkpoint(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"

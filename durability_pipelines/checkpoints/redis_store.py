@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from durability_pipelines.checkpoints.base import (
     CheckpointStore,
@@ -43,7 +44,7 @@ return #KEYS
 MGET_CHUNK = 1000
 #: Per-store cache of a key's Redis key strings (building them validates a LeaseKey each time).
 KEY_CACHE_MAX = 65_536
-_OUTCOMES = {o.value: o for o in SaveOutcome}
+_OUTCOMES = {o.value.encode(): o for o in SaveOutcome}  # as the save script returns them
 # Operator write: no monotonic guard, no fencing; replaces even a garbage value (or a key of the wrong
 # type) and always appends a history entry. KEYS[1] checkpoint, KEYS[2] history stream.
 # ARGV[1] sequence, ARGV[2] writer, ARGV[3] ttl ms ('' = keep the key's current TTL), ARGV[4] run id,
@@ -82,8 +83,6 @@ def _s(v: Any) -> str | None:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-
-
 def parse_stored(key: CheckpointKey, raw: Any) -> str | None:
     """A stored raw value as a canonical sequence (``None`` if absent); raises ``InvalidSequenceError``."""
     if raw is None:
@@ -98,16 +97,20 @@ def _mask(client: redis.Redis) -> str:
     return f"redis at {where} db {kw.get('db', 0)}"
 
 
+def _unavailable(client: redis.Redis, exc: BaseException) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"cannot reach {_mask(client)}: {type(exc).__name__}. Check that Redis is running and "
+        "DURABILITY_REDIS_URL is right; nothing was written."
+    )
+
+
 @contextmanager
 def redis_errors(client: redis.Redis) -> Iterator[None]:
     """Turn connection failures into ``StoreUnavailableError`` (no credentials in the message)."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailableError(
-            f"cannot reach {_mask(client)}: {type(exc).__name__}. Check that Redis is running and "
-            "DURABILITY_REDIS_URL is right; nothing was written."
-        ) from exc
+        raise _unavailable(client, exc) from exc
 
 
 class RedisLeaseManager(LeaseManager):
@@ -274,9 +277,10 @@ class RedisCheckpointStore(CheckpointStore):
         args = [sequence, writer, "" if lease is None else str(lease.epoch), self.ttl_ms,
                 ctx.run_id or "", ctx.reason or "", self.history_maxlen]
         keys = [redis_key, lease_key, history_key, state_key] if flush_state else [redis_key, lease_key, history_key]
-        try:
-            with redis_errors(self.client):
-                outcome, prev, third, fourth = self._save(keys=keys, args=args)
+        try:  # what redis_errors() does, inline: this is the hot path
+            outcome, prev, third, fourth = self._run_save_script(keys, args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise _unavailable(self.client, exc) from exc
         except redis.ResponseError as exc:
             if "DURABILITY_INVALID_SEQUENCE" in str(exc):
                 raise InvalidSequenceError(
@@ -286,11 +290,13 @@ class RedisCheckpointStore(CheckpointStore):
                     key=key.redis_key,
                 ) from exc
             raise
-        outcome = _s(outcome)
+        result = _OUTCOMES.get(outcome)
         previous = _s(prev)
-        if outcome == "lease_lost":
-            raise lease_lost(lease, _s(third), int(fourth) if fourth else None)  # type: ignore[arg-type]
-        result = _OUTCOMES.get(outcome) or SaveOutcome(outcome)
+        if result is None:
+            outcome = _s(outcome)
+            if outcome == "lease_lost":
+                raise lease_lost(lease, _s(third), int(fourth) if fourth else None)  # type: ignore[arg-type]
+            result = SaveOutcome(outcome)
         current = sequence if result is SaveOutcome.ADVANCED else (previous or sequence)
         acks = int(third) if flush_state and third is not None else None
         since = int(fourth) if flush_state and fourth is not None else None
@@ -309,6 +315,17 @@ class RedisCheckpointStore(CheckpointStore):
             prev = self._force_set(keys=[key.redis_key, key.history_key], args=args)
         previous = _s(prev)
         return ForceSetResult(key, previous, sequence, {self.backend: previous})
+
+    def _run_save_script(self, keys: list[str], args: list[str]) -> Any:
+        """``self._save(keys=keys, args=args)`` without redis-py's ``Script`` wrapper: the hot path.
+
+        The same ``EVALSHA``; only when the server does not know the script yet (``NOSCRIPT``)
+        does the wrapper run, which loads it and retries.
+        """
+        try:
+            return self.client.execute_command("EVALSHA", self._save.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return self._save(keys=keys, args=args)
 
     def mark_flushed(self, keys: Iterable[CheckpointKey]) -> None:
         """Reset the hybrid flush-state of ``keys`` after a successful Postgres flush."""

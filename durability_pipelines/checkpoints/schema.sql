@@ -63,35 +63,49 @@ CREATE OR REPLACE FUNCTION durability_save_checkpoint(
   p_sequence TEXT, p_writer TEXT, p_epoch BIGINT, p_run_id TEXT, p_reason TEXT)
 RETURNS TABLE (outcome TEXT, previous TEXT, lease_owner TEXT, lease_epoch BIGINT)
 LANGUAGE plpgsql AS $$
+-- Hot path (the row exists): one SELECT ... FOR UPDATE, then UPDATE + history when it advances;
+-- each rank is computed once. A missing row is inserted (ON CONFLICT DO NOTHING waits for a
+-- concurrent inserter, whose row is then locked and compared like any other).
 DECLARE
-  v_prev TEXT; v_owner TEXT; v_epoch BIGINT;
+  v_prev TEXT; v_owner TEXT; v_epoch BIGINT; v_rank NUMERIC; v_prev_rank NUMERIC;
 BEGIN
-  PERFORM durability_sequence_rank(p_sequence);
+  v_rank := durability_sequence_rank(p_sequence);
   IF p_epoch IS NOT NULL THEN
     SELECT l.owner, l.epoch INTO v_owner, v_epoch FROM checkpoint_leases l
      WHERE l.adapter = p_adapter AND l.stream = p_stream AND l.grp = p_grp AND l.shard = p_shard
      FOR SHARE;
     IF NOT FOUND OR v_owner IS DISTINCT FROM p_writer OR v_epoch IS DISTINCT FROM p_epoch THEN
-      RETURN QUERY SELECT 'lease_lost'::TEXT, NULL::TEXT, v_owner, v_epoch;
+      outcome := 'lease_lost'; previous := NULL; lease_owner := v_owner; lease_epoch := v_epoch;
+      RETURN NEXT;
       RETURN;
     END IF;
   END IF;
-  INSERT INTO checkpoints AS c (adapter, stream, grp, consumer, shard, sequence, ts)
-  VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, p_sequence, NOW())
-  ON CONFLICT (adapter, stream, grp, consumer, shard) DO NOTHING;
-  IF FOUND THEN
-    INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence,
-                                    new_sequence, writer, lease_epoch, run_id, reason)
-    VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, NULL, p_sequence, p_writer, p_epoch,
-            p_run_id, p_reason);
-    RETURN QUERY SELECT 'advanced'::TEXT, NULL::TEXT, v_owner, v_epoch;
-    RETURN;
-  END IF;
+  lease_owner := v_owner; lease_epoch := v_epoch;
   SELECT c.sequence INTO v_prev FROM checkpoints c
    WHERE c.adapter = p_adapter AND c.stream = p_stream AND c.grp = p_grp
      AND c.consumer = p_consumer AND c.shard = p_shard
    FOR UPDATE;
-  IF durability_sequence_rank(v_prev) < durability_sequence_rank(p_sequence) THEN
+  IF NOT FOUND THEN
+    INSERT INTO checkpoints AS c (adapter, stream, grp, consumer, shard, sequence, ts)
+    VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, p_sequence, NOW())
+    ON CONFLICT (adapter, stream, grp, consumer, shard) DO NOTHING;
+    IF FOUND THEN
+      INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence,
+                                      new_sequence, writer, lease_epoch, run_id, reason)
+      VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, NULL, p_sequence, p_writer, p_epoch,
+              p_run_id, p_reason);
+      outcome := 'advanced'; previous := NULL;
+      RETURN NEXT;
+      RETURN;
+    END IF;
+    SELECT c.sequence INTO v_prev FROM checkpoints c
+     WHERE c.adapter = p_adapter AND c.stream = p_stream AND c.grp = p_grp
+       AND c.consumer = p_consumer AND c.shard = p_shard
+     FOR UPDATE;
+  END IF;
+  v_prev_rank := durability_sequence_rank(v_prev);
+  previous := v_prev;
+  IF v_prev_rank < v_rank THEN
     UPDATE checkpoints c SET sequence = p_sequence, ts = NOW()
      WHERE c.adapter = p_adapter AND c.stream = p_stream AND c.grp = p_grp
        AND c.consumer = p_consumer AND c.shard = p_shard;
@@ -99,10 +113,11 @@ BEGIN
                                     new_sequence, writer, lease_epoch, run_id, reason)
     VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, v_prev, p_sequence, p_writer, p_epoch,
             p_run_id, p_reason);
-    RETURN QUERY SELECT 'advanced'::TEXT, v_prev, v_owner, v_epoch;
-  ELSIF durability_sequence_rank(v_prev) = durability_sequence_rank(p_sequence) THEN
-    RETURN QUERY SELECT 'unchanged'::TEXT, v_prev, v_owner, v_epoch;
+    outcome := 'advanced';
+  ELSIF v_prev_rank = v_rank THEN
+    outcome := 'unchanged';
   ELSE
-    RETURN QUERY SELECT 'stale'::TEXT, v_prev, v_owner, v_epoch;
+    outcome := 'stale';
   END IF;
+  RETURN NEXT;
 END $$;
