@@ -52,6 +52,13 @@ class AuditConfig(Config):
     stale_after_s: float = 300.0
 
 
+class MirrorConfig(Config):
+    # A checkpoint_history row per mirrored advance (the audit trail of Redis-only consumers).
+    # False halves the Postgres writes: for deployments whose acks already write history.
+    record_history: bool = True
+    batch_size: int = 5000
+
+
 def _schema(columns: dict[str, str]) -> TableSchema:
     return TableSchema(columns=[TableColumn(name, type_) for name, type_ in columns.items()])
 
@@ -59,10 +66,12 @@ def _schema(columns: dict[str, str]) -> TableSchema:
 def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDefinition], list, list]:
     @asset(group_name=GROUP, kinds={"redis", "postgres"},
            description="Copy every Redis checkpoint into Postgres and restore missing/behind keys into Redis.")
-    def checkpoint_mirror(context: AssetExecutionContext, durability: DurabilityResource) -> MaterializeResult:
+    def checkpoint_mirror(context: AssetExecutionContext, config: MirrorConfig,
+                          durability: DurabilityResource) -> MaterializeResult:
         client, db = durability.redis_client(), durability.postgres()
         try:
-            report = CheckpointMirror(client, db).run()
+            report = CheckpointMirror(client, db, batch_size=config.batch_size,
+                                      record_history=config.record_history).run()
         finally:
             db.close()
             client.close()
