@@ -46,15 +46,14 @@ def postgres_url(postgres_admin_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """The resolved Redis on db ``$DURABILITY_TEST_REDIS_DB`` (default 13), flushed at session start."""
+    """The resolved Redis on db ``$DURABILITY_TEST_REDIS_DB`` (default 13).
+
+    Never flushed: tests use keys of their own (unique streams), so two pytest sessions on one
+    machine cannot wipe each other's keys mid-test. Tests that read *every* key (mirror, audit)
+    use a private db or server of their own.
+    """
     db = int(os.environ.get(TEST_REDIS_DB_ENV, DEFAULT_TEST_REDIS_DB))
-    url = services.with_redis_db(services.resolve_redis_url(), db)
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-    return url
+    return services.with_redis_db(services.resolve_redis_url(), db)
 
 
 @pytest.fixture

@@ -29,18 +29,6 @@ SCRIPT = Path(sys.executable).parent / "durability-pipelines"
 PASSWORD = "Hunter2-Sup3rSecret"
 
 
-@pytest.fixture(scope="session")
-def redis_url(redis_url: str) -> str:
-    """The session's Redis server on a logical db of its own, never flushed.
-
-    The shared fixture flushes its db when a pytest session starts, so another session started
-    meanwhile (a colleague, CI on the same machine) would delete this module's keys mid-test.
-    Every key here is unique, so nothing needs flushing.
-    """
-    db = (int(os.environ.get("DURABILITY_TEST_REDIS_DB", "13")) + 1) % 16
-    return services.with_redis_db(redis_url, db)
-
-
 @pytest.fixture(autouse=True)
 def cli_env(monkeypatch: pytest.MonkeyPatch, postgres_url: str, redis_url: str) -> None:
     """The CLI resolves the fixture servers through the same env vars operators set."""

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 import redis
 
-from durability_pipelines import services
 from durability_pipelines.checkpoints import CheckpointStore, InvalidSequenceError, SaveContext, SaveOutcome
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
@@ -18,18 +16,6 @@ from tests.support.stores import BACKENDS, build_store, unique_key
 
 D21 = "1" + "0" * 20
 WHO = SaveContext(writer="alice@ops-host", reason="replay after bad deploy")
-
-
-@pytest.fixture(scope="session")
-def redis_url(redis_url: str) -> str:
-    """The session's Redis server on a logical db of its own, never flushed.
-
-    The shared fixture flushes its db when a pytest session starts, so another session started
-    meanwhile (a colleague, CI on the same machine) would delete this module's keys mid-test.
-    Every key here is unique, so nothing needs flushing.
-    """
-    db = (int(os.environ.get("DURABILITY_TEST_REDIS_DB", "13")) + 1) % 16
-    return services.with_redis_db(redis_url, db)
 
 
 @pytest.fixture(params=BACKENDS)
