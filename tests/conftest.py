@@ -21,8 +21,10 @@ import redis
 from psycopg import sql
 
 from durability_pipelines import services
+from durability_pipelines.checkpoints import CheckpointStore
 from tests.support.proxy import FlakyProxy
 from tests.support.servers import PrivatePostgres, PrivateRedis
+from tests.support.stores import BACKENDS, build_store
 
 TEST_REDIS_DB_ENV = "DURABILITY_TEST_REDIS_DB"
 DEFAULT_TEST_REDIS_DB = 13
@@ -137,3 +139,11 @@ def make_flaky_proxy() -> Iterator[Callable[[str], FlakyProxy]]:
     yield make
     for proxy in made:
         proxy.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, redis_url: str, postgres_url: str) -> Iterator[CheckpointStore]:
+    """Each checkpoint backend in turn (memory, redis, postgres, hybrid) on the session's servers."""
+    s = build_store(request.param, redis_url, postgres_url)
+    yield s
+    s.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 import redis
@@ -22,17 +20,10 @@ from durability_pipelines.checkpoints import (
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
-from tests.support.stores import BACKENDS, build_store, unique_key
+from tests.support.stores import build_store, unique_key
 
 D21 = "1" + "0" * 20  # 21 digits
 D22 = "1" + "0" * 21
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, redis_url: str, postgres_url: str) -> Iterator[CheckpointStore]:
-    s = build_store(request.param, redis_url, postgres_url)
-    yield s
-    s.close()
 
 
 def test_missing_key_loads_none(store: CheckpointStore) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 import redis
@@ -12,17 +10,10 @@ from durability_pipelines.checkpoints import CheckpointStore, InvalidSequenceErr
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
-from tests.support.stores import BACKENDS, build_store, unique_key
+from tests.support.stores import build_store, unique_key
 
 D21 = "1" + "0" * 20
 WHO = SaveContext(writer="alice@ops-host", reason="replay after bad deploy")
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, redis_url: str, postgres_url: str) -> Iterator[CheckpointStore]:
-    s = build_store(request.param, redis_url, postgres_url)
-    yield s
-    s.close()
 
 
 def test_force_set_moves_backwards_and_records_who_and_why(store: CheckpointStore) -> None:
