@@ -118,8 +118,10 @@ class DynamoDBSource:
         if after is None and self.cfg.initial_position == "LATEST":
             return True  # the position must be pinned (see read)
         info = self.reader.shard_info(shard)
-        if info is None or not info.in_stream or info.closed:
-            return True  # a closed or vanished shard must be read to its end / to report the loss
+        if info is not None and info.in_stream and info.closed:
+            return True  # a closed shard must be read to its end (then checkpointed SHARD_END)
+        # A vanished shard goes through read_batch too: its trim policy decides (fail raises
+        # TrimmedDataError, which stops just this shard in the sensor; skip returns the gap).
         batch = self.reader.read_batch(shard, after, 1)
         return bool(batch.records) or batch.gap is not None or batch.shard_ended
 
