@@ -225,6 +225,8 @@ def test_dagster_assets_materialize_and_checks_fail_when_they_should(iso: Isolat
         conn.execute(
             "INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence, "
             "new_sequence, writer) VALUES ('dynamodb','orders','workers','consumer-a','shard-00000','9','1','x')")
+    iso.redis().set(key(1).redis_key, "garbage")  # and a value that is no position at all
     broken = job.execute_in_process(instance=DagsterInstance.ephemeral(), raise_on_error=False)
     checks = {e.check_name: e.passed for e in broken.get_asset_check_evaluations()}
     assert checks["no_checkpoint_regression"] is False
+    assert checks["no_invalid_checkpoint_values"] is False

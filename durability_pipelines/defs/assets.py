@@ -171,8 +171,18 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
             "dead_lettered_keys": len(bad),
             "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
 
+    @asset_check(asset=checkpoint_audit, description="Every stored checkpoint value is a valid position.")
+    def no_invalid_checkpoint_values(context: AssetCheckExecutionContext,
+                                     durability: DurabilityResource) -> AssetCheckResult:
+        df = _read(durability, "checkpoint_audit")
+        bad = df[df["status"] == "invalid"] if not df.empty else df
+        return AssetCheckResult(passed=bad.empty, metadata={
+            "invalid_keys": len(bad),
+            "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
+
     assets = [checkpoint_mirror, checkpoint_audit, checkpoint_history_summary]
-    checks = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters]
+    checks = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters,
+              no_invalid_checkpoint_values]
     job = define_asset_job("checkpoint_mirror_job", selection=AssetSelection.assets(*assets),
                            description="Mirror Redis <-> Postgres, then rebuild the audit tables and run the checks.")
     schedule = ScheduleDefinition(name="checkpoint_mirror_schedule", job=job,
