@@ -155,30 +155,27 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
             "drifting_keys": len(bad),
             "max_drift": float(pd.to_numeric(df["drift"]).max()) if not df.empty else 0.0})
 
+    def _status_check(durability: DurabilityResource, status: str,
+                      severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
+        """Pass when no audit row has ``status``; the offending rows go into the metadata."""
+        df = _read(durability, "checkpoint_audit")
+        bad = df[df["status"] == status] if not df.empty else df
+        return AssetCheckResult(passed=bad.empty, severity=severity, metadata={
+            f"{status.replace('-', '_')}_keys": len(bad),
+            "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
+
     @asset_check(asset=checkpoint_audit, description="No consumer with a backlog and no ack for too long.")
     def no_stale_consumer(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
-        df = _read(durability, "checkpoint_audit")
-        bad = df[df["status"] == "stale"] if not df.empty else df
-        return AssetCheckResult(passed=bad.empty, metadata={
-            "stale_keys": len(bad),
-            "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
+        return _status_check(durability, "stale")
 
     @asset_check(asset=checkpoint_audit, description="Open dead letters need an operator (warning).")
     def no_dead_letters(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
-        df = _read(durability, "checkpoint_audit")
-        bad = df[df["status"] == "dead-lettered"] if not df.empty else df
-        return AssetCheckResult(passed=bad.empty, severity=AssetCheckSeverity.WARN, metadata={
-            "dead_lettered_keys": len(bad),
-            "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
+        return _status_check(durability, "dead-lettered", AssetCheckSeverity.WARN)
 
     @asset_check(asset=checkpoint_audit, description="Every stored checkpoint value is a valid position.")
     def no_invalid_checkpoint_values(context: AssetCheckExecutionContext,
                                      durability: DurabilityResource) -> AssetCheckResult:
-        df = _read(durability, "checkpoint_audit")
-        bad = df[df["status"] == "invalid"] if not df.empty else df
-        return AssetCheckResult(passed=bad.empty, metadata={
-            "invalid_keys": len(bad),
-            "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
+        return _status_check(durability, "invalid")
 
     assets = [checkpoint_mirror, checkpoint_audit, checkpoint_history_summary]
     checks = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters,
