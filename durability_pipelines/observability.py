@@ -2,8 +2,8 @@
 
 One vocabulary for sensors, ops and assets so dashboards and audits agree:
 ``reactive.ack.success_rate``, ``reactive.sequence_gap``,
-``reactive.events_per_batch``, ``adapter.call.duration_ms`` and
-``reactive.lag_seconds``, each labelled adapter / stream / group / consumer /
+``reactive.events_per_batch``, ``adapter.call.duration_ms``,
+``reactive.lag_seconds`` and ``reactive.records_behind``, each labelled adapter / stream / group / consumer /
 shard.  JSONL output is enabled by ``DURABILITY_OBSERVABILITY_JSONL=<path>``
 (``AINL_OBSERVABILITY_JSONL``, the original pattern's variable, also works).
 No Dagster import: the Dagster layer converts ``summary()`` into metadata.
@@ -28,7 +28,8 @@ SEQUENCE_GAP = "reactive.sequence_gap"
 EVENTS_PER_BATCH = "reactive.events_per_batch"
 CALL_DURATION_MS = "adapter.call.duration_ms"
 LAG_SECONDS = "reactive.lag_seconds"
-METRICS = (ACK_SUCCESS_RATE, SEQUENCE_GAP, EVENTS_PER_BATCH, CALL_DURATION_MS, LAG_SECONDS)
+RECORDS_BEHIND = "reactive.records_behind"
+METRICS = (ACK_SUCCESS_RATE, SEQUENCE_GAP, EVENTS_PER_BATCH, CALL_DURATION_MS, LAG_SECONDS, RECORDS_BEHIND)
 
 JSONL_ENV = "DURABILITY_OBSERVABILITY_JSONL"
 LEGACY_JSONL_ENV = "AINL_OBSERVABILITY_JSONL"

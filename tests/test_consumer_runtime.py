@@ -39,9 +39,12 @@ def rows(postgres_url: str, stream: str) -> list[str]:
 
 
 def run_once(rt, shard="shard-0", run_id=None, retry_number=0):
+    """One batch, as one run of the first design did: lease, read, process, ack, release."""
     read = rt.read(shard, run_id or "run-" + uuid.uuid4().hex[:8])
     processed = rt.process(read, retry_number=retry_number)
-    return read, processed, rt.ack(read, processed)
+    result = rt.ack(read, processed)
+    rt.release(read.lease)
+    return read, processed, result
 
 
 @pytest.fixture

@@ -30,250 +30,56 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-import redis
-import yaml
 
 from durability_pipelines import services
 from durability_pipelines.checkpoints import SaveContext
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
-from durability_pipelines.checkpoints.keys import CheckpointKey
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore, PostgresConnection
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
 from durability_pipelines.consumer.cursor_mirror import REDIS_PREFIX as CURSOR_MIRROR_PREFIX
-from durability_pipelines.consumer.storage import ConsumerStorage, ensure
-from durability_pipelines.defs.consumers import CONSUMER_TAG, SHARD_TAG
+from durability_pipelines.consumer.storage import ConsumerStorage
 from tests.support.dagster_daemon import (
-    DELIVERIES_DDL,
-    DagsterDaemon,
-    DagsterHome,
-    run_records,
     sensor_cursor,
     sensor_state,
     sensor_ticks,
     tick_log_messages,
-    wait_until,
 )
-from tests.support.dynamodb import AWS_TEST_ENV, clients, create_stream_table, moto_server, put_items
+from tests.support.dynamodb import create_stream_table
+from tests.support.e2e import (
+    E2E,
+    FLUSH_EVERY_N,
+    FLUSH_EVERY_S,
+    Consumer,
+    assert_checkpoint_chain,
+    assert_every_event_once,
+    assert_runs_real_and_serial,
+    batch_log_lines,
+    batches_of,
+    e2e_environment,
+    redis_history,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-GROUP = "e2e"
-WORKER = "worker"
-MAX_EVENTS = 100
-FLUSH_EVERY_N = 100
-FLUSH_EVERY_S = 5.0
-WAIT_S = 150.0  # hang guard for one scenario step
 FOREIGN_OWNER = "e2e-foreign-worker"
-FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
-
-
-# --------------------------------------------------------------------------- environment
-
-
-@dataclass
-class Consumer:
-    name: str
-    table: str
-    handler: str
-    handler_options: dict[str, Any] = field(default_factory=dict)
-    retry: dict[str, Any] = field(default_factory=lambda: {"max_retries": 1, "delay_s": 0.2})
-    produced: list[str] = field(default_factory=list)  # pk of every item written, in order
-
-    @property
-    def sensor(self) -> str:
-        return f"{self.name}_sensor"
-
-    def key(self, shard: str) -> CheckpointKey:
-        return CheckpointKey("dynamodb", self.table, GROUP, WORKER, shard)
-
-    def yaml(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "description": f"e2e consumer of {self.table}",
-            "source": {"kind": "dynamodb", "table": self.table, "region": AWS_TEST_ENV["AWS_DEFAULT_REGION"],
-                       "initial_position": "TRIM_HORIZON", "trim_policy": "fail"},
-            "group": GROUP,
-            "consumer": WORKER,
-            "handler": self.handler,
-            "handler_options": self.handler_options,
-            "checkpoint": {"backend": "hybrid", "flush_every_n": FLUSH_EVERY_N, "flush_every_s": FLUSH_EVERY_S},
-            "max_events": MAX_EVENTS,
-            "retry": self.retry,
-            "dead_letter": {"policy": "stop"},
-            "sensor_interval_s": 1,
-            "lease_duration_s": 120,
-        }
-
-
-@dataclass
-class E2E:
-    tmp: Path
-    endpoint: str
-    ddb: Any
-    streams: Any
-    postgres_url: str
-    admin_url: str
-    redis: redis.Redis
-    redis_url: str
-    daemon_env: dict[str, str]
-    consumers: dict[str, Consumer]
-    homes: list[DagsterHome] = field(default_factory=list)
-    daemons: list[DagsterDaemon] = field(default_factory=list)
-
-    # -- nodes -------------------------------------------------------------------------
-    @property
-    def daemon(self) -> DagsterDaemon:
-        return self.daemons[-1]
-
-    @property
-    def instance(self) -> Any:
-        return self.daemon.home.instance()
-
-    def start_node(self) -> DagsterDaemon:
-        """A new node: new empty DAGSTER_HOME + new storage database + a new daemon."""
-        home = DagsterHome.create(self.tmp / "homes", self.admin_url)
-        self.homes.append(home)
-        home.instance()  # creates the storage schema before the daemon races to
-        n = len(self.daemons) + 1
-        daemon = DagsterDaemon(home, self.daemon_env, self.tmp / f"daemon-{n}.log")
-        self.daemons.append(daemon)
-        daemon.start()
-        return daemon
-
-    def diagnostics(self) -> str:
-        lines = []
-        for c in self.consumers.values():
-            try:
-                runs = run_records(self.instance, {CONSUMER_TAG: c.name})
-                lines.append(f"{c.name}: " + ", ".join(
-                    f"{r.dagster_run.tags.get('dagster/run_key')}={r.dagster_run.status.value}" for r in runs))
-            except Exception as exc:  # noqa: BLE001 - diagnostics must not mask the failure
-                lines.append(f"{c.name}: runs unavailable ({exc})")
-        alive = "alive" if self.daemons and self.daemon.alive() else "NOT running"
-        return f"daemon {alive}\n" + "\n".join(lines) + "\n" + (self.daemon.log_tail() if self.daemons else "")
-
-    @contextlib.contextmanager
-    def dump_on_failure(self) -> Iterator[None]:
-        try:
-            yield
-        except BaseException:
-            print(self.diagnostics())  # shown by pytest in "Captured stdout call"
-            raise
-
-    def wait(self, predicate: Any, what: str, timeout: float = WAIT_S) -> Any:
-        return wait_until(predicate, what=what, timeout=timeout, diagnostics=self.diagnostics)
-
-    # -- stream ----------------------------------------------------------------------
-    def produce(self, c: Consumer, pks: list[str]) -> None:
-        put_items(self.ddb, c.table, [{"pk": pk, "n": i, "by": "e2e"} for i, pk in enumerate(pks)])
-        c.produced.extend(pks)
-
-    def produce_new(self, c: Consumer, n: int) -> list[str]:
-        start = len(c.produced)
-        pks = [f"{c.name}-{start + i:05d}" for i in range(n)]
-        self.produce(c, pks)
-        return pks
-
-    def stream_records(self, c: Consumer) -> list[tuple[str, str, str]]:
-        """(shard, sequence, pk) of every record of the table's stream, read straight from moto."""
-        arn = self.ddb.describe_table(TableName=c.table)["Table"]["LatestStreamArn"]
-        out = []
-        for shard in self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
-            it = self.streams.get_shard_iterator(StreamArn=arn, ShardId=shard["ShardId"],
-                                                 ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-            while it:
-                resp = self.streams.get_records(ShardIterator=it, Limit=1000)
-                for r in resp["Records"]:
-                    out.append((shard["ShardId"], r["dynamodb"]["SequenceNumber"], r["dynamodb"]["Keys"]["pk"]["S"]))
-                if not resp["Records"]:
-                    break
-                it = resp.get("NextShardIterator")
-        return out
-
-    def last_sequences(self, c: Consumer) -> dict[str, str]:
-        last: dict[str, str] = {}
-        for shard, seq, _ in self.stream_records(c):
-            last[shard] = seq
-        return last
-
-    # -- stores ----------------------------------------------------------------------
-    def redis_checkpoint(self, c: Consumer, shard: str) -> str | None:
-        raw = self.redis.get(c.key(shard).redis_key)
-        return raw.decode() if raw is not None else None
-
-    def pg_checkpoint(self, c: Consumer, shard: str) -> str | None:
-        with psycopg.connect(self.postgres_url) as conn:
-            row = conn.execute(
-                "SELECT sequence FROM checkpoints WHERE adapter = 'dynamodb' AND stream = %s AND grp = %s "
-                "AND consumer = %s AND shard = %s", (c.table, GROUP, WORKER, shard)).fetchone()
-        return row[0] if row else None
-
-    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.postgres_url) as conn:
-            return conn.execute(sql, params).fetchall()
-
-    def runs(self, c: Consumer, instance: Any = None) -> list[Any]:
-        return run_records(instance or self.instance, {CONSUMER_TAG: c.name})
-
-    # -- waits -----------------------------------------------------------------------
-    def wait_drained(self, c: Consumer, timeout: float = WAIT_S) -> dict[str, str]:
-        """Until every shard's Redis checkpoint is the shard's last sequence and no run is in flight."""
-        last = self.last_sequences(c)
-        assert last, f"{c.table} has no stream records"
-        self.wait(lambda: all(self.redis_checkpoint(c, s) == seq for s, seq in last.items()),
-                  f"{c.name}: checkpoints to reach {last}", timeout)
-        self.wait(lambda: all(r.dagster_run.status.value in FINISHED for r in self.runs(c)),
-                  f"{c.name}: every run to finish", timeout)
-        return last
-
-    def wait_tick_after(self, c: Consumer, after: float, *, contains: str = "", count: int = 1) -> list[Any]:
-        """Until ``count`` ticks of the consumer's sensor evaluated after ``after`` (epoch s), each
-        with ``contains`` in its skip reason when given."""
-        def ticks() -> list[Any]:
-            found = [t for t in sensor_ticks(self.instance, c.sensor, limit=50)
-                     if t.timestamp > after and t.status.value in ("SKIPPED", "SUCCESS")
-                     and contains in (t.skip_reason or "")]
-            return found if len(found) >= count else []
-        return self.wait(ticks, f"{count} tick(s) of {c.sensor} after {after} with {contains!r}")
-
-
-def _delete_keys(client: redis.Redis, patterns: list[str]) -> None:
-    for pattern in patterns:
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        if keys:
-            client.delete(*keys)
 
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_admin_url: str,
         redis_url: str) -> Iterator[E2E]:
-    tmp = tmp_path_factory.mktemp("dagster_e2e")
-    suffix = secrets.token_hex(3)
     # The session's Redis server on a logical db that is never flushed (as tests/test_cli.py does): the
     # shared fixture's db is flushed whenever a pytest session starts, and a colleague's session once
     # wiped this module's checkpoints mid-test. Keys here are unique; teardown deletes them.
     e2e_redis_url = services.with_redis_db(redis_url, (int(os.environ.get("DURABILITY_TEST_REDIS_DB", "13")) + 1) % 16)
-    db = PostgresConnection(postgres_url)
-    ensure(db)  # the consumer tables exist before the first query of the test
-    db.close()
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(DELIVERIES_DDL)
-    client = redis.Redis.from_url(e2e_redis_url)
-    env: E2E | None = None
-    with moto_server() as endpoint:
-        ddb, streams = clients(endpoint)
+
+    def consumers(ddb: Any, suffix: str) -> dict[str, Consumer]:
         handler = "tests.support.dagster_daemon:record_deliveries"
-        consumers = {
+        return {
             "main": Consumer(f"e2e_main_{suffix}", create_stream_table(ddb)[0], handler),
             "retry": Consumer(f"e2e_retry_{suffix}", create_stream_table(ddb)[0], handler),
             "poison": Consumer(
@@ -281,119 +87,16 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_ad
                 handler_options={"poison_pk": "poison", "fixed_flag": f"e2e:{suffix}:poison_fixed"},
             ),
         }
-        consumers_dir = tmp / "consumers"
-        consumers_dir.mkdir()
-        for c in consumers.values():
-            (consumers_dir / f"{c.name}.yaml").write_text(yaml.safe_dump(c.yaml(), sort_keys=False))
-        daemon_env = {
-            **AWS_TEST_ENV,
-            "DURABILITY_DYNAMODB_ENDPOINT_URL": endpoint,
-            "DURABILITY_POSTGRES_URL": postgres_url,
-            "DURABILITY_REDIS_URL": e2e_redis_url,
-            "DURABILITY_CONSUMERS_DIR": str(consumers_dir),
-            # The code location also schedules the Redis<->Postgres checkpoint mirror every minute.
-            # Kept out of this module: it would mask the consumer's own hybrid flush bound asserted
-            # here, and its multiprocess runs double the CPU load of a 2-CPU machine.
-            "DURABILITY_MIRROR_CRON": "0 0 1 1 *",
-        }
-        env = E2E(tmp, endpoint, ddb, streams, postgres_url, postgres_admin_url, client, e2e_redis_url,
-                  daemon_env, consumers)
-        try:
-            env.start_node()
-            yield env
-        finally:
-            errors = []
-            for daemon in env.daemons:
-                try:
-                    daemon.stop()
-                except Exception as exc:  # noqa: BLE001 - stop every daemon, then report
-                    errors.append(exc)
-            for home in env.homes:
-                with contextlib.suppress(Exception):
-                    home.dispose()
-            with contextlib.suppress(redis.RedisError):
-                _delete_keys(client, [f"*{c.table}*" for c in consumers.values()] + [f"*{suffix}*"])
-            client.close()
-            if errors:
-                raise errors[0]
 
-
-# --------------------------------------------------------------------------- oracles
-
-
-def assert_every_event_once(e2e: E2E, c: Consumer) -> list[tuple[str, str, str]]:
-    """KCL-style oracle on the sink: every produced record exactly once, per shard, nothing else."""
-    records = e2e.stream_records(c)
-    assert len(records) == len(c.produced)  # one INSERT record per put (all keys distinct)
-    assert sorted(pk for _, _, pk in records) == sorted(c.produced)
-    (total, distinct), = e2e.query(
-        "SELECT count(*), count(DISTINCT (shard, sequence)) FROM stream_events WHERE stream = %s", c.table)
-    assert total == distinct == len(c.produced)
-    sink = e2e.query("SELECT shard, sequence, keys->>'pk' FROM stream_events WHERE stream = %s", c.table)
-    by_shard: dict[str, set[str]] = {}
-    for shard, seq, _ in records:
-        by_shard.setdefault(shard, set()).add(seq)
-    sink_by_shard: dict[str, set[str]] = {}
-    for shard, seq, _ in sink:
-        sink_by_shard.setdefault(shard, set()).add(seq)
-    assert sink_by_shard == by_shard  # per shard, exactly the produced sequences
-    assert sorted(pk for _, _, pk in sink) == sorted(c.produced)
-    # committed exactly once: e2e_deliveries has no unique key, a second commit would show
-    deliveries = Counter(e2e.query("SELECT shard, sequence FROM e2e_deliveries WHERE stream = %s", c.table))
-    twice = {k: n for k, n in deliveries.items() if n > 1}
-    assert not twice, f"events committed more than once: {twice}"
-    assert set(deliveries) == {(s, q) for s, q, _ in records}
-    return records
-
-
-def assert_runs_real_and_serial(e2e: E2E, c: Consumer, runs: list[Any]) -> None:
-    """Launched by the sensor through the daemon, distinct run keys, one in flight per shard."""
-    keys = [r.dagster_run.tags.get("dagster/run_key") for r in runs]
-    assert all(keys) and len(set(keys)) == len(keys), keys
-    for r in runs:
-        tags = r.dagster_run.tags
-        assert tags.get("dagster/sensor_name") == c.sensor
-        assert tags.get(SHARD_TAG, "").startswith(f"{c.name}:")
-        assert "dagster/parent_run_id" not in tags  # no run-level retry behind the sensor's back
-        assert r.start_time is not None and r.end_time is not None
-    by_shard: dict[str, list[Any]] = {}
-    for r in runs:
-        by_shard.setdefault(r.dagster_run.tags[SHARD_TAG], []).append(r)
-    for shard_runs in by_shard.values():
-        shard_runs.sort(key=lambda r: r.start_time)
-        for prev, nxt in zip(shard_runs, shard_runs[1:], strict=False):
-            assert nxt.start_time >= prev.end_time, (
-                f"runs {prev.dagster_run.run_id} and {nxt.dagster_run.run_id} of one shard overlapped")
-
-
-def redis_history(e2e: E2E, c: Consumer, shard: str) -> list[dict[str, str]]:
-    entries = e2e.redis.xrange(c.key(shard).history_key)
-    return [{k.decode(): v.decode() for k, v in fields.items()} | {"ms": eid.decode().split("-")[0]}
-            for eid, fields in entries]
-
-
-def assert_checkpoint_chain(e2e: E2E, c: Consumer, shard: str, runs: list[Any]) -> None:
-    """Checkpoints only ever advanced, each run started after the previous acked position."""
-    hist = redis_history(e2e, c, shard)
-    assert hist, "no checkpoint history in Redis"
-    prev = ""
-    for h in hist:
-        assert h["prev"] == prev and int(h["seq"]) > int(prev or 0), hist
-        prev = h["seq"]
-    pg_hist = e2e.query(
-        "SELECT previous_sequence, new_sequence FROM checkpoint_history WHERE stream = %s AND consumer = %s "
-        "AND shard = %s ORDER BY id", c.table, WORKER, shard)
-    assert pg_hist, "no checkpoint history in Postgres (hybrid flushes)"
-    last = None
-    for previous, new in pg_hist:
-        assert previous == last and int(new) > int(last or 0), pg_hist
-        last = new
-    # Every successful run advanced the checkpoint exactly once, in run order, from the acked
-    # position it was dispatched at; no other writer (failed run, test) ever advanced it.
-    succeeded = sorted((r for r in runs if r.dagster_run.status.value == "SUCCESS"), key=lambda r: r.start_time)
-    assert [h["writer"] for h in hist] == [r.dagster_run.run_id for r in succeeded]
-    for h, run in zip(hist, succeeded, strict=True):
-        assert run.dagster_run.tags["durability/start_after"] == (h["prev"] or "INITIAL"), h
+    with e2e_environment(
+        tmp_path_factory.mktemp("dagster_e2e"), postgres_url=postgres_url, admin_url=postgres_admin_url,
+        redis_url=e2e_redis_url, consumers=consumers,
+        # The code location also schedules the Redis<->Postgres checkpoint mirror every minute. Kept out
+        # of this module: it would mask the consumer's own hybrid flush bound asserted here
+        # (tests/test_dagster_drain.py runs it beside its consumers).
+        extra_env={"DURABILITY_MIRROR_CRON": "0 0 1 1 *"},
+    ) as env:
+        yield env
 
 
 def assert_postgres_within_hybrid_bound(e2e: E2E, c: Consumer, shard: str) -> None:
@@ -443,8 +146,12 @@ def test_sensor_ticks_launch_runs_that_checkpoint_every_event(e2e: E2E) -> None:
         assert e2e.redis_checkpoint(c, shard) == records[-1][1]
 
         runs = e2e.runs(c)
-        assert len(runs) >= 2  # 200 events, at most 100 per run
         assert all(r.dagster_run.status.value == "SUCCESS" for r in runs)
+        # 200 events, at most 100 per batch: runs drain, so there are fewer runs than batches, and every
+        # batch left its record in its run's event log
+        batches = batches_of(e2e.instance, runs)
+        assert batches >= 2 and len(runs) < batches
+        assert sum(len(batch_log_lines(e2e.instance, r.dagster_run.run_id)) for r in runs) == batches
         assert_runs_real_and_serial(e2e, c, runs)
         assert_checkpoint_chain(e2e, c, shard, runs)
         # every delivery was committed by one of these runs
@@ -556,7 +263,7 @@ def test_failed_batch_is_redispatched_not_skipped(e2e: E2E) -> None:
             StreamArn=e2e.ddb.describe_table(TableName=c.table)["Table"]["LatestStreamArn"]
         )["StreamDescription"]["Shards"]
         shard = shard_desc["ShardId"]
-        # A live foreign worker holds the shard's lease: the run's read_batch cannot take it.
+        # A live foreign worker holds the shard's lease: the run's drain_shard cannot take it.
         store = HybridCheckpointStore(RedisCheckpointStore.from_url(e2e.redis_url),
                                       PostgresCheckpointStore(e2e.postgres_url))
         lease = store.leases.acquire(c.key(shard).lease_key, FOREIGN_OWNER, 300)
@@ -571,7 +278,7 @@ def test_failed_batch_is_redispatched_not_skipped(e2e: E2E) -> None:
         failure_text = " ".join(
             str(e.dagster_event.event_specific_data)
             for e in e2e.instance.all_logs(failed.dagster_run.run_id, of_type=DagsterEventType.STEP_FAILURE))
-        assert FOREIGN_OWNER in failure_text and "read_batch" in str(
+        assert FOREIGN_OWNER in failure_text and "drain_shard" in str(
             [e.step_key for e in e2e.instance.all_logs(failed.dagster_run.run_id,
                                                        of_type=DagsterEventType.STEP_FAILURE)])
         assert e2e.redis_checkpoint(c, shard) is None  # the failed batch was not skipped

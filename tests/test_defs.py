@@ -23,7 +23,22 @@ def test_definitions_load_with_every_job_sensor_asset_and_schedule() -> None:
     assert {k.path[-1] for k in repo.asset_graph.get_all_asset_keys()} == {
         "checkpoint_mirror", "checkpoint_audit", "checkpoint_history_summary"}
     job = defs.resolve_job_def("orders_worker_job")
-    assert [n.name for n in job.graph.node_defs] == ["read_batch", "process_batch", "ack_and_checkpoint"]
+    assert [n.name for n in job.graph.node_defs] == ["drain_shard"]  # a run drains its shard, batch by batch
+
+
+def test_every_job_runs_its_steps_in_one_process_and_consumers_go_first_in_the_queue() -> None:
+    from durability_pipelines.definitions import defs
+
+    consumer = defs.resolve_job_def("orders_worker_job")
+    mirror = defs.resolve_job_def("checkpoint_mirror_job")
+    assert consumer.executor_def.name == mirror.executor_def.name == "in_process"
+    assert int(consumer.tags["dagster/priority"]) > int(mirror.tags["dagster/priority"])
+    assert mirror.tags["durability/role"] == "maintenance"
+    # dagster.yaml limits maintenance runs to one at a time
+    import yaml
+
+    config = yaml.safe_load((ROOT / "dagster_home" / "dagster.yaml").read_text())["run_coordinator"]["config"]
+    assert {"key": "durability/role", "value": "maintenance", "limit": 1} in config["tag_concurrency_limits"]
 
 
 def test_dagster_definitions_validate_passes_on_the_workspace() -> None:

@@ -340,10 +340,35 @@ def test_expired_iterator_before_any_record_reopens_at_the_checkpoint(aws, table
     shard = only_shard(reader)
     checkpoint = reader.read_batch(shard, None, max_events=2).next_checkpoint
     client.expire_iterator()
+    # the next batch goes on with the first batch's NextShardIterator, which has expired meanwhile
     batch = reader.read_batch(shard, checkpoint, max_events=100)
     assert [r.keys["pk"] for r in batch.records] == [f"k{i:04d}" for i in range(2, 6)]
-    reopened = client.calls_of("GetShardIterator")[-2:]
-    assert [c.params.get("SequenceNumber") for c in reopened] == [checkpoint, checkpoint]
+    assert batch.expired_iterators == 1
+    opened = client.calls_of("GetShardIterator")
+    assert [c.params["ShardIteratorType"] for c in opened] == ["TRIM_HORIZON", "AFTER_SEQUENCE_NUMBER"]
+    assert opened[-1].params["SequenceNumber"] == checkpoint  # reopened right at the checkpoint
+    # a fresh reader (a new run) opens its own iterator at the checkpoint
+    fresh = DynamoDBStreamReader(client, table.arn)
+    assert [r.keys["pk"] for r in fresh.read_batch(shard, checkpoint, max_events=100).records] == [
+        f"k{i:04d}" for i in range(2, 6)]
+    assert client.calls_of("GetShardIterator")[-1].params["SequenceNumber"] == checkpoint
+
+
+def test_consecutive_batches_continue_one_iterator(aws, table) -> None:
+    put_items(aws.ddb, table.name, items(9))
+    client = FaultyStreamsClient(aws.streams, table.arn, topology=Topology(), sequences="wide")
+    reader = DynamoDBStreamReader(client, table.arn)
+    shard = only_shard(reader)
+    position, seen = None, []
+    for _ in range(4):
+        batch = reader.read_batch(shard, position, max_events=3)
+        seen += [r.keys["pk"] for r in batch.records]
+        position = batch.next_checkpoint or position
+    assert seen == [f"k{i:04d}" for i in range(9)]
+    assert len(client.calls_of("GetShardIterator")) == 1  # one iterator for the whole drain
+    # a read from another position than where the last one ended opens an iterator of its own
+    assert [r.keys["pk"] for r in reader.read_batch(shard, None, max_events=2).records] == ["k0000", "k0001"]
+    assert len(client.calls_of("GetShardIterator")) == 2
 
 
 # --------------------------------------------------------------------------- trimmed data

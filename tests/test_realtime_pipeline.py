@@ -30,7 +30,7 @@ from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointTr
 from durability_pipelines.consumer.runtime import ConsumerRuntime
 from durability_pipelines.sinks.realtime import install_realtime_fixture
 from tests.support.dynamodb import clients, create_stream_table, put_items
-from tests.support.inprocess import Driver
+from tests.support.inprocess import Driver, drain_metadata, log_messages
 from tests.support.realtime_server import LocalRealtimeServer
 from tests.support.realtime_subscriber import RealtimeSubscriber
 from tests.support.servers import PrivateRedis
@@ -198,12 +198,14 @@ def test_every_event_of_every_batch_reaches_a_supabase_subscriber_exactly_once(
     create_stream_table(ddb, TOPIC)
     driver = Driver(defs(), CONSUMER)
 
-    # wave 1: 250 INSERT + 60 MODIFY + 40 REMOVE + 1 fractional N = 351 records -> batches of max_events 200
+    # wave 1: 250 INSERT + 60 MODIFY + 40 REMOVE + 1 fractional N = 351 records -> batches of max_events 200,
+    # drained by one run
     written = write_wave(env, 0, 250, 60, 40)
     write_fractional_number(env)
     written += 1
     runs = driver.drain()
-    assert runs >= 2 and all(r.success for r in driver.runs)
+    assert runs >= 1 and all(r.success for r in driver.runs)
+    assert driver.batches() >= 2 > runs
     subscriber.wait_for(written, GUARD_S)
 
     # wave 2, while the subscriber stays connected: the consumer resumes from its checkpoint
@@ -237,8 +239,8 @@ def test_a_crash_between_publish_and_checkpoint_publishes_nothing_extra(
     written = write_wave(env, 0, 300, 50, 30)  # 380 records: batches of 200 + 180
 
     # 1. The second batch dies after realtime.send put its messages in realtime.messages and before
-    #    the checkpoint save in the same transaction: the transaction rolls back. The op's retry
-    #    policy (max_retries 3) re-runs process_batch in the same run, which publishes the batch once.
+    #    the checkpoint save in the same transaction: the transaction rolls back. The run retries the
+    #    batch in place (retry.max_retries 3), which publishes the batch once.
     real_save = PostgresCheckpointTransaction.save
     crashes: list[dict[str, int]] = []
 
@@ -264,14 +266,14 @@ def test_a_crash_between_publish_and_checkpoint_publishes_nothing_extra(
     assert len(crashes) == 1
     crash = crashes[0]
     assert crash["committed"] == 200 and crash["in_transaction"] == 200 + 180  # sent, not yet committed
-    retried = [e for r in driver.runs for e in r.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
-    assert len(retried) == 1 and retried[0].step_key == "process_batch"
+    retried = [m for r in driver.runs for m in log_messages(driver.instance, r) if m.startswith("batch attempt 1 failed")]
+    assert len(retried) == 1 and "SimulatedCrash" in retried[0]
+    assert sum(drain_metadata(r)["retried_batches"] for r in driver.runs) == 1
     subscriber.wait_for(written, GUARD_S)
     assert crash["delivered"] <= 200  # nothing of batch 2 was out when it crashed
 
-    # 2. A run dies after process_batch committed messages + checkpoint, before its ack step (the
-    #    lease stays with the dead run). Nothing is re-published: the checkpoint committed with the
-    #    messages; the next batch steals the dead run's lease and goes on.
+    # 2. The run's ack dies after the batch committed messages + checkpoint. Nothing is re-published:
+    #    the checkpoint committed with the messages; the op's RetryPolicy starts the drain again from it.
     written += write_wave(env, 2000, 40, 10, 5)
     real_ack = ConsumerRuntime.ack
     ack_crashes: list[str] = []
@@ -286,7 +288,9 @@ def test_a_crash_between_publish_and_checkpoint_publishes_nothing_extra(
     before = len(driver.runs)
     driver.drain()
     later = driver.runs[before:]
-    assert len(ack_crashes) == 1 and not later[0].success and all(r.success for r in later[1:])
+    assert len(ack_crashes) == 1 and all(r.success for r in later)
+    op_retries = [e for r in later for e in r.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+    assert [e.step_key for e in op_retries] == ["drain_shard"]
     assert acked_checkpoint(postgres_url) == ack_crashes[0]  # committed with the batch's messages
     written += write_wave(env, 3000, 20, 5, 5)
     before = len(driver.runs)

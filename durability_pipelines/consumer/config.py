@@ -103,7 +103,26 @@ class ConsumerConfig(_Strict):
     )
     handler_options: dict[str, Any] = Field(default_factory=dict)
     checkpoint: StoreConfig = Field(default_factory=StoreConfig)
-    max_events: int = Field(default=500, ge=1, le=10_000, description="events per run (batch size)")
+    max_events: int = Field(
+        default=1000, ge=1, le=10_000,
+        description="events per batch (Lambda's BatchSize); above 1,000 a batch takes several GetRecords calls",
+    )
+    batch_window_s: float = Field(
+        default=0.0, ge=0, le=300,
+        description="wait up to this long to fill a batch when the stream is quiet (Lambda's "
+        "MaximumBatchingWindowInSeconds); 0 = hand over what one read returns",
+    )
+    max_batches_per_run: int = Field(
+        default=500, ge=1, le=100_000, description="a run drains at most this many batches, then ends",
+    )
+    max_run_seconds: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="a run starts no new batch after this long (it finishes the one in hand), then ends",
+    )
+    max_idle_s: float = Field(
+        default=5.0, ge=0, le=600,
+        description="a caught-up run keeps polling this long for new records before it ends; 0 = end at once",
+    )
     retry: RetryConfig = Field(default_factory=RetryConfig)
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     sensor_interval_s: int = Field(default=5, ge=1, le=3600)

@@ -42,6 +42,7 @@ from durability_pipelines.observability import (
     ACK_SUCCESS_RATE,
     EVENTS_PER_BATCH,
     LAG_SECONDS,
+    RECORDS_BEHIND,
     SEQUENCE_GAP,
     Labels,
     Metrics,
@@ -134,19 +135,28 @@ class ConsumerRuntime:
         return lease
 
     def read(self, shard: str | None, run_id: str) -> ReadOutput:
-        assert self.source is not None
-        key = self.key(shard)
+        """Take the lease, load the acked checkpoint and read one batch after it."""
         with self.metrics.timed(f"{self.store.backend}.acquire_lease", self.store.backend, shard):
             lease = self.acquire_lease(shard, run_id)
         with self.metrics.timed(f"{self.store.backend}.load", self.store.backend, shard):
-            acked = self.store.load(key)
+            acked = self.store.load(self.key(shard))
+        return self.read_after(shard, run_id, lease, acked)
+
+    def read_after(self, shard: str | None, run_id: str, lease: Lease | None, acked: str | None,
+                   *, max_events: int | None = None, record_gap: bool = True) -> ReadOutput:
+        """Read one batch after ``acked`` under ``lease`` (the drain loop already holds both).
+
+        A gap (trimmed data skipped by policy) is audited here unless ``record_gap`` is False: a
+        batch read ahead of time may be discarded, so the drain loop audits it when it processes it.
+        """
+        assert self.source is not None
         with self.metrics.timed("read_batch", self.config.adapter, shard):
-            batch = self.source.read(shard, acked, self.config.max_events)
-        if batch.gap is not None:
-            self._record_gap(batch.gap, run_id)
+            batch = self.source.read(shard, acked, max_events or self.config.max_events)
+        if batch.gap is not None and record_gap:
+            self.record_gap(batch.gap, run_id)
         return ReadOutput(self.config.name, shard, run_id, batch, lease)
 
-    def _record_gap(self, gap: Gap, run_id: str) -> None:
+    def record_gap(self, gap: Gap, run_id: str) -> None:
         log.warning("consumer %s skipped trimmed data on shard %s: %s", self.config.name, gap.shard, gap.reason)
         if self.storage is not None:
             c = self.config
@@ -301,6 +311,7 @@ class ConsumerRuntime:
 
     # -- ack -------------------------------------------------------------------------
     def ack(self, read: ReadOutput, processed: ProcessOutput) -> SaveResult | None:
+        """Save the checkpoint under the lease (kept: the drain loop reads the next batch under it)."""
         key = self.key(read.shard)
         result = None
         if processed.ack_to is not None:
@@ -310,9 +321,22 @@ class ConsumerRuntime:
                     context=SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack"),
                 )
         self._batch_metrics(read, processed, result)
-        if read.lease is not None:
-            self.store.leases.release(read.lease)
         return result
+
+    def release(self, lease: Lease | None) -> None:
+        """Give the shard up (the next run takes it over without waiting for the expiry)."""
+        if lease is not None:
+            self.store.leases.release(lease)
+
+    def lag_seconds(self, events: Sequence[ChangeEvent]) -> float | None:
+        """Age of the newest of ``events`` (Lambda's IteratorAge once they are acked); None if undated."""
+        created = [e.created_at for e in events if e.created_at is not None]
+        if not created:
+            return None
+        newest = max(created)
+        if newest.tzinfo is None:
+            newest = newest.replace(tzinfo=timezone.utc)
+        return round(max(0.0, (datetime.now(timezone.utc) - newest).total_seconds()), 3)
 
     def _batch_metrics(self, read: ReadOutput, processed: ProcessOutput, result: SaveResult | None) -> None:
         labels = self._labels(read.shard)
@@ -323,13 +347,11 @@ class ConsumerRuntime:
         acked = result.current if result else None
         gap = sequence_gap(acked, read.batch.newest_sequence) if acked else None
         self.metrics.record(SEQUENCE_GAP, gap or 0, labels=labels)
-        created = [e.created_at for e in read.batch.events if e.created_at is not None]
-        if created:
-            newest = max(created)
-            if newest.tzinfo is None:
-                newest = newest.replace(tzinfo=timezone.utc)
-            self.metrics.record(LAG_SECONDS, round((datetime.now(timezone.utc) - newest).total_seconds(), 3),
-                                labels=labels)
+        lag = self.lag_seconds(read.batch.events)
+        if lag is not None:
+            self.metrics.record(LAG_SECONDS, lag, labels=labels)
+        if read.batch.behind is not None:
+            self.metrics.record(RECORDS_BEHIND, read.batch.behind, labels=labels)
 
     def close(self) -> None:
         if isinstance(self.store, HybridCheckpointStore):

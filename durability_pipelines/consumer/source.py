@@ -34,10 +34,27 @@ class SourceBatch:
     next_checkpoint: str | None = None
     shard_ended: bool = False
     gap: Gap | None = None
+    #: records still in the stream after this batch, where the source can tell (0 = caught up); None = unknown
+    behind: int | None = None
 
     @property
     def newest_sequence(self) -> str | None:
         return self.events[-1].sequence if self.events else None
+
+    @property
+    def extendable(self) -> bool:
+        """Can a later read (after ``next_checkpoint``) be appended to this batch? Not after a shard's end,
+        a gap, or a position that is not the last event's (a pinned LATEST)."""
+        return (not self.shard_ended and self.gap is None
+                and self.next_checkpoint == (self.events[-1].sequence if self.events else None))
+
+    def extended(self, more: SourceBatch) -> SourceBatch:
+        """This batch followed by ``more`` (read after it): one batch for the handler (a batching window)."""
+        return SourceBatch(
+            self.shard, self.start_after, [*self.events, *more.events],
+            more.next_checkpoint if more.next_checkpoint is not None else self.next_checkpoint,
+            more.shard_ended, more.gap, more.behind,
+        )
 
     def checkpoint_before(self, sequence: str) -> str | None:
         """Checkpoint when the event at ``sequence`` (and all after it) failed: just before it."""
@@ -139,7 +156,9 @@ class DynamoDBSource:
             for r in b.records
         ]
         gap = Gap(shard, b.gap.from_sequence, b.gap.to_sequence, b.gap.reason) if b.gap else None
-        return SourceBatch(shard, b.start_after, events, b.next_checkpoint, b.shard_ended, gap)
+        # DynamoDB Streams cannot count what is left in a shard; it can tell "nothing left" (an empty page).
+        behind = 0 if (b.caught_up or b.shard_ended) else None
+        return SourceBatch(shard, b.start_after, events, b.next_checkpoint, b.shard_ended, gap, behind)
 
     def _pin_latest(self, shard: str) -> SourceBatch:
         """Start at LATEST: checkpoint the newest existing record without delivering anything."""

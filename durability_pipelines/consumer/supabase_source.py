@@ -41,6 +41,8 @@ FALLBACK_DB_URL_ENV = "DURABILITY_POSTGRES_URL"
 
 
 _INSTALLED: set[tuple[str, str, str]] = set()
+#: A full batch counts the rows still behind it up to this many (a count of millions would cost more than the batch).
+BEHIND_COUNT_LIMIT = 100_000
 
 
 class NoCheckpointError(ChangeFeedError):
@@ -136,7 +138,9 @@ class SupabaseChangeFeedSource:
             return SourceBatch(shard, after, [], str(self.reader.latest_position()))
         rows = self.reader.read(position, max_events)
         events = [to_event(self.stream, r) for r in rows]
-        return SourceBatch(shard, after, events, events[-1].sequence if events else None)
+        last = events[-1].sequence if events else None
+        behind = 0 if len(rows) < max_events else self.reader.pending_count(int(last), limit=BEHIND_COUNT_LIMIT)
+        return SourceBatch(shard, after, events, last, behind=behind)
 
     def close(self) -> None:
         self.reader.close()

@@ -20,14 +20,20 @@ from dagster import (
     AssetsDefinition,
     AssetSelection,
     Config,
+    DefaultScheduleStatus,
     MaterializeResult,
     MetadataValue,
-    ScheduleDefinition,
+    RunRequest,
+    RunsFilter,
+    ScheduleEvaluationContext,
+    SkipReason,
     TableColumn,
     TableSchema,
     asset,
     asset_check,
     define_asset_job,
+    in_process_executor,
+    schedule,
 )
 
 from durability_pipelines.audit.mirror import CheckpointMirror
@@ -42,9 +48,11 @@ from durability_pipelines.audit.tables import (
 )
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.defs.resources import DurabilityResource
+from durability_pipelines.defs.run_queue import IN_FLIGHT_STATUSES, MAINTENANCE_RUN_TAGS
 from durability_pipelines.observability import ACK_SUCCESS_RATE, Labels, Metrics
 
 MIRROR_CRON_ENV = "DURABILITY_MIRROR_CRON"
+MIRROR_JOB = "checkpoint_mirror_job"
 GROUP = "checkpoints"
 
 
@@ -68,13 +76,8 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
            description="Copy every Redis checkpoint into Postgres and restore missing/behind keys into Redis.")
     def checkpoint_mirror(context: AssetExecutionContext, config: MirrorConfig,
                           durability: DurabilityResource) -> MaterializeResult:
-        client, db = durability.redis_client(), durability.postgres()
-        try:
-            report = CheckpointMirror(client, db, batch_size=config.batch_size,
-                                      record_history=config.record_history).run()
-        finally:
-            db.close()
-            client.close()
+        report = CheckpointMirror(durability.redis_client(), durability.postgres(), batch_size=config.batch_size,
+                                  record_history=config.record_history).run()
         metrics = Metrics(Labels("mirror", "*"))
         metrics.call_duration("mirror.run", report.duration_s * 1000, adapter="mirror")
         if report.invalid:
@@ -86,13 +89,10 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
            description="One row per checkpoint key: values per store, dispatched position, lag, drift, status.")
     def checkpoint_audit(context: AssetExecutionContext, config: AuditConfig,
                          durability: DurabilityResource) -> MaterializeResult:
-        client, db = durability.redis_client(), durability.postgres()
-        try:
-            df = build_checkpoint_audit(client, db, consumers, AuditThresholds(stale_after_s=config.stale_after_s))
-            persist(db, "checkpoint_audit", df, AUDIT_COLUMNS)
-        finally:
-            db.close()
-            client.close()
+        db = durability.postgres()
+        df = build_checkpoint_audit(durability.redis_client(), db, consumers,
+                                    AuditThresholds(stale_after_s=config.stale_after_s))
+        persist(db, "checkpoint_audit", df, AUDIT_COLUMNS)
         counts = df["status"].value_counts().to_dict() if not df.empty else {}
         lag = pd.to_numeric(df["lag_seconds"], errors="coerce") if not df.empty else pd.Series(dtype=float)
         return MaterializeResult(metadata={
@@ -109,11 +109,8 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
     def checkpoint_history_summary(context: AssetExecutionContext,
                                    durability: DurabilityResource) -> MaterializeResult:
         db = durability.postgres()
-        try:
-            df = build_history_summary(db)
-            persist(db, "checkpoint_history_summary", df, SUMMARY_COLUMNS)
-        finally:
-            db.close()
+        df = build_history_summary(db)
+        persist(db, "checkpoint_history_summary", df, SUMMARY_COLUMNS)
         advances = int(df["advances_last_hour"].sum()) if not df.empty else 0
         failed = int(df["dead_letters"].sum()) if not df.empty else 0
         rate = round(advances / (advances + failed), 4) if advances + failed else 1.0
@@ -128,13 +125,9 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
         })
 
     def _read(durability: DurabilityResource, table: str) -> pd.DataFrame:
-        db = durability.postgres()
-        try:
-            with db.connection() as conn:
-                cur = conn.execute(f"SELECT * FROM {table}")  # noqa: S608 - fixed table names
-                return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description or []])
-        finally:
-            db.close()
+        with durability.postgres().connection() as conn:
+            cur = conn.execute(f"SELECT * FROM {table}")  # noqa: S608 - fixed table names
+            return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description or []])
 
     @asset_check(asset=checkpoint_history_summary, blocking=False,
                  description="History never moves a checkpoint backwards (operator --force moves excepted).")
@@ -180,15 +173,25 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
     assets = [checkpoint_mirror, checkpoint_audit, checkpoint_history_summary]
     checks = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters,
               no_invalid_checkpoint_values]
-    job = define_asset_job("checkpoint_mirror_job", selection=AssetSelection.assets(*assets),
-                           description="Mirror Redis <-> Postgres, then rebuild the audit tables and run the checks.")
-    schedule = ScheduleDefinition(name="checkpoint_mirror_schedule", job=job,
-                                  cron_schedule=os.environ.get(MIRROR_CRON_ENV, "* * * * *"),
-                                  default_status=_default_schedule_status())
-    return assets, checks, [job, schedule]
+    job = define_asset_job(
+        MIRROR_JOB, selection=AssetSelection.assets(*assets),
+        description="Mirror Redis <-> Postgres, then rebuild the audit tables and run the checks.",
+        # One process for the whole run (the multiprocess default started a process per step, 8 per run,
+        # and queued up behind itself under load), maintenance priority and concurrency (run_queue.py).
+        executor_def=in_process_executor, tags=MAINTENANCE_RUN_TAGS,
+    )
 
+    @schedule(name="checkpoint_mirror_schedule", job=job, cron_schedule=os.environ.get(MIRROR_CRON_ENV, "* * * * *"),
+              default_status=DefaultScheduleStatus.RUNNING,
+              description="Runs the mirror and the audit; skips a tick while the previous run is queued or running.")
+    def checkpoint_mirror_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+        busy = context.instance.get_runs(
+            filters=RunsFilter(job_name=MIRROR_JOB, statuses=list(IN_FLIGHT_STATUSES)), limit=1)
+        if busy:
+            run = busy[0]
+            return SkipReason(
+                f"run {run.run_id} of {MIRROR_JOB} is still {run.status.value}: this tick is skipped so that "
+                "mirror runs never pile up in the queue ahead of consumers")
+        return RunRequest()
 
-def _default_schedule_status():
-    from dagster import DefaultScheduleStatus
-
-    return DefaultScheduleStatus.RUNNING
+    return assets, checks, [job, checkpoint_mirror_schedule]

@@ -1,9 +1,9 @@
-"""One factory: a consumer config -> a job (read_batch -> process_batch -> ack_and_checkpoint)
-and a sensor that polls the stream from stored cursors.
+"""One factory: a consumer config -> a job (one op, ``drain_shard``) and a sensor that polls the
+stream from stored cursors.
 
-The three ops are defined once and shared by every consumer's job; which
-consumer a run serves is op config (set by the sensor), so the UI shows the
-same three ops for every pipeline.
+A run drains its shard: batch after batch (read -> process -> ack, the checkpoint saved after each),
+until it is caught up or its budget is used (``consumer/drain.py``). The op is defined once and shared
+by every consumer's job; which consumer and shard a run serves is op config (set by the sensor).
 """
 
 # No `from __future__ import annotations`: Dagster resolves op parameter annotations at definition time.
@@ -16,12 +16,10 @@ from dagster import (
     DagsterRunStatus,
     DefaultSensorStatus,
     Failure,
-    In,
     Jitter,
     JobDefinition,
     MetadataValue,
     OpExecutionContext,
-    Out,
     RetryPolicy,
     RunRequest,
     RunsFilter,
@@ -34,24 +32,34 @@ from dagster import (
     sensor,
 )
 
-from durability_pipelines.checkpoints.errors import ConfigError, LeaseLostError
+from durability_pipelines.checkpoints.errors import (
+    ConfigError,
+    DurabilityError,
+    LeaseLostError,
+    StoreUnavailableError,
+)
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.dispatch import RunState, SensorCursor, plan_tick, shard_id
+from durability_pipelines.consumer.drain import DrainBudget, DrainReport, ShardDrainer
 from durability_pipelines.consumer.handlers import load_handler
-from durability_pipelines.consumer.runtime import (
-    BatchDeadLettered,
-    ProcessOutput,
-    ReadOutput,
-    ShardBusyError,
-)
+from durability_pipelines.consumer.runtime import BatchDeadLettered, ShardBusyError
 from durability_pipelines.defs.resources import DurabilityResource
-from durability_pipelines.sources.errors import SourceError, StreamChangedError
+from durability_pipelines.defs.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
+from durability_pipelines.sources.errors import (
+    SourceError,
+    StreamChangedError,
+    StreamUnavailableError,
+    ThrottledError,
+)
+from durability_pipelines.sources.supabase_changes import ChangeFeedUnavailableError
 
 SHARD_TAG = "durability/shard"
 CONSUMER_TAG = "durability/consumer"
+#: The op's per-run log keeps this many batch records in its output metadata (each batch is also logged).
+BATCH_LOG_LIMIT = 200
+#: Errors the op's RetryPolicy retries: the infrastructure, not the data or the config.
+TRANSIENT_ERRORS = (StoreUnavailableError, StreamUnavailableError, ThrottledError, ChangeFeedUnavailableError)
 _REGISTRY: dict[str, ConsumerConfig] = {}
-_IN_FLIGHT = {DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-              DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING, DagsterRunStatus.MANAGED}
 
 
 def consumer_config(name: str) -> ConsumerConfig:
@@ -64,7 +72,7 @@ def consumer_config(name: str) -> ConsumerConfig:
         ) from None
 
 
-class ReadBatchConfig(Config):
+class DrainShardConfig(Config):
     consumer: str
     shard: str = ""  # empty = the unsharded change feed
 
@@ -77,104 +85,70 @@ def _run_finished(context: OpExecutionContext):
     return is_dead
 
 
-@op(out=Out(ReadOutput), tags={"kind": "source"})
-def read_batch(context: OpExecutionContext, config: ReadBatchConfig, durability: DurabilityResource) -> ReadOutput:
-    """Take the shard's lease and read events after the acked checkpoint (up to max_events)."""
+def _report_metadata(report: DrainReport) -> dict:
+    return {**report.as_metadata(),
+            "batch_log": MetadataValue.json([b.as_dict() for b in report.batches[-BATCH_LOG_LIMIT:]])}
+
+
+@op(tags={"kind": "consumer"})
+def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durability: DurabilityResource) -> None:
+    """Take the shard's lease and drain it: read -> process -> ack, batch after batch, the checkpoint
+    saved after each, until caught up or the run's budget (max_batches_per_run, max_run_seconds) is used."""
     cfg = consumer_config(config.consumer)
     if cfg.adapter == "dynamodb" and not config.shard:
         raise Failure(
-            f"consumer {cfg.name} reads a sharded stream: set ops.read_batch.config.shard to a shard id "
+            f"consumer {cfg.name} reads a sharded stream: set ops.drain_shard.config.shard to a shard id "
             f"(the sensor {cfg.name}_sensor does this; its cursor lists the shards)", allow_retries=False)
     rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
+    drainer = ShardDrainer(
+        rt, config.shard or None, context.run_id, DrainBudget.from_config(cfg),
+        on_batch=lambda record: context.log.info(record.describe()),
+        on_retry=lambda attempt, exc, delay: context.log.warning(
+            f"batch attempt {attempt} failed ({type(exc).__name__}: {exc}); retrying in {delay:.2f} s"),
+    )
     try:
-        out = rt.read(config.shard or None, context.run_id)
-    except ShardBusyError as exc:
-        raise Failure(str(exc), allow_retries=False) from exc
-    finally:
-        rt.close()
-    b = out.batch
-    context.add_output_metadata({
-        "consumer": cfg.name,
-        "shard": shard_id(out.shard),
-        "start_after": b.start_after or "(initial position)",
-        "events": len(b.events),
-        "first_sequence": b.events[0].sequence if b.events else "",
-        "last_sequence": b.events[-1].sequence if b.events else "",
-        "next_checkpoint": b.next_checkpoint or "",
-        "shard_ended": b.shard_ended,
-        "trimmed_gap": b.gap.reason if b.gap else "",
-        "lease_epoch": out.lease.epoch if out.lease else 0,
-        **rt.metrics.summary(),
-    })
-    return out
-
-
-@op(ins={"read": In(ReadOutput)}, out=Out(ProcessOutput), tags={"kind": "handler"})
-def process_batch(context: OpExecutionContext, read: ReadOutput, durability: DurabilityResource) -> ProcessOutput:
-    """Call the consumer's handler on the events not yet acked; retried with backoff, then dead-lettered."""
-    cfg = consumer_config(read.consumer)
-    rt = durability.runtime(cfg, build_source=False)
-    try:
-        out = rt.process(read, retry_number=context.retry_number)
+        report = drainer.run()
+    except (ShardBusyError, LeaseLostError) as exc:
+        raise Failure(str(exc), metadata=_report_metadata(drainer.report), allow_retries=False) from exc
     except BatchDeadLettered as exc:
-        raise Failure(str(exc), metadata={"dead_letter_id": exc.dead_letter_id}, allow_retries=False) from exc
-    except LeaseLostError as exc:
-        raise Failure(str(exc), allow_retries=False) from exc
+        raise Failure(str(exc), metadata={**_report_metadata(drainer.report), "dead_letter_id": exc.dead_letter_id},
+                      allow_retries=False) from exc
+    except DurabilityError as exc:
+        # A store or the stream down is retried by the op's RetryPolicy (from the acked checkpoint);
+        # a wrong config, trimmed data under trim_policy 'fail', a changed stream are not: retrying
+        # would only fail again later.
+        if isinstance(exc, TRANSIENT_ERRORS):
+            raise
+        raise Failure(str(exc), metadata=_report_metadata(drainer.report), allow_retries=False) from exc
     finally:
         rt.close()
-    context.add_output_metadata({
-        "processed": out.processed,
-        "failed_items": len(out.failed),
-        "dead_letters": MetadataValue.json(out.dead_letter_ids),
-        "attempts": out.attempts,
-        "ack_to": out.ack_to or "",
-        **rt.metrics.summary(),
-    })
-    return out
-
-
-@op(ins={"read": In(ReadOutput), "processed": In(ProcessOutput)}, tags={"kind": "checkpoint"})
-def ack_and_checkpoint(context: OpExecutionContext, read: ReadOutput, processed: ProcessOutput,
-                       durability: DurabilityResource) -> None:
-    """Save the checkpoint under the lease (after the side effects committed) and release the lease."""
-    cfg = consumer_config(read.consumer)
-    rt = durability.runtime(cfg, build_source=False)
-    try:
-        result = rt.ack(read, processed)
-    except LeaseLostError as exc:
-        raise Failure(str(exc), allow_retries=False) from exc
-    finally:
-        rt.close()
-    context.add_output_metadata({
-        "checkpoint_key": rt.key(read.shard).redis_key,
-        "checkpoint": result.current if result else (read.batch.start_after or ""),
-        "outcome": result.outcome.value if result else "nothing to ack",
-        "backend": cfg.checkpoint.backend,
-        **rt.metrics.summary(),
-    })
+    context.log.info(
+        f"drained {report.events} events in {len(report.batches)} batches ({report.events_per_s} events/s); "
+        f"stopped: {report.stop_reason.value if report.stop_reason else '?'}; checkpoint {report.checkpoint}")
+    context.add_output_metadata({**_report_metadata(report), "backend": cfg.checkpoint.backend,
+                                 "checkpoint_key": rt.key(report.shard).redis_key, **rt.metrics.summary()})
 
 
 def build_consumer_job(cfg: ConsumerConfig) -> JobDefinition:
-    retry = (
-        RetryPolicy(max_retries=cfg.retry.max_retries, delay=cfg.retry.delay_s, backoff=Backoff.EXPONENTIAL,
-                    jitter=Jitter.PLUS_MINUS)
-        if cfg.retry.max_retries > 0
-        else None
-    )
-    process = process_batch.with_retry_policy(retry) if retry else process_batch
+    # Handler failures are retried batch by batch inside the run (retry.max_retries, then dead-lettered);
+    # this policy covers the run's own infrastructure (a store or the stream down): the op starts again
+    # from the acked checkpoint.
+    retry = RetryPolicy(max_retries=cfg.retry.max_retries, delay=cfg.retry.delay_s, backoff=Backoff.EXPONENTIAL,
+                        jitter=Jitter.PLUS_MINUS) if cfg.retry.max_retries > 0 else None
+    drain = drain_shard.with_retry_policy(retry) if retry else drain_shard
 
     @job(
         name=f"{cfg.name}_job",
-        description=cfg.description or f"{cfg.adapter} stream {cfg.stream}: read -> process -> ack",
+        description=cfg.description or f"{cfg.adapter} stream {cfg.stream}: drain a shard (read -> process -> ack)",
+        # One process per run: the op runs in the run worker, its clients opened once.
         executor_def=in_process_executor,
-        # The sensor re-dispatches failed batches from the acked checkpoint; a run-level retry
+        # The sensor re-dispatches failed runs from the acked checkpoint; a run-level retry
         # would re-run dead-lettered batches behind its back.
-        tags={CONSUMER_TAG: cfg.name, "dagster/max_retries": "0"},
-        config={"ops": {"read_batch": {"config": {"consumer": cfg.name, "shard": ""}}}},
+        tags={CONSUMER_TAG: cfg.name, "dagster/max_retries": "0", **CONSUMER_RUN_TAGS},
+        config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": ""}}}},
     )
     def _consumer_job() -> None:
-        read = read_batch()
-        ack_and_checkpoint(read, process(read))
+        drain()
 
     return _consumer_job
 
@@ -184,7 +158,7 @@ def _run_state(context: SensorEvaluationContext, run_key: str) -> RunState:
     if not runs:
         return RunState.MISSING
     status = runs[0].status
-    if status in _IN_FLIGHT:
+    if status in IN_FLIGHT_STATUSES:
         return RunState.IN_PROGRESS
     return RunState.SUCCESS if status == DagsterRunStatus.SUCCESS else RunState.FAILURE
 
@@ -197,7 +171,7 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         job=consumer_job,
         minimum_interval_seconds=cfg.sensor_interval_s,
         default_status=DefaultSensorStatus.RUNNING if cfg.sensor_running_by_default else DefaultSensorStatus.STOPPED,
-        description=f"Polls {cfg.adapter} stream {cfg.stream} from the acked checkpoints; one run per shard.",
+        description=f"Polls {cfg.adapter} stream {cfg.stream} from the acked checkpoints; one draining run per shard.",
     )
     def _consumer_sensor(context: SensorEvaluationContext, durability: DurabilityResource) -> SensorResult:
         mirror = durability.cursor_mirror()
@@ -245,8 +219,9 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         requests = [
             RunRequest(
                 run_key=d.run_key,
-                run_config={"ops": {"read_batch": {"config": {"consumer": cfg.name, "shard": d.shard or ""}}}},
+                run_config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": d.shard or ""}}}},
                 tags={SHARD_TAG: f"{cfg.name}:{shard_id(d.shard)}", CONSUMER_TAG: cfg.name,
+                      **CONSUMER_RUN_TAGS,
                       "durability/start_after": d.start_after or "INITIAL", "durability/attempt": str(d.attempt)},
             )
             for d in plan.dispatches

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from dagster import ConfigurableResource, EnvVar
-from pydantic import Field
+from dagster import ConfigurableResource, EnvVar, InitResourceContext
+from pydantic import Field, PrivateAttr
 
 from durability_pipelines import services
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
@@ -24,10 +24,29 @@ from durability_pipelines.consumer.storage import ConsumerStorage, ensure
 
 
 class DurabilityResource(ConfigurableResource):
-    """Connections to the checkpoint stores; one per run process."""
+    """Connections to the checkpoint stores.
+
+    ``redis_client()`` and ``postgres()`` are opened once and shared by every step of a run (and
+    every check of a tick); Dagster closes them when the run's resources are torn down. Callers
+    never close them.
+    """
 
     postgres_url: str | None = Field(default=None, description="DURABILITY_POSTGRES_URL; unset = embedded")
     redis_url: str | None = Field(default=None, description="DURABILITY_REDIS_URL; unset = embedded")
+    _redis: redis.Redis | None = PrivateAttr(default=None)
+    _postgres: PostgresConnection | None = PrivateAttr(default=None)
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the shared connections (the next call opens new ones)."""
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        if self._postgres is not None:
+            self._postgres.close()
+            self._postgres = None
 
     def resolved_postgres_url(self) -> str:
         return self.postgres_url or services.resolve_postgres_url()
@@ -49,10 +68,16 @@ class DurabilityResource(ConfigurableResource):
         )
 
     def postgres(self) -> PostgresConnection:
-        return PostgresConnection(self.resolved_postgres_url())
+        """The shared Postgres connection (reconnects by itself after an outage)."""
+        if self._postgres is None:
+            self._postgres = PostgresConnection(self.resolved_postgres_url())
+        return self._postgres
 
     def redis_client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.resolved_redis_url(), socket_timeout=10, socket_connect_timeout=5)
+        """The shared Redis client (a connection pool)."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.resolved_redis_url(), socket_timeout=10, socket_connect_timeout=5)
+        return self._redis
 
     def cursor_mirror(self) -> CursorMirror:
         db = self.postgres()

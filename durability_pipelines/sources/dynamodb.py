@@ -460,6 +460,10 @@ class DynamoDBStreamReader:
         self.expected_label = expected_label or stream_label_from_arn(stream_arn)
         self.description: StreamDescription | None = None
         self._shards: dict[str, ShardInfo] = {}
+        # shard -> (the position a read ended at, the NextShardIterator that continues from it): the next
+        # batch of a draining run goes on with it instead of a GetShardIterator call (iterators live 15 min;
+        # an expired one is replaced as in any read).
+        self._continue: dict[str, tuple[str, str]] = {}
 
     # ----------------------------------------------------------------- AWS calls
 
@@ -679,7 +683,11 @@ class DynamoDBStreamReader:
                 start = (TRIM_HORIZON, None)
 
         floor = after_n if at_n is None and after_n is not None and is_number(after_n) else None
-        return self._read(batch, start, requested, floor, max_events)
+        iterator = None
+        if at_n is None and after_n is not None and batch.gap is None:
+            position, cached = self._continue.pop(shard_id, (None, None))
+            iterator = cached if position == after_n else None
+        return self._read(batch, start, requested, floor, max_events, iterator)
 
     def _read(
         self,
@@ -688,12 +696,13 @@ class DynamoDBStreamReader:
         requested: str | None,
         floor: str | None,
         max_events: int,
+        iterator: str | None = None,
     ) -> ShardBatch:
-        """The GetRecords loop. ``floor``: records at or below it were already delivered (acked)."""
+        """The GetRecords loop. ``floor``: records at or below it were already delivered (acked);
+        ``iterator``: one that continues exactly at ``start`` (from the previous batch), if known."""
         shard_id = batch.shard_id
         records = batch.records
         restart = start  # where a fresh iterator must point: moves AFTER each record read
-        iterator: str | None = None
         skips = 1 if batch.gap is not None else 0
         read_at_skip = 0  # len(records) when the last skip happened
         truncated = False
@@ -739,6 +748,7 @@ class DynamoDBStreamReader:
                     restart, iterator = (TRIM_HORIZON, None), None
                     continue
                 if code == "ResourceNotFoundException" and self._shard_info(shard_id, refresh=True) is None:
+                    iterator = None
                     if records:  # keep what was read; the next batch reports the rest as gone
                         break
                     return self._shard_gone(batch, requested)
@@ -764,20 +774,25 @@ class DynamoDBStreamReader:
                 batch.size_bytes += sum(r.size_bytes for r in page)
                 restart = ("AFTER_SEQUENCE_NUMBER", page[-1].sequence)
             if truncated:
+                iterator = None  # it points past records this batch left out
                 break
             nxt = resp.get("NextShardIterator")
             if not nxt:
                 batch.shard_ended = True  # closed shard read to its end
+                iterator = None
                 break
+            iterator = nxt
             if not raw_records:
                 batch.caught_up = True
                 break
-            iterator = nxt
 
         if batch.shard_ended:
             batch.next_checkpoint = SHARD_END
         elif records:
             batch.next_checkpoint = records[-1].sequence
+        end = batch.next_checkpoint or batch.start_after
+        if iterator is not None and end is not None and batch.gap is None and end != SHARD_END:
+            self._continue[shard_id] = (end, iterator)
         return batch
 
     def _get_iterator(self, shard_id: str, position: _Position, batch: ShardBatch) -> str | None:

@@ -442,10 +442,16 @@ class ChangeFeedReader:
             row = conn.execute(query, params).fetchone()
         return encode_position(int(row[1]), row[0]) if row else None
 
-    def pending_count(self, after: int | None) -> int:
-        """Rows after ``after``, settled or not (a lag gauge; counts, so not for hot paths)."""
+    def pending_count(self, after: int | None, *, limit: int | None = None) -> int:
+        """Rows after ``after``, settled or not (a lag gauge). ``limit`` caps the count (and its cost):
+        the answer is then at most ``limit``."""
         where, params = self._filters(after, safe_only=False)
-        query = sql.SQL("SELECT count(*) FROM {log}{where}").format(log=self.log.ident, where=where)
+        if limit is None:
+            query = sql.SQL("SELECT count(*) FROM {log}{where}").format(log=self.log.ident, where=where)
+        else:
+            query = sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {log}{where} LIMIT %s) AS capped").format(
+                log=self.log.ident, where=where)
+            params = [*params, limit]
         with self._call("count") as conn:
             return int(conn.execute(query, params).fetchone()[0])
 

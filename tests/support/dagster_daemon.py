@@ -307,3 +307,50 @@ def poison_until_fixed(events: Sequence[ChangeEvent], ctx: HandlerContext) -> No
 
 
 poison_until_fixed.transactional = True  # type: ignore[attr-defined]
+
+
+HOLD_LIMIT_S = 120.0  # a held batch gives up after this long (a hang guard if the test died)
+
+
+def deliveries_with_hold(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
+    """:func:`record_deliveries`, except that it stops while the Redis key ``handler_options.hold_flag``
+    exists and the batch holds the item it names, so that the test can SIGKILL the run worker there.
+
+    The key's value is ``<where>:<pk>``; where is ``before`` (at the handler's entry: the batches before
+    are acked, this one has no effect yet: the run is between two batches) or ``after_write`` (inside the
+    batch's transaction, its rows written but not committed). While holding, ``<hold_flag>:held`` is
+    ``<pid>:<rows written>``.
+    """
+    flag = str(ctx.options["hold_flag"])
+    client = redis.Redis.from_url(services.resolve_redis_url(check=False), socket_timeout=10)
+    try:
+        mode, _, pk = (client.get(flag) or b"").decode().partition(":")
+        holding = bool(mode) and any((e.keys or {}).get("pk") == pk for e in events)
+        if holding and mode == "before":
+            _hold(client, flag, written=0)
+        record_deliveries(events, ctx)
+        if holding and mode == "after_write":
+            _hold(client, flag, written=len(events))
+    finally:
+        client.close()
+
+
+deliveries_with_hold.transactional = True  # type: ignore[attr-defined]
+
+
+def _hold(client: redis.Redis, flag: str, *, written: int) -> None:
+    client.set(f"{flag}:held", f"{os.getpid()}:{written}")
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while client.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    client.delete(f"{flag}:held")
+
+
+def schedule_ticks(instance: Any, schedule_name: str, *, limit: int | None = None) -> Sequence[Any]:
+    """The schedule's ticks, newest first (empty before its first tick)."""
+    from dagster._core.scheduler.instigation import InstigatorType
+
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SCHEDULE):
+        if state.name == schedule_name:
+            return instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=limit)
+    return []

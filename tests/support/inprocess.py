@@ -7,8 +7,28 @@ fast while still evaluating the real sensor and executing the real job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from dagster import DagsterInstance, Definitions, build_sensor_context
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    Definitions,
+    ExecuteInProcessResult,
+    build_sensor_context,
+)
+
+
+def drain_metadata(result: ExecuteInProcessResult) -> dict[str, Any]:
+    """The ``drain_shard`` op's output metadata of a run (batches, events, stop_reason, batch_log, ...)."""
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.STEP_OUTPUT and event.step_key == "drain_shard":
+            return {k: v.value for k, v in event.event_specific_data.metadata.items()}
+    raise AssertionError(f"run {result.run_id} has no drain_shard output (did it fail?)")
+
+
+def log_messages(instance: DagsterInstance, result: ExecuteInProcessResult) -> list[str]:
+    """What the run's ops logged (``context.log``), in order."""
+    return [e.user_message for e in instance.all_logs(result.run_id) if not e.is_dagster_event]
 
 
 @dataclass
@@ -21,11 +41,16 @@ class Driver:
 
     def tick(self):
         sensor = self.defs.get_sensor_def(f"{self.consumer}_sensor")
-        ctx = build_sensor_context(instance=self.instance, cursor=self.cursor, sensor_name=sensor.name,
-                                   resources={"durability": self.defs.resources["durability"]})
-        result = sensor(ctx)
+        # A context manager, as the daemon does: the resource's shared connections are closed after the tick.
+        with build_sensor_context(instance=self.instance, cursor=self.cursor, sensor_name=sensor.name,
+                                  resources={"durability": self.defs.resources["durability"]}) as ctx:
+            result = sensor(ctx)
         self.cursor = result.cursor
         return result
+
+    def batches(self, runs: list[ExecuteInProcessResult] | None = None) -> int:
+        """Batches processed by ``runs`` (default: every run so far), from the op's metadata."""
+        return sum(drain_metadata(r)["batches"] for r in (self.runs if runs is None else runs) if r.success)
 
     def drain(self, max_ticks: int = 50) -> int:
         """Tick and run every requested batch until a tick requests nothing; returns runs executed."""

@@ -43,3 +43,19 @@ crash_after_write.transactional = True  # type: ignore[attr-defined]
 def report_poison(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None:
     """Non-transactional: records nothing itself, reports events with poison=True as failed."""
     return HandlerResult(failed_sequences=[e.sequence for e in events if (e.new_image or {}).get("poison")])
+
+
+_CALLS: dict[str, int] = {}
+
+
+def fail_first_call(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
+    """Fails the first call per ``options.flag`` (in this process), then writes like the default sink."""
+    flag = str(ctx.options["flag"])
+    _CALLS[flag] = _CALLS.get(flag, 0) + 1
+    if _CALLS[flag] == 1:
+        raise RuntimeError("first call fails")
+    assert ctx.connection is not None
+    write_events(ctx.connection, events, ctx.consumer)
+
+
+fail_first_call.transactional = True  # type: ignore[attr-defined]

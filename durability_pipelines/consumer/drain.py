@@ -1,0 +1,397 @@
+"""A run drains its shard: batch after batch, read -> process -> ack, until there is nothing left.
+
+Why: a Dagster run costs seconds (a sensor tick, a launch, a process start); one run per batch
+caps a shard at a few dozen events per second, while one DynamoDB Streams shard carries about a
+thousand. So a run holds the shard's lease and loops, with the batch rules of ``runtime`` unchanged
+for each batch:
+
+* the checkpoint is saved after *each* batch, under the lease (renewed as the run goes on), so a
+  crash mid-run loses nothing: the next run starts after the last acked batch;
+* a failing batch is retried in place with bounded, jittered backoff (``retry.max_retries``), then
+  dead-lettered by the consumer's policy (``stop`` ends the run, ``bisect`` goes on);
+* while a full batch is processed the next one is read ahead (``ReadAhead``), so the stream's latency
+  overlaps the handler's; a batch read ahead is dropped if the checkpoint did not end where it starts;
+* the run ends when the shard is caught up (after ``max_idle_s`` of polling), its shard ended, a
+  budget is used (``max_batches_per_run``, ``max_run_seconds``), a batch failed, or the lease was lost.
+
+Each batch leaves a :class:`BatchRecord` (handed to ``on_batch``: the Dagster op logs it); the
+:class:`DrainReport` sums them. No Dagster import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from durability_pipelines.checkpoints import DurabilityError, Lease, LeaseLostError, SaveResult
+from durability_pipelines.consumer.config import ConsumerConfig
+from durability_pipelines.consumer.dispatch import shard_id
+from durability_pipelines.consumer.runtime import (
+    BatchDeadLettered,
+    ConsumerRuntime,
+    PartialBatchFailure,
+    ProcessOutput,
+    ReadOutput,
+)
+from durability_pipelines.sources.backoff import BackoffPolicy
+
+log = logging.getLogger(__name__)
+
+#: How often a caught-up run (or a batching window) polls the stream: Lambda polls a shard 4 times a second.
+POLL_INTERVAL_S = 0.25
+#: Longest wait between two attempts of a failing batch.
+MAX_RETRY_DELAY_S = 60.0
+
+
+class StopReason(str, enum.Enum):
+    CAUGHT_UP = "caught up"
+    SHARD_ENDED = "shard ended"
+    BATCH_BUDGET = "max_batches_per_run reached"
+    TIME_BUDGET = "max_run_seconds reached"
+
+
+@dataclass(frozen=True)
+class DrainBudget:
+    """How long one run may keep a shard (the sensor dispatches the next run)."""
+
+    max_batches: int
+    max_seconds: float
+    max_idle_s: float
+    batch_window_s: float = 0.0
+    poll_interval_s: float = POLL_INTERVAL_S
+
+    @classmethod
+    def from_config(cls, config: ConsumerConfig) -> DrainBudget:
+        return cls(config.max_batches_per_run, config.max_run_seconds, config.max_idle_s, config.batch_window_s)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one batch did: the run's event log holds one per batch."""
+
+    index: int  # 1-based, within the run
+    shard: str | None
+    start_after: str | None
+    first_sequence: str | None
+    last_sequence: str | None
+    events: int
+    processed: int
+    failed: int
+    attempts: int
+    outcome: str  # the save's outcome (advanced / unchanged) or "nothing to ack"
+    checkpoint: str | None  # acked position after the batch
+    lag_s: float | None  # age of the newest acked record (Lambda's IteratorAge)
+    behind: int | None  # records still after the checkpoint, where the source can tell
+    duration_s: float
+    dead_letter_ids: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.index, "shard": shard_id(self.shard), "start_after": self.start_after,
+            "first_sequence": self.first_sequence, "last_sequence": self.last_sequence, "events": self.events,
+            "processed": self.processed, "failed": self.failed, "attempts": self.attempts, "outcome": self.outcome,
+            "checkpoint": self.checkpoint, "lag_s": self.lag_s, "behind": self.behind,
+            "duration_s": self.duration_s, "dead_letter_ids": list(self.dead_letter_ids),
+        }
+
+    def describe(self) -> str:
+        span = f"{self.first_sequence}..{self.last_sequence}" if self.events else "no events"
+        lag = f"{self.lag_s:.1f} s" if self.lag_s is not None else "unknown"
+        behind = str(self.behind) if self.behind is not None else "unknown"
+        extra = f", {self.failed} failed, dead letters {list(self.dead_letter_ids)}" if self.failed else ""
+        retried = f", {self.attempts} attempts" if self.attempts > 1 else ""
+        return (f"batch {self.index} shard {shard_id(self.shard)}: {self.events} events ({span}){extra}{retried}; "
+                f"checkpoint {self.outcome} at {self.checkpoint}; lag {lag}, behind {behind}; "
+                f"{self.duration_s:.3f} s")
+
+
+@dataclass
+class DrainReport:
+    """The run's sum of its batches; kept up to date while the run goes, so a failure can report it."""
+
+    consumer: str
+    shard: str | None
+    run_id: str
+    start_after: str | None = None
+    checkpoint: str | None = None
+    lease_epoch: int | None = None
+    batches: list[BatchRecord] = field(default_factory=list)
+    stop_reason: StopReason | None = None
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    @property
+    def events(self) -> int:
+        return sum(b.events for b in self.batches)
+
+    @property
+    def processed(self) -> int:
+        return sum(b.processed for b in self.batches)
+
+    @property
+    def failed(self) -> int:
+        return sum(b.failed for b in self.batches)
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    @property
+    def events_per_s(self) -> float:
+        return round(self.events / self.duration_s, 1) if self.duration_s > 0 else 0.0
+
+    @property
+    def last(self) -> BatchRecord | None:
+        return self.batches[-1] if self.batches else None
+
+    @property
+    def behind(self) -> int | None:
+        """Records left after the checkpoint when the run ended: 0 once caught up; None = unknown."""
+        if self.stop_reason in (StopReason.CAUGHT_UP, StopReason.SHARD_ENDED):
+            return 0
+        return self.last.behind if self.last else None
+
+    def as_metadata(self) -> dict[str, Any]:
+        """Flat figures (numbers Dagster plots, text for positions: they exceed a float's precision)."""
+        last = self.last
+        return {
+            "consumer": self.consumer,
+            "shard": shard_id(self.shard),
+            "stop_reason": self.stop_reason.value if self.stop_reason else "failed",
+            "batches": len(self.batches),
+            "events": self.events,
+            "processed": self.processed,
+            "failed_items": self.failed,
+            "events_per_s": self.events_per_s,
+            "duration_s": round(self.duration_s, 3),
+            "start_after": self.start_after or "(initial position)",
+            "checkpoint": self.checkpoint or "",
+            "lag_seconds": last.lag_s if last and last.lag_s is not None else 0.0,
+            "records_behind": self.behind if self.behind is not None else -1,
+            "retried_batches": sum(1 for b in self.batches if b.attempts > 1),
+            "dead_letters": sum(len(b.dead_letter_ids) for b in self.batches),
+            "lease_epoch": self.lease_epoch or 0,
+        }
+
+
+class ReadAhead:
+    """Reads the next batch in a background thread while the current one is processed (KCL's
+    prefetching record publisher does the same): the stream's latency and the sink's overlap.
+
+    Reading has no side effects, so a batch read ahead is simply dropped when the position it was read
+    from is not where the checkpoint ended up (a partial failure, a poison record skipped).
+    """
+
+    def __init__(self, read: Callable[[str | None], ReadOutput]) -> None:
+        self._read = read
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        self._pending: tuple[str | None, Future[ReadOutput]] | None = None
+
+    def start(self, after: str | None) -> None:
+        self._drop()
+        self._pending = (after, self._pool.submit(self._read, after))
+
+    def take(self, after: str | None) -> ReadOutput | None:
+        """The batch read ahead from ``after`` (its read's error, if it failed); None if there is none."""
+        if self._pending is None or self._pending[0] != after:
+            self._drop()
+            return None
+        _, future = self._pending
+        self._pending = None
+        return future.result()
+
+    def _drop(self) -> None:
+        if self._pending is not None:
+            _, future = self._pending
+            self._pending = None
+            with contextlib.suppress(Exception):  # its outcome no longer matters
+                future.result()
+
+    def close(self) -> None:
+        """Wait for a read in flight (the source is closed after this), then stop the thread."""
+        self._drop()
+        self._pool.shutdown(wait=True)
+
+
+class ShardDrainer:
+    """Drains one shard for one run. ``report`` is readable after ``run()`` returns or raises."""
+
+    def __init__(self, runtime: ConsumerRuntime, shard: str | None, run_id: str, budget: DrainBudget, *,
+                 on_batch: Callable[[BatchRecord], None] | None = None,
+                 on_retry: Callable[[int, BaseException, float], None] | None = None,
+                 prefetch: bool = True,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rt = runtime
+        self.shard = shard
+        self.run_id = run_id
+        self.budget = budget
+        self.on_batch = on_batch
+        self.on_retry = on_retry
+        self.prefetch = prefetch
+        self.sleep = sleep
+        self.clock = clock
+        retry = runtime.config.retry
+        self.retry_policy = BackoffPolicy(max_attempts=retry.max_retries + 1, base_delay_s=retry.delay_s,
+                                          max_delay_s=max(retry.delay_s, MAX_RETRY_DELAY_S))
+        self.report = DrainReport(runtime.config.name, shard, run_id)
+        self._lease: Lease | None = None
+        self._renewed_at = 0.0
+
+    # -- the loop --------------------------------------------------------------------
+    def run(self) -> DrainReport:
+        rt, report = self.rt, self.report
+        report.started = self.clock()
+        self._lease = rt.acquire_lease(self.shard, self.run_id)
+        self._renewed_at = self.clock()
+        report.lease_epoch = self._lease.epoch
+        ahead = ReadAhead(self._read) if self.prefetch else None
+        try:
+            acked = rt.store.load(rt.key(self.shard))
+            report.start_after = report.checkpoint = acked
+            idle_since: float | None = None
+            while True:
+                stop = self._budget_used()
+                if stop is not None:
+                    report.stop_reason = stop
+                    break
+                self._renew_if_due()
+                read = ahead.take(acked) if ahead is not None else None
+                read = read or self._read(acked)
+                batch = read.batch
+                if not batch.events and batch.next_checkpoint is None and batch.gap is None:
+                    # Nothing new: poll until max_idle_s has passed without a record.
+                    idle_since = self.clock() if idle_since is None else idle_since
+                    if self.clock() - idle_since >= self.budget.max_idle_s:
+                        report.stop_reason = StopReason.CAUGHT_UP
+                        break
+                    self.sleep(self.budget.poll_interval_s)
+                    continue
+                idle_since = None
+                full = len(batch.events) >= rt.config.max_events and batch.behind != 0
+                if ahead is not None and full and batch.extendable and self._another_batch_fits():
+                    ahead.start(batch.next_checkpoint)  # read the next batch while this one is processed
+                record = self._process(read, acked)
+                moved = record.checkpoint != acked
+                acked = record.checkpoint
+                report.checkpoint = acked
+                report.batches.append(record)
+                if self.on_batch is not None:
+                    self.on_batch(record)
+                if batch.shard_ended:
+                    report.stop_reason = StopReason.SHARD_ENDED
+                    break
+                if batch.gap is not None and not moved:
+                    # Trimmed data skipped with nothing after it yet: polling would record the gap again.
+                    report.stop_reason = StopReason.CAUGHT_UP
+                    break
+                if not full:
+                    # Caught up for now: end, or wait a poll interval before asking again.
+                    if self.budget.max_idle_s <= 0:
+                        report.stop_reason = StopReason.CAUGHT_UP
+                        break
+                    self.sleep(self.budget.poll_interval_s)
+        finally:
+            if ahead is not None:
+                ahead.close()
+            report.ended = self.clock()
+            self._release()
+        return report
+
+    def _another_batch_fits(self) -> bool:
+        return (len(self.report.batches) + 1 < self.budget.max_batches
+                and self.clock() - self.report.started < self.budget.max_seconds)
+
+    def _budget_used(self) -> StopReason | None:
+        if len(self.report.batches) >= self.budget.max_batches:
+            return StopReason.BATCH_BUDGET
+        if self.clock() - self.report.started >= self.budget.max_seconds:
+            return StopReason.TIME_BUDGET
+        return None
+
+    # -- lease -----------------------------------------------------------------------
+    def _renew_if_due(self) -> None:
+        """Renew once a third of the lease has passed: a renewal costs a round trip, an expiry the shard."""
+        duration = self.rt.config.lease_duration_s
+        if self._lease is None or self.clock() - self._renewed_at < duration / 3:
+            return
+        self._lease = self.rt.store.leases.renew(self._lease, duration)  # LeaseLostError: someone took it
+        self._renewed_at = self.clock()
+
+    def _release(self) -> None:
+        if self._lease is None:
+            return
+        try:
+            self.rt.release(self._lease)
+        except DurabilityError as exc:  # it expires on its own; the next run may have to wait for that
+            log.warning("could not release the lease of shard %s: %s", shard_id(self.shard), exc)
+        self._lease = None
+
+    # -- one batch -------------------------------------------------------------------
+    def _read(self, acked: str | None) -> ReadOutput:
+        """One batch; with a batching window, keep reading after it until it is full or the window closes.
+        (A gap is audited when the batch is processed: a batch read ahead may be discarded.)"""
+        rt, want = self.rt, self.rt.config.max_events
+        read = rt.read_after(self.shard, self.run_id, self._lease, acked, record_gap=False)
+        window = self.budget.batch_window_s
+        if window <= 0:
+            return read
+        deadline = self.clock() + window
+        batch = read.batch
+        while len(batch.events) < want and batch.extendable and self.clock() < deadline:
+            self.sleep(min(self.budget.poll_interval_s, max(0.0, deadline - self.clock())))
+            more = rt.read_after(self.shard, self.run_id, self._lease, batch.next_checkpoint or acked,
+                                 max_events=want - len(batch.events), record_gap=False).batch
+            if more.gap is not None:
+                break  # leave the gap to the next batch, which reports it
+            batch = batch.extended(more)
+        return ReadOutput(read.consumer, read.shard, read.run_id, batch, read.lease)
+
+    def _process(self, read: ReadOutput, acked: str | None) -> BatchRecord:
+        """Process and ack one batch, retrying a failing handler in place; returns its record."""
+        started = self.clock()
+        if read.batch.gap is not None:
+            self.rt.record_gap(read.batch.gap, self.run_id)
+        processed = self._process_with_retries(read)
+        result: SaveResult | None = self.rt.ack(read, processed)
+        batch = read.batch
+        checkpoint = result.current if result else (processed.ack_to or acked)
+        failed = set(processed.failed)
+        acked_events = [e for e in batch.events if e.sequence not in failed]
+        return BatchRecord(
+            index=len(self.report.batches) + 1, shard=self.shard, start_after=batch.start_after,
+            first_sequence=batch.events[0].sequence if batch.events else None,
+            last_sequence=batch.newest_sequence, events=len(batch.events), processed=processed.processed,
+            failed=len(processed.failed), attempts=processed.attempts,
+            outcome=result.outcome.value if result else "nothing to ack", checkpoint=checkpoint,
+            lag_s=self.rt.lag_seconds(acked_events), behind=batch.behind,
+            duration_s=round(self.clock() - started, 3), dead_letter_ids=tuple(processed.dead_letter_ids),
+        )
+
+    def _process_with_retries(self, read: ReadOutput) -> ProcessOutput:
+        """``runtime.process`` attempt by attempt; its last attempt dead-letters (stop raises, bisect returns)."""
+        attempt = 0
+        while True:
+            try:
+                return self.rt.process(read, retry_number=attempt)
+            except (LeaseLostError, BatchDeadLettered):
+                raise
+            except DurabilityError as exc:
+                if not isinstance(exc, PartialBatchFailure):
+                    raise  # a store or the source is down: not the handler's fault (the op's RetryPolicy)
+                error: BaseException = exc
+            except Exception as exc:  # noqa: BLE001 - the handler failed: retried, then dead-lettered
+                error = exc
+            attempt += 1
+            delay = self.retry_policy.delay(attempt)
+            log.warning("consumer %s shard %s: batch attempt %d failed (%s); retrying in %.2f s",
+                        self.rt.config.name, shard_id(self.shard), attempt, error, delay)
+            if self.on_retry is not None:
+                self.on_retry(attempt, error, delay)
+            self.sleep(delay)
+            self._renew_if_due()

@@ -1,0 +1,211 @@
+"""Keeping up with a busy stream, on a real Dagster daemon: a run drains its shard's backlog, a run killed
+mid-drain loses nothing, and a slow mirror never starves the consumers.
+
+One module-scoped environment (``tests/support/e2e.py``): a moto server, a fresh Dagster storage
+database with the repository's ``dagster.yaml``, a private Redis (the mirror reads every key of it) and
+one ``dagster-daemon``, with the mirror schedule on (every minute, as shipped) beside two consumers:
+
+* ``backlog``: the default-style drain (``max_events: 250``) of a backlog of thousands of events;
+* ``kill``: its handler (``tests.support.dagster_daemon:deliveries_with_hold``) stops inside a chosen batch
+  so that the test can SIGKILL the run worker there: between two batches, and inside one.
+
+Oracles as in tests/test_dagster_e2e.py: per shard every produced record in the sink exactly once
+(``e2e_deliveries`` has no unique key, so a batch committed twice would show), checkpoints only ever
+advance, each run resumes at the acked position it was dispatched from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from durability_pipelines.consumer.drain import StopReason
+from durability_pipelines.defs.assets import MIRROR_JOB
+from tests.support.dagster_daemon import run_records, schedule_ticks
+from tests.support.dynamodb import create_stream_table
+from tests.support.e2e import (
+    E2E,
+    Consumer,
+    assert_checkpoint_chain,
+    assert_every_event_once,
+    assert_runs_real_and_serial,
+    batch_log_lines,
+    batches_of,
+    drain_output,
+    e2e_environment,
+)
+from tests.support.servers import PrivateRedis
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+BACKLOG = 3000
+BACKLOG_BATCH = 250
+MIRROR_SCHEDULE = "checkpoint_mirror_schedule"
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_admin_url: str) -> Iterator[E2E]:
+    redis_server = PrivateRedis(appendonly=False)
+    redis_server.start()
+
+    def consumers(ddb: Any, suffix: str) -> dict[str, Consumer]:
+        return {
+            "backlog": Consumer(f"drain_backlog_{suffix}", create_stream_table(ddb)[0],
+                                "tests.support.dagster_daemon:record_deliveries",
+                                overrides={"max_events": BACKLOG_BATCH, "max_idle_s": 1}),
+            "kill": Consumer(f"drain_kill_{suffix}", create_stream_table(ddb)[0],
+                             "tests.support.dagster_daemon:deliveries_with_hold",
+                             handler_options={"hold_flag": f"e2e:{suffix}:hold"},
+                             overrides={"max_events": 100, "max_idle_s": 1}),
+        }
+
+    try:
+        with e2e_environment(tmp_path_factory.mktemp("dagster_drain"), postgres_url=postgres_url,
+                             admin_url=postgres_admin_url, redis_url=redis_server.url, consumers=consumers) as env:
+            yield env
+    finally:
+        redis_server.close()
+
+
+def shard_of(e2e: E2E, c: Consumer) -> str:
+    arn = e2e.ddb.describe_table(TableName=c.table)["Table"]["LatestStreamArn"]
+    (shard,) = e2e.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]
+    return shard["ShardId"]
+
+
+def test_a_backlog_drains_in_fewer_runs_than_batches_and_every_event_lands_once(e2e: E2E) -> None:
+    c = e2e.consumers["backlog"]
+    with e2e.dump_on_failure():
+        e2e.produce_new(c, BACKLOG)
+        (shard,) = e2e.wait_drained(c)
+        records = assert_every_event_once(e2e, c)
+        assert len(records) == BACKLOG
+
+        runs = e2e.runs(c)
+        assert all(r.dagster_run.status.value == "SUCCESS" for r in runs)
+        batches = batches_of(e2e.instance, runs)
+        assert batches >= BACKLOG // BACKLOG_BATCH and len(runs) < batches  # the runs drained
+        outputs = [drain_output(e2e.instance, r.dagster_run.run_id) for r in runs]
+        assert sum(o["events"] for o in outputs) == BACKLOG
+        assert {o["stop_reason"] for o in outputs} <= {s.value for s in StopReason}
+        # every batch left its record in the run's event log, and the run's metadata sums them
+        for run, out in zip(runs, outputs, strict=True):
+            lines = batch_log_lines(e2e.instance, run.dagster_run.run_id)
+            assert len(lines) == out["batches"] == len(out["batch_log"])
+            assert sum(b["events"] for b in out["batch_log"]) == out["events"]
+            assert out["batch_log"][-1]["checkpoint"] == out["checkpoint"]
+            assert all(b["lag_s"] is not None and b["lag_s"] >= 0 for b in out["batch_log"])
+        assert outputs[-1]["checkpoint"] == records[-1][1] and outputs[-1]["records_behind"] == 0
+        assert_runs_real_and_serial(e2e, c, runs)
+        assert_checkpoint_chain(e2e, c, shard, runs)
+
+
+def kill_inside_a_batch(e2e: E2E, c: Consumer, where: str) -> None:
+    """Produce a backlog whose 4th batch holds the marker item; SIGKILL the run worker while the handler
+    holds it (``where``: before the batch's writes or after them, before the commit); then let it go on."""
+    flag = c.handler_options["hold_flag"]
+    marker = f"{c.name}-{where}-hold"
+    e2e.redis.set(flag, f"{where}:{marker}")
+    start = len(c.produced)
+    e2e.produce(c, [f"{c.name}-{where}-{i:04d}" for i in range(350)] + [marker]
+                + [f"{c.name}-{where}-{i:04d}" for i in range(350, 500)])
+    shard = shard_of(e2e, c)
+    held = e2e.wait(lambda: e2e.redis.get(f"{flag}:held"), f"the run to hold the batch of {marker}")
+    pid, written = (int(x) for x in held.decode().split(":"))
+    acked = e2e.redis_checkpoint(c, shard)
+    (killed,) = [r for r in e2e.runs(c) if r.dagster_run.status.value == "STARTED"]
+    committed = e2e.query("SELECT count(*) FROM e2e_deliveries WHERE stream = %s", c.table)[0][0]
+    records = e2e.stream_records(c)
+    sequences = [seq for _, seq, _ in records]
+    marker_index = [pk for _, _, pk in records].index(marker)
+    acked_index = sequences.index(acked)
+    # the batches before the held one are acked and committed; the held one (<= 100 events, the marker in
+    # it) is not: its rows are not written yet ('before') or written in the open transaction ('after_write')
+    assert marker_index - 100 < acked_index < marker_index
+    assert committed == acked_index + 1
+    if where == "before":
+        assert written == 0
+    else:
+        assert marker_index - acked_index <= written <= 100
+
+    os.kill(pid, signal.SIGKILL)
+    e2e.redis.delete(flag, f"{flag}:held")  # the dead handler cannot clear its own marker
+    e2e.wait(lambda: e2e.instance.get_run_by_id(killed.dagster_run.run_id).status.value == "FAILURE",
+             "the killed run to be marked failed (the code server sees its process die)")
+    e2e.wait_drained(c)
+
+    assert_every_event_once(e2e, c)  # nothing lost, the held batch's rows not committed twice
+    runs = e2e.runs(c)
+    after = [r for r in runs if r.create_timestamp > killed.create_timestamp]
+    assert after and all(r.dagster_run.status.value == "SUCCESS" for r in after)
+    assert after[0].dagster_run.tags["durability/start_after"] == acked  # resumed after the last acked batch
+    assert drain_output(e2e.instance, after[0].dagster_run.run_id)["batch_log"][0]["first_sequence"] == (
+        sequences[acked_index + 1])
+    assert len(c.produced) - start == 501
+    assert_runs_real_and_serial(e2e, c, runs)
+    assert_checkpoint_chain(e2e, c, shard, runs, failed_may_write=True)
+
+
+def test_a_run_killed_between_two_batches_resumes_after_the_last_acked_batch(e2e: E2E) -> None:
+    with e2e.dump_on_failure():
+        kill_inside_a_batch(e2e, e2e.consumers["kill"], "before")
+
+
+def test_a_run_killed_inside_a_batch_loses_nothing_and_commits_nothing_twice(e2e: E2E) -> None:
+    with e2e.dump_on_failure():
+        kill_inside_a_batch(e2e, e2e.consumers["kill"], "after_write")
+
+
+def mirror_runs(e2e: E2E) -> list[Any]:
+    return [r for r in run_records(e2e.instance, {}) if r.dagster_run.job_name == MIRROR_JOB]
+
+
+def test_a_slow_mirror_runs_one_at_a_time_and_the_consumers_keep_acking(e2e: E2E) -> None:
+    c = e2e.consumers["backlog"]
+    in_flight_seen: list[int] = []
+
+    def in_flight() -> list[Any]:
+        busy = [r for r in mirror_runs(e2e) if r.dagster_run.status.value not in ("SUCCESS", "FAILURE", "CANCELED")]
+        in_flight_seen.append(len(busy))
+        return busy
+
+    with e2e.dump_on_failure():
+        # The schedule (every minute) has run the mirror and audit at least once: the audit table exists.
+        e2e.wait(lambda: [r for r in mirror_runs(e2e) if r.dagster_run.status.value == "SUCCESS"],
+                 "a first successful mirror run", timeout=180)
+        # A slow mirror: its audit step waits on a lock this test holds on checkpoint_audit.
+        with psycopg.connect(e2e.postgres_url) as blocker:
+            blocker.execute("LOCK TABLE checkpoint_audit IN ACCESS EXCLUSIVE MODE")
+            locked_at = time.time()
+            def blocked() -> list[Any]:
+                return [r for r in in_flight()
+                        if r.create_timestamp.timestamp() > locked_at and r.dagster_run.status.value == "STARTED"]
+
+            e2e.wait(blocked, "a mirror run to start (and block on the audit table)", timeout=150)
+            # Meanwhile the consumers keep acking: a new burst is drained while the mirror is stuck.
+            e2e.produce_new(c, 500)
+            e2e.wait_drained(c)
+            assert_every_event_once(e2e, c)
+            # The next schedule tick skips, saying why, instead of queueing a second mirror run.
+            def skipped_ticks() -> list[Any]:
+                in_flight()
+                return [t for t in schedule_ticks(e2e.instance, MIRROR_SCHEDULE, limit=20)
+                        if t.timestamp > locked_at and t.status.value == "SKIPPED" and "still" in (t.skip_reason or "")]
+
+            skipped = e2e.wait(skipped_ticks, "a skipped mirror tick", timeout=150)
+            assert MIRROR_JOB in skipped[0].skip_reason
+            assert len(in_flight()) == 1
+            blocker.rollback()
+        e2e.wait(lambda: not in_flight(), "the mirror run to finish once unblocked", timeout=150)
+
+    assert max(in_flight_seen) == 1  # never two mirror runs queued or running at once
+    runs = sorted(mirror_runs(e2e), key=lambda r: r.create_timestamp)
+    for prev, nxt in zip(runs, runs[1:], strict=False):
+        assert prev.end_time is not None and nxt.create_timestamp.timestamp() >= prev.end_time - 1, "mirror runs overlapped"
+    assert all(r.dagster_run.tags.get("durability/role") == "maintenance" for r in runs)
