@@ -406,6 +406,32 @@ def drain_phase(bench: Bench, args: argparse.Namespace, table: str) -> dict[str,
     }
 
 
+def batch_size_phase(bench: Bench, args: argparse.Namespace, table: str, sizes: list[int]) -> dict[str, Any]:
+    """The project's core (read -> process -> ack, ``ShardDrainer``) in a plain loop, no Dagster, for each
+    batch size, on the drain backlog: what a batch costs, apart from any run overhead."""
+    from durability_pipelines.consumer.config import ConsumerConfig
+    from durability_pipelines.consumer.drain import DrainBudget, ShardDrainer
+    from durability_pipelines.consumer.runtime import open_runtime
+
+    shard, _ = bench.shard(table)
+    out = []
+    with _env(**{k: v for k, v in bench.daemon_env.items() if k.startswith(("AWS_", "DURABILITY_"))}):
+        for size in sizes:
+            cfg = consumer_yaml(f"core_{size}", table, f"bench-core-{size}", bench.endpoint)
+            cfg["max_events"] = size
+            rt = open_runtime(ConsumerConfig.model_validate(cfg), redis_url=bench.redis_url,
+                              postgres_url=bench.postgres_url)
+            bench.delete_sink_rows(table)
+            t0 = time.monotonic()
+            report = ShardDrainer(rt, shard, f"core-{size}", DrainBudget(10**6, 3600, 0)).run()
+            seconds = time.monotonic() - t0
+            rt.close()
+            out.append({"max_events": size, "seconds": round(seconds, 3), "events": report.events,
+                        "batches": len(report.batches), "events_per_s": round(report.events / seconds, 1)})
+            say(f"  core loop, max_events {size}: {out[-1]['events_per_s']} events/s")
+    return {"events": args.events, "results": out}
+
+
 def _behind(bench: Bench, key: str, first: int, written: int) -> tuple[int, int | None]:
     """(records behind, index of the oldest record not acked) for a checkpoint key."""
     acked = bench.checkpoint(key)
@@ -493,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="drain rounds (each: hand loop and daemon)")
     ap.add_argument("--live-rates", default="100,300,1000", help="producer rates of the live phase; '' = skip")
     ap.add_argument("--live-seconds", type=float, default=180.0)
+    ap.add_argument("--batch-sizes", default="250,500,1000,2000,5000",
+                    help="max_events values for the core-loop phase (no Dagster); '' = skip")
     ap.add_argument("--no-mirror", action="store_true", help="switch the every-minute mirror schedule off")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
@@ -506,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     with bench_environment(args, consumers) as bench:
         report: dict[str, Any] = {"benchmark": "drain", "drain": drain_phase(bench, args, drain_table) if args.rounds
                                   else None, "live": []}
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+        report["batch_sizes"] = batch_size_phase(bench, args, drain_table, sizes) if sizes and args.rounds else None
         for rate in rates:
             table, name, group = live[rate]
             report["live"].append(live_phase(bench, args, rate, table, name, group))

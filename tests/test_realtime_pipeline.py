@@ -199,7 +199,7 @@ def test_every_event_of_every_batch_reaches_a_supabase_subscriber_exactly_once(
     driver = Driver(defs(), CONSUMER)
 
     # wave 1: 250 INSERT + 60 MODIFY + 40 REMOVE + 1 fractional N = 351 records -> batches of max_events 200,
-    # drained by one run
+    # drained by one run (runs drain: fewer runs than batches)
     written = write_wave(env, 0, 250, 60, 40)
     write_fractional_number(env)
     written += 1

@@ -376,6 +376,7 @@ def test_change_feed_to_realtime_subscriber(server: LocalRealtimeServer, realtim
                 read = await asyncio.to_thread(runtime.read, None, f"run-{delivered}")
                 out = await asyncio.to_thread(runtime.process, read)
                 await asyncio.to_thread(runtime.ack, read, out)
+                await asyncio.to_thread(runtime.release, read.lease)  # one batch per run here
                 delivered += out.processed
                 await asyncio.to_thread(server.publish_from_db, realtime_db, topic=room)
             return [await asyncio.wait_for(inbox.get(), GUARD_S) for _ in range(4)]
