@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 import redis
@@ -134,6 +136,20 @@ def test_write_still_fails_after_the_first_worker_reacquires(store: CheckpointSt
         store.save(key, "300", lease=a1)  # stale concurrency token
     assert store.load(key) is None
     assert store.save(key, "300", lease=a2).advanced
+
+
+def test_write_under_an_expired_lease_fails_even_without_a_takeover(store: CheckpointStore) -> None:
+    """The fencing rule: owner, epoch, and before the lease expires (a stalled writer may be taken over
+    at any moment after that, in a store that was down when it happened)."""
+    key = unique_key()
+    a = store.leases.acquire(key.lease_key, "worker-a", duration_s=0.3)
+    assert store.save(key, "100", lease=a).advanced
+    time.sleep(0.5)  # the writer stalls past its lease
+    with pytest.raises(LeaseLostError, match="expired"):
+        store.save(key, "200", lease=a)
+    assert store.load(key) == "100"
+    renewed = store.leases.renew(a, duration_s=30)  # nobody took it: renewing it is safe
+    assert store.save(key, "200", lease=renewed).advanced
 
 
 def test_renew_release_and_lost_renewal(store: CheckpointStore) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from durability_pipelines.checkpoints import LeaseLostError, StoreUnavailableError
@@ -98,3 +100,83 @@ def test_lease_granted_while_redis_was_down_still_fences(private_redis, postgres
         store.save(key, "6", lease=lease)
     assert store.load(key) == "5"
     store.close()
+
+
+# -- the fencing rule, whichever store was down when (a save is accepted only under the highest
+# -- epoch any store has granted for the lease, before that grant expires) ----------------------
+
+
+def test_a_zombie_cannot_save_after_a_takeover_during_a_redis_outage(private_redis, postgres_url: str) -> None:
+    a_store = hybrid(private_redis.url, postgres_url, flush_every_n=1)
+    b_store = hybrid(private_redis.url, postgres_url, flush_every_n=1)
+    key = unique_key()
+    a = a_store.leases.acquire(key.lease_key, "run-A", duration_s=1.0)
+    assert a is not None and a_store.save(key, "100", lease=a).advanced
+    private_redis.stop()
+    time.sleep(1.3)  # A stalls past its lease while Redis is away
+    b = b_store.leases.acquire(key.lease_key, "run-B", duration_s=60)  # Postgres grants; Redis never hears of it
+    assert b is not None and b.epoch == a.epoch + 1
+    assert b_store.save(key, "200", lease=b).advanced  # straight to Postgres
+    private_redis.start()
+    with pytest.raises(LeaseLostError, match="run-B"):
+        a_store.save(key, "300", lease=a)  # Redis still holds A's copy, expired: refused; Postgres names B
+    assert a_store.postgres.load(key) == "200" and a_store.redis.load(key) == "100"
+    writers = {h.writer for h in a_store.postgres.history(key)}
+    assert "run-A" in writers and all(h.sequence != "300" for h in a_store.postgres.history(key))
+    assert b_store.save(key, "250", lease=b).advanced  # the new holder goes on (its copy mirrored on demand)
+    assert b_store.redis.load(key) == "250"
+    a_store.close()
+    b_store.close()
+
+
+def test_no_takeover_while_postgres_is_down_and_a_zombie_is_refused_by_postgres(
+        redis_url: str, private_postgres, make_flaky_proxy) -> None:
+    proxy = make_flaky_proxy(redis_url)  # A's way to Redis, which the test can cut
+    a_store = hybrid(proxy.url_for(redis_url), private_postgres.url, flush_every_n=1)
+    b_store = hybrid(redis_url, private_postgres.url, flush_every_n=1)
+    key = unique_key()
+    a = a_store.leases.acquire(key.lease_key, "run-A", duration_s=1.0)
+    assert a is not None and a_store.save(key, "100", lease=a).advanced
+    private_postgres.stop()
+    time.sleep(1.3)
+    # Postgres grants hybrid leases: while it is down nobody takes a shard (Redis never grants one)
+    with pytest.raises(StoreUnavailableError, match="grants"):
+        b_store.leases.acquire(key.lease_key, "run-B", duration_s=60)
+    with pytest.raises(LeaseLostError, match="expired"):
+        a_store.save(key, "300", lease=a)  # A's own lease has run out: refused by Redis, unverifiable in Postgres
+    private_postgres.start()
+    b = b_store.leases.acquire(key.lease_key, "run-B", duration_s=60)
+    assert b is not None and b.epoch == a.epoch + 1
+    assert b_store.save(key, "200", lease=b).advanced
+    # A's save while Redis is unreachable goes straight to Postgres, which refuses it too
+    proxy.down()
+    with pytest.raises(LeaseLostError, match="run-B"):
+        a_store.save(key, "300", lease=a)
+    assert b_store.postgres.load(key) == "200"
+    a_store.close()
+    b_store.close()
+
+
+def test_a_steal_needs_redis_and_a_lost_lease_is_never_flushed(private_redis, postgres_url: str) -> None:
+    a_store = hybrid(private_redis.url, postgres_url, flush_every_n=100, flush_every_s=3600)
+    b_store = hybrid(private_redis.url, postgres_url, flush_every_n=1)
+    key = unique_key()
+    a = a_store.leases.acquire(key.lease_key, "run-A", duration_s=60)
+    assert a is not None and a_store.save(key, "100", lease=a).advanced  # a key's first ack is flushed at once
+    assert a_store.save(key, "120", lease=a).advanced  # admitted in Redis, pending for Postgres
+    assert a_store.pending == {key: "120"}
+    private_redis.stop()
+    # A is presumed dead (its run ended, say), but its lease has not expired: a steal could leave it
+    # writing to Redis, so it is refused while Redis is down
+    with pytest.raises(StoreUnavailableError, match="Redis is unreachable"):
+        b_store.leases.acquire(key.lease_key, "run-B", duration_s=60, steal=True)
+    private_redis.start()
+    b = b_store.leases.acquire(key.lease_key, "run-B", duration_s=60, steal=True)
+    assert b is not None and b.epoch == a.epoch + 1
+    with pytest.raises(LeaseLostError):
+        a_store.save(key, "150", lease=a)  # the steal expired A's Redis copy first
+    assert a_store.flush() == 0  # A's pending ack is not written under a lease it lost
+    assert a_store.pending == {} and a_store.postgres.load(key) == "100"
+    assert a_store.redis.load(key) == "120"  # a legitimate ack when it was made: the mirror copies it
+    a_store.close()
+    b_store.close()

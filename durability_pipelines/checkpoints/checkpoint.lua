@@ -7,7 +7,7 @@
 -- KEYS[4] (optional, hybrid) flush-state hash {acks, flushed_ms}: counts acks since the
 --         last Postgres flush across every process, so "every N acks or T seconds" holds
 --         for short-lived run processes too.
--- ARGV[1] sequence (canonical), ARGV[2] writer, ARGV[3] lease epoch ('' = unfenced),
+-- ARGV[1] sequence (canonical), ARGV[2] writer (the lease owner when fenced), ARGV[3] lease epoch ('' = unfenced),
 -- ARGV[4] ttl in ms ('' = none), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen ('0' = off)
 -- Returns {outcome, previous|false, acks_since_flush|false, ms_since_flush|false}
 -- (or {'lease_lost', false, lease_owner|false, lease_epoch|false})
@@ -44,9 +44,18 @@ local rs, ts = rank(seq)
 if rs == nil then
   return redis.error_reply('DURABILITY_INVALID_SEQUENCE given ' .. string.sub(seq, 1, 80))
 end
+-- The fencing rule: a fenced save needs the lease's owner and epoch, before the lease expires.
+local now = nil
+local function clock()
+  if now == nil then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
 if ARGV[3] ~= '' then
-  local l = redis.call('HMGET', KEYS[2], 'owner', 'epoch')
-  if l[1] ~= ARGV[2] or l[2] ~= ARGV[3] then
+  local l = redis.call('HMGET', KEYS[2], 'owner', 'epoch', 'expires')
+  if l[1] ~= ARGV[2] or l[2] ~= ARGV[3] or tonumber(l[3] or '0') <= clock() then
     return {'lease_lost', false, l[1] or false, l[2] or false}
   end
 end
@@ -75,9 +84,7 @@ elseif outcome == 'unchanged' and ARGV[4] ~= '' then
 end
 if KEYS[4] then
   local acks = redis.call('HINCRBY', KEYS[4], 'acks', 1)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local flushed = tonumber(redis.call('HGET', KEYS[4], 'flushed_ms') or '0')
-  return {outcome, prev or false, acks, now - flushed}
+  return {outcome, prev or false, acks, clock() - flushed}
 end
 return {outcome, prev or false, false, false}

@@ -6,6 +6,11 @@ these errors surface in Dagster run logs and CLI output read by on-call people.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from durability_pipelines.checkpoints.base import Lease
+
 
 class DurabilityError(Exception):
     """Base class for every error raised by durability_pipelines."""
@@ -38,6 +43,19 @@ class LeaseLostError(DurabilityError):
         self.lease_key = lease_key
         self.held_by = held_by
         self.held_epoch = held_epoch
+
+
+def lease_lost(lease: Lease, held_by: str | None, held_epoch: int | None) -> LeaseLostError:
+    """The error every store raises for a refused fenced write (one wording everywhere)."""
+    if held_by == lease.owner and held_epoch == lease.epoch:
+        why = (f"lease {lease.key} of {lease.owner} at epoch {lease.epoch} has expired (it was not renewed in "
+               "time); nothing was written. A lease must be renewed before it runs out: once expired, another "
+               "worker may take the shard over at any moment. Stop processing it and re-acquire the lease.")
+    else:
+        why = (f"lease {lease.key} is no longer held by {lease.owner} at epoch {lease.epoch} "
+               f"(now: owner={held_by or 'nobody'!s}, epoch={held_epoch}); nothing was written. "
+               "Another worker took the shard over: stop processing it and re-acquire the lease before retrying.")
+    return LeaseLostError(why, lease_key=str(lease.key), held_by=held_by, held_epoch=held_epoch)
 
 
 class StoreUnavailableError(DurabilityError):

@@ -11,8 +11,9 @@ re-warms Redis).  Outages degrade instead of losing acks:
   (and are in Redis) and are flushed when Postgres answers again.
 * Redis down: saves go straight to Postgres, synchronously.
 
-Leases are granted by Postgres (authoritative) and mirrored to Redis; the
-highest epoch wins everywhere, so a stale writer can never win in either store.
+Leases are granted by Postgres only and mirrored to Redis with a copy that
+expires no later than the grant (``HybridLeaseManager``), so a writer that lost
+its lease is refused by both stores, whichever of them was down when.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
     LeaseLostError,
     StoreUnavailableError,
+    lease_lost,
 )
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, max_sequence, normalize_sequence
@@ -62,35 +64,82 @@ class Fallback:
     ts: float = field(default_factory=time.time)
 
 
+#: A lease's Redis copy expires this much before its Postgres grant (at most a tenth of the lease):
+#: the copy must never outlive the grant, or a takeover in Postgres could leave the old holder a
+#: Redis copy that still admits its writes.
+MIRROR_MARGIN_S = 1.0
+
+
+def _mirror_margin(duration_s: float) -> float:
+    return min(MIRROR_MARGIN_S, duration_s / 10)
+
+
 class HybridLeaseManager(LeaseManager):
+    """Postgres grants every lease; Redis holds a copy that expires no later than the grant.
+
+    That is what makes the fencing rule hold whichever store is down: a save is accepted only under
+    the highest epoch any store has granted for the lease, and before that grant expires.
+
+    * Grants and renewals happen in Postgres only (while it is down, none happen: a holder keeps
+      its lease until it expires, and nobody else can take it).
+    * A takeover of an *expired* lease may happen while Redis is down: the old holder's Redis copy
+      has expired too, so Redis refuses it (and Postgres names the new holder).
+    * A steal (taking an unexpired lease from a holder presumed dead) first expires the Redis copy:
+      while Redis is unreachable it is refused, because the holder might be alive and writing there.
+    """
+
     def __init__(self, store: HybridCheckpointStore) -> None:
         self._store = store
         self._pg = store.postgres.leases
         self._redis = store.redis.leases
 
-    def _mirror(self, lease: Lease, duration_s: float) -> None:
+    def _mirror(self, lease: Lease, duration_s: float, granted_at: float) -> None:
+        remaining = duration_s - (time.monotonic() - granted_at) - _mirror_margin(duration_s)
+        if remaining <= 0:
+            return  # too late: the save path mirrors it on demand (or refuses it, once expired)
         try:
-            self._redis.sync(lease, duration_s)
+            self._redis.sync(lease, remaining)
         except StoreUnavailableError as exc:
             self._store._degrade("redis", exc)
 
     def acquire(self, key: LeaseKey, owner: str, duration_s: float = 60.0, *, steal: bool = False) -> Lease | None:
+        if steal:
+            try:
+                self._redis.revoke(key)
+            except StoreUnavailableError as exc:
+                self._store._degrade("redis", exc)
+                raise StoreUnavailableError(
+                    f"cannot take lease {key} from its holder while Redis is unreachable ({exc}): the holder may "
+                    "be alive, and its Redis copy of the lease would still admit its writes. Nothing was taken. "
+                    "The shard is taken over normally once the lease expires (`durability-pipelines leases "
+                    "list` shows when), or when Redis is back."
+                ) from exc
+        granted_at = time.monotonic()
         try:
             lease = self._pg.acquire(key, owner, duration_s, steal=steal)
         except StoreUnavailableError as exc:
             self._store._degrade("postgres", exc)
-            return self._redis.acquire(key, owner, duration_s, steal=steal)
+            raise StoreUnavailableError(
+                f"cannot acquire lease {key}: Postgres, which grants the hybrid store's leases, is unreachable "
+                f"({exc}). Nothing was taken; the shard's current holder (if any) keeps it until it expires. "
+                "Retry when Postgres is back."
+            ) from exc
         if lease is not None:
-            self._mirror(lease, duration_s)
+            self._mirror(lease, duration_s, granted_at)
         return lease
 
     def renew(self, lease: Lease, duration_s: float = 60.0) -> Lease:
+        granted_at = time.monotonic()
         try:
             renewed = self._pg.renew(lease, duration_s)
         except StoreUnavailableError as exc:
             self._store._degrade("postgres", exc)
-            return self._redis.renew(lease, duration_s)
-        self._mirror(renewed, duration_s)
+            raise StoreUnavailableError(
+                f"cannot renew lease {lease.key}: Postgres, which grants the hybrid store's leases, is unreachable "
+                f"({exc}). The lease stays valid until it expires ({lease.expires_at}); after that this worker's "
+                "saves are refused. Retry the renewal."
+            ) from exc
+        self._mirror(renewed, duration_s, granted_at)
         return renewed
 
     def release(self, lease: Lease) -> bool:
@@ -113,6 +162,16 @@ class HybridLeaseManager(LeaseManager):
             return self._pg.list()
         except StoreUnavailableError:
             return self._redis.list()
+
+    def remirror(self, lease: Lease) -> bool:
+        """Copy ``lease`` to Redis again if Postgres still grants it (Redis lost or let expire its copy)."""
+        try:
+            remaining = self._pg.remaining_s(lease)
+        except StoreUnavailableError:
+            return False  # cannot tell: refuse, the safe answer
+        if remaining is None or remaining <= _mirror_margin(remaining):
+            return False
+        return self._redis.sync(lease, remaining - _mirror_margin(remaining))
 
 
 class HybridCheckpointStore(CheckpointStore):
@@ -139,7 +198,8 @@ class HybridCheckpointStore(CheckpointStore):
         self.flush_every_n = flush_every_n
         self.flush_every_s = flush_every_s
         self._lock = threading.RLock()
-        self._pending: dict[CheckpointKey, tuple[str, SaveContext]] = {}
+        # key -> (acked value, its context, the lease it was admitted under): what Postgres still lacks
+        self._pending: dict[CheckpointKey, tuple[str, SaveContext, Lease | None]] = {}
         self.degraded: dict[str, str] = {}
         self.fallbacks: list[Fallback] = []
         self._replace_if_equal = redis_store.client.register_script(_REPLACE_IF_EQUAL_LUA)
@@ -158,7 +218,7 @@ class HybridCheckpointStore(CheckpointStore):
     def pending(self) -> dict[CheckpointKey, str]:
         """Acked values not yet in Postgres."""
         with self._lock:
-            return {k: v for k, (v, _) in self._pending.items()}
+            return {k: v for k, (v, _, _) in self._pending.items()}
 
     def _degrade(self, store: str, exc: BaseException) -> None:
         if store not in self.degraded:
@@ -189,10 +249,10 @@ class HybridCheckpointStore(CheckpointStore):
         self._recover("redis")
         with self._lock:
             if result.advanced:
-                self._pending[key] = (sequence, ctx)
+                self._pending[key] = (sequence, ctx, lease)
             elif key not in self._pending:
                 # Counted as an ack; make sure a due flush carries the stored value.
-                self._pending[key] = (result.current, ctx)
+                self._pending[key] = (result.current, ctx, lease)
         due = (acks is not None and acks >= self.flush_every_n) or (
             ms_since_flush is not None and ms_since_flush >= self.flush_every_s * 1000
         )
@@ -204,28 +264,22 @@ class HybridCheckpointStore(CheckpointStore):
                     ctx: SaveContext) -> tuple[SaveResult, int | None, int | None]:
         try:
             return self.redis.save_counting(key, sequence, lease=lease, context=ctx, flush_state=True)
-        except LeaseLostError:
-            # Redis may simply not have seen a lease Postgres granted while Redis was away.
-            if lease is None or not self._lease_valid_in_postgres(lease) or not self.redis.leases.sync(lease):
+        except LeaseLostError as lost:
+            # Redis may have lost its copy of a lease Postgres still grants (flushed, restarted, or it was
+            # down when the lease was granted or renewed): copy it again, then retry once.
+            if lease is None:
                 raise
-            return self.redis.save_counting(key, sequence, lease=lease, context=ctx, flush_state=True)
+            if self._leases.remirror(lease):
+                return self.redis.save_counting(key, sequence, lease=lease, context=ctx, flush_state=True)
+            try:
+                current = self.postgres.leases.get(lease.key)  # say who holds it, as Postgres (the grantor) sees it
+            except StoreUnavailableError:
+                raise lost from None
+            raise lease_lost(lease, current.owner if current else None, current.epoch if current else None) from None
 
     def _save_postgres_direct(self, key: CheckpointKey, sequence: str, lease: Lease | None,
                               ctx: SaveContext) -> SaveResult:
-        try:
-            return self.postgres.save(key, sequence, lease=lease, context=ctx)
-        except LeaseLostError:
-            # Postgres may not have seen a lease Redis granted while Postgres was away.
-            if lease is None or not self.postgres.leases.sync(lease):
-                raise
-            return self.postgres.save(key, sequence, lease=lease, context=ctx)
-
-    def _lease_valid_in_postgres(self, lease: Lease) -> bool:
-        try:
-            current = self.postgres.leases.get(lease.key)
-        except StoreUnavailableError:
-            return False
-        return current is not None and (current.owner, current.epoch) == (lease.owner, lease.epoch)
+        return self.postgres.save(key, sequence, lease=lease, context=ctx)  # Postgres grants: its word is final
 
     def force_set(self, key: CheckpointKey, sequence: str, *, context: SaveContext) -> ForceSetResult:
         """Unconditional operator write to Postgres, then Redis; each store records it in its history.
@@ -253,22 +307,36 @@ class HybridCheckpointStore(CheckpointStore):
     def flush(self, *, raise_on_outage: bool = True) -> int:
         """Write pending values to Postgres in one transaction; returns how many.
 
-        Unfenced on purpose: every pending value was admitted by a fenced Redis
-        save, and the monotonic guard keeps Postgres from moving backwards.
+        Fenced like every save: each value goes under the lease it was admitted with. A value whose
+        lease was lost or expired since is not written (it stays in Redis, where it was a legitimate
+        ack; the scheduled mirror copies it).
         """
         with self._lock:
             batch = dict(self._pending)
+        while batch:
+            try:
+                self.postgres.save_many(
+                    [(k, v) for k, (v, _, _) in batch.items()],
+                    context=SaveContext(writer=next(iter(batch.values()))[1].writer, reason="hybrid flush"),
+                    lease_for={k: lease for k, (_, _, lease) in batch.items() if lease is not None},
+                )
+                break
+            except LeaseLostError as exc:
+                lost = [k for k, (_, _, lease) in batch.items() if lease is not None and str(lease.key) == exc.lease_key]
+                if not lost:
+                    raise
+                log.warning("hybrid flush: not writing %s to Postgres: %s", [str(k) for k in lost], exc)
+                with self._lock:
+                    for k in lost:
+                        if self._pending.get(k) == batch[k]:
+                            del self._pending[k]
+                        del batch[k]
+            except StoreUnavailableError as exc:
+                self._degrade("postgres", exc)
+                if raise_on_outage:
+                    raise
+                return 0
         if not batch:
-            return 0
-        try:
-            self.postgres.save_many(
-                [(k, v) for k, (v, _) in batch.items()],
-                context=SaveContext(writer=next(iter(batch.values()))[1].writer, reason="hybrid flush"),
-            )
-        except StoreUnavailableError as exc:
-            self._degrade("postgres", exc)
-            if raise_on_outage:
-                raise
             return 0
         self._recover("postgres")
         try:
@@ -276,8 +344,8 @@ class HybridCheckpointStore(CheckpointStore):
         except StoreUnavailableError as exc:
             self._degrade("redis", exc)
         with self._lock:
-            for k, (v, _) in batch.items():
-                if self._pending.get(k, (None,))[0] == v:
+            for k, entry in batch.items():
+                if self._pending.get(k) == entry:
                     del self._pending[k]
         return len(batch)
 

@@ -1,7 +1,7 @@
 -- durability_pipelines: shard leases with a rising epoch (KCL's leaseCounter).
 -- KEYS[1] lease hash {owner, epoch, expires(ms, server clock)}
--- ARGV[1] op: acquire | renew | release | sync
--- ARGV[2] owner, ARGV[3] duration ms (acquire/renew), ARGV[4] steal '1'/'0' (acquire)
+-- ARGV[1] op: acquire | renew | release | sync | revoke
+-- ARGV[2] owner, ARGV[3] duration ms (acquire/renew/sync), ARGV[4] steal '1'/'0' (acquire)
 --         or the epoch (renew/release/sync)
 -- Returns {ok(1|0), owner, epoch, expires}
 local t = redis.call('TIME')
@@ -33,11 +33,16 @@ elseif op == 'release' then
   if owner ~= me or epoch ~= tonumber(ARGV[4]) then return refuse() end
   return put('', epoch, now)
 elseif op == 'sync' then
-  -- Mirror a lease granted by another store: the highest epoch always wins.
+  -- Mirror a lease granted by another store (hybrid: Postgres grants): the highest epoch always wins.
+  -- ARGV[3] is the grant's remaining time, so the copy never outlives the grant.
   local e = tonumber(ARGV[4])
   if e > epoch or (e == epoch and (owner == me or owner == '')) then
     return put(me, e, now + tonumber(ARGV[3]))
   end
   return refuse()
+elseif op == 'revoke' then
+  -- Expire the copy now, whoever holds it (hybrid, before a steal): its holder's writes stop here.
+  if l[2] then return put(owner, epoch, now) end
+  return {1, '', '0', string.format('%d', now)}
 end
 return redis.error_reply('unknown lease op ' .. op)

@@ -23,7 +23,7 @@ from durability_pipelines.checkpoints.base import (
     SaveResult,
     require_force_context,
 )
-from durability_pipelines.checkpoints.errors import LeaseLostError
+from durability_pipelines.checkpoints.errors import lease_lost
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import normalize_sequence, sort_key
 
@@ -76,21 +76,11 @@ class MemoryLeaseManager(LeaseManager):
         with self._lock:
             return [lease for k in sorted(self._leases) if (lease := self.get(k)) is not None]
 
-    def check(self, lease: Lease) -> None:
-        owner, epoch, _ = self._leases.get(lease.key, ("", 0, 0.0))
-        if (owner, epoch) != (lease.owner, lease.epoch):
+    def check(self, lease: Lease, *, live: bool = False) -> None:
+        """Owner and epoch match (and, with ``live``, the lease has not expired) or ``LeaseLostError``."""
+        owner, epoch, expires = self._leases.get(lease.key, ("", 0, 0.0))
+        if (owner, epoch) != (lease.owner, lease.epoch) or (live and expires <= time.time()):
             raise lease_lost(lease, owner, epoch)
-
-
-def lease_lost(lease: Lease, held_by: str | None, held_epoch: int | None) -> LeaseLostError:
-    return LeaseLostError(
-        f"lease {lease.key} is no longer held by {lease.owner} at epoch {lease.epoch} "
-        f"(now: owner={held_by or 'nobody'!s}, epoch={held_epoch}); nothing was written. "
-        "Another worker took the shard over: stop processing it and re-acquire the lease before retrying.",
-        lease_key=str(lease.key),
-        held_by=held_by,
-        held_epoch=held_epoch,
-    )
 
 
 class MemoryCheckpointStore(CheckpointStore):
@@ -126,7 +116,7 @@ class MemoryCheckpointStore(CheckpointStore):
         ctx = context or SaveContext()
         with self._lock:
             if lease is not None:
-                self._leases.check(lease)
+                self._leases.check(lease, live=True)  # the fencing rule: owner, epoch, not expired
             previous = self._values.get(key)
             if previous is not None and sort_key(previous) >= sort_key(sequence):
                 outcome = SaveOutcome.UNCHANGED if previous == sequence else SaveOutcome.STALE
@@ -157,4 +147,4 @@ class MemoryCheckpointStore(CheckpointStore):
             return list(reversed(self._history.get(key, [])))[:limit]
 
 
-__all__ = ["MemoryCheckpointStore", "MemoryLeaseManager", "lease_lost"]
+__all__ = ["MemoryCheckpointStore", "MemoryLeaseManager"]

@@ -32,13 +32,14 @@ from durability_pipelines.checkpoints.base import (
     SaveResult,
     require_force_context,
 )
-from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError
+from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError, lease_lost
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
-from durability_pipelines.checkpoints.memory import lease_lost
 from durability_pipelines.checkpoints.ordering import max_sequence, normalize_sequence
 
 SCHEMA_SQL = (resources.files("durability_pipelines.checkpoints") / "schema.sql").read_text()
-SCHEMA_VERSION = 3  # 2: durability_sequence_rank became an inlinable SQL function; 3: leaner save function
+# 2: durability_sequence_rank became an inlinable SQL function; 3: leaner save function;
+# 4: a fenced save also needs an unexpired lease
+SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 72_190_311  # pg_advisory_xact_lock id: one migrator at a time
 
 _SAVE_SQL = "SELECT outcome, previous, lease_owner, lease_epoch FROM durability_save_checkpoint(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -205,20 +206,15 @@ class PostgresLeaseManager(LeaseManager):
             ).fetchone()
         return row is not None
 
-    def sync(self, lease: Lease, duration_s: float = 60.0) -> bool:
-        """Mirror a lease granted by another store (hybrid); the highest epoch wins."""
+    def remaining_s(self, lease: Lease) -> float | None:
+        """Seconds ``lease`` is still granted for (by this server's clock), or None if lost or expired."""
         with self._db.connection() as conn:
             row = conn.execute(
-                """INSERT INTO checkpoint_leases AS l (adapter, stream, grp, shard, owner, epoch, expires_at)
-                VALUES (%s, %s, %s, %s, %s, %s, NOW() + make_interval(secs => %s))
-                ON CONFLICT (adapter, stream, grp, shard) DO UPDATE SET
-                  owner = EXCLUDED.owner, epoch = EXCLUDED.epoch, expires_at = EXCLUDED.expires_at,
-                  updated_at = NOW()
-                WHERE l.epoch < EXCLUDED.epoch OR (l.epoch = EXCLUDED.epoch AND l.owner IN (EXCLUDED.owner, ''))
-                RETURNING epoch""",
-                (*_lease_params(lease.key), lease.owner, lease.epoch, duration_s),
+                f"""SELECT EXTRACT(EPOCH FROM (expires_at - clock_timestamp()))::float8 FROM checkpoint_leases
+                WHERE {_LEASE_WHERE} AND owner = %s AND epoch = %s AND expires_at > clock_timestamp()""",
+                (*_lease_params(lease.key), lease.owner, lease.epoch),
             ).fetchone()
-        return row is not None
+        return float(row[0]) if row else None
 
     def get(self, key: LeaseKey) -> Lease | None:
         with self._db.connection() as conn:

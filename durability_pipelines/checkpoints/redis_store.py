@@ -27,9 +27,8 @@ from durability_pipelines.checkpoints.base import (
     SaveResult,
     require_force_context,
 )
-from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError
+from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError, lease_lost
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey, LeaseKey
-from durability_pipelines.checkpoints.memory import lease_lost
 from durability_pipelines.checkpoints.ordering import fast_sequence, normalize_sequence
 
 _SCRIPT_DIR = resources.files("durability_pipelines.checkpoints")
@@ -139,9 +138,13 @@ class RedisLeaseManager(LeaseManager):
         return ok
 
     def sync(self, lease: Lease, duration_s: float = 60.0) -> bool:
-        """Mirror a lease granted elsewhere (hybrid); the highest epoch wins."""
+        """Mirror a lease granted elsewhere (hybrid), valid for ``duration_s`` more; the highest epoch wins."""
         ok, _ = self._call(lease.key, "sync", lease.owner, int(duration_s * 1000), lease.epoch)
         return ok
+
+    def revoke(self, key: LeaseKey) -> None:
+        """Expire the copy now, whoever holds it: its holder's fenced saves are refused from here on."""
+        self._call(key, "revoke", "", 0, 0)
 
     def get(self, key: LeaseKey) -> Lease | None:
         with redis_errors(self._client):

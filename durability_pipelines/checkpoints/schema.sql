@@ -66,15 +66,18 @@ LANGUAGE plpgsql AS $$
 -- Hot path (the row exists): one SELECT ... FOR UPDATE, then UPDATE + history when it advances;
 -- each rank is computed once. A missing row is inserted (ON CONFLICT DO NOTHING waits for a
 -- concurrent inserter, whose row is then locked and compared like any other).
+-- The fencing rule (as in checkpoint.lua): a fenced save needs the lease's owner and epoch, before the
+-- lease expires (clock_timestamp(): the moment of the check, not the transaction's start).
 DECLARE
-  v_prev TEXT; v_owner TEXT; v_epoch BIGINT; v_rank NUMERIC; v_prev_rank NUMERIC;
+  v_prev TEXT; v_owner TEXT; v_epoch BIGINT; v_expires TIMESTAMPTZ; v_rank NUMERIC; v_prev_rank NUMERIC;
 BEGIN
   v_rank := durability_sequence_rank(p_sequence);
   IF p_epoch IS NOT NULL THEN
-    SELECT l.owner, l.epoch INTO v_owner, v_epoch FROM checkpoint_leases l
+    SELECT l.owner, l.epoch, l.expires_at INTO v_owner, v_epoch, v_expires FROM checkpoint_leases l
      WHERE l.adapter = p_adapter AND l.stream = p_stream AND l.grp = p_grp AND l.shard = p_shard
      FOR SHARE;
-    IF NOT FOUND OR v_owner IS DISTINCT FROM p_writer OR v_epoch IS DISTINCT FROM p_epoch THEN
+    IF NOT FOUND OR v_owner IS DISTINCT FROM p_writer OR v_epoch IS DISTINCT FROM p_epoch
+       OR v_expires <= clock_timestamp() THEN
       outcome := 'lease_lost'; previous := NULL; lease_owner := v_owner; lease_epoch := v_epoch;
       RETURN NEXT;
       RETURN;

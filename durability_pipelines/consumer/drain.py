@@ -29,7 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from durability_pipelines.checkpoints import DurabilityError, Lease, LeaseLostError, SaveResult
+from durability_pipelines.checkpoints import (
+    DurabilityError,
+    Lease,
+    LeaseLostError,
+    SaveResult,
+    StoreUnavailableError,
+)
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.dispatch import shard_id
 from durability_pipelines.consumer.runtime import (
@@ -316,11 +322,20 @@ class ShardDrainer:
 
     # -- lease -----------------------------------------------------------------------
     def _renew_if_due(self) -> None:
-        """Renew once a third of the lease has passed: a renewal costs a round trip, an expiry the shard."""
+        """Renew once a third of the lease has passed: a renewal costs a round trip, an expiry the shard.
+
+        A store that cannot renew now (it is down) is retried at the next batch: the lease stays valid
+        until it expires, and the stores refuse every save after that (the run then stops).
+        """
         duration = self.rt.config.lease_duration_s
         if self._lease is None or self.clock() - self._renewed_at < duration / 3:
             return
-        self._lease = self.rt.store.leases.renew(self._lease, duration)  # LeaseLostError: someone took it
+        try:
+            self._lease = self.rt.store.leases.renew(self._lease, duration)  # LeaseLostError: someone took it
+        except StoreUnavailableError as exc:
+            log.warning("consumer %s shard %s: could not renew the lease (%s); retrying at the next batch",
+                        self.rt.config.name, shard_id(self.shard), exc)
+            return
         self._renewed_at = self.clock()
 
     def _release(self) -> None:
