@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -29,10 +30,13 @@ from typing import Any
 
 import psycopg
 import redis
+from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import sql
 
 from durability_pipelines import services
 from durability_pipelines.processes import ProcessGroup
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DB = "durability_demo"
@@ -149,14 +153,56 @@ def _start_dynamodb(existing: str | None) -> tuple[str, Any]:
 
 
 class Producer(threading.Thread):
-    """Writes order changes to DynamoDB and to public.orders at ``rate`` per second."""
+    """Writes order changes to DynamoDB and to public.orders at ``rate`` per second.
+
+    It survives outages of either (the point of the demo is to show that an outage loses nothing):
+    every write is retried with backoff until it lands, and is idempotent, so a retry after a write
+    that did land adds nothing (DynamoDB: a conditional put, since even a no-op PutItem emits a MODIFY
+    record; Postgres: ``ON CONFLICT DO NOTHING``).
+    """
 
     def __init__(self, dynamodb_url: str, data_url: str, *, events: int | None, rate: float) -> None:
         super().__init__(daemon=True, name="demo-producer")
         self.dynamodb_url, self.data_url, self.events, self.rate = dynamodb_url, data_url, events, rate
         self.produced = 0
+        self.outages = 0  # writes that had to be retried
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
+        self._conn: psycopg.Connection | None = None
+
+    def _retry(self, what: str, write: Any) -> None:
+        delay = 0.2
+        while True:
+            try:
+                write()
+                return
+            except (psycopg.OperationalError, psycopg.InterfaceError, BotoCoreError) as exc:
+                self._reset_postgres()
+                self.outages += 1
+                if self.stop_event.wait(delay):
+                    raise
+                log.warning("demo producer: %s failed (%s); retrying", what, type(exc).__name__)
+                delay = min(delay * 2, 5.0)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                    return  # an earlier attempt landed
+                if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) < 500:
+                    raise
+                self.outages += 1
+                if self.stop_event.wait(delay):
+                    raise
+                delay = min(delay * 2, 5.0)
+
+    def _postgres(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.data_url, autocommit=True, connect_timeout=5)
+        return self._conn
+
+    def _reset_postgres(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
 
     def run(self) -> None:
         import boto3
@@ -164,22 +210,25 @@ class Producer(threading.Thread):
         try:
             ddb = boto3.client("dynamodb", endpoint_url=self.dynamodb_url, region_name="us-east-1",
                                aws_access_key_id="demo", aws_secret_access_key="demo")
-            with psycopg.connect(self.data_url, autocommit=True) as conn:
-                i = 0
-                while not self.stop_event.is_set() and (self.events is None or i < self.events):
-                    burst = max(1, int(self.rate // 5))
-                    for _ in range(burst):
-                        if self.events is not None and i >= self.events:
-                            break
-                        ddb.put_item(TableName=TABLE, Item={
-                            "pk": {"S": f"order-{i:06d}"}, "status": {"S": "placed"}, "total": {"N": str(i % 97)}})
-                        conn.execute(f"INSERT INTO public.{TABLE} (id, status, total) VALUES (%s, 'placed', %s)",
-                                     (i, i % 97))
-                        i += 1
-                        self.produced = i
-                    self.stop_event.wait(burst / self.rate)
+            i = 0
+            while not self.stop_event.is_set() and (self.events is None or i < self.events):
+                burst = max(1, int(self.rate // 5))
+                for _ in range(burst):
+                    if self.events is not None and i >= self.events:
+                        break
+                    item = {"pk": {"S": f"order-{i:06d}"}, "status": {"S": "placed"}, "total": {"N": str(i % 97)}}
+                    self._retry("DynamoDB put", lambda item=item: ddb.put_item(
+                        TableName=TABLE, Item=item, ConditionExpression="attribute_not_exists(pk)"))
+                    self._retry("Postgres insert", lambda i=i: self._postgres().execute(
+                        f"INSERT INTO public.{TABLE} (id, status, total) VALUES (%s, 'placed', %s) "
+                        "ON CONFLICT (id) DO NOTHING", (i, i % 97)))
+                    i += 1
+                    self.produced = i
+                self.stop_event.wait(burst / self.rate)
         except BaseException as exc:  # noqa: BLE001 - reported by the main loop
             self.error = exc
+        finally:
+            self._reset_postgres()
 
 
 def _processed(url: str) -> dict[str, dict[str, int]]:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from durability_pipelines.consumer.dispatch import (
+    DEAD_RUN_GRACE_S,
+    InFlightRun,
+    LeaseView,
     RunState,
     SensorCursor,
     ShardCursor,
+    dead_run_reason,
     make_run_key,
     plan_tick,
 )
@@ -16,7 +20,8 @@ def plan(cursor: SensorCursor, acked: dict, states: dict | None = None, *, new=T
     states = states or {}
     return plan_tick(
         "c", cursor, shards=shards or list(acked), acked=acked, has_new=lambda s, a: new,
-        run_state=lambda k: states.get(k, RunState.MISSING), blocked=set(blocked), max_dispatches=max_dispatches,
+        run_state=lambda k, _shard: states.get(k, RunState.MISSING), blocked=set(blocked),
+        max_dispatches=max_dispatches,
     )
 
 
@@ -84,3 +89,38 @@ def test_unsharded_stream_key_and_cursor_round_trip() -> None:
 def test_garbage_cursor_is_rebuilt_not_fatal() -> None:
     for raw in ("{not json", '{"shards": {"s": {"bogus": 1}}}', "[]", '"x"'):
         assert SensorCursor.from_json(raw) == SensorCursor()
+
+
+# -- telling a dead run from a live one (the lease is its heartbeat) ---------------------------------
+
+LEASE_S, BUDGET_S, NOW = 120.0, 65.0, 10_000.0
+
+
+def dead(status: str = "STARTED", started: float | None = NOW - 30, owner: str = "run-1",
+         expires: float | None = NOW + 60) -> str | None:
+    lease = LeaseView(owner, expires) if expires is not None else None
+    return dead_run_reason(InFlightRun("run-1", status, started), lease, now=NOW, lease_duration_s=LEASE_S,
+                           run_budget_s=BUDGET_S)
+
+
+def test_a_run_renewing_its_lease_is_alive() -> None:
+    assert dead() is None
+    assert dead(started=NOW - 10_000) is None  # old, but it holds a live lease: a long run, still renewing
+
+
+def test_a_run_whose_lease_expired_is_dead_whatever_happened_to_its_node() -> None:
+    assert dead(expires=NOW - DEAD_RUN_GRACE_S + 1) is None  # within the grace for clock differences
+    reason = dead(expires=NOW - 60)
+    assert reason and "expired 60 s ago" in reason and "run-1" in reason
+
+
+def test_a_run_that_never_took_the_lease_is_dead_once_no_live_run_could_be_that_old() -> None:
+    assert dead(owner="", started=NOW - 100) is None  # it may still be starting up
+    assert dead(owner="other-run", started=NOW - (BUDGET_S + LEASE_S + DEAD_RUN_GRACE_S) + 5) is None
+    reason = dead(owner="", expires=NOW - 500, started=NOW - 400)
+    assert reason and "without holding the shard's lease" in reason
+
+
+def test_queued_and_not_yet_started_runs_are_never_dead() -> None:
+    assert dead(status="QUEUED", expires=NOW - 600, started=NOW - 900) is None
+    assert dead(status="STARTED", started=None, expires=NOW - 600) is None

@@ -23,6 +23,7 @@ from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
     LeaseLostError,
     StoreUnavailableError,
+    WrongTypeKeyError,
 )
 from durability_pipelines.checkpoints.factory import StoreConfig, open_store
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
@@ -38,5 +39,6 @@ __all__ = [
     "LATEST", "SHARD_END", "TRIM_HORIZON", "CheckpointKey", "CheckpointStore", "ConfigError",
     "DurabilityError", "HistoryEntry", "InvalidCheckpointKeyError", "InvalidSequenceError", "Lease",
     "LeaseKey", "LeaseLostError", "LeaseManager", "SaveContext", "SaveOutcome", "SaveResult",
-    "StoreConfig", "StoreUnavailableError", "compare_sequences", "normalize_sequence", "open_store",
+    "StoreConfig", "StoreUnavailableError", "WrongTypeKeyError", "compare_sequences", "normalize_sequence",
+    "open_store",
 ]

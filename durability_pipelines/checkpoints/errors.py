@@ -29,6 +29,14 @@ class InvalidSequenceError(DurabilityError, ValueError):
         self.value = value
 
 
+class WrongTypeKeyError(InvalidSequenceError):
+    """A Redis key of the layout holds another type (a hash, a list...) than the string it must hold."""
+
+    def __init__(self, message: str, *, key: str | None = None, kind: str | None = None) -> None:
+        super().__init__(message, key=key, value=f"<redis {kind}>")
+        self.kind = kind
+
+
 class LeaseLostError(DurabilityError):
     """The writer no longer holds the shard's lease; nothing was written.
 

@@ -33,6 +33,7 @@ from durability_pipelines.checkpoints.base import (
     Lease,
     LeaseManager,
     SaveContext,
+    SaveOutcome,
     SaveResult,
     require_force_context,
 )
@@ -40,12 +41,13 @@ from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
     LeaseLostError,
     StoreUnavailableError,
+    WrongTypeKeyError,
     lease_lost,
 )
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, max_sequence, normalize_sequence
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
-from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
+from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore, WrongType
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +238,12 @@ class HybridCheckpointStore(CheckpointStore):
         sequence = canonical if canonical is not None else normalize_sequence(sequence, key=key.redis_key)
         ctx = context or SaveContext()
         try:
-            result = self._save_redis(key, sequence, lease, ctx)
+            try:
+                result = self._save_redis(key, sequence, lease, ctx)
+            except WrongTypeKeyError as exc:
+                if exc.key != key.redis_key or exc.kind is None:
+                    raise  # one of the project's own keys: the error says how to fix it
+                result = self._replace_wrong_type(key, exc.kind, sequence, lease, ctx)
         except StoreUnavailableError as exc:
             self._degrade("redis", exc)
             result = self._save_postgres_direct(key, sequence, lease, ctx)
@@ -276,6 +283,21 @@ class HybridCheckpointStore(CheckpointStore):
             except StoreUnavailableError:
                 raise lost from None
             raise lease_lost(lease, current.owner if current else None, current.epoch if current else None) from None
+
+    def _replace_wrong_type(self, key: CheckpointKey, kind: str, sequence: str, lease: Lease | None,
+                            ctx: SaveContext) -> tuple[SaveResult, int | None, int | None]:
+        """The checkpoint key holds a Redis ``kind``, not a position: Postgres has the truth, so replace it
+        (under the lease) by the greater of the acked position and Postgres's, and record why."""
+        stored = self.postgres.load(key)
+        target = max_sequence(sequence, stored) or sequence
+        reason = f"replaced a Redis {kind} found at the checkpoint key ({ctx.reason or 'save'})"
+        log.warning("checkpoint %s: Redis held a %s, not a position; replacing it with %s", key, kind, target)
+        self.fallbacks.append(Fallback(key, f"Redis key of type {kind} replaced by {target}"))
+        self.redis.replace_wrong_type(key, kind, target, lease=lease,
+                                      context=SaveContext(writer=ctx.writer, run_id=ctx.run_id, reason=reason))
+        outcome = SaveOutcome.ADVANCED if target == sequence and target != stored else (
+            SaveOutcome.UNCHANGED if target == sequence else SaveOutcome.STALE)
+        return SaveResult(key, outcome, stored, target), None, None
 
     def _save_postgres_direct(self, key: CheckpointKey, sequence: str, lease: Lease | None,
                               ctx: SaveContext) -> SaveResult:
@@ -370,7 +392,7 @@ class HybridCheckpointStore(CheckpointStore):
     def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
         keys = list(keys)
         out: dict[CheckpointKey, str | None] = {}
-        missing: dict[CheckpointKey, bytes | None] = {}
+        missing: dict[CheckpointKey, bytes | WrongType | None] = {}
         try:
             raws = self.redis.load_raw_many(keys)
             self._recover("redis")
@@ -384,6 +406,12 @@ class HybridCheckpointStore(CheckpointStore):
             raw = raws[i]
             if raw is None:
                 missing[key] = None
+                continue
+            if isinstance(raw, WrongType):
+                self.fallbacks.append(Fallback(key, f"Redis key holds a {raw.kind}, not a position"))
+                log.warning("checkpoint %s: Redis holds a %s, not a position; falling back to Postgres "
+                            "(the next save under the lease replaces it)", key, raw.kind)
+                missing[key] = raw
                 continue
             fast = fast_sequence(raw)
             if fast is not None:
@@ -407,7 +435,9 @@ class HybridCheckpointStore(CheckpointStore):
                 self._rewarm(key, value, missing[key])
         return {k: out.get(k) for k in keys}
 
-    def _rewarm(self, key: CheckpointKey, value: str, garbage: bytes | None) -> None:
+    def _rewarm(self, key: CheckpointKey, value: str, garbage: bytes | WrongType | None) -> None:
+        if isinstance(garbage, WrongType):
+            return  # replaced by the next save, under the lease (a load holds none)
         try:
             if garbage is not None:
                 self._replace_if_equal(keys=[key.redis_key], args=[garbage, value])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
@@ -27,7 +28,12 @@ from durability_pipelines.checkpoints.base import (
     SaveResult,
     require_force_context,
 )
-from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError, lease_lost
+from durability_pipelines.checkpoints.errors import (
+    InvalidSequenceError,
+    StoreUnavailableError,
+    WrongTypeKeyError,
+    lease_lost,
+)
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, normalize_sequence
 
@@ -76,16 +82,64 @@ return prev
 """
 
 
+# A checkpoint key of another type (a hash, a list...) replaced by a position, fenced like a save.
+# KEYS[1] checkpoint, KEYS[2] lease, KEYS[3] history stream. ARGV[1] the type found, ARGV[2] sequence,
+# ARGV[3] writer, ARGV[4] epoch ('' = unfenced), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen,
+# ARGV[8] ttl ms ('' = none). Returns {'replaced'|'changed'|'lease_lost', owner|false, epoch|false}.
+REPLACE_WRONG_TYPE_LUA = """
+if ARGV[4] ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local l = redis.call('HMGET', KEYS[2], 'owner', 'epoch', 'expires')
+  if l[1] ~= ARGV[3] or l[2] ~= ARGV[4] or tonumber(l[3] or '0') <= now then
+    return {'lease_lost', l[1] or false, l[2] or false}
+  end
+end
+if redis.call('TYPE', KEYS[1]).ok ~= ARGV[1] then return {'changed', false, false} end
+redis.call('DEL', KEYS[1])
+if ARGV[8] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[8]) else redis.call('SET', KEYS[1], ARGV[2]) end
+if ARGV[7] ~= '0' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'prev', '<redis ' .. ARGV[1] .. '>', 'seq', ARGV[2],
+    'writer', ARGV[3], 'epoch', ARGV[4], 'run', ARGV[5], 'reason', ARGV[6])
+end
+return {'replaced', false, false}
+"""
+
+
 def _s(v: Any) -> str | None:
     if v is None or v is False:
         return None
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+@dataclass(frozen=True)
+class WrongType:
+    """What ``load_raw_many`` returns for a key of another Redis type than a string (``MGET`` says nil)."""
+
+    kind: str  # hash, list, set, zset, stream
+
+    def __str__(self) -> str:
+        return f"<redis {self.kind}>"
+
+
+def wrong_type_error(redis_key: str, kind: str) -> WrongTypeKeyError:
+    return WrongTypeKeyError(
+        f"Redis key {redis_key!r} holds a {kind}, not the checkpoint string the shared layout puts there "
+        f"(another program wrote it?); nothing was read or written there. Look at it (`redis-cli TYPE {redis_key}`), "
+        "then replace it with the last position known to be processed: `durability-pipelines checkpoints set "
+        "<adapter> <stream> <group> <consumer> [<shard>] --sequence <position> --force`, or delete it "
+        "(the hybrid store then restores it from Postgres).",
+        key=redis_key, kind=kind,
+    )
+
+
 def parse_stored(key: CheckpointKey, raw: Any) -> str | None:
-    """A stored raw value as a canonical sequence (``None`` if absent); raises ``InvalidSequenceError``."""
+    """A stored raw value as a canonical sequence (``None`` if absent); raises ``InvalidSequenceError``
+    (``WrongTypeKeyError`` for a key of another type)."""
     if raw is None:
         return None
+    if isinstance(raw, WrongType):
+        raise wrong_type_error(key.redis_key, raw.kind)
     fast = fast_sequence(raw)
     return fast if fast is not None else normalize_sequence(raw, key=key.redis_key)
 
@@ -182,6 +236,7 @@ class RedisCheckpointStore(CheckpointStore):
         self._save = client.register_script(SAVE_LUA)
         self._mark_flushed = client.register_script(MARK_FLUSHED_LUA)
         self._force_set = client.register_script(FORCE_SET_LUA)
+        self._replace_wrong_type = client.register_script(REPLACE_WRONG_TYPE_LUA)
         self._leases = RedisLeaseManager(client)
         self._key_cache: dict[CheckpointKey, tuple[str, str, str, str]] = {}
 
@@ -207,36 +262,37 @@ class RedisCheckpointStore(CheckpointStore):
     def leases(self) -> RedisLeaseManager:
         return self._leases
 
-    def _parse(self, key: CheckpointKey, raw: Any) -> str | None:
-        return parse_stored(key, raw)
-
     def load(self, key: CheckpointKey) -> str | None:
-        with redis_errors(self.client):
-            raw = self.client.get(self._redis_keys(key)[0])
-        return parse_stored(key, raw)
+        return parse_stored(key, self.load_raw_many([key])[0])
 
     def load_raw_many(self, keys: list[CheckpointKey]) -> list[Any]:
-        """Raw values in key order (pipelined MGET in chunks), unparsed."""
+        """Raw values in key order (pipelined MGET in chunks), unparsed; ``WrongType`` for a key that
+        holds another type than a string (MGET answers nil for those, as for a missing key)."""
         if not keys:
             return []
+        redis_keys = self._checkpoint_redis_keys(keys)
         with redis_errors(self.client):
             if len(keys) <= MGET_CHUNK:
-                return self.client.mget(self._checkpoint_redis_keys(keys))
-            pipe = self.client.pipeline(transaction=False)
-            for i in range(0, len(keys), MGET_CHUNK):
-                pipe.mget(self._checkpoint_redis_keys(keys[i : i + MGET_CHUNK]))
-            return [v for chunk in pipe.execute() for v in chunk]
+                values = self.client.mget(redis_keys)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for i in range(0, len(keys), MGET_CHUNK):
+                    pipe.mget(redis_keys[i : i + MGET_CHUNK])
+                values = [v for chunk in pipe.execute() for v in chunk]
+            absent = [i for i, v in enumerate(values) if v is None]
+            if absent:  # rare (new shards): tell a missing key from one of another type
+                pipe = self.client.pipeline(transaction=False)
+                for i in absent:
+                    pipe.type(redis_keys[i])
+                for i, kind in zip(absent, pipe.execute(), strict=True):
+                    kind = _s(kind)
+                    if kind not in ("none", "string"):
+                        values[i] = WrongType(kind or "?")
+        return values
 
     def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
         keys = list(keys)
-        out: dict[CheckpointKey, str | None] = {}
-        for k, raw in zip(keys, self.load_raw_many(keys), strict=True):
-            if raw is None:
-                out[k] = None
-            else:
-                fast = fast_sequence(raw)
-                out[k] = fast if fast is not None else normalize_sequence(raw, key=k.redis_key)
-        return out
+        return {k: parse_stored(k, raw) for k, raw in zip(keys, self.load_raw_many(keys), strict=True)}
 
     def keys(self) -> list[CheckpointKey]:
         out = []
@@ -292,6 +348,8 @@ class RedisCheckpointStore(CheckpointStore):
                     "or delete the key to fall back to Postgres (hybrid).",
                     key=key.redis_key,
                 ) from exc
+            if str(exc).startswith("WRONGTYPE"):
+                raise self._wrong_type(keys) from exc
             raise
         result = _OUTCOMES.get(outcome)
         previous = _s(prev)
@@ -304,6 +362,32 @@ class RedisCheckpointStore(CheckpointStore):
         acks = int(third) if flush_state and third is not None else None
         since = int(fourth) if flush_state and fourth is not None else None
         return SaveResult(key, result, previous, current), acks, since
+
+    def _wrong_type(self, redis_keys: list[str]) -> WrongTypeKeyError:
+        """Which of a save's keys is of the wrong type (the script only says WRONGTYPE)."""
+        expected = ("string", "hash", "stream", "hash")  # checkpoint, lease, history, hybrid flush state
+        with redis_errors(self.client):
+            pipe = self.client.pipeline(transaction=False)
+            for k in redis_keys:
+                pipe.type(k)
+            kinds = [_s(t) for t in pipe.execute()]
+        for k, kind, want in zip(redis_keys, kinds, expected, strict=False):
+            if kind not in ("none", want):
+                return wrong_type_error(k, kind or "?")
+        return wrong_type_error(redis_keys[0], "value of another type")
+
+    def replace_wrong_type(self, key: CheckpointKey, kind: str, sequence: str, *, lease: Lease | None,
+                           context: SaveContext) -> bool:
+        """Replace a checkpoint key of another Redis type by ``sequence``, under the lease (hybrid: Postgres
+        holds the truth to replace it with). False if the key changed meanwhile; ``LeaseLostError`` if fenced out."""
+        redis_key, lease_key, history_key, _ = self._redis_keys(key)
+        args = [kind, sequence, lease.owner if lease else context.writer, "" if lease is None else str(lease.epoch),
+                context.run_id or "", context.reason or "", self.history_maxlen, self.ttl_ms]
+        with redis_errors(self.client):
+            outcome, owner, epoch = self._replace_wrong_type(keys=[redis_key, lease_key, history_key], args=args)
+        if _s(outcome) == "lease_lost":
+            raise lease_lost(lease, _s(owner), int(epoch) if epoch else None)  # type: ignore[arg-type]
+        return _s(outcome) == "replaced"
 
     def force_set(self, key: CheckpointKey, sequence: str, *, context: SaveContext) -> ForceSetResult:
         """Unconditional operator write plus a history entry, atomically (one Lua call).

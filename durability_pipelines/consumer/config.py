@@ -127,7 +127,11 @@ class ConsumerConfig(_Strict):
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     sensor_interval_s: int = Field(default=5, ge=1, le=3600)
     sensor_running_by_default: bool = True
-    lease_duration_s: float = Field(default=300, gt=0)
+    lease_duration_s: float = Field(
+        default=120, gt=0,
+        description="the shard lease; a run renews it every third of it. A run that stops renewing it (its "
+        "process or node died) is declared dead by the sensor about one lease later, and the shard re-dispatched",
+    )
 
     @field_validator("name")
     @classmethod

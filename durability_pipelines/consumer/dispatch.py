@@ -71,6 +71,48 @@ class SensorCursor:
             return cls()
 
 
+#: Slack for clock differences between the sensor's host and the store that dates the lease.
+DEAD_RUN_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class InFlightRun:
+    """What the sensor knows of a run Dagster still counts as in flight."""
+
+    run_id: str
+    status: str  # STARTING | STARTED | ... (QUEUED / NOT_STARTED runs are waiting, never dead)
+    started_at: float | None  # epoch seconds the run started executing (None: not yet)
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    owner: str
+    expires_at: float  # epoch seconds, by the store's clock
+
+
+def dead_run_reason(run: InFlightRun, lease: LeaseView | None, *, now: float, lease_duration_s: float,
+                    run_budget_s: float) -> str | None:
+    """Why an in-flight run is dead, or None while it may be alive.
+
+    A live run renews its shard's lease every third of ``lease_duration_s``, so a lease it holds that has
+    expired means its process (or its whole node) is gone: Dagster's own monitoring cannot see a worker
+    of a node that died, and the run would block its shard (one run per shard) for ``max_runtime_seconds``.
+    A run that has been executing longer than it could while alive (``run_budget_s``: its time budget, an
+    idle poll and a lease) without holding the lease is dead too (it died before taking it).
+    """
+    if run.status not in ("STARTED", "STARTING", "CANCELING") or run.started_at is None:
+        return None
+    held = lease is not None and lease.owner == run.run_id
+    if held and lease is not None and now > lease.expires_at + DEAD_RUN_GRACE_S:
+        return (f"run {run.run_id} holds the shard's lease, which expired {now - lease.expires_at:.0f} s ago without "
+                "a renewal (a live run renews it every third of lease_duration_s): its process or node is gone")
+    if not (held and lease is not None and lease.expires_at > now) and (
+            now - run.started_at > run_budget_s + lease_duration_s + DEAD_RUN_GRACE_S):
+        return (f"run {run.run_id} has been executing for {now - run.started_at:.0f} s, longer than a live run can "
+                "(max_run_seconds + max_idle_s + lease_duration_s), without holding the shard's lease")
+    return None
+
+
 def shard_id(shard: str | None) -> str:
     return shard or "-"
 
@@ -101,7 +143,7 @@ def plan_tick(
     shards: list[str | None],
     acked: Mapping[str | None, str | None],
     has_new: Callable[[str | None, str | None], bool],
-    run_state: Callable[[str], RunState],
+    run_state: Callable[[str, str | None], RunState],
     blocked: set[str],
     max_dispatches: int = 100,
 ) -> TickPlan:
@@ -114,7 +156,7 @@ def plan_tick(
         sc = new.shards.get(sid, ShardCursor())
         attempt = sc.attempt
         if sc.run_key:
-            state = run_state(sc.run_key)
+            state = run_state(sc.run_key, shard)
             if state is RunState.IN_PROGRESS:
                 skipped[sid] = f"run {sc.run_key} in flight"
                 new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, backlog=True)

@@ -31,6 +31,7 @@ from typing import Any
 
 from durability_pipelines.checkpoints import (
     DurabilityError,
+    InvalidSequenceError,
     Lease,
     LeaseLostError,
     SaveResult,
@@ -258,7 +259,10 @@ class ShardDrainer:
         report.lease_epoch = self._lease.epoch
         ahead = ReadAhead(self._read) if self.prefetch else None
         try:
-            acked = rt.store.load(rt.key(self.shard))
+            try:
+                acked = rt.store.load(rt.key(self.shard))
+            except InvalidSequenceError as exc:  # garbage or a key of another type, no other store to fall back on
+                raise rt.unreadable_checkpoint(self.shard, exc, self.run_id) from exc
             report.start_after = report.checkpoint = acked
             idle_since: float | None = None
             while True:
@@ -372,8 +376,11 @@ class ShardDrainer:
         started = self.clock()
         if read.batch.gap is not None:
             self.rt.record_gap(read.batch.gap, self.run_id)
-        processed = self._process_with_retries(read)
-        result: SaveResult | None = self.rt.ack(read, processed)
+        try:
+            processed = self._process_with_retries(read)
+            result: SaveResult | None = self.rt.ack(read, processed)
+        except InvalidSequenceError as exc:  # the stored checkpoint became unusable mid-run (a foreign write)
+            raise self.rt.unreadable_checkpoint(self.shard, exc, self.run_id, read.batch.events) from exc
         batch = read.batch
         checkpoint = result.current if result else (processed.ack_to or acked)
         failed = set(processed.failed)

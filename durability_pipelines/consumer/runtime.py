@@ -26,6 +26,7 @@ from durability_pipelines.checkpoints import (
     CheckpointKey,
     CheckpointStore,
     DurabilityError,
+    InvalidSequenceError,
     Lease,
     SaveContext,
     SaveResult,
@@ -259,6 +260,53 @@ class ConsumerRuntime:
             f"({len(events)} events) failed {attempts} time(s): {exc!r}. It is dead letter #{dl_id} and the "
             "shard is stopped (policy 'stop'). Fix the handler or the data, then run "
             f"`durability-pipelines dead-letters retry {dl_id}` to resume from the acked checkpoint.",
+            dl_id,
+        )
+
+    def load_acked(self, shards: Sequence[str | None], *, blocked: set[str], run_id: str
+                   ) -> tuple[dict[str | None, str | None], dict[str | None, str]]:
+        """Every shard's acked checkpoint in one call, isolating the unusable ones: ``(acked, stopped)``.
+
+        A shard whose checkpoint cannot be read (garbage, a key of another type) gets a dead letter once
+        (unless one is open already, ``blocked``) and is left out, so that it never stops the others.
+        """
+        keys = {s: self.key(s) for s in shards}
+        try:
+            found = self.store.load_many(list(keys.values()))
+            return {s: found[k] for s, k in keys.items()}, {}
+        except InvalidSequenceError:
+            pass  # at least one is unusable: find which, one by one
+        acked: dict[str | None, str | None] = {}
+        stopped: dict[str | None, str] = {}
+        for shard, key in keys.items():
+            try:
+                acked[shard] = self.store.load(key)
+            except InvalidSequenceError as exc:
+                if (shard or "") not in blocked:
+                    stopped[shard] = str(self.unreadable_checkpoint(shard, exc, run_id))
+                else:
+                    stopped[shard] = f"checkpoint unusable ({exc}); see its open dead letter"
+        return acked, stopped
+
+    def unreadable_checkpoint(self, shard: str | None, exc: InvalidSequenceError, run_id: str,
+                              events: Sequence[ChangeEvent] = ()) -> BatchDeadLettered:
+        """The shard's stored checkpoint cannot be read or written (garbage, a Redis key of another type) and
+        no other store can stand in: stop the shard with a dead letter that names the key and the fix.
+        ``events``: the batch whose ack failed (its effects are committed; it is redone after the fix)."""
+        if self.storage is None:
+            return BatchDeadLettered(f"{exc} (and no Postgres to record a dead letter in)", 0)
+        c = self.config
+        first, last = (events[0].sequence, events[-1].sequence) if events else ("", "")
+        dl_id = self.storage.add_dead_letter(
+            consumer=c.name, adapter=c.adapter, stream=c.stream, group=c.group, shard=shard,
+            first_sequence=first, last_sequence=last, record_count=len(events),
+            error=f"{type(exc).__name__}: {exc}", attempts=1, policy="stop", run_id=run_id,
+            payload=[e.to_json_dict() for e in events[:MAX_DEAD_LETTER_PAYLOAD]],
+        )
+        return BatchDeadLettered(
+            f"consumer {c.name} shard {shard or '-'}: its checkpoint {self.key(shard).redis_key} is unusable: {exc} "
+            f"The shard is stopped (dead letter #{dl_id}); nothing was skipped. Fix the key as said, then run "
+            f"`durability-pipelines dead-letters retry {dl_id}`.",
             dl_id,
         )
 

@@ -8,6 +8,7 @@ by every consumer's job; which consumer and shard a run serves is op config (set
 
 # No `from __future__ import annotations`: Dagster resolves op parameter annotations at definition time.
 
+import time
 from collections.abc import Sequence
 
 from dagster import (
@@ -39,10 +40,18 @@ from durability_pipelines.checkpoints.errors import (
     StoreUnavailableError,
 )
 from durability_pipelines.consumer.config import ConsumerConfig
-from durability_pipelines.consumer.dispatch import RunState, SensorCursor, plan_tick, shard_id
+from durability_pipelines.consumer.dispatch import (
+    InFlightRun,
+    LeaseView,
+    RunState,
+    SensorCursor,
+    dead_run_reason,
+    plan_tick,
+    shard_id,
+)
 from durability_pipelines.consumer.drain import DrainBudget, DrainReport, ShardDrainer
 from durability_pipelines.consumer.handlers import load_handler
-from durability_pipelines.consumer.runtime import BatchDeadLettered, ShardBusyError
+from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, ShardBusyError
 from durability_pipelines.defs.resources import DurabilityResource
 from durability_pipelines.defs.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
 from durability_pipelines.sources.errors import (
@@ -153,14 +162,30 @@ def build_consumer_job(cfg: ConsumerConfig) -> JobDefinition:
     return _consumer_job
 
 
-def _run_state(context: SensorEvaluationContext, run_key: str) -> RunState:
-    runs = context.instance.get_runs(filters=RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
-    if not runs:
+def _run_state(context: SensorEvaluationContext, run_key: str, cfg: ConsumerConfig, rt: ConsumerRuntime,
+               shard: str | None) -> RunState:
+    records = context.instance.get_run_records(filters=RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
+    if not records:
         return RunState.MISSING
-    status = runs[0].status
-    if status in IN_FLIGHT_STATUSES:
-        return RunState.IN_PROGRESS
-    return RunState.SUCCESS if status == DagsterRunStatus.SUCCESS else RunState.FAILURE
+    record = records[0]
+    run = record.dagster_run
+    if run.status in IN_FLIGHT_STATUSES:
+        lease = rt.store.leases.get(rt.key(shard).lease_key)
+        reason = dead_run_reason(
+            InFlightRun(run.run_id, run.status.value, record.start_time),
+            LeaseView(lease.owner, lease.expires_at.timestamp()) if lease and lease.expires_at else None,
+            now=time.time(), lease_duration_s=cfg.lease_duration_s,
+            run_budget_s=cfg.max_run_seconds + cfg.max_idle_s,
+        )
+        if reason is None:
+            return RunState.IN_PROGRESS
+        # Mark it failed (Dagster's run monitoring cannot see a worker whose node died): that frees the
+        # shard's run slot, and the shard is re-dispatched from the acked checkpoint right away.
+        context.log.warning(f"{reason}; marking it failed and re-dispatching shard {shard_id(shard)}")
+        context.instance.report_run_failed(run, message=f"durability_pipelines: {reason}. The sensor "
+                                           f"{cfg.name}_sensor re-dispatches the shard from its acked checkpoint.")
+        return RunState.FAILURE
+    return RunState.SUCCESS if run.status == DagsterRunStatus.SUCCESS else RunState.FAILURE
 
 
 def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> SensorDefinition:
@@ -191,9 +216,11 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
                 )
             cursor.stream_identity = identity or cursor.stream_identity
             known = list(dict.fromkeys([*listed, *(None if s == "-" else s for s in cursor.shards)]))
-            acked_by_key = rt.store.load_many([rt.key(s) for s in known])
-            acked = {s: acked_by_key[rt.key(s)] for s in known}
-            stopped: dict[str, str] = {}
+            blocked = rt.storage.blocked_shards(cfg.name) if rt.storage else set()
+            acked, unusable = rt.load_acked(known, blocked=blocked, run_id=f"sensor:{sensor_name}")
+            stopped: dict[str, str] = {shard_id(s): why for s, why in unusable.items()}
+            for why in unusable.values():
+                context.log.error(why)
 
             def has_new(shard, after):
                 try:
@@ -205,11 +232,11 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
 
             plan = plan_tick(
                 cfg.name, cursor,
-                shards=rt.source.readable(acked),
+                shards=[s for s in rt.source.readable(acked) if s not in unusable],
                 acked=acked,
                 has_new=has_new,
-                run_state=lambda key: _run_state(context, key),
-                blocked=rt.storage.blocked_shards(cfg.name) if rt.storage else set(),
+                run_state=lambda key, shard: _run_state(context, key, cfg, rt, shard),
+                blocked=blocked,
             )
         finally:
             rt.close()
