@@ -63,6 +63,11 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_ad
                              "tests.support.dagster_daemon:deliveries_with_hold",
                              handler_options={"hold_flag": f"e2e:{suffix}:hold"},
                              overrides={"max_events": 100, "max_idle_s": 1}),
+            # a short lease: a run whose node died is declared dead within about one lease
+            "node": Consumer(f"drain_node_{suffix}", create_stream_table(ddb)[0],
+                             "tests.support.dagster_daemon:deliveries_with_hold",
+                             handler_options={"hold_flag": f"e2e:{suffix}:node_hold"},
+                             overrides={"max_events": 100, "max_idle_s": 1, "lease_duration_s": 12}),
         }
 
     try:
@@ -160,6 +165,35 @@ def test_a_run_killed_between_two_batches_resumes_after_the_last_acked_batch(e2e
 def test_a_run_killed_inside_a_batch_loses_nothing_and_commits_nothing_twice(e2e: E2E) -> None:
     with e2e.dump_on_failure():
         kill_inside_a_batch(e2e, e2e.consumers["kill"], "after_write")
+
+
+def test_a_shard_whose_node_died_is_redispatched_about_one_lease_later(e2e: E2E) -> None:
+    """The whole node dies mid-drain (daemon, code server and run worker, SIGKILL) and a new daemon comes up
+    on the same Dagster storage: the dead run stays STARTED there (no process is left to say otherwise),
+    and its lease expires. The sensor tells it is dead by the lease, marks it failed and re-dispatches."""
+    c = e2e.consumers["node"]
+    flag = c.handler_options["hold_flag"]
+    with e2e.dump_on_failure():
+        marker = f"{c.name}-hold"
+        e2e.redis.set(flag, f"after_write:{marker}")
+        e2e.produce(c, [f"{c.name}-{i:04d}" for i in range(250)] + [marker] + [f"{c.name}-{i:04d}" for i in range(250, 400)])
+        e2e.wait(lambda: e2e.redis.get(f"{flag}:held"), "the run to hold a batch")
+        (dead,) = [r for r in e2e.runs(c) if r.dagster_run.status.value == "STARTED"]
+        shard = shard_of(e2e, c)
+        acked = e2e.redis_checkpoint(c, shard)
+        e2e.replace_daemon()
+        e2e.redis.delete(flag, f"{flag}:held")
+        assert e2e.instance.get_run_by_id(dead.dagster_run.run_id).status.value == "STARTED"  # nobody said otherwise
+        e2e.wait_drained(c, timeout=240)
+        record = e2e.instance.get_run_record_by_id(dead.dagster_run.run_id)
+        assert record.dagster_run.status.value == "FAILURE"
+        failure = [e.message for e in e2e.instance.all_logs(dead.dagster_run.run_id)
+                   if e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_FAILURE"]
+        assert failure and "lease" in failure[-1] and "re-dispatches" in failure[-1]
+        after = [r for r in e2e.runs(c) if r.create_timestamp > dead.create_timestamp]
+        assert after and after[0].dagster_run.tags["durability/start_after"] == acked
+        assert_every_event_once(e2e, c)
+        assert_checkpoint_chain(e2e, c, shard, e2e.runs(c), failed_may_write=True)
 
 
 def mirror_runs(e2e: E2E) -> list[Any]:

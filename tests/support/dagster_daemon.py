@@ -199,6 +199,16 @@ class DagsterDaemon:
         if left:
             raise RuntimeError(f"dagster-daemon process group {self.pgid} survived SIGKILL: {left}")
 
+    def kill(self) -> None:
+        """The node dies: SIGKILL the whole group at once (daemon, code server, run workers), nothing graceful."""
+        if self.group is None or self.group.proc is None:
+            return
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.group.proc.pid, signal.SIGKILL)
+        self.stop(grace_s=0)  # reaps, and checks that nothing survived
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

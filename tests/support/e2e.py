@@ -116,6 +116,17 @@ class E2E:
         daemon.start()
         return daemon
 
+    def replace_daemon(self) -> DagsterDaemon:
+        """The node dies (SIGKILL of the daemon, its code server and its runs) and a new daemon comes up on
+        the same Dagster storage, as after a host replacement: the dead runs are still STARTED there."""
+        old = self.daemon
+        old.kill()
+        n = len(self.daemons) + 1
+        daemon = DagsterDaemon(old.home, self.daemon_env, self.tmp / f"daemon-{n}.log")
+        self.daemons.append(daemon)
+        daemon.start()
+        return daemon
+
     def diagnostics(self) -> str:
         lines = []
         for c in self.consumers.values():
