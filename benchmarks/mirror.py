@@ -30,8 +30,8 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from durability_pipelines import services  # noqa: E402
-from durability_pipelines.audit.mirror import CheckpointMirror  # noqa: E402
 from durability_pipelines.checkpoints.keys import CheckpointKey  # noqa: E402
+from durability_pipelines.checkpoints.mirror import CheckpointMirror  # noqa: E402
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection  # noqa: E402
 from durability_pipelines.consumer.storage import ensure  # noqa: E402
 

@@ -1,63 +1,101 @@
 """Checkpoint audit tables (pandas): what each store holds and whether that is healthy.
 
-``checkpoint_audit``: one row per checkpoint key — Redis value, Postgres value,
-the sensor's dispatched position, last ack time, lag, drift between the
-stores and a status (ok / drifting / stale / dead-lettered).
+``checkpoint_audit``: one row per checkpoint key — Redis value, Postgres value, the sensor's dispatched
+position, last ack time, lag, drift between the stores and a status: ``ok``, ``drifting``, ``stale``,
+``dead-lettered``, ``regressed-externally`` (a store moved back by a write the project did not make),
+``invalid`` (a value that is no position), ``wrong-type`` (a Redis key of another type) or
+``unparseable`` (a ``checkpoint:*`` key that cannot be split without guessing). The stores are read
+through ``checkpoints.inspect``: one picture, one definition of drift.
 
-``checkpoint_history_summary``: per key, advances over time, regressions
-(must be 0: history is monotonic except for an operator's recorded
-``--force``), dead letters and trimmed-data gaps.
+``checkpoint_history_summary``: per key, advances over time, regressions of the project's own writes
+(must be 0: history is monotonic except for an operator's recorded ``--force``), foreign regressions
+(moves back no recorded write explains), dead letters and trimmed-data gaps.
 
-Both are persisted to Postgres tables of the same name (replaced on every
-materialization, in one transaction) and returned as DataFrames.
+Both are persisted to Postgres tables of the same name (replaced on every materialization, in one
+transaction) and returned as DataFrames. Positions are text (21-40 digits do not survive a float).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import redis
 
-from durability_pipelines.audit.mirror import CURSOR_PREFIX, drift
 from durability_pipelines.checkpoints.base import FORCED_REASON_PREFIX  # `set --force` / `rewind` rows
-from durability_pipelines.checkpoints.errors import InvalidSequenceError
-from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
-from durability_pipelines.checkpoints.ordering import normalize_sequence
+from durability_pipelines.checkpoints.inspect import EXTERNAL_WRITER, KeyState, external_store, snapshot
+from durability_pipelines.checkpoints.keys import CheckpointKey
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.consumer.config import ConsumerConfig
+from durability_pipelines.consumer.cursor_mirror import CursorMirror
 from durability_pipelines.consumer.dispatch import SensorCursor, shard_id
-from durability_pipelines.consumer.storage import ensure
+from durability_pipelines.consumer.storage import ConsumerStorage, ensure
 
-AUDIT_COLUMNS = {
-    "checkpoint_key": "text", "adapter": "text", "stream": "text", "grp": "text", "consumer": "text",
-    "shard": "text", "backend": "text", "redis_value": "text", "postgres_value": "text", "dispatched": "text",
-    "last_ack_at": "timestamptz", "lag_seconds": "double precision", "drift": "numeric",
-    "acks_since_flush": "bigint", "status": "text", "detail": "text",
+#: column -> (Postgres type, description shown in the UI)
+AUDIT_COLUMNS: dict[str, tuple[str, str]] = {
+    "checkpoint_key": ("text", "The Redis key (checkpoint:<adapter>:<stream>:<group>:<consumer>[:<shard>])"),
+    "adapter": ("text", "dynamodb | supabase | another writer's adapter"),
+    "stream": ("text", "Table (DynamoDB) or channel (Supabase)"),
+    "grp": ("text", "Consumer group"),
+    "consumer": ("text", "Consumer id within the group"),
+    "shard": ("text", "Shard id ('' for the unsharded change feed)"),
+    "backend": ("text", "The consumer's checkpoint backend, or the stores holding the key for unknown consumers"),
+    "redis_value": ("text", "What Redis holds (garbage included; <redis hash> for a key of another type)"),
+    "postgres_value": ("text", "What the checkpoints table holds"),
+    "dispatched": ("text", "The acked position the sensor dispatched the in-flight run at"),
+    "last_ack_at": ("timestamptz", "Newest recorded write of the key (Redis history or Postgres ts)"),
+    "lag_seconds": ("double precision", "Seconds since that write"),
+    "drift": ("text", "How far Postgres and Redis differ (positions, as text)"),
+    "acks_since_flush": ("bigint", "Hybrid: acks since the last flush to Postgres"),
+    "status": ("text", "ok | drifting | stale | dead-lettered | regressed-externally | invalid | wrong-type | unparseable"),
+    "detail": ("text", "What is wrong and what to do"),
 }
-SUMMARY_COLUMNS = {
-    "adapter": "text", "stream": "text", "grp": "text", "consumer": "text", "shard": "text",
-    "advances": "bigint", "first_advance_at": "timestamptz", "last_advance_at": "timestamptz",
-    "advances_last_hour": "bigint", "regressions": "bigint", "forced_moves": "bigint",
-    "dead_letters": "bigint", "open_dead_letters": "bigint", "trimmed_gaps": "bigint",
+SUMMARY_COLUMNS: dict[str, tuple[str, str]] = {
+    "adapter": ("text", "dynamodb | supabase"), "stream": ("text", "Table or channel"), "grp": ("text", "Group"),
+    "consumer": ("text", "Consumer id"), "shard": ("text", "Shard id"),
+    "advances": ("bigint", "Recorded writes"),
+    "first_advance_at": ("timestamptz", "First recorded write"),
+    "last_advance_at": ("timestamptz", "Newest recorded write"),
+    "advances_last_hour": ("bigint", "Recorded writes in the last hour"),
+    "regressions": ("bigint", "Project writes that moved the checkpoint back (must be 0)"),
+    "external_regressions": ("bigint", "Moves back no recorded write explains (another worker), all time"),
+    "external_regressions_recent": ("bigint", "The same, within the audit window"),
+    "forced_moves": ("bigint", "Operator moves (checkpoints set --force / rewind)"),
+    "dead_letters": ("bigint", "Dead letters, all statuses"),
+    "open_dead_letters": ("bigint", "Dead letters still stopping the shard"),
+    "trimmed_gaps": ("bigint", "Records the stream no longer had, skipped by policy"),
 }
 
+# A row went back when its new value is at or below the previous row's. It is the project's own
+# regression only when the row starts where the previous one ended (its previous_sequence is the last
+# recorded value): a row whose previous value is lower than the last recorded one means someone wrote
+# the checkpoint in between without the project (a foreign write), and so does a row by the writer
+# 'external' (recorded by the mirror). Operator moves ('force: ' reason) are neither.
 _SUMMARY_SQL = """
 WITH h AS (
-  SELECT adapter, stream, grp, consumer, shard, ts, reason,
-         durability_sequence_rank(new_sequence)
-           <= lag(durability_sequence_rank(new_sequence)) OVER w AS went_back
+  SELECT adapter, stream, grp, consumer, shard, ts, reason, writer, previous_sequence,
+         lag(new_sequence) OVER w AS last_new,
+         durability_sequence_rank_or_null(new_sequence)
+           <= lag(durability_sequence_rank_or_null(new_sequence)) OVER w AS went_back,
+         durability_sequence_rank_or_null(previous_sequence)
+           < lag(durability_sequence_rank_or_null(new_sequence)) OVER w AS started_lower
   FROM checkpoint_history
   WINDOW w AS (PARTITION BY adapter, stream, grp, consumer, shard ORDER BY id)
+), c AS (
+  SELECT *, coalesce(reason, '') LIKE %(forced)s AS forced,
+         (writer = %(external)s) OR coalesce(started_lower, false) AS foreign_move
+  FROM h
 )
 SELECT adapter, stream, grp, consumer, shard,
        count(*) AS advances, min(ts) AS first_advance_at, max(ts) AS last_advance_at,
        count(*) FILTER (WHERE ts > NOW() - interval '1 hour') AS advances_last_hour,
-       count(*) FILTER (WHERE went_back AND coalesce(reason, '') NOT LIKE %(forced)s) AS regressions,
-       count(*) FILTER (WHERE coalesce(reason, '') LIKE %(forced)s) AS forced_moves
-FROM h GROUP BY adapter, stream, grp, consumer, shard
+       count(*) FILTER (WHERE went_back AND NOT forced AND NOT foreign_move) AS regressions,
+       count(*) FILTER (WHERE foreign_move AND NOT forced) AS external_regressions,
+       count(*) FILTER (WHERE foreign_move AND NOT forced AND ts > %(since)s) AS external_regressions_recent,
+       count(*) FILTER (WHERE forced) AS forced_moves
+FROM c GROUP BY adapter, stream, grp, consumer, shard
 """
 
 
@@ -66,13 +104,12 @@ class AuditThresholds:
     stale_after_s: float = 300.0  # backlog and no ack for longer than this: stale
     default_flush_every_n: int = 100
     default_flush_every_s: float = 5.0
+    external_window_s: float = 86_400.0  # a foreign regression keeps its key flagged this long
 
 
-def _dec(v: bytes | str | None) -> str | None:
-    return v.decode() if isinstance(v, bytes) else v
-
-
-def _consumer_for(configs: Sequence[ConsumerConfig], key: CheckpointKey) -> ConsumerConfig | None:
+def _consumer_for(configs: Sequence[ConsumerConfig], key: CheckpointKey | None) -> ConsumerConfig | None:
+    if key is None:
+        return None
     for c in configs:
         if (c.adapter, c.stream, c.group, c.consumer) == (key.adapter, key.stream, key.group, key.consumer):
             return c
@@ -80,15 +117,56 @@ def _consumer_for(configs: Sequence[ConsumerConfig], key: CheckpointKey) -> Cons
 
 
 def _cursors(client: redis.Redis, db: PostgresConnection) -> dict[str, SensorCursor]:
-    raw: dict[str, str] = {}
-    with db.connection() as conn:
-        raw.update(conn.execute("SELECT sensor_name, cursor FROM sensor_cursors").fetchall())
-    keys = list(client.scan_iter(match=f"{CURSOR_PREFIX}:*", count=1000))
-    if keys:
-        for k, v in zip(keys, client.mget(keys), strict=True):
-            if v is not None:
-                raw[_dec(k)[len(CURSOR_PREFIX) + 1 :]] = _dec(v)  # Redis is written first each tick
+    raw = ConsumerStorage(db).all_cursors()
+    mirror = CursorMirror(client, None)
+    raw.update({name: c for name, c in mirror.load_all().items()})  # Redis is written first each tick
     return {name: SensorCursor.from_json(c) for name, c in raw.items()}
+
+
+def _foreign(st: KeyState) -> str | None:
+    """Why this key is flagged as moved back by another writer, or None."""
+    found = [r.describe() for r in st.external_regressions]  # not recorded yet (the mirror records them)
+    for w in st.external_writes:  # recorded within the audit window
+        name = (external_store(w.reason) or "a store").capitalize()
+        line = (f"{name} moved back from {w.previous} to {w.sequence} by a write the project did not make "
+                f"(seen {w.at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}Z)" if w.at else "")
+        if line and line not in found:
+            found.append(line)
+    if not found:
+        return None
+    return ("; ".join(found) + ". The mirror leaves the key as found. If that write was wrong, put the position "
+            f"back with `durability-pipelines checkpoints repair {st.redis_key}`; if it was deliberate (another "
+            "worker rewound it), nothing to do: the flag clears after the audit window.")
+
+
+def _status(st: KeyState, cfg: ConsumerConfig | None, sc: object, lag: float | None, n_dead: int,
+            thresholds: AuditThresholds, now: datetime) -> tuple[str, str]:
+    if st.key is None:
+        return "unparseable", (f"{st.parse_error}. Nothing copies or reads this key; if it is yours, move it to a key "
+                               "of the layout; if another program owns it, ignore it.")
+    if st.redis is not None and st.redis.problem == "wrong-type":
+        return "wrong-type", (f"Redis holds a {st.redis.raw[7:-1]} at this key, not a position. Replace it with "
+                              "`durability-pipelines checkpoints set ... --sequence <position> --force` (hybrid "
+                              "consumers replace it themselves at their next ack).")
+    invalid = [name for name, v in (("redis", st.redis), ("postgres", st.postgres)) if v is not None and v.problem]
+    if invalid:
+        return "invalid", (f"not a position in {', '.join(invalid)}: set a valid one with `durability-pipelines "
+                           "checkpoints set ... --force`")
+    foreign = _foreign(st)
+    if foreign:
+        return "regressed-externally", foreign
+    if n_dead:
+        return "dead-lettered", f"{n_dead} open dead letter(s): shard stopped (`durability-pipelines dead-letters list`)"
+    if getattr(sc, "backlog", False) and lag is not None and lag > thresholds.stale_after_s:
+        return "stale", f"backlog and no ack for {lag:.0f} s: is the sensor running, are runs failing?"
+    n = cfg.checkpoint.flush_every_n if cfg else thresholds.default_flush_every_n
+    t = cfg.checkpoint.flush_every_s if cfg else thresholds.default_flush_every_s
+    drift_kind, gap = st.drift
+    flush_age = (now - st.flushed_at).total_seconds() if st.flushed_at else None
+    if drift_kind.value == "redis-ahead" and gap and (
+            (st.acks_since_flush is not None and st.acks_since_flush >= n) or (flush_age is not None and flush_age > t)):
+        return "drifting", f"Postgres behind Redis beyond the hybrid bound ({n} acks / {t} s): is Postgres reachable?"
+    return "ok", ""
 
 
 def build_checkpoint_audit(client: redis.Redis, db: PostgresConnection, consumers: Sequence[ConsumerConfig],
@@ -96,93 +174,51 @@ def build_checkpoint_audit(client: redis.Redis, db: PostgresConnection, consumer
                            now: datetime | None = None) -> pd.DataFrame:
     ensure(db)
     now = now or datetime.now(timezone.utc)
-    redis_keys = [k for k in client.scan_iter(match=f"{REDIS_PREFIX}:*", count=1000)]
-    redis_vals: dict[CheckpointKey, str] = {}
-    for i in range(0, len(redis_keys), 1000):
-        chunk = redis_keys[i : i + 1000]
-        for raw_key, raw_val in zip(chunk, client.mget(chunk), strict=True):
-            try:
-                key = CheckpointKey.parse(raw_key)
-            except ValueError:
-                continue
-            if raw_val is not None:
-                redis_vals[key] = _dec(raw_val) or ""
+    states = snapshot(client, db, external_since=now - timedelta(seconds=thresholds.external_window_s))
     with db.connection() as conn:
-        pg_rows = conn.execute("SELECT adapter, stream, grp, consumer, shard, sequence, ts FROM checkpoints").fetchall()
         open_dl = conn.execute(
             "SELECT consumer, shard, count(*) FROM dead_letters WHERE status = 'open' GROUP BY consumer, shard"
         ).fetchall()
-    pg_vals: dict[CheckpointKey, tuple[str, datetime]] = {}
-    for r in pg_rows:
-        try:
-            pg_vals[CheckpointKey.from_row(*r[:5])] = (r[5], r[6])
-        except ValueError:
-            continue
     dead = {(c, s): n for c, s, n in open_dl}
     cursors = _cursors(client, db)
-    keys = sorted(set(redis_vals) | set(pg_vals))
-
-    # Last ack per key: the newest entry of its Redis history stream, pipelined; hybrid flush state too.
-    pipe = client.pipeline(transaction=False)
-    for k in keys:
-        pipe.xrevrange(k.history_key, count=1)
-        pipe.hmget(k.hybrid_state_key, "acks", "flushed_ms")
-    replies = pipe.execute() if keys else []
-
     records = []
-    for i, key in enumerate(keys):
-        hist, (acks, flushed_ms) = replies[2 * i], replies[2 * i + 1]
-        r_val = redis_vals.get(key)
-        p_val, p_ts = pg_vals.get(key, (None, None))
-        invalid = []
-        for name, v in (("redis", r_val), ("postgres", p_val)):
-            if v is not None:
-                try:
-                    normalize_sequence(v)
-                except InvalidSequenceError:
-                    invalid.append(name)
-        last_ack = p_ts
-        if hist:
-            ms = int(_dec(hist[0][0]).split("-")[0])
-            redis_ack = datetime.fromtimestamp(ms / 1000, timezone.utc)
-            last_ack = max(filter(None, [last_ack, redis_ack]))
+    for st in states:
+        key = st.key
         cfg = _consumer_for(consumers, key)
         cursor = cursors.get(f"{cfg.name}_sensor") if cfg else None
-        sc = cursor.shards.get(shard_id(key.shard)) if cursor else None
+        sc = cursor.shards.get(shard_id(key.shard)) if cursor and key else None
+        last_ack = st.last_ack_at
         lag = (now - last_ack).total_seconds() if last_ack else None
-        d = 0 if invalid else drift(r_val, p_val)
-        acks_n = int(acks) if acks is not None else None
-        n = cfg.checkpoint.flush_every_n if cfg else thresholds.default_flush_every_n
-        t = cfg.checkpoint.flush_every_s if cfg else thresholds.default_flush_every_s
-        flush_age = (now.timestamp() * 1000 - int(flushed_ms)) / 1000 if flushed_ms else None
-        n_dead = dead.get((cfg.name, key.shard_column), 0) if cfg else 0
-        if invalid:
-            status, detail = "invalid", f"unparseable value in {', '.join(invalid)}"
-        elif n_dead:
-            status, detail = "dead-lettered", f"{n_dead} open dead letter(s): shard stopped"
-        elif sc is not None and sc.backlog and lag is not None and lag > thresholds.stale_after_s:
-            status, detail = "stale", f"backlog and no ack for {lag:.0f} s"
-        elif r_val is not None and p_val is not None and d > 0 and (
-            (acks_n is not None and acks_n >= n) or (flush_age is not None and flush_age > t)
-        ):
-            status, detail = "drifting", f"Postgres behind Redis beyond the hybrid bound ({n} acks / {t} s)"
-        else:
-            status, detail = "ok", ""
+        n_dead = dead.get((cfg.name, key.shard_column), 0) if cfg and key else 0
+        status, detail = _status(st, cfg, sc, lag, n_dead, thresholds, now)
+        _, gap = st.drift
+        stores = "+".join(n for n, v in (("redis", st.redis), ("postgres", st.postgres)) if v is not None)
         records.append({
-            "checkpoint_key": key.redis_key, "adapter": key.adapter, "stream": key.stream, "grp": key.group,
-            "consumer": key.consumer, "shard": key.shard_column,
-            "backend": cfg.checkpoint.backend if cfg else ("hybrid" if r_val and p_val else "redis" if r_val else "postgres"),
-            "redis_value": r_val, "postgres_value": p_val, "dispatched": sc.dispatched if sc else None,
-            "last_ack_at": last_ack, "lag_seconds": round(lag, 3) if lag is not None else None, "drift": d,
-            "acks_since_flush": acks_n, "status": status, "detail": detail,
+            "checkpoint_key": st.redis_key,
+            "adapter": key.adapter if key else "", "stream": key.stream if key else "",
+            "grp": key.group if key else "", "consumer": key.consumer if key else "",
+            "shard": key.shard_column if key else "",
+            "backend": cfg.checkpoint.backend if cfg else stores,
+            "redis_value": st.redis.raw if st.redis else None,
+            "postgres_value": st.postgres.raw if st.postgres else None,
+            "dispatched": sc.dispatched if sc else None,
+            "last_ack_at": last_ack, "lag_seconds": round(lag, 3) if lag is not None else None,
+            "drift": str(gap) if gap is not None else "",
+            "acks_since_flush": st.acks_since_flush,
+            "status": status, "detail": detail,
         })
-    return pd.DataFrame.from_records(records, columns=list(AUDIT_COLUMNS))
+    df = pd.DataFrame.from_records(records, columns=list(AUDIT_COLUMNS))
+    return df.astype({"drift": "object", "acks_since_flush": "object", "redis_value": "object",
+                      "postgres_value": "object", "dispatched": "object"})
 
 
-def build_history_summary(db: PostgresConnection) -> pd.DataFrame:
+def build_history_summary(db: PostgresConnection, *, window_s: float = AuditThresholds.external_window_s
+                          ) -> pd.DataFrame:
     ensure(db)
     with db.connection() as conn:
-        cur = conn.execute(_SUMMARY_SQL, {"forced": FORCED_REASON_PREFIX + "%"})
+        since = datetime.now(timezone.utc) - timedelta(seconds=window_s)
+        cur = conn.execute(_SUMMARY_SQL, {"forced": FORCED_REASON_PREFIX + "%", "external": EXTERNAL_WRITER,
+                                          "since": since})
         cols = [c.name for c in cur.description or []]
         hist = pd.DataFrame(cur.fetchall(), columns=cols)
         dls = pd.DataFrame(conn.execute(
@@ -196,21 +232,31 @@ def build_history_summary(db: PostgresConnection) -> pd.DataFrame:
             columns=["adapter", "stream", "grp", "shard", "trimmed_gaps"])
     on = ["adapter", "stream", "grp", "shard"]
     out = hist.merge(dls, on=on, how="left").merge(gaps, on=on, how="left")
-    for col in ("dead_letters", "open_dead_letters", "trimmed_gaps"):
+    for col in ("dead_letters", "open_dead_letters", "trimmed_gaps", "regressions", "external_regressions",
+                "external_regressions_recent", "forced_moves", "advances", "advances_last_hour"):
         out[col] = out[col].fillna(0).astype("int64")
     return out.reindex(columns=list(SUMMARY_COLUMNS))
 
 
-def persist(db: PostgresConnection, table: str, df: pd.DataFrame, columns: dict[str, str]) -> None:
-    """Replace ``table``'s rows with ``df`` in one transaction (readers never see it half-written)."""
+def persist(db: PostgresConnection, table: str, df: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> None:
+    """Replace ``table``'s rows with ``df`` in one transaction (readers never see it half-written).
+
+    The table is derived (rebuilt on every materialization), so a table of an older layout is simply
+    dropped and created again.
+    """
     from psycopg import sql
 
     ident = sql.Identifier(table)
-    col_defs = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in columns.items())
+    col_defs = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, (t, _) in columns.items())
     names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
     marks = sql.SQL(", ").join(sql.Placeholder() for _ in columns)
     rows = [tuple(_py(v) for v in row) for row in df[list(columns)].itertuples(index=False, name=None)]
     with db.connection() as conn, conn.transaction():
+        found = conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = %s ORDER BY ordinal_position", (table,)).fetchall()
+        if found and [c for c, _ in found] != list(columns):
+            conn.execute(sql.SQL("DROP TABLE {}").format(ident))
         conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident, col_defs))
         conn.execute(sql.SQL("DELETE FROM {}").format(ident))
         if rows:
@@ -228,6 +274,20 @@ def _py(v: object) -> object:
     return v
 
 
+def _cell(v: object) -> str:
+    """How a value shows in the UI's markdown preview: never a float for a position, never nan."""
+    v = _py(v)
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3f}".rstrip("0").rstrip(".")
+    if isinstance(v, datetime):
+        return v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return str(v)
+
+
 def markdown_preview(df: pd.DataFrame, rows: int = 20) -> str:
-    """A markdown table of the first rows (tabulate ships with Dagster)."""
-    return df.head(rows).to_markdown(index=False) if not df.empty else "_no rows_"
+    """A markdown table of the first rows (tabulate ships with Dagster), every cell as text."""
+    if df.empty:
+        return "_no rows_"
+    return df.head(rows).map(_cell).to_markdown(index=False, disable_numparse=True)

@@ -8,7 +8,7 @@
 --         last Postgres flush across every process, so "every N acks or T seconds" holds
 --         for short-lived run processes too.
 -- ARGV[1] sequence (canonical), ARGV[2] writer (the lease owner when fenced), ARGV[3] lease epoch ('' = unfenced),
--- ARGV[4] ttl in ms ('' = none), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen ('0' = off)
+-- ARGV[4] ttl in ms ('' = keep the key's TTL, if any), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen ('0' = off)
 -- Returns {outcome, previous|false, acks_since_flush|false, ms_since_flush|false}
 -- (or {'lease_lost', false, lease_owner|false, lease_epoch|false})
 
@@ -73,7 +73,8 @@ if outcome == 'advanced' then
   if ARGV[4] ~= '' then
     redis.call('SET', KEYS[1], seq, 'PX', ARGV[4])
   else
-    redis.call('SET', KEYS[1], seq)
+    -- No TTL of our own: keep the one the key has (another worker's `SET key seq EX 86400`), if any.
+    redis.call('SET', KEYS[1], seq, 'KEEPTTL')
   end
   if ARGV[7] ~= '0' then
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'prev', prev or '', 'seq', seq,

@@ -4,6 +4,13 @@
 other workers, so a component that would make it ambiguous (a ``:`` inside it,
 an empty one, control characters, surrounding whitespace) is rejected rather
 than escaped: escaping would silently produce keys other workers never read.
+
+One exception, from the original pattern itself: the Supabase form
+``checkpoint:supabase:<channel>:<group>:<consumer>`` (no shard) uses channels
+such as ``realtime:public:orders``. Its channel is everything between
+``checkpoint:supabase:`` and the last two components, so a channel may hold
+``:``; group and consumer may not. Parsing never guesses: a key that cannot be
+split this way raises ``InvalidCheckpointKeyError`` and callers report it.
 """
 
 from __future__ import annotations
@@ -18,10 +25,28 @@ REDIS_PREFIX = "checkpoint"
 LEASE_PREFIX = "durability:lease"
 HISTORY_PREFIX = "durability:history"
 HYBRID_STATE_PREFIX = "durability:hybrid"
+#: Each sensor's cursor, mirrored for failover (``durability:sensor_cursor:<sensor name>``).
+SENSOR_CURSOR_PREFIX = "durability:sensor_cursor"
 
 MAX_COMPONENT_LENGTH = 256
 _FORBIDDEN = re.compile(r"[:\x00-\x1f\x7f]")
+_FORBIDDEN_IN_CHANNEL = re.compile(r"[\x00-\x1f\x7f]")  # ':' allowed: the channel is split off from both ends
 _FIELDS = ("adapter", "stream", "group", "consumer", "shard")
+#: The adapter whose (unsharded) keys carry a channel that may contain ':' (the original pattern's Supabase form).
+CHANNEL_ADAPTER = "supabase"
+
+
+def validate_channel(value: object) -> str:
+    """A Supabase channel: like any component, except that ':' is allowed (``realtime:public:orders``)."""
+    if not isinstance(value, str):
+        raise InvalidCheckpointKeyError(f"checkpoint key field 'stream' must be a string, got {type(value).__name__}")
+    if value == "" or value.startswith(":") or value.endswith(":") or "::" in value:
+        raise InvalidCheckpointKeyError(
+            f"channel {value!r} is empty or has an empty ':'-separated part; give it a name like 'realtime:public:orders'")
+    bad = _FORBIDDEN_IN_CHANNEL.search(value)
+    if bad or value != value.strip() or len(value) > MAX_COMPONENT_LENGTH:
+        return validate_component("stream", value.replace(":", "-"))  # the same message as any component
+    return value
 
 
 def validate_component(name: str, value: object) -> str:
@@ -63,8 +88,25 @@ class LeaseKey:
     def __post_init__(self) -> None:
         for field in ("adapter", "stream", "group", "shard"):
             value = getattr(self, field)
-            if not (field == "shard" and value is None):
+            if field == "stream" and self.adapter == CHANNEL_ADAPTER and self.shard is None:
+                validate_channel(value)
+            elif not (field == "shard" and value is None):
                 validate_component(field, value)
+
+    @classmethod
+    def parse(cls, redis_key: str | bytes) -> LeaseKey:
+        """Parse ``durability:lease:a:s:g[:shard]`` (a Supabase channel may hold ':')."""
+        if isinstance(redis_key, bytes):
+            redis_key = redis_key.decode("utf-8", "replace")
+        prefix = LEASE_PREFIX + ":"
+        if not redis_key.startswith(prefix):
+            raise InvalidCheckpointKeyError(f"{redis_key!r} is not a lease key ({prefix}...)")
+        parts = redis_key[len(prefix):].split(":")
+        if len(parts) >= 3 and parts[0] == CHANNEL_ADAPTER:
+            return cls(CHANNEL_ADAPTER, ":".join(parts[1:-1]), parts[-1])
+        if len(parts) not in (3, 4):
+            raise InvalidCheckpointKeyError(f"{redis_key!r} is not a lease key ({prefix}<adapter>:<stream>:<group>[:<shard>])")
+        return cls(*parts)
 
     def __lt__(self, other: LeaseKey) -> bool:
         return (self.adapter, self.stream, self.group, self.shard_column) < (
@@ -99,11 +141,19 @@ class CheckpointKey:
     shard: str | None = None
 
     def __post_init__(self) -> None:
+        channel = self.adapter == CHANNEL_ADAPTER
+        if channel and self.shard is not None:
+            raise InvalidCheckpointKeyError(
+                f"supabase checkpoint keys have no shard (checkpoint:supabase:<channel>:<group>:<consumer>), "
+                f"got shard {self.shard!r}")
         for field in _FIELDS:
             value = getattr(self, field)
             if field == "shard" and value is None:
                 continue
-            validate_component(field, value)
+            if field == "stream" and channel:
+                validate_channel(value)
+            else:
+                validate_component(field, value)
 
     def __lt__(self, other: CheckpointKey) -> bool:
         return self.sort_tuple < other.sort_tuple
@@ -148,14 +198,18 @@ class CheckpointKey:
 
     @classmethod
     def parse(cls, redis_key: str | bytes) -> CheckpointKey:
-        """Parse ``checkpoint:a:s:g:c[:shard]``; raises for anything else."""
+        """Parse ``checkpoint:a:s:g:c[:shard]`` (``checkpoint:supabase:<channel>:g:c``, the channel possibly
+        holding ':'); raises ``InvalidCheckpointKeyError`` for anything that cannot be split without guessing."""
         if isinstance(redis_key, bytes):
             redis_key = redis_key.decode("utf-8", "replace")
         parts = redis_key.split(":")
+        if len(parts) >= 5 and parts[0] == REDIS_PREFIX and parts[1] == CHANNEL_ADAPTER:
+            return cls(CHANNEL_ADAPTER, ":".join(parts[2:-2]), parts[-2], parts[-1])
         if len(parts) not in (5, 6) or parts[0] != REDIS_PREFIX:
             raise InvalidCheckpointKeyError(
                 f"{redis_key!r} is not a checkpoint key of the form "
-                "checkpoint:<adapter>:<stream>:<group>:<consumer>[:<shard>]"
+                "checkpoint:<adapter>:<stream>:<group>:<consumer>[:<shard>] "
+                "(or checkpoint:supabase:<channel>:<group>:<consumer>)"
             )
         return cls(*parts[1:])
 

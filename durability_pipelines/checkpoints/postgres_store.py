@@ -38,7 +38,7 @@ from durability_pipelines.checkpoints.ordering import max_sequence, normalize_se
 
 SCHEMA_SQL = (resources.files("durability_pipelines.checkpoints") / "schema.sql").read_text()
 # 2: durability_sequence_rank became an inlinable SQL function; 3: leaner save function;
-# 4: a fenced save also needs an unexpired lease
+# 4: a fenced save also needs an unexpired lease; durability_sequence_rank_or_null
 SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 72_190_311  # pg_advisory_xact_lock id: one migrator at a time
 

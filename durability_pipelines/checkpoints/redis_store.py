@@ -213,8 +213,11 @@ class RedisLeaseManager(LeaseManager):
         out = []
         with redis_errors(self._client):
             for raw in self._client.scan_iter(match=f"{LEASE_PREFIX}:*", count=1000):
-                parts = _s(raw).split(":")[2:]
-                if len(parts) in (3, 4) and (lease := self.get(LeaseKey(*parts))) is not None:
+                try:
+                    key = LeaseKey.parse(raw)
+                except ValueError:
+                    continue  # not a lease key of this layout
+                if (lease := self.get(key)) is not None:
                     out.append(lease)
         return sorted(out, key=lambda lease: lease.key)
 

@@ -41,18 +41,24 @@ BEGIN
     USING ERRCODE = '22P02', HINT = 'expected 1-40 digits, TRIM_HORIZON, LATEST or SHARD_END';
 END $$;
 
--- A plain SQL function (not plpgsql, not STRICT) so the planner inlines it: bulk
--- statements (mirror, hybrid flush) call it twice per row.
-CREATE OR REPLACE FUNCTION durability_sequence_rank(s TEXT) RETURNS NUMERIC
+-- The rank of a position, NULL for a value that is not one (reports must not fail on one bad row).
+-- Plain SQL functions (not plpgsql, not STRICT), so the planner inlines them: bulk statements (mirror,
+-- hybrid flush) call them twice per row.
+CREATE OR REPLACE FUNCTION durability_sequence_rank_or_null(s TEXT) RETURNS NUMERIC
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT CASE
-    WHEN s IS NULL THEN NULL
     WHEN s ~ '^[0-9]{1,40}$' THEN s::NUMERIC
     WHEN s = 'TRIM_HORIZON' THEN -2
     WHEN s = 'LATEST' THEN -1
     WHEN s = 'SHARD_END' THEN 1e41
-    ELSE durability_invalid_sequence(s)
   END
+$$;
+
+-- The rank for comparisons that must refuse garbage (saves): the same order, an error for a non-position.
+CREATE OR REPLACE FUNCTION durability_sequence_rank(s TEXT) RETURNS NUMERIC
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE WHEN s IS NULL THEN NULL
+              ELSE coalesce(durability_sequence_rank_or_null(s), durability_invalid_sequence(s)) END
 $$;
 
 -- Monotonic, fenced save in one round trip. Outcomes:

@@ -14,10 +14,10 @@ import logging
 import redis
 
 from durability_pipelines.checkpoints.errors import StoreUnavailableError
+from durability_pipelines.checkpoints.keys import SENSOR_CURSOR_PREFIX as REDIS_PREFIX
 from durability_pipelines.consumer.storage import ConsumerStorage
 
 log = logging.getLogger(__name__)
-REDIS_PREFIX = "durability:sensor_cursor"
 
 
 class CursorMirror:
@@ -54,3 +54,32 @@ class CursorMirror:
             except StoreUnavailableError as exc:
                 log.warning("cursor mirror: Postgres unavailable (%s)", exc)
         return None, "none"
+
+    def load_all(self, scan_count: int = 1000) -> dict[str, str]:
+        """Every cursor Redis holds, by sensor name."""
+        if self.redis is None:
+            return {}
+        out: dict[str, str] = {}
+        keys = list(self.redis.scan_iter(match=f"{REDIS_PREFIX}:*", count=scan_count))
+        if keys:
+            for k, v in zip(keys, self.redis.mget(keys), strict=True):
+                if v is not None:
+                    name = (k.decode() if isinstance(k, bytes) else k)[len(REDIS_PREFIX) + 1 :]
+                    out[name] = v.decode() if isinstance(v, bytes) else v
+        return out
+
+    def mirror_all(self) -> int:
+        """Copy every cursor present in only one store to the other (the scheduled mirror's part);
+        returns how many were copied. A cursor in both stores is left alone: each tick writes both."""
+        assert self.redis is not None and self.storage is not None
+        in_redis = self.load_all()
+        in_pg = self.storage.all_cursors()
+        only_redis = {n: c for n, c in in_redis.items() if n not in in_pg}
+        self.storage.insert_cursors(only_redis)
+        only_pg = {n: c for n, c in in_pg.items() if n not in in_redis}
+        if only_pg:
+            pipe = self.redis.pipeline(transaction=False)
+            for name, cursor in only_pg.items():
+                pipe.set(f"{REDIS_PREFIX}:{name}", cursor, nx=True)
+            pipe.execute()
+        return len(only_redis) + len(only_pg)

@@ -141,6 +141,20 @@ class ConsumerStorage:
                 (sensor_name, cursor),
             )
 
+    def all_cursors(self) -> dict[str, str]:
+        with self.db.connection() as conn:
+            return dict(conn.execute("SELECT sensor_name, cursor FROM sensor_cursors").fetchall())
+
+    def insert_cursors(self, cursors: dict[str, str]) -> None:
+        """Add cursors that are not stored yet (never overwrites: each tick writes its own)."""
+        if not cursors:
+            return
+        names, values = zip(*cursors.items(), strict=True)
+        with self.db.connection() as conn:
+            conn.execute(
+                "INSERT INTO sensor_cursors (sensor_name, cursor) SELECT * FROM unnest(%s::text[], %s::text[]) "
+                "ON CONFLICT (sensor_name) DO NOTHING", (list(names), list(values)))
+
     def load_cursor(self, sensor_name: str) -> str | None:
         with self.db.connection() as conn:
             row = conn.execute("SELECT cursor FROM sensor_cursors WHERE sensor_name = %s", (sensor_name,)).fetchone()

@@ -36,7 +36,6 @@ from dagster import (
     schedule,
 )
 
-from durability_pipelines.audit.mirror import CheckpointMirror
 from durability_pipelines.audit.tables import (
     AUDIT_COLUMNS,
     SUMMARY_COLUMNS,
@@ -46,7 +45,10 @@ from durability_pipelines.audit.tables import (
     markdown_preview,
     persist,
 )
+from durability_pipelines.checkpoints.mirror import CheckpointMirror
 from durability_pipelines.consumer.config import ConsumerConfig
+from durability_pipelines.consumer.cursor_mirror import CursorMirror
+from durability_pipelines.consumer.storage import ConsumerStorage
 from durability_pipelines.defs.resources import DurabilityResource
 from durability_pipelines.defs.run_queue import IN_FLIGHT_STATUSES, MAINTENANCE_RUN_TAGS
 from durability_pipelines.observability import ACK_SUCCESS_RATE, Labels, Metrics
@@ -58,6 +60,8 @@ GROUP = "checkpoints"
 
 class AuditConfig(Config):
     stale_after_s: float = 300.0
+    # How long a key stays flagged (and no_checkpoint_regression failing) after another writer moved it back.
+    external_window_s: float = 86_400.0
 
 
 class MirrorConfig(Config):
@@ -65,25 +69,34 @@ class MirrorConfig(Config):
     # False halves the Postgres writes: for deployments whose acks already write history.
     record_history: bool = True
     batch_size: int = 5000
+    # Undo foreign regressions (a store moved back by a write the project did not make) instead of
+    # reporting them and leaving them as found. The operator's choice: another worker may have rewound
+    # on purpose (see docs/durability-patterns.md, "Sharing checkpoints with other workers").
+    repair: bool = False
 
 
-def _schema(columns: dict[str, str]) -> TableSchema:
-    return TableSchema(columns=[TableColumn(name, type_) for name, type_ in columns.items()])
+def _schema(columns: dict[str, tuple[str, str]]) -> TableSchema:
+    return TableSchema(columns=[TableColumn(name, type_, description=desc) for name, (type_, desc) in columns.items()])
 
 
 def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDefinition], list, list]:
     @asset(group_name=GROUP, kinds={"redis", "postgres"},
-           description="Copy every Redis checkpoint into Postgres and restore missing/behind keys into Redis.")
+           description="Copy every Redis checkpoint into Postgres and restore missing/behind keys into Redis; "
+                       "skip and report bad entries and foreign regressions.")
     def checkpoint_mirror(context: AssetExecutionContext, config: MirrorConfig,
                           durability: DurabilityResource) -> MaterializeResult:
-        report = CheckpointMirror(durability.redis_client(), durability.postgres(), batch_size=config.batch_size,
-                                  record_history=config.record_history).run()
+        client, db = durability.redis_client(), durability.postgres()
+        report = CheckpointMirror(client, db, batch_size=config.batch_size, record_history=config.record_history,
+                                  repair=config.repair).run()
+        cursors = CursorMirror(client, ConsumerStorage(db)).mirror_all()
         metrics = Metrics(Labels("mirror", "*"))
         metrics.call_duration("mirror.run", report.duration_s * 1000, adapter="mirror")
-        if report.invalid:
-            context.log.warning(f"skipped {len(report.invalid)} invalid value(s): {report.invalid[:10]}")
-        return MaterializeResult(metadata={**report.as_metadata(),
-                                           "invalid_keys": MetadataValue.json(report.invalid[:100])})
+        for skipped in report.skipped[:20]:
+            context.log.warning(f"skipped {skipped.where} {skipped.key}: {skipped.why} {skipped.detail}")
+        return MaterializeResult(metadata={
+            **report.as_metadata(), "cursors_mirrored": cursors,
+            "skipped_entries": MetadataValue.json([x.as_dict() for x in report.skipped[:100]]),
+        })
 
     @asset(group_name=GROUP, kinds={"pandas", "postgres"}, deps=[checkpoint_mirror],
            description="One row per checkpoint key: values per store, dispatched position, lag, drift, status.")
@@ -91,7 +104,8 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
                          durability: DurabilityResource) -> MaterializeResult:
         db = durability.postgres()
         df = build_checkpoint_audit(durability.redis_client(), db, consumers,
-                                    AuditThresholds(stale_after_s=config.stale_after_s))
+                                    AuditThresholds(stale_after_s=config.stale_after_s,
+                                                    external_window_s=config.external_window_s))
         persist(db, "checkpoint_audit", df, AUDIT_COLUMNS)
         counts = df["status"].value_counts().to_dict() if not df.empty else {}
         lag = pd.to_numeric(df["lag_seconds"], errors="coerce") if not df.empty else pd.Series(dtype=float)
@@ -100,16 +114,17 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
             "dagster/row_count": len(df),
             "preview": MetadataValue.md(markdown_preview(df)),
             "max_lag_seconds": float(lag.max()) if lag.notna().any() else 0.0,
-            "max_drift": float(pd.to_numeric(df["drift"]).max()) if not df.empty else 0.0,
+            "largest_drift": MetadataValue.text(max((d for d in df["drift"] if d), key=int, default="0")),
             **{f"status_{k}": int(v) for k, v in counts.items()},
         })
 
     @asset(group_name=GROUP, kinds={"pandas", "postgres"}, deps=[checkpoint_mirror],
-           description="Per key: advances over time, regressions (must be 0), dead letters, trimmed gaps.")
-    def checkpoint_history_summary(context: AssetExecutionContext,
+           description="Per key: advances over time, regressions (must be 0), foreign regressions, dead letters, "
+                       "trimmed gaps.")
+    def checkpoint_history_summary(context: AssetExecutionContext, config: AuditConfig,
                                    durability: DurabilityResource) -> MaterializeResult:
         db = durability.postgres()
-        df = build_history_summary(db)
+        df = build_history_summary(db, window_s=config.external_window_s)
         persist(db, "checkpoint_history_summary", df, SUMMARY_COLUMNS)
         advances = int(df["advances_last_hour"].sum()) if not df.empty else 0
         failed = int(df["dead_letters"].sum()) if not df.empty else 0
@@ -119,6 +134,7 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
             "dagster/row_count": len(df),
             "preview": MetadataValue.md(markdown_preview(df)),
             "regressions": int(df["regressions"].sum()) if not df.empty else 0,
+            "external_regressions": int(df["external_regressions_recent"].sum()) if not df.empty else 0,
             "dead_letters": failed,
             "trimmed_gaps": int(df["trimmed_gaps"].sum()) if not df.empty else 0,
             ACK_SUCCESS_RATE: rate,
@@ -129,46 +145,76 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
             cur = conn.execute(f"SELECT * FROM {table}")  # noqa: S608 - fixed table names
             return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description or []])
 
+    def _keys(df: pd.DataFrame, limit: int = 5) -> str:
+        names = [f"{r.adapter}:{r.stream}:{r.grp}:{r.consumer}" + (f":{r.shard}" if r.shard else "")
+                 for r in df.head(limit).itertuples()]
+        return ", ".join(names) + (f" and {len(df) - limit} more" if len(df) > limit else "")
+
     @asset_check(asset=checkpoint_history_summary, blocking=False,
-                 description="History never moves a checkpoint backwards (operator --force moves excepted).")
+                 description="History never moves a checkpoint backwards: not by the project (must never "
+                             "happen) and not by another worker within the audit window (operator --force moves "
+                             "excepted).")
     def no_checkpoint_regression(context: AssetCheckExecutionContext,
                                  durability: DurabilityResource) -> AssetCheckResult:
         df = _read(durability, "checkpoint_history_summary")
-        bad = df[df["regressions"] > 0] if not df.empty else df
-        return AssetCheckResult(passed=bad.empty, metadata={
-            "regressions": int(bad["regressions"].sum()) if not bad.empty else 0,
-            "keys": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
+        own = df[df["regressions"] > 0] if not df.empty else df
+        foreign = df[df["external_regressions_recent"] > 0] if not df.empty else df
+        problems = []
+        if not own.empty:
+            problems.append(f"{int(own['regressions'].sum())} regression(s) by the project's own writes on "
+                            f"{_keys(own)}: this must never happen; keep the history rows and report it as a bug")
+        if not foreign.empty:
+            problems.append(f"{int(foreign['external_regressions_recent'].sum())} move(s) back by writes the project "
+                            f"did not make, on {_keys(foreign)}: another worker lowered the checkpoint. The mirror "
+                            "left it as found; see checkpoint_audit (status regressed-externally) and run "
+                            "`durability-pipelines checkpoints repair <key>` if that write was wrong")
+        return AssetCheckResult(passed=not problems, description="; ".join(problems) or None, metadata={
+            "regressions": int(own["regressions"].sum()) if not own.empty else 0,
+            "external_regressions": int(foreign["external_regressions_recent"].sum()) if not foreign.empty else 0,
+            "keys": MetadataValue.md(markdown_preview(pd.concat([own, foreign]).drop_duplicates()))
+            if problems else "none"})
 
     @asset_check(asset=checkpoint_audit, description="Postgres within the hybrid bound (N acks or T seconds) of Redis.")
     def drift_within_hybrid_bound(context: AssetCheckExecutionContext,
                                   durability: DurabilityResource) -> AssetCheckResult:
-        df = _read(durability, "checkpoint_audit")
-        bad = df[df["status"] == "drifting"] if not df.empty else df
-        return AssetCheckResult(passed=bad.empty, metadata={
-            "drifting_keys": len(bad),
-            "max_drift": float(pd.to_numeric(df["drift"]).max()) if not df.empty else 0.0})
+        return _status_check(durability, "drifting", what="Postgres is behind Redis beyond the hybrid flush bound")
 
-    def _status_check(durability: DurabilityResource, status: str,
+    def _status_check(durability: DurabilityResource, status: str, *, what: str,
                       severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
-        """Pass when no audit row has ``status``; the offending rows go into the metadata."""
+        """Pass when no audit row has ``status``; else say which keys and what to do (the rows' detail)."""
         df = _read(durability, "checkpoint_audit")
         bad = df[df["status"] == status] if not df.empty else df
-        return AssetCheckResult(passed=bad.empty, severity=severity, metadata={
+        description = None
+        if not bad.empty:
+            description = f"{len(bad)} key(s) {what}: {_keys(bad)}. {bad.iloc[0]['detail']}"
+        return AssetCheckResult(passed=bad.empty, severity=severity, description=description, metadata={
             f"{status.replace('-', '_')}_keys": len(bad),
             "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
 
     @asset_check(asset=checkpoint_audit, description="No consumer with a backlog and no ack for too long.")
     def no_stale_consumer(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
-        return _status_check(durability, "stale")
+        return _status_check(durability, "stale", what="have a backlog and no ack for too long")
 
     @asset_check(asset=checkpoint_audit, description="Open dead letters need an operator (warning).")
     def no_dead_letters(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
-        return _status_check(durability, "dead-lettered", AssetCheckSeverity.WARN)
+        return _status_check(durability, "dead-lettered", what="are stopped by an open dead letter",
+                             severity=AssetCheckSeverity.WARN)
 
-    @asset_check(asset=checkpoint_audit, description="Every stored checkpoint value is a valid position.")
+    @asset_check(asset=checkpoint_audit, description="Every stored checkpoint is a usable position: no garbage value, "
+                                                      "no Redis key of another type, no key that cannot be parsed.")
     def no_invalid_checkpoint_values(context: AssetCheckExecutionContext,
                                      durability: DurabilityResource) -> AssetCheckResult:
-        return _status_check(durability, "invalid")
+        df = _read(durability, "checkpoint_audit")
+        bad = df[df["status"].isin(["invalid", "wrong-type", "unparseable"])] if not df.empty else df
+        description = None
+        if not bad.empty:
+            description = (f"{len(bad)} key(s) hold no usable position: "
+                           + "; ".join(f"{r.checkpoint_key} ({r.status}): {r.detail}" for r in bad.head(3).itertuples()))
+        return AssetCheckResult(passed=bad.empty, description=description, metadata={
+            "invalid_keys": int((bad["status"] == "invalid").sum()) if not bad.empty else 0,
+            "wrong_type_keys": int((bad["status"] == "wrong-type").sum()) if not bad.empty else 0,
+            "unparseable_keys": int((bad["status"] == "unparseable").sum()) if not bad.empty else 0,
+            "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
 
     assets = [checkpoint_mirror, checkpoint_audit, checkpoint_history_summary]
     checks = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters,
