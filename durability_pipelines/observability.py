@@ -2,7 +2,7 @@
 
 One vocabulary for sensors, ops and assets so dashboards and audits agree:
 ``reactive.ack.success_rate``, ``reactive.sequence_gap``,
-``reactive.events_per_batch``, ``adapter.call.duration_ms``,
+``reactive.events_per_batch``, ``reactive.events_filtered``, ``adapter.call.duration_ms``,
 ``reactive.lag_seconds`` and ``reactive.records_behind``, each labelled adapter / stream / group / consumer /
 shard.  JSONL output is enabled by ``DURABILITY_OBSERVABILITY_JSONL=<path>``
 (``AINL_OBSERVABILITY_JSONL``, the original pattern's variable, also works).
@@ -26,10 +26,12 @@ from pathlib import Path
 ACK_SUCCESS_RATE = "reactive.ack.success_rate"
 SEQUENCE_GAP = "reactive.sequence_gap"
 EVENTS_PER_BATCH = "reactive.events_per_batch"
+EVENTS_FILTERED = "reactive.events_filtered"  # events kept from the handler by the filter (yet acked)
 CALL_DURATION_MS = "adapter.call.duration_ms"
 LAG_SECONDS = "reactive.lag_seconds"
 RECORDS_BEHIND = "reactive.records_behind"
-METRICS = (ACK_SUCCESS_RATE, SEQUENCE_GAP, EVENTS_PER_BATCH, CALL_DURATION_MS, LAG_SECONDS, RECORDS_BEHIND)
+METRICS = (ACK_SUCCESS_RATE, SEQUENCE_GAP, EVENTS_PER_BATCH, EVENTS_FILTERED, CALL_DURATION_MS, LAG_SECONDS,
+           RECORDS_BEHIND)
 
 JSONL_ENV = "DURABILITY_OBSERVABILITY_JSONL"
 LEGACY_JSONL_ENV = "AINL_OBSERVABILITY_JSONL"

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.factory import StoreConfig
@@ -78,6 +87,72 @@ class SupabaseSourceConfig(_Strict):
 SourceConfig = Annotated[DynamoDBSourceConfig | SupabaseSourceConfig, Field(discriminator="kind")]
 
 
+#: Event names each source emits (``ChangeEvent.event_name``), for ``filter.event_names``.
+EVENT_NAMES: dict[str, tuple[str, ...]] = {
+    "dynamodb": ("INSERT", "MODIFY", "REMOVE"),
+    "supabase": ("INSERT", "UPDATE", "DELETE"),
+}
+FilterScalar = str | int | float | bool | None
+
+
+def _match_values(value: Any) -> tuple[FilterScalar, ...]:
+    """A scalar or a list of scalars (any of) -> a tuple; anything else names what is supported."""
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise ValueError("an empty list matches nothing: give at least one value, or remove the attribute")
+    for v in values:
+        if v is not None and not isinstance(v, str | int | float | bool):
+            raise ValueError(
+                f"{v!r} is not a plain value: a filter compares a top-level attribute for equality with a "
+                "string, number, boolean or null (or a list of them, meaning any of); Lambda's operators "
+                "(prefix, suffix, numeric, exists, anything-but, ...) and nested attributes are not supported"
+            )
+    return tuple(values)
+
+
+MatchValues = Annotated[tuple[FilterScalar, ...], BeforeValidator(_match_values)]
+AttributeName = Annotated[str, Field(min_length=1)]
+
+
+class EventFilterConfig(_Strict):
+    """Which events reach the handler: an event passes when it matches every part given (an absent part
+    matches everything). The others are acked without a handler call (``consumer/filters.py``)."""
+
+    event_names: tuple[str, ...] | None = Field(
+        default=None, min_length=1,
+        description="INSERT | MODIFY | REMOVE (dynamodb) or INSERT | UPDATE | DELETE (supabase); any of",
+    )
+    keys: dict[AttributeName, MatchValues] = Field(
+        default_factory=dict, description="key attribute -> value or list of values (any of)",
+    )
+    new_image: dict[AttributeName, MatchValues] = Field(
+        default_factory=dict, description="new-image attribute -> value or list of values (any of)",
+    )
+
+    @field_validator("event_names", mode="before")
+    @classmethod
+    def _event_names_list(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, list | tuple):
+            raise ValueError(f"must be a list of event names, e.g. [INSERT, MODIFY], not {v!r}")
+        return v
+
+    @field_validator("event_names")
+    @classmethod
+    def _event_names(cls, v: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        """Checked against the source's kind (passed as validation context by ``ConsumerConfig``)."""
+        kind = (info.context or {}).get("source_kind")
+        allowed = EVENT_NAMES[kind] if kind in EVENT_NAMES else tuple(
+            dict.fromkeys(n for names in EVENT_NAMES.values() for n in names))
+        bad = [n for n in v or () if n not in allowed]
+        if bad:
+            source = f"source.kind {kind}" if kind in EVENT_NAMES else "any source"
+            raise ValueError(
+                f"{', '.join(map(repr, bad))}: not {'an event name' if len(bad) == 1 else 'event names'} of "
+                f"{source}; use {', '.join(allowed[:-1])} or {allowed[-1]} (upper case)"
+            )
+        return v
+
+
 class RetryConfig(_Strict):
     max_retries: int = Field(default=3, ge=0, le=100, description="op retries before the batch is dead-lettered")
     delay_s: float = Field(default=1.0, ge=0, description="first retry delay; doubles each retry, with jitter")
@@ -102,6 +177,11 @@ class ConsumerConfig(_Strict):
         description="Dotted path 'package.module:function' of the batch handler",
     )
     handler_options: dict[str, Any] = Field(default_factory=dict)
+    filter: EventFilterConfig | None = Field(
+        default=None,
+        description="only matching events reach the handler; the others are acked and counted "
+        "(Lambda's filter criteria, exact matches only: see docs/configuration.md)",
+    )
     checkpoint: StoreConfig = Field(default_factory=StoreConfig)
     max_events: int = Field(
         default=1000, ge=1, le=10_000,
@@ -147,6 +227,18 @@ class ConsumerConfig(_Strict):
             return validate_component(info.field_name, v)
         except ValueError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("filter", mode="wrap")
+    @classmethod
+    def _filter(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """Event names depend on the source (validated before this field): its errors keep their
+        field path (``filter.event_names``) so that the loader names them."""
+        source = info.data.get("source")
+        if v is None or source is None:
+            return handler(v)
+        if isinstance(v, EventFilterConfig):
+            v = v.model_dump()
+        return EventFilterConfig.model_validate(v, context={"source_kind": source.kind})
 
     @field_validator("handler")
     @classmethod

@@ -39,6 +39,7 @@ from durability_pipelines.checkpoints import (
 )
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.dispatch import shard_id
+from durability_pipelines.consumer.filters import count_filtered
 from durability_pipelines.consumer.runtime import (
     BatchDeadLettered,
     ConsumerRuntime,
@@ -97,6 +98,7 @@ class BatchRecord:
     behind: int | None  # records still after the checkpoint, where the source can tell
     duration_s: float
     dead_letter_ids: tuple[int, ...] = ()
+    filtered: int = 0  # events the consumer's filter kept from the handler; acked with the batch
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +107,7 @@ class BatchRecord:
             "processed": self.processed, "failed": self.failed, "attempts": self.attempts, "outcome": self.outcome,
             "checkpoint": self.checkpoint, "lag_s": self.lag_s, "behind": self.behind,
             "duration_s": self.duration_s, "dead_letter_ids": list(self.dead_letter_ids),
+            "filtered": self.filtered,
         }
 
     def describe(self) -> str:
@@ -113,6 +116,7 @@ class BatchRecord:
         behind = str(self.behind) if self.behind is not None else "unknown"
         extra = f", {self.failed} failed, dead letters {list(self.dead_letter_ids)}" if self.failed else ""
         retried = f", {self.attempts} attempts" if self.attempts > 1 else ""
+        extra = f", {self.filtered} filtered out{extra}" if self.filtered else extra
         return (f"batch {self.index} shard {shard_id(self.shard)}: {self.events} events ({span}){extra}{retried}; "
                 f"checkpoint {self.outcome} at {self.checkpoint}; lag {lag}, behind {behind}; "
                 f"{self.duration_s:.3f} s")
@@ -175,6 +179,7 @@ class DrainReport:
             "events": self.events,
             "processed": self.processed,
             "failed_items": self.failed,
+            "events_filtered": sum(b.filtered for b in self.batches),
             "events_per_s": self.events_per_s,
             "duration_s": round(self.duration_s, 3),
             "start_after": self.start_after or "(initial position)",
@@ -393,6 +398,7 @@ class ShardDrainer:
             outcome=result.outcome.value if result else "nothing to ack", checkpoint=checkpoint,
             lag_s=self.rt.lag_seconds(acked_events), behind=batch.behind,
             duration_s=round(self.clock() - started, 3), dead_letter_ids=tuple(processed.dead_letter_ids),
+            filtered=count_filtered(self.rt.config.filter, batch.events),
         )
 
     def _process_with_retries(self, read: ReadOutput) -> ProcessOutput:

@@ -36,11 +36,13 @@ from durability_pipelines.checkpoints.ordering import sequence_gap, sort_key
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
+from durability_pipelines.consumer.filters import count_filtered, matching
 from durability_pipelines.consumer.handlers import HandlerContext, HandlerResult, is_transactional
 from durability_pipelines.consumer.source import Gap, SourceBatch, StreamSource
 from durability_pipelines.consumer.storage import ConsumerStorage
 from durability_pipelines.observability import (
     ACK_SUCCESS_RATE,
+    EVENTS_FILTERED,
     EVENTS_PER_BATCH,
     LAG_SECONDS,
     RECORDS_BEHIND,
@@ -178,7 +180,8 @@ class ConsumerRuntime:
     def process(self, read: ReadOutput, *, retry_number: int = 0) -> ProcessOutput:
         attempts = retry_number + 1
         last_attempt = retry_number >= self.config.retry.max_retries
-        events = self.pending_events(read)
+        # Filtered-out events never reach the handler but are acked with the batch (consumer/filters.py).
+        events = matching(self.config.filter, self.pending_events(read))
         if not events:
             return ProcessOutput(ack_to=read.batch.next_checkpoint, attempts=attempts)
         try:
@@ -390,6 +393,9 @@ class ConsumerRuntime:
         labels = self._labels(read.shard)
         total = len(read.batch.events)
         self.metrics.record(EVENTS_PER_BATCH, total, labels=labels)
+        if self.config.filter is not None:
+            filtered = count_filtered(self.config.filter, read.batch.events)
+            self.metrics.record(EVENTS_FILTERED, filtered, labels=labels)
         ok = total - len(processed.failed)
         self.metrics.record(ACK_SUCCESS_RATE, round(ok / total, 4) if total else 1.0, labels=labels)
         acked = result.current if result else None

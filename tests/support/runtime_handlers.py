@@ -59,3 +59,17 @@ def fail_first_call(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
 
 
 fail_first_call.transactional = True  # type: ignore[attr-defined]
+
+
+#: ``recording``'s calls: options.flag -> the sequences of each call, in order.
+DELIVERED: dict[str, list[list[str]]] = {}
+
+
+def recording(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None:
+    """Records what each call received (under ``options.flag``), then does what ``poison_aware`` does
+    with the same options: the tests see both what reached the handler and what it wrote."""
+    DELIVERED.setdefault(str(ctx.options["flag"]), []).append([e.sequence for e in events])
+    return poison_aware(events, ctx)
+
+
+recording.transactional = True  # type: ignore[attr-defined]
