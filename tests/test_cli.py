@@ -21,7 +21,14 @@ from durability_pipelines import services
 from durability_pipelines.checkpoints import CheckpointKey, LeaseKey, LeaseLostError, SaveContext
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
-from durability_pipelines.cli import EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, main
+from durability_pipelines.cli import (
+    EXIT_ACCESS_DENIED,
+    EXIT_NOT_FOUND,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    main,
+)
 from durability_pipelines.consumer.storage import ConsumerStorage
 from tests.support.stores import build_store, unique_key
 
@@ -488,3 +495,142 @@ def test_change_feed_purge_deletes_only_what_every_group_acked(
     assert [r[0] for r in pg_conn.execute(f'SELECT id FROM "{log}" ORDER BY id').fetchall()] == [
         rows[3].id, rows[4].id]
     store.close()
+
+
+# -- malformed URLs and refused credentials --------------------------------------------------------
+
+CLI = [sys.executable, "-m", "durability_pipelines.cli"]  # this tree's copy (PYTHONPATH is inherited)
+URL_USER = "opsadmin"
+# Unencoded '@', '/', ':' + '/': each fragment is distinctive, so a leak of any part of it is visible.
+BROKEN_PASSWORDS = {"at": "Sup3r@Secr3t", "slash": "Sup3r/Secr3t", "colon-slash": "Sup3r:Ho5t/Secr3t"}
+
+
+def _assert_no_userinfo(text: str) -> None:
+    for fragment in ("Sup3r", "Secr3t", "Ho5t", URL_USER):
+        assert fragment not in text, f"{fragment!r} leaked: {text}"
+
+
+def _broken_url(backend: str, password: str) -> str:
+    port = closed_port()
+    return (f"postgresql://{URL_USER}:{password}@127.0.0.1:{port}/app" if backend == "postgres"
+            else f"redis://{URL_USER}:{password}@127.0.0.1:{port}/0")
+
+
+def _assert_percent_encode_error(err: str, origin: str) -> None:
+    assert err.startswith(f"error: {origin} is not a valid"), err
+    assert "percent-encode" in err and "quote(password, safe='')" in err and "***@127.0.0.1:" in err
+    assert "unreachable" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("password", list(BROKEN_PASSWORDS.values()), ids=list(BROKEN_PASSWORDS))
+@pytest.mark.parametrize(
+    ("backend", "env_or_flag"),
+    [("postgres", services.ENV_POSTGRES_URL), ("redis", services.ENV_REDIS_URL),
+     ("postgres", "--postgres-url"), ("redis", "--redis-url"), ("hybrid", services.ENV_REDIS_URL)],
+)
+def test_unencoded_password_exits_2_with_the_percent_encode_fix_and_no_part_of_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, backend: str, env_or_flag: str,
+    password: str
+) -> None:
+    url = _broken_url("postgres" if env_or_flag in (services.ENV_POSTGRES_URL, "--postgres-url") else "redis",
+                      password)
+    argv = ["--backend", backend, "checkpoints", "list"]
+    if env_or_flag.startswith("--"):
+        argv += [env_or_flag, url]
+    else:
+        monkeypatch.setenv(env_or_flag, url)
+    code, out, err = run(capsys, *argv)
+    assert code == EXIT_USAGE, err
+    _assert_percent_encode_error(err, env_or_flag if env_or_flag.startswith("--") else f"${env_or_flag}")
+    assert out == "" and "While Redis is down" not in err
+    _assert_no_userinfo(out + err)
+
+
+@pytest.mark.parametrize(
+    ("env_or_flag", "backend", "password"),
+    [(services.ENV_POSTGRES_URL, "postgres", BROKEN_PASSWORDS["at"]),  # the reported case: host 'ss'
+     ("--redis-url", "redis", BROKEN_PASSWORDS["colon-slash"])],
+)
+def test_unencoded_password_in_a_subprocess_exits_2_without_a_traceback(
+    env_or_flag: str, backend: str, password: str
+) -> None:
+    url = _broken_url(backend, password)
+    env = dict(os.environ)
+    argv = [*CLI, "--backend", backend, "leases", "list"]
+    if env_or_flag.startswith("--"):
+        argv += [env_or_flag, url]
+    else:
+        env[env_or_flag] = url
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    origin = env_or_flag if env_or_flag.startswith("--") else f"${env_or_flag}"
+    _assert_percent_encode_error(done.stderr, origin)
+    _assert_no_userinfo(done.stdout + done.stderr)
+
+
+def test_session_repr_shows_no_url_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    from durability_pipelines.cli import Session, build_parser
+
+    url = f"postgresql://{URL_USER}:{PASSWORD}@127.0.0.1:5432/app"
+    session = Session(build_parser().parse_args(["--postgres-url", url, "migrate"]), sys.stdout, sys.stderr)
+    session._postgres_url = url
+    assert PASSWORD not in repr(session) and "***" in repr(session)
+
+
+@pytest.fixture
+def redis_with_password(make_private_redis: Any) -> Any:
+    return make_private_redis(password="R1ghtPassw0rd")
+
+
+@pytest.mark.parametrize("backend", ["redis", "hybrid"])
+def test_wrong_redis_password_exits_5_says_credentials_not_unreachable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, redis_with_password: Any,
+    backend: str
+) -> None:
+    monkeypatch.setenv(services.ENV_REDIS_URL, f"redis://:Wr0ngPassw0rd@127.0.0.1:{redis_with_password.port}/0")
+    code, out, err = run(capsys, "--backend", backend, "checkpoints", "list")
+    assert code == EXIT_ACCESS_DENIED, err
+    assert f"refused the credentials of ${services.ENV_REDIS_URL}" in err
+    assert "check the user and password" in err
+    assert "unreachable" not in err and "While Redis is down" not in err  # not an outage: no hybrid advice
+    assert "Wr0ng" not in out + err and "R1ght" not in out + err
+
+
+def test_missing_redis_password_given_as_flag_exits_5(
+    capsys: pytest.CaptureFixture[str], redis_with_password: Any
+) -> None:
+    code, _, err = run(capsys, "--backend", "redis", "leases", "list",
+                       "--redis-url", f"redis://127.0.0.1:{redis_with_password.port}/0")
+    assert code == EXIT_ACCESS_DENIED and "refused the credentials of --redis-url" in err
+    assert "Authentication required" in err
+
+
+def test_wrong_postgres_password_exits_5_says_credentials_not_unreachable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, make_private_postgres: Any
+) -> None:
+    server = make_private_postgres(password="R1ght@Passw0rd")
+    wrong = f"postgresql://postgres:Wr0ng%40Passw0rd@127.0.0.1:{server.port}/postgres"
+    monkeypatch.setenv(services.ENV_POSTGRES_URL, wrong)
+    code, out, err = run(capsys, "--backend", "postgres", "checkpoints", "list")
+    assert code == EXIT_ACCESS_DENIED, err
+    assert f"refused the credentials of ${services.ENV_POSTGRES_URL}" in err
+    assert "password authentication failed" in err
+    assert "unreachable" not in err and "Wr0ng" not in out + err and "R1ght" not in out + err
+    monkeypatch.setenv(services.ENV_POSTGRES_URL, server.url)  # the right, percent-encoded password works
+    assert run(capsys, "migrate")[0] == 0
+
+
+def test_no_such_role_exits_5(capsys: pytest.CaptureFixture[str], postgres_url: str) -> None:
+    url = postgres_url.replace("postgresql://postgres@", "postgresql://dp_no_such_role:pw123@")
+    code, _, err = run(capsys, "dead-letters", "list", "--postgres-url", url)
+    assert code == EXIT_ACCESS_DENIED and "refused the credentials of --postgres-url" in err
+    assert "pw123" not in err
+
+
+def test_port_nobody_listens_on_given_as_flag_is_still_unreachable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run(capsys, "--backend", "redis", "leases", "list",
+                       "--redis-url", f"redis://:{PASSWORD}@127.0.0.1:{closed_port()}/0")
+    assert code == EXIT_UNAVAILABLE and "is unreachable" in err and "correct --redis-url" in err
+    assert PASSWORD not in err and "refused the credentials" not in err

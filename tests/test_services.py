@@ -36,9 +36,16 @@ REPO = Path(__file__).resolve().parent.parent
         ("postgresql+psycopg2://u:s%40cret@h/db", "postgresql+psycopg2://u:***@h/db"),
         ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
         ("rediss://default:secret@cache.example.com:6380/2", "rediss://default:***@cache.example.com:6380/2"),
-        ("redis://:p@ss@h:6379/0", "redis://:***@h:6379/0"),
-        ("redis://:pa/ss@h:6379/0", "redis://:***@h:6379/0"),
-        ("postgresql://u:p?w@h/db", "postgresql://u:***@h/db"),
+        # an ambiguous userinfo (unencoded '@', '/', '?', '#', '%'): user and password are both hidden
+        ("redis://:p@ss@h:6379/0", "redis://***@h:6379/0"),
+        ("redis://:pa/ss@h:6379/0", "redis://***@h:6379/0"),
+        ("postgresql://u:p?w@h/db", "postgresql://***@h/db"),
+        ("postgresql://ops:p@ss@db:5432/app", "postgresql://***@db:5432/app"),
+        ("postgresql://ops:12/34@db/app", "postgresql://***@db/app"),
+        ("postgresql://ops:1?se#cret@db/app", "postgresql://***@db/app"),
+        ("postgresql://ops:50%off@db/app", "postgresql://***@db/app"),
+        ("unix://:pa/ss@/run/redis.sock", "unix://***@/run/redis.sock"),
+        ("postgresql://u:p:ss@h/db", "postgresql://u:***@h/db"),  # ':' in a password is unambiguous
         ("postgresql://h/db?user=u&password=secret", "postgresql://h/db?user=u&password=***"),
         ("host=h user=u password=secret dbname=d", "host=h user=u password=*** dbname=d"),
         ("host=h password='se cret' dbname=d", "host=h password=*** dbname=d"),
@@ -52,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_mask_url_hides_the_password(url: str, expected: str) -> None:
     masked = services.mask_url(url)
     assert masked == expected
-    for secret in ("secret", "s%40cret", "se cret", "p@ss", "pa/ss", "p?w"):
+    for secret in ("secret", "s%40cret", "se cret", "p@ss", "pa/ss", "p?w", "ops", "12/34", "50%off", "p:ss"):
         if secret in url:
             assert secret not in masked
 
@@ -105,10 +112,10 @@ def test_configured_redis_with_password(
     monkeypatch.setenv(services.ENV_REDIS_URL, url)
     assert services.resolve_redis_url() == url
     monkeypatch.setenv(services.ENV_REDIS_URL, f"redis://:wrong@127.0.0.1:{server.port}/0")
-    with pytest.raises(services.RedisUnavailableError, match="redis://:\\*\\*\\*@"):
+    with pytest.raises(services.RedisAuthenticationError, match="redis://:\\*\\*\\*@"):
         services.resolve_redis_url()
     monkeypatch.setenv(services.ENV_REDIS_URL, f"redis://:s3cr/t@127.0.0.1:{server.port}/0")  # not encoded
-    with pytest.raises(services.RedisUnavailableError, match="not a valid Redis URL") as info:
+    with pytest.raises(services.InvalidServiceURLError, match="not a valid Redis URL") as info:
         services.resolve_redis_url()
     assert "s3cr" not in str(info.value)
 

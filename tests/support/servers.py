@@ -232,8 +232,9 @@ class PrivateRedis(_ServerProcess):
 
 
 class PrivatePostgres(_ServerProcess):
-    """A private PostgreSQL cluster (trust auth, user ``postgres``). Committed data survives
-    ``stop()`` (fast shutdown) and ``kill()`` (crash, recovered at next ``start()``).
+    """A private PostgreSQL cluster (user ``postgres``; trust auth, or ``scram-sha-256`` with
+    ``password=``, so wrong credentials can be tested). Committed data survives ``stop()`` (fast
+    shutdown) and ``kill()`` (crash, recovered at next ``start()``).
 
     Runs as an unprivileged OS user when we are root (PostgreSQL refuses root); its directory is
     made with ``mkdtemp`` under the system temp dir so that user can reach it. ``fsync=off`` keeps
@@ -244,7 +245,12 @@ class PrivatePostgres(_ServerProcess):
     _graceful_signal = signal.SIGINT  # PostgreSQL "fast" shutdown
 
     def __init__(
-        self, base_dir: Path | None = None, *, port: int | None = None, bin_dir: Path | None = None
+        self,
+        base_dir: Path | None = None,
+        *,
+        port: int | None = None,
+        bin_dir: Path | None = None,
+        password: str | None = None,
     ) -> None:
         base = base_dir or Path(tempfile.mkdtemp(prefix="dp-private-pg-"))
         base.mkdir(parents=True, exist_ok=True)
@@ -252,17 +258,19 @@ class PrivatePostgres(_ServerProcess):
         self.data_dir = base / "data"
         self.bin_dir = bin_dir or system_postgres_bin_dir() or services.postgres_bin_dir()
         self.os_user = services.postgres_os_user(self.data_dir)
+        self.password = password
         if self.os_user is not None:
             os.chown(base, self.os_user.pw_uid, self.os_user.pw_gid)
 
     @property
     def url(self) -> str:
-        """``postgresql://postgres@127.0.0.1:<port>/postgres``"""
+        """``postgresql://postgres[:password]@127.0.0.1:<port>/postgres`` (password percent-encoded)"""
         return self.url_for("postgres")
 
     def url_for(self, dbname: str) -> str:
         """URL of database ``dbname`` on this server."""
-        return services.with_database(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", dbname)
+        auth = f":{quote(self.password, safe='')}" if self.password else ""
+        return services.with_database(f"postgresql://postgres{auth}@127.0.0.1:{self.port}/postgres", dbname)
 
     def connect(self, dbname: str = "postgres", **kwargs: Any) -> psycopg.Connection[Any]:
         """A new autocommit psycopg connection (caller closes it)."""
@@ -276,12 +284,19 @@ class PrivatePostgres(_ServerProcess):
     def _prepare(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
             return
+        auth = ["--auth=trust"]
+        if self.password:
+            pwfile = self.base_dir / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self.os_user is not None:
+                os.chown(pwfile, self.os_user.pw_uid, self.os_user.pw_gid)
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
         result = subprocess.run(
             [
                 str(self.bin_dir / "initdb"),
                 "-D",
                 str(self.data_dir),
-                "--auth=trust",
+                *auth,
                 "--username=postgres",
                 "--encoding=UTF8",
                 "--no-locale",
@@ -294,6 +309,7 @@ class PrivatePostgres(_ServerProcess):
             check=False,
             **services.run_as(self.os_user),
         )
+        (self.base_dir / "pwfile").unlink(missing_ok=True)
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed for {self!r}:\n{result.stdout}\n{result.stderr}")
 
