@@ -600,6 +600,31 @@ def cmd_checkpoints_rewind(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_checkpoints_repair(session: Session, args: argparse.Namespace) -> int:
+    """Undo a foreign regression: the highest position the project recorded goes back into both stores."""
+    import redis as redis_lib
+
+    from durability_pipelines.checkpoints.mirror import repair_key
+    from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+
+    key = CheckpointKey.parse(args.key) if args.key else _key(args)
+    by = args.by or default_who()
+    client = redis_lib.Redis.from_url(session.redis_url())
+    db = PostgresConnection(session.postgres_url())
+    try:
+        result = repair_key(client, db, key, by=by)
+    finally:
+        db.close()
+        client.close()
+    data = {"key": key.redis_key, "target": result.target, "before": result.before, "after": result.after, "by": by}
+    if result.target is None:
+        session.emit(data, f"nothing to repair for {key}: no store holds or recorded a position")
+        return EXIT_OK
+    stores = ", ".join(f"{k}: {result.before[k] or '(none)'} -> {result.after[k] or '(none)'}" for k in result.before)
+    session.emit(data, f"repaired {key} to {result.target}  [{stores}]\n  recorded in history as by={by!r}")
+    return EXIT_OK
+
+
 def cmd_checkpoints_export(session: Session, args: argparse.Namespace) -> int:
     data = [r.as_dict() for r in _filtered_rows(session, args)]
     if args.format == "json":
@@ -868,10 +893,9 @@ def cmd_change_feed(session: Session, args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end demo (durability_pipelines.demo): interactive with the UI, or bounded."""
-    from durability_pipelines.demo import run_demo
+    from durability_pipelines.demo import main as demo_main
 
-    ui = not args.no_ui and args.events is None
-    return run_demo(args.events, args.timeout, ui=ui, port=args.port, rate=args.rate)
+    return demo_main(args=args)
 
 
 # --------------------------------------------------------------------------- parser
@@ -964,6 +988,15 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--to-time", metavar="ISO8601", help="e.g. 2024-05-01T12:30:00Z (naive = UTC)")
     p.add_argument("--reason", required=True, metavar="TEXT", help="why (recorded in the history)")
     p.add_argument("--dry-run", action="store_true", help="show the target without writing")
+    _who_arg(p)
+    p = add(cps, "repair", "undo a foreign regression: put the last recorded position back into both stores",
+            cmd_checkpoints_repair,
+            description="Another worker moved a checkpoint backwards (the audit says regressed-externally). "
+            "Put back the highest position the project recorded (or a store holds), in Redis and Postgres; "
+            "never moves a store backwards; recorded in both histories.")
+    p.add_argument("key", nargs="?", metavar="KEY", help="the Redis key, e.g. checkpoint:dynamodb:orders:workers:consumer-a:shard-1")
+    for name in ("adapter", "stream", "group", "consumer", "shard"):
+        p.add_argument(f"--{name}", help=f"instead of KEY: the key's {name}")
     _who_arg(p)
     p = add(cps, "export", "write every checkpoint as CSV or JSON (for audits and backups)", cmd_checkpoints_export)
     _filter_args(p)

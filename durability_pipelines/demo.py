@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import sql
 
 from durability_pipelines import services
+from durability_pipelines.chaos import Chaos
 from durability_pipelines.processes import ProcessGroup
 
 log = logging.getLogger(__name__)
@@ -250,20 +252,21 @@ def _processed(url: str) -> dict[str, dict[str, int]]:
 
 
 def _checkpoints(env: DemoEnv) -> list[dict[str, Any]]:
+    """The demo's checkpoints as the stores hold them (``checkpoints.inspect``: garbage and keys of another
+    type are shown as such, never a crash)."""
+    from durability_pipelines.checkpoints.inspect import snapshot
+    from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+
     client = redis.Redis.from_url(env.redis_url)
-    with psycopg.connect(env.data_url) as conn:
-        rows = conn.execute(
-            "SELECT adapter, stream, grp, consumer, shard, sequence FROM checkpoints WHERE stream IN (%s, %s)",
-            (TABLE, "orders-changes")).fetchall()
-    keys = {f"checkpoint:{a}:{s}:{g}:{c}" + (f":{sh}" if sh else ""): seq for a, s, g, c, sh, seq in rows}
-    for k in client.scan_iter(match=f"checkpoint:*:{TABLE}*"):
-        keys.setdefault(k.decode(), None)
-    out = []
-    for key in sorted(keys):
-        raw = client.get(key)
-        out.append({"key": key, "redis": raw.decode() if raw else None, "postgres": keys[key]})
-    client.close()
-    return out
+    db = PostgresConnection(env.data_url)
+    try:
+        states = snapshot(client, db)
+    finally:
+        db.close()
+        client.close()
+    return [{"key": st.redis_key, "redis": st.redis.raw if st.redis else None,
+             "postgres": st.postgres.raw if st.postgres else None}
+            for st in states if st.key is not None and st.key.stream in (TABLE, "orders-changes")]
 
 
 def _failed_runs(env: DemoEnv) -> int:
@@ -290,7 +293,8 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate: float) -> int:
+def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate: float, chaos: bool = False,
+             chaos_seed: int | None = None) -> int:
     _stop_on_signals()
     bounded = events is not None
     progress = Progress(6)
@@ -299,6 +303,8 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
     groups: list[ProcessGroup] = []
     moto_server = None
     producer: Producer | None = None
+    injector: Chaos | None = None
+    replacing = threading.Event()  # chaos is replacing the daemon: its group is down on purpose
     summary: dict[str, Any] = {}
     try:
         with progress.step("PostgreSQL and Redis (embedded unless DURABILITY_*_URL are set)"):
@@ -331,6 +337,23 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
         with progress.step(f"producer: {events if bounded else 'a steady trickle of'} changes per source"):
             producer = Producer(dynamodb_url, data_url, events=events, rate=rate)
             producer.start()
+        if chaos:
+            daemon_argv = list(groups[0].argv)
+
+            def replace_daemon() -> None:
+                replacing.set()
+                old = groups[0]
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(old.proc.pid, signal.SIGKILL)  # the node dies: nothing graceful
+                old.stop(grace_s=0)
+                groups[0] = ProcessGroup("dagster-daemon", daemon_argv, penv, logs / "dagster-daemon.log",
+                                         cwd=REPO).start()
+                replacing.clear()
+
+            injector = Chaos(redis_url, data_url, (DEMO_DB, DEMO_DAGSTER_DB), f"checkpoint:*:{TABLE}*",
+                             daemon_group=lambda: groups[0], replace_daemon=replace_daemon, seed=chaos_seed)
+            injector.start()
+            Progress.note("chaos: injecting faults at random (see docs/operations.md)")
         with progress.step("pipelines processing" + (f" (up to {timeout_s:.0f}s)" if bounded else "; Ctrl-C stops")):
             deadline = time.monotonic() + timeout_s if bounded else None
             last = ""
@@ -338,8 +361,8 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
                 time.sleep(2)
                 if producer.error is not None:
                     raise producer.error
-                for g in groups:
-                    if not g.alive():
+                for g in list(groups):
+                    if not g.alive() and not replacing.is_set():
                         raise RuntimeError(f"{g.name} exited:\n{g.log_tail()}")
                 done = _processed(data_url)
                 line = "  ".join(f"{p}={d['processed']}/{producer.produced}" for p, d in done.items())
@@ -352,6 +375,9 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
                 if deadline is not None and time.monotonic() > deadline:
                     Progress.note("timeout reached")
                     break
+        if injector is not None:
+            injector.stop_event.set()
+            injector.join(timeout=30)
         if bounded:
             done = _processed(data_url)
             summary = {
@@ -362,10 +388,15 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
                 "checkpoints": _checkpoints(env),
                 "failed_runs": _failed_runs(env),
             }
+            if injector is not None:
+                summary["chaos"] = {"faults_injected": [i.as_dict() for i in injector.injected],
+                                    "counts": injector.counts(), "injection_errors": injector.errors}
             summary["ok"] = not any(summary["lost"].values()) and not any(summary["duplicates"].values())
     except KeyboardInterrupt:
         print("\nstopping ...", file=sys.stderr)
     finally:
+        if injector is not None:
+            injector.stop_event.set()
         if producer is not None:
             producer.stop_event.set()
         leftovers = []
@@ -391,13 +422,23 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--no-ui", action="store_true", help="do not start the webserver (implied by --events)")
     p.add_argument("--port", type=int, default=3000, help="webserver port (default 3000)")
     p.add_argument("--rate", type=float, default=20.0, help="changes per second per source (default 20)")
+    p.add_argument("--chaos", action="store_true",
+                   help="with --events: inject faults at random while it runs (run workers and the daemon killed, "
+                   "Redis flushed and paused, connections dropped, garbage in checkpoint keys) and list them in "
+                   "the summary. It disrupts the servers the demo uses: only on servers nobody else uses")
+    p.add_argument("--chaos-seed", type=int, default=None, help="random seed of --chaos (repeatable runs)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = None) -> int:
+    """``durability-pipelines demo``; ``args`` when the CLI has parsed them already (one way to run it)."""
+    args = args or build_parser().parse_args(argv)
     ui = not args.no_ui and args.events is None
-    return run_demo(args.events, args.timeout, ui=ui, port=args.port, rate=args.rate)
+    if args.chaos and args.events is None:
+        print("--chaos needs --events N (a bounded run that ends with the summary)", file=sys.stderr)
+        return 2
+    return run_demo(args.events, args.timeout, ui=ui, port=args.port, rate=args.rate, chaos=args.chaos,
+                    chaos_seed=args.chaos_seed)
 
 
 if __name__ == "__main__":

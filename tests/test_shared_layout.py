@@ -254,3 +254,22 @@ def test_another_workers_ttl_survives_a_project_save_and_a_configured_ttl_wins(s
     fresh = CheckpointKey("dynamodb", "orders", "workers", "consumer-a", "shard-1")
     assert RedisCheckpointStore(shared.client).save(fresh, "1").advanced
     assert shared.client.ttl(fresh.redis_key) == -1  # no TTL of its own: none
+
+
+def test_checkpoints_repair_puts_the_last_recorded_position_back(shared: Shared, monkeypatch, capsys) -> None:
+    from durability_pipelines.cli import main
+
+    k, store = foreign_setup(shared)
+    shared.other_set(k.redis_key, "700")
+    shared.other_upsert(k, "700")
+    shared.mirror()  # recorded as foreign, left as found
+    monkeypatch.setenv("DURABILITY_POSTGRES_URL", shared.postgres_url)
+    monkeypatch.setenv("DURABILITY_REDIS_URL", shared.redis_url)
+    assert main(["checkpoints", "repair", k.redis_key, "--by", "ops@test"]) == 0
+    out = capsys.readouterr().out
+    assert "repaired" in out and "1000" in out
+    assert shared.client.get(k.redis_key) == b"1000" and shared.other_select(k) == "1000"
+    (latest, *_) = PostgresCheckpointStore(shared.postgres_url).history(k)
+    assert latest.sequence == "1000" and latest.writer == "ops@test" and "repair" in (latest.reason or "")
+    assert int(build_history_summary(shared.db())["regressions"].sum()) == 0
+    store.close()

@@ -41,7 +41,6 @@ from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
     LeaseLostError,
     StoreUnavailableError,
-    WrongTypeKeyError,
     lease_lost,
 )
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
@@ -240,10 +239,11 @@ class HybridCheckpointStore(CheckpointStore):
         try:
             try:
                 result = self._save_redis(key, sequence, lease, ctx)
-            except WrongTypeKeyError as exc:
-                if exc.key != key.redis_key or exc.kind is None:
+            except InvalidSequenceError as exc:  # garbage, or a key of another type (WrongTypeKeyError)
+                if exc.key != key.redis_key:
                     raise  # one of the project's own keys: the error says how to fix it
-                result = self._replace_wrong_type(key, exc.kind, sequence, lease, ctx)
+                result = self._replace_unusable(key, str(exc.value or "a value that is no position"), sequence,
+                                                lease, ctx)
         except StoreUnavailableError as exc:
             self._degrade("redis", exc)
             result = self._save_postgres_direct(key, sequence, lease, ctx)
@@ -284,17 +284,19 @@ class HybridCheckpointStore(CheckpointStore):
                 raise lost from None
             raise lease_lost(lease, current.owner if current else None, current.epoch if current else None) from None
 
-    def _replace_wrong_type(self, key: CheckpointKey, kind: str, sequence: str, lease: Lease | None,
-                            ctx: SaveContext) -> tuple[SaveResult, int | None, int | None]:
-        """The checkpoint key holds a Redis ``kind``, not a position: Postgres has the truth, so replace it
-        (under the lease) by the greater of the acked position and Postgres's, and record why."""
+    def _replace_unusable(self, key: CheckpointKey, found: str, sequence: str, lease: Lease | None,
+                          ctx: SaveContext) -> tuple[SaveResult, int | None, int | None]:
+        """Redis holds no position at the key (garbage, or a hash another program wrote): Postgres has the
+        truth, so replace it (under the lease) by the greater of the acked position and Postgres's, and
+        record why. A redis-only store cannot do this; it raises and the consumer dead-letters the shard."""
         stored = self.postgres.load(key)
         target = max_sequence(sequence, stored) or sequence
-        reason = f"replaced a Redis {kind} found at the checkpoint key ({ctx.reason or 'save'})"
-        log.warning("checkpoint %s: Redis held a %s, not a position; replacing it with %s", key, kind, target)
-        self.fallbacks.append(Fallback(key, f"Redis key of type {kind} replaced by {target}"))
-        self.redis.replace_wrong_type(key, kind, target, lease=lease,
-                                      context=SaveContext(writer=ctx.writer, run_id=ctx.run_id, reason=reason))
+        reason = f"replaced {found[:40]} found at the checkpoint key ({ctx.reason or 'save'})"
+        log.warning("checkpoint %s: Redis held %s, not a position; replacing it with %s", key, found[:80], target)
+        self.fallbacks.append(Fallback(key, f"Redis held {found[:80]}: replaced by {target}"))
+        if not self.redis.replace_unusable(key, target, lease=lease,
+                                           context=SaveContext(writer=ctx.writer, run_id=ctx.run_id, reason=reason)):
+            return self._save_redis(key, sequence, lease, ctx)  # someone fixed it meanwhile: a normal save
         outcome = SaveOutcome.ADVANCED if target == sequence and target != stored else (
             SaveOutcome.UNCHANGED if target == sequence else SaveOutcome.STALE)
         return SaveResult(key, outcome, stored, target), None, None

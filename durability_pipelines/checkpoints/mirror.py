@@ -433,3 +433,52 @@ class CheckpointMirror:
             with self.db.connection() as conn, conn.cursor() as cur:
                 cur.executemany(_RECORD_EXTERNAL_SQL, recorded_in_postgres)
         return restore
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    key: CheckpointKey
+    target: str | None  # the position put back (None: nothing to repair)
+    before: dict[str, str | None]  # per store, as found
+    after: dict[str, str | None]
+
+
+def repair_key(client: redis.Redis, db: PostgresConnection, key: CheckpointKey, *, by: str) -> RepairResult:
+    """Undo a foreign regression of ``key``: put back the highest position the project recorded (in either
+    store's history, before any ``external`` entry) or holds, in both stores, each write recorded.
+
+    Never moves a store backwards (a compare-and-set in Postgres, the monotonic save in Redis).
+    """
+    from durability_pipelines.checkpoints.inspect import for_keys
+
+    state = for_keys(client, db, [key])[key]
+    candidates = [v.sequence for v in (state.redis, state.postgres) if v is not None and v.sequence]
+    for last in (state.redis_last_write, state.postgres_last_write, *state.external_writes):
+        if last is None:
+            continue
+        value = last.previous if last.writer == EXTERNAL_WRITER else last.sequence
+        if value and (canonical := _canonical(value)) is not None:
+            candidates.append(canonical)
+    before = {"redis": state.redis.raw if state.redis else None,
+              "postgres": state.postgres.raw if state.postgres else None}
+    if not candidates:
+        return RepairResult(key, None, before, before)
+    target = max(candidates, key=sort_key)
+    reason = f"repair: undo a foreign regression (by {by})"
+    with db.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "SELECT sequence FROM checkpoints WHERE adapter = %s AND stream = %s AND grp = %s AND consumer = %s "
+            "AND shard = %s FOR UPDATE", tuple(key.as_row().values())).fetchone()
+        current = _canonical(row[0]) if row else None
+        if current is None or sort_key(current) < sort_key(target):
+            conn.execute(
+                "INSERT INTO checkpoints (adapter, stream, grp, consumer, shard, sequence, ts) "
+                "VALUES (%s, %s, %s, %s, %s, %s, NOW()) ON CONFLICT (adapter, stream, grp, consumer, shard) "
+                "DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()", (*key.as_row().values(), target))
+            conn.execute(_RECORD_EXTERNAL_SQL, (*key.as_row().values(), row[0] if row else None, target, by, reason))
+    client.register_script(SAVE_LUA)(
+        keys=[key.redis_key, key.lease_key.redis_key, key.history_key], args=[target, by, "", "", "", reason, "1000"])
+    after_state = for_keys(client, db, [key])[key]
+    after = {"redis": after_state.redis.raw if after_state.redis else None,
+             "postgres": after_state.postgres.raw if after_state.postgres else None}
+    return RepairResult(key, target, before, after)

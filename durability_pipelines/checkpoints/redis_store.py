@@ -82,11 +82,12 @@ return prev
 """
 
 
-# A checkpoint key of another type (a hash, a list...) replaced by a position, fenced like a save.
-# KEYS[1] checkpoint, KEYS[2] lease, KEYS[3] history stream. ARGV[1] the type found, ARGV[2] sequence,
-# ARGV[3] writer, ARGV[4] epoch ('' = unfenced), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen,
-# ARGV[8] ttl ms ('' = none). Returns {'replaced'|'changed'|'lease_lost', owner|false, epoch|false}.
-REPLACE_WRONG_TYPE_LUA = """
+# A checkpoint key that holds no position (garbage, or another Redis type) replaced by one, fenced like a
+# save and only if the key still holds what was found. KEYS[1] checkpoint, KEYS[2] lease, KEYS[3] history.
+# ARGV[1] the type found ('string' for a garbage value), ARGV[2] sequence, ARGV[3] writer, ARGV[4] epoch
+# ('' = unfenced), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen, ARGV[8] ttl ms ('' = keep the key's),
+# ARGV[9] the garbage value found (type 'string'). Returns {'replaced'|'changed'|'lease_lost', owner, epoch}.
+REPLACE_UNUSABLE_LUA = """
 if ARGV[4] ~= '' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -96,10 +97,21 @@ if ARGV[4] ~= '' then
   end
 end
 if redis.call('TYPE', KEYS[1]).ok ~= ARGV[1] then return {'changed', false, false} end
-redis.call('DEL', KEYS[1])
-if ARGV[8] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[8]) else redis.call('SET', KEYS[1], ARGV[2]) end
+local prev = '<redis ' .. ARGV[1] .. '>'
+if ARGV[1] == 'string' then
+  prev = redis.call('GET', KEYS[1])
+  if prev ~= ARGV[9] then return {'changed', false, false} end
+end
+if ARGV[8] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[8])
+elseif ARGV[1] == 'string' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+else
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], ARGV[2])
+end
 if ARGV[7] ~= '0' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'prev', '<redis ' .. ARGV[1] .. '>', 'seq', ARGV[2],
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'prev', prev, 'seq', ARGV[2],
     'writer', ARGV[3], 'epoch', ARGV[4], 'run', ARGV[5], 'reason', ARGV[6])
 end
 return {'replaced', false, false}
@@ -239,7 +251,7 @@ class RedisCheckpointStore(CheckpointStore):
         self._save = client.register_script(SAVE_LUA)
         self._mark_flushed = client.register_script(MARK_FLUSHED_LUA)
         self._force_set = client.register_script(FORCE_SET_LUA)
-        self._replace_wrong_type = client.register_script(REPLACE_WRONG_TYPE_LUA)
+        self._replace_unusable = client.register_script(REPLACE_UNUSABLE_LUA)
         self._leases = RedisLeaseManager(client)
         self._key_cache: dict[CheckpointKey, tuple[str, str, str, str]] = {}
 
@@ -379,15 +391,19 @@ class RedisCheckpointStore(CheckpointStore):
                 return wrong_type_error(k, kind or "?")
         return wrong_type_error(redis_keys[0], "value of another type")
 
-    def replace_wrong_type(self, key: CheckpointKey, kind: str, sequence: str, *, lease: Lease | None,
-                           context: SaveContext) -> bool:
-        """Replace a checkpoint key of another Redis type by ``sequence``, under the lease (hybrid: Postgres
-        holds the truth to replace it with). False if the key changed meanwhile; ``LeaseLostError`` if fenced out."""
+    def replace_unusable(self, key: CheckpointKey, sequence: str, *, lease: Lease | None,
+                         context: SaveContext) -> bool:
+        """Replace a checkpoint key that holds no position (garbage, or another Redis type) by ``sequence``,
+        under the lease. For the hybrid store, which has the truth in Postgres: a Redis-only store has
+        nothing to replace it with. False if the key changed meanwhile; ``LeaseLostError`` if fenced out."""
         redis_key, lease_key, history_key, _ = self._redis_keys(key)
-        args = [kind, sequence, lease.owner if lease else context.writer, "" if lease is None else str(lease.epoch),
-                context.run_id or "", context.reason or "", self.history_maxlen, self.ttl_ms]
         with redis_errors(self.client):
-            outcome, owner, epoch = self._replace_wrong_type(keys=[redis_key, lease_key, history_key], args=args)
+            kind = _s(self.client.type(redis_key)) or "none"
+            found = _s(self.client.get(redis_key)) if kind == "string" else ""
+            args = [kind, sequence, lease.owner if lease else context.writer,
+                    "" if lease is None else str(lease.epoch), context.run_id or "", context.reason or "",
+                    self.history_maxlen, self.ttl_ms, found or ""]
+            outcome, owner, epoch = self._replace_unusable(keys=[redis_key, lease_key, history_key], args=args)
         if _s(outcome) == "lease_lost":
             raise lease_lost(lease, _s(owner), int(epoch) if epoch else None)  # type: ignore[arg-type]
         return _s(outcome) == "replaced"

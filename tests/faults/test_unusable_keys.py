@@ -1,5 +1,6 @@
-"""A checkpoint key of the wrong Redis type (``HSET <checkpoint key> sequence 100``), written by another
-program: named, never a raw WRONGTYPE, never a consumer that re-processes the same batch forever.
+"""A checkpoint key that holds no position, written by another program: a Redis key of the wrong type
+(``HSET <checkpoint key> sequence 100``) or a garbage value. Named, never a raw WRONGTYPE, never a
+consumer that re-processes the same batch forever.
 
 * hybrid: loads fall back to Postgres, the next save under the lease replaces the key (history says why);
 * redis-only (no other store to take the position from): the shard is dead-lettered with a message that
@@ -52,7 +53,7 @@ def test_hybrid_falls_back_to_postgres_and_replaces_the_key_under_the_lease(redi
     assert result.advanced and result.current == "150"
     assert client.get(key.redis_key) == b"150"  # replaced, under the lease
     (latest, *_) = store.redis.history(key)
-    assert latest.previous == "<redis hash>" and "replaced a Redis hash" in (latest.reason or "")
+    assert latest.previous == "<redis hash>" and "replaced <redis hash>" in (latest.reason or "")
     assert store.save(key, "160", lease=lease).advanced and store.load(key) == "160"
     store.close()
     client.close()
@@ -63,7 +64,8 @@ def stream() -> str:
     return "wrongtype-" + uuid.uuid4().hex[:10]
 
 
-def test_hybrid_consumer_goes_on_when_its_key_is_overwritten_by_a_hash(stream, redis_url, postgres_url) -> None:
+@pytest.mark.parametrize("vandal", ["hash", "garbage"])
+def test_hybrid_consumer_goes_on_when_its_key_is_overwritten_mid_run(stream, redis_url, postgres_url, vandal) -> None:
     source = ListSource.with_events(stream, 30)
     rt = open_runtime(make_config(stream, "hybrid", checkpoint={"backend": "hybrid", "flush_every_n": 1}),
                       redis_url=redis_url, postgres_url=postgres_url, source=source)
@@ -73,7 +75,10 @@ def test_hybrid_consumer_goes_on_when_its_key_is_overwritten_by_a_hash(stream, r
     def vandalize(record) -> None:
         if record.index == 1:
             client.delete(key.redis_key)
-            client.hset(key.redis_key, "sequence", "1")
+            if vandal == "hash":
+                client.hset(key.redis_key, "sequence", "1")
+            else:
+                client.set(key.redis_key, "not-a-position!")
 
     report = ShardDrainer(rt, "shard-0", "run-1", DrainBudget(100, 60, 0), on_batch=vandalize).run()
     assert report.stop_reason is StopReason.CAUGHT_UP and report.events == 30
