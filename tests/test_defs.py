@@ -17,9 +17,9 @@ def test_definitions_load_with_every_job_sensor_asset_and_schedule() -> None:
     assert isinstance(defs, Definitions)
     repo = defs.get_repository_def()
     jobs = {j.name for j in repo.get_all_jobs()}
-    assert "orders_worker_job" in jobs and "checkpoint_mirror_job" in jobs
+    assert {"orders_worker_job", "checkpoint_mirror_job", "run_retention_job"} <= jobs
     assert {s.name for s in repo.sensor_defs} >= {"orders_worker_sensor"}
-    assert {s.name for s in repo.schedule_defs} == {"checkpoint_mirror_schedule"}
+    assert {s.name for s in repo.schedule_defs} == {"checkpoint_mirror_schedule", "run_retention_schedule"}
     assert {k.path[-1] for k in repo.asset_graph.get_all_asset_keys()} == {
         "checkpoint_mirror", "checkpoint_audit", "checkpoint_history_summary"}
     job = defs.resolve_job_def("orders_worker_job")
@@ -31,9 +31,11 @@ def test_every_job_runs_its_steps_in_one_process_and_consumers_go_first_in_the_q
 
     consumer = defs.resolve_job_def("orders_worker_job")
     mirror = defs.resolve_job_def("checkpoint_mirror_job")
-    assert consumer.executor_def.name == mirror.executor_def.name == "in_process"
+    retention = defs.resolve_job_def("run_retention_job")
+    assert {job.executor_def.name for job in (consumer, mirror, retention)} == {"in_process"}
     assert int(consumer.tags["dagster/priority"]) > int(mirror.tags["dagster/priority"])
-    assert mirror.tags["durability/role"] == "maintenance"
+    assert mirror.tags["durability/role"] == retention.tags["durability/role"] == "maintenance"
+    assert retention.tags["dagster/priority"] == mirror.tags["dagster/priority"]
     # dagster.yaml limits maintenance runs to one at a time
     import yaml
 
