@@ -268,6 +268,16 @@ def resolve_dagster_postgres_url(*, check: bool = True) -> str:
     return dagster_storage_url(ensure_database(resolve_postgres_url(check=check), DAGSTER_DATABASE))
 
 
+def dagster_environment() -> dict[str, str]:
+    """The variables a Dagster process of this project needs, resolved (embedded servers started if
+    nothing is configured): what ``python3 dev.py setup`` writes into ``.env`` for ``dagster dev``."""
+    return {
+        ENV_DAGSTER_POSTGRES_URL: resolve_dagster_postgres_url(),
+        ENV_POSTGRES_URL: resolve_postgres_url(),
+        ENV_REDIS_URL: resolve_redis_url(),
+    }
+
+
 def ensure_database(url: str, dbname: str) -> str:
     """Create database ``dbname`` on the server of ``url`` if missing; return a URL pointing at it.
 
@@ -740,8 +750,16 @@ def _file_lock(path: Path, timeout: float = _LOCK_TIMEOUT_S) -> Iterator[None]:
 
 
 def _main(argv: list[str]) -> int:
-    """``urls``: print masked URLs (starting embedded servers if needed); ``stop``: stop them."""
+    """``urls``: print masked URLs (starting embedded servers if needed); ``stop``: stop them;
+    ``env``: :func:`dagster_environment` as JSON, **unmasked** (for ``dev.py setup``, not for logs)."""
     command = argv[0] if argv else "urls"
+    if command == "env":
+        try:
+            print(json.dumps(dagster_environment()))
+        except ServiceUnavailableError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        return 0
     if command == "urls":
         print(f"postgres {mask_url(resolve_postgres_url())}")
         print(f"redis    {mask_url(resolve_redis_url())}")
@@ -751,7 +769,7 @@ def _main(argv: list[str]) -> int:
         stopped = stop_embedded()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         return 0
-    print("usage: python -m durability_pipelines.services {urls,stop}", file=sys.stderr)
+    print("usage: python -m durability_pipelines.services {urls,stop,env}", file=sys.stderr)
     return 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,16 @@ def test_every_job_runs_its_steps_in_one_process_and_consumers_go_first_in_the_q
     assert {"key": "durability/role", "value": "maintenance", "limit": 1} in config["tag_concurrency_limits"]
 
 
-def test_dagster_definitions_validate_passes_on_the_workspace() -> None:
+def test_dagster_definitions_validate_passes_on_the_workspace_and_leaves_nothing_in_the_tree(
+    tmp_path: Path,
+) -> None:
+    # Without DAGSTER_HOME, `validate` makes a .tmp_dagster_home_* folder in the working directory.
+    before = set(ROOT.glob(".tmp_dagster_home_*"))
     out = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},  # an empty home: a default instance in tmp_path
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Validation successful" in out.stdout + out.stderr
+    assert set(ROOT.glob(".tmp_dagster_home_*")) == before
