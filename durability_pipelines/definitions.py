@@ -15,6 +15,7 @@ from durability_pipelines.consumer.config import CONSUMERS_DIR, load_consumer_co
 from durability_pipelines.defs.assets import build_audit_defs
 from durability_pipelines.defs.consumers import build_consumer_defs
 from durability_pipelines.defs.resources import durability_resource_from_env
+from durability_pipelines.defs.retention import build_retention_defs
 
 CONSUMERS_DIR_ENV = "DURABILITY_CONSUMERS_DIR"
 
@@ -24,12 +25,13 @@ def build_definitions(consumers_dir: Path | None = None) -> Definitions:
     consumers = load_consumer_configs(directory)
     jobs, sensors = build_consumer_defs(consumers)
     assets, checks, (mirror_job, mirror_schedule) = build_audit_defs(consumers)
+    retention_job, retention_schedule = build_retention_defs()
     return Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[*jobs, mirror_job],
+        jobs=[*jobs, mirror_job, retention_job],
         sensors=sensors,
-        schedules=[mirror_schedule],
+        schedules=[mirror_schedule, retention_schedule],
         resources={"durability": durability_resource_from_env()},
     )
 

@@ -19,7 +19,10 @@ unprivileged OS user: the owner of an existing data directory, else ``$DURABILIT
 ``postgres`` or ``pgserver`` if present, else a ``pgserver`` system user created with ``useradd``
 (the same name the pgserver library itself would create).
 
-Command line: ``python -m durability_pipelines.services {urls,stop}``.
+Command line: ``python -m durability_pipelines.services {urls,stop,env}``.
+
+A test session stops the servers it started at its end (``tests/conftest.py``), but not servers it
+found running nor ones another process still uses: :func:`stop_embedded_started_here`.
 """
 
 from __future__ import annotations
@@ -547,6 +550,16 @@ def resolve_dagster_postgres_url(*, check: bool = True) -> str:
     return dagster_storage_url(ensure_database(resolve_postgres_url(check=check), DAGSTER_DATABASE))
 
 
+def dagster_environment() -> dict[str, str]:
+    """The variables a Dagster process of this project needs, resolved (embedded servers started if
+    nothing is configured): what ``python3 dev.py setup`` writes into ``.env`` for ``dagster dev``."""
+    return {
+        ENV_DAGSTER_POSTGRES_URL: resolve_dagster_postgres_url(),
+        ENV_POSTGRES_URL: resolve_postgres_url(),
+        ENV_REDIS_URL: resolve_redis_url(),
+    }
+
+
 def ensure_database(url: str, dbname: str) -> str:
     """Create database ``dbname`` on the server of ``url`` if missing; return a URL pointing at it.
 
@@ -583,14 +596,19 @@ class EmbeddedServer:
     log_file: Path
 
 
+_KINDS = ("postgres", "redis")
 _PROCESS_CACHE: dict[tuple[str, Path], EmbeddedServer] = {}
+#: Servers this process started (not found running), by (kind, home): see stop_embedded_started_here.
+_STARTED_HERE: dict[tuple[str, Path], EmbeddedServer] = {}
+#: File descriptors of the shared locks that mark this process as a user of a server.
+_USER_LOCKS: dict[tuple[str, Path], int] = {}
 
 
 def embedded_servers(home: Path | None = None) -> dict[str, EmbeddedServer]:
     """The embedded servers recorded under ``home`` that are running now (starts nothing)."""
     home = home or durability_home()
     found: dict[str, EmbeddedServer] = {}
-    for kind in ("postgres", "redis"):
+    for kind in _KINDS:
         server = _read_state(home, kind)
         if server is not None and _pid_alive(server.pid) and _port_open(server.port):
             found[kind] = server
@@ -601,25 +619,113 @@ def stop_embedded(home: Path | None = None, *, timeout: float = 30.0) -> list[st
     """Stop the embedded PostgreSQL and Redis under ``home``; return the kinds that were stopped."""
     home = home or durability_home()
     stopped: list[str] = []
-    for kind in ("postgres", "redis"):
+    for kind in _KINDS:
         if not home.exists():
             break
         with _file_lock(home / f"{kind}.lock"):
-            _PROCESS_CACHE.pop((kind, home), None)
-            server = _read_state(home, kind)
-            if kind == "postgres":
-                data = home / "postgres" / "data"
-                pid = _postmaster_pid(data)
-                if pid is not None and _pid_alive(pid):
-                    _run_pg(
-                        home, ["pg_ctl", "-D", str(data), "-w", "-t", str(int(timeout)), "-m", "fast", "stop"]
-                    )
-                    stopped.append(kind)
-            elif server is not None and _pid_alive(server.pid):
-                os.kill(server.pid, signal.SIGTERM)  # redis: graceful shutdown, fsyncs the AOF
-                _wait_pid_exit(server.pid, timeout)
+            if _stop_locked(home, kind, timeout):
                 stopped.append(kind)
     return stopped
+
+
+def _stop_locked(home: Path, kind: str, timeout: float) -> bool:
+    """Stop one embedded server (the caller holds ``<kind>.lock``); True if one was running."""
+    _PROCESS_CACHE.pop((kind, home), None)
+    _STARTED_HERE.pop((kind, home), None)
+    if kind == "postgres":
+        data = home / "postgres" / "data"
+        pid = _postmaster_pid(data)
+        if pid is not None and _pid_alive(pid):
+            _run_pg(home, ["pg_ctl", "-D", str(data), "-w", "-t", str(int(timeout)), "-m", "fast", "stop"])
+            return True
+        return False
+    server = _read_state(home, kind)
+    if server is not None and _pid_alive(server.pid):
+        os.kill(server.pid, signal.SIGTERM)  # redis: graceful shutdown, fsyncs the AOF
+        _wait_pid_exit(server.pid, timeout)
+        return True
+    return False
+
+
+def started_here(home: Path | None = None) -> dict[str, EmbeddedServer]:
+    """The embedded servers under ``home`` (default: every home) that *this process* started and that
+    still run as it started them: not ones it found running, not ones another process restarted."""
+    found: dict[str, EmbeddedServer] = {}
+    for (kind, where), server in list(_STARTED_HERE.items()):
+        if home is not None and where != home:
+            continue
+        current = _read_state(where, kind) if where.exists() else None
+        if current is not None and current.pid == server.pid and _pid_alive(server.pid):
+            found[kind if home is not None else f"{kind}@{where}"] = server
+    return found
+
+
+@dataclass(frozen=True)
+class StopReport:
+    """What :func:`stop_embedded_started_here` did, per server (``kind`` or ``kind@home``)."""
+
+    stopped: list[str]
+    in_use: list[str]  # another process still uses it: left running
+
+
+def stop_embedded_started_here(home: Path | None = None, *, timeout: float = 30.0) -> StopReport:
+    """Stop the embedded servers this process started (under ``home``, default: every home), unless
+    another live process still uses them.
+
+    "Uses" means it resolved the server (:func:`resolve_postgres_url` / :func:`resolve_redis_url`):
+    each such process holds a shared lock on ``<home>/<kind>.users`` until it exits, so an exclusive
+    lock there proves nobody else is left. Servers this process found already running, and the
+    servers of ``$DURABILITY_*_URL``, are never touched.
+    """
+    stopped: list[str] = []
+    in_use: list[str] = []
+    for (kind, where), server in sorted(_STARTED_HERE.items(), key=lambda item: (str(item[0][1]), item[0][0])):
+        if home is not None and where != home:
+            continue
+        label = kind if home is not None else f"{kind}@{where}"
+        if not where.exists():
+            _STARTED_HERE.pop((kind, where), None)
+            continue
+        with _file_lock(where / f"{kind}.lock"):
+            current = _read_state(where, kind)
+            if current is None or current.pid != server.pid or not _pid_alive(server.pid):
+                _STARTED_HERE.pop((kind, where), None)  # already stopped, or replaced by another process
+                continue
+            _release_user_lock(where, kind)
+            if not _nobody_else_uses(where, kind):
+                in_use.append(label)
+                continue
+            if _stop_locked(where, kind, timeout):
+                stopped.append(label)
+    return StopReport(stopped, in_use)
+
+
+def _hold_user_lock(home: Path, kind: str) -> None:
+    """Mark this process as a user of the server until it exits (a shared ``flock``, released by the
+    kernel even on a crash). Taken under ``<kind>.lock``, like the stopper's exclusive check."""
+    key = (kind, home)
+    if key in _USER_LOCKS:
+        return
+    fd = os.open(home / f"{kind}.users", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _USER_LOCKS[key] = fd
+
+
+def _release_user_lock(home: Path, kind: str) -> None:
+    fd = _USER_LOCKS.pop((kind, home), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _nobody_else_uses(home: Path, kind: str) -> bool:
+    fd = os.open(home / f"{kind}.users", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases the exclusive lock too: the caller's <kind>.lock keeps new users out
+    return True
 
 
 def _embedded_postgres(home: Path) -> EmbeddedServer:
@@ -630,6 +736,7 @@ def _embedded_postgres(home: Path) -> EmbeddedServer:
     home.mkdir(parents=True, exist_ok=True)
     with _file_lock(home / "postgres.lock"):
         server = _ensure_postgres_running(home)
+        _hold_user_lock(home, "postgres")
     _PROCESS_CACHE[key] = server
     return server
 
@@ -642,6 +749,7 @@ def _embedded_redis(home: Path) -> EmbeddedServer:
     home.mkdir(parents=True, exist_ok=True)
     with _file_lock(home / "redis.lock"):
         server = _ensure_redis_running(home)
+        _hold_user_lock(home, "redis")
     _PROCESS_CACHE[key] = server
     return server
 
@@ -712,6 +820,7 @@ def _ensure_postgres_running(home: Path) -> EmbeddedServer:
             pid = _postmaster_pid(data) or 0
             server = EmbeddedServer("postgres", url, pid, port, data, log)
             _write_state(home, server)
+            _STARTED_HERE[("postgres", home)] = server
             return server
         last_error = f"{result.stdout}\n{_tail(log)}"
         if "already in use" not in last_error:
@@ -755,6 +864,7 @@ def _ensure_redis_running(home: Path) -> EmbeddedServer:
                 pid = int(pidfile.read_text().strip()) if pidfile.exists() else 0
                 server = EmbeddedServer("redis", url, pid, port, base, log)
                 _write_state(home, server)
+                _STARTED_HERE[("redis", home)] = server
                 return server
             new_log = _new_log_text(log, log_offset)
             if not pidfile.exists() and any(m in new_log for m in ("Could not", "Can't", "Fatal", "FATAL")):
@@ -1016,8 +1126,16 @@ def _file_lock(path: Path, timeout: float = _LOCK_TIMEOUT_S) -> Iterator[None]:
 
 
 def _main(argv: list[str]) -> int:
-    """``urls``: print masked URLs (starting embedded servers if needed); ``stop``: stop them."""
+    """``urls``: print masked URLs (starting embedded servers if needed); ``stop``: stop them;
+    ``env``: :func:`dagster_environment` as JSON, **unmasked** (for ``dev.py setup``, not for logs)."""
     command = argv[0] if argv else "urls"
+    if command == "env":
+        try:
+            print(json.dumps(dagster_environment()))
+        except ServiceUnavailableError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        return 0
     if command == "urls":
         try:
             print(f"postgres {mask_url(resolve_postgres_url())}")
@@ -1034,7 +1152,7 @@ def _main(argv: list[str]) -> int:
         stopped = stop_embedded()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         return 0
-    print("usage: python -m durability_pipelines.services {urls,stop}", file=sys.stderr)
+    print("usage: python -m durability_pipelines.services {urls,stop,env}", file=sys.stderr)
     return 2
 
 

@@ -2,7 +2,9 @@
 
 Servers come from ``durability_pipelines.services``: ``$DURABILITY_POSTGRES_URL`` /
 ``$DURABILITY_REDIS_URL`` when set (``.ci/run`` sets them to the machine's services), else embedded
-servers started on demand and reused across sessions. Tests that need to stop or break a server use
+servers started on demand. A session stops, at its end, the embedded servers it started itself
+(not ones it found running, nor ones another process still uses); ``DURABILITY_TEST_KEEP_SERVERS=1``
+keeps them for the next session. Tests that need to stop or break a server use
 ``private_redis`` / ``private_postgres`` (their own processes) or a ``FlakyProxy`` in front of a
 shared one, never the shared server itself.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +31,35 @@ from tests.support.stores import BACKENDS, build_store
 
 TEST_REDIS_DB_ENV = "DURABILITY_TEST_REDIS_DB"
 DEFAULT_TEST_REDIS_DB = 13
+KEEP_SERVERS_ENV = "DURABILITY_TEST_KEEP_SERVERS"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the embedded servers this session started, after every fixture is torn down.
+
+    ``python3 dev.py test`` used to leave them running. Servers that were running before the session,
+    or that another process (another session, a demo, ``dagster dev``) still uses, stay up.
+    """
+    if os.environ.get(KEEP_SERVERS_ENV, "").strip().lower() in {"1", "true", "yes"}:
+        return
+    try:
+        report = services.stop_embedded_started_here()
+    except services.ServiceUnavailableError as exc:
+        _report(session, f"could not stop the embedded servers this session started: {exc}")
+        return
+    if report.stopped:
+        _report(session, "stopped the embedded servers this session started: " + ", ".join(report.stopped)
+                + f" ({KEEP_SERVERS_ENV}=1 keeps them)")
+    if report.in_use:
+        _report(session, "left running, another process still uses them: " + ", ".join(report.in_use))
+
+
+def _report(session: pytest.Session, message: str) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[durability] {message}")
+    else:
+        print(f"[durability] {message}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ def test_definitions_load_with_every_job_sensor_asset_and_schedule() -> None:
     assert isinstance(defs, Definitions)
     repo = defs.get_repository_def()
     jobs = {j.name for j in repo.get_all_jobs()}
-    assert "orders_worker_job" in jobs and "checkpoint_mirror_job" in jobs
+    assert {"orders_worker_job", "checkpoint_mirror_job", "run_retention_job"} <= jobs
     assert {s.name for s in repo.sensor_defs} >= {"orders_worker_sensor"}
-    assert {s.name for s in repo.schedule_defs} == {"checkpoint_mirror_schedule"}
+    assert {s.name for s in repo.schedule_defs} == {"checkpoint_mirror_schedule", "run_retention_schedule"}
     assert {k.path[-1] for k in repo.asset_graph.get_all_asset_keys()} == {
         "checkpoint_mirror", "checkpoint_audit", "checkpoint_history_summary"}
     job = defs.resolve_job_def("orders_worker_job")
@@ -31,9 +32,11 @@ def test_every_job_runs_its_steps_in_one_process_and_consumers_go_first_in_the_q
 
     consumer = defs.resolve_job_def("orders_worker_job")
     mirror = defs.resolve_job_def("checkpoint_mirror_job")
-    assert consumer.executor_def.name == mirror.executor_def.name == "in_process"
+    retention = defs.resolve_job_def("run_retention_job")
+    assert {job.executor_def.name for job in (consumer, mirror, retention)} == {"in_process"}
     assert int(consumer.tags["dagster/priority"]) > int(mirror.tags["dagster/priority"])
-    assert mirror.tags["durability/role"] == "maintenance"
+    assert mirror.tags["durability/role"] == retention.tags["durability/role"] == "maintenance"
+    assert retention.tags["dagster/priority"] == mirror.tags["dagster/priority"]
     # dagster.yaml limits maintenance runs to one at a time
     import yaml
 
@@ -41,10 +44,16 @@ def test_every_job_runs_its_steps_in_one_process_and_consumers_go_first_in_the_q
     assert {"key": "durability/role", "value": "maintenance", "limit": 1} in config["tag_concurrency_limits"]
 
 
-def test_dagster_definitions_validate_passes_on_the_workspace() -> None:
+def test_dagster_definitions_validate_passes_on_the_workspace_and_leaves_nothing_in_the_tree(
+    tmp_path: Path,
+) -> None:
+    # Without DAGSTER_HOME, `validate` makes a .tmp_dagster_home_* folder in the working directory.
+    before = set(ROOT.glob(".tmp_dagster_home_*"))
     out = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},  # an empty home: a default instance in tmp_path
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Validation successful" in out.stdout + out.stderr
+    assert set(ROOT.glob(".tmp_dagster_home_*")) == before

@@ -376,6 +376,76 @@ def test_embedded_servers_start_once_and_are_reused(embedded_env: dict[str, str]
         assert data_dir.stat().st_uid != 0
 
 
+def _child_session(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A separate pytest session running one test that uses the session's PostgreSQL and Redis."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_services.py::test_session_fixtures_are_real_and_isolated"],
+        cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def test_a_test_session_stops_the_embedded_servers_it_started_and_not_the_ones_it_found(
+    embedded_env: dict[str, str],
+) -> None:
+    env = {k: v for k, v in embedded_env.items() if k != "DURABILITY_TEST_KEEP_SERVERS"}
+    home = Path(env[services.ENV_HOME])
+    first = _child_session(env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert f"stopped the embedded servers this session started: postgres@{home}, redis@{home}" in first.stdout
+    assert services.embedded_servers(home) == {}
+
+    # Started by another process before the session: the session uses them and leaves them running.
+    _result(_probe(env))
+    before = {kind: server.pid for kind, server in services.embedded_servers(home).items()}
+    assert set(before) == {"postgres", "redis"}
+    second = _child_session(env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "stopped the embedded servers" not in second.stdout
+    assert {kind: server.pid for kind, server in services.embedded_servers(home).items()} == before
+
+
+_HOLD = r"""
+import sys
+from durability_pipelines import services
+print(services.resolve_redis_url(), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_server_another_process_still_uses_is_left_running_until_it_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    home = Path(tempfile.mkdtemp(prefix="dp-embedded-home-"))
+    monkeypatch.delenv(services.ENV_REDIS_URL, raising=False)
+    monkeypatch.setenv(services.ENV_HOME, str(home))
+    holder: subprocess.Popen[str] | None = None
+    try:
+        url = services.resolve_redis_url()  # this process starts it
+        assert set(services.started_here(home)) == {"redis"}
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD], env=dict(os.environ), cwd=str(REPO),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == url  # the other process uses the same server
+        assert services.started_here(home)  # ... but did not start it
+
+        report = services.stop_embedded_started_here(home)
+        assert (report.stopped, report.in_use) == ([], ["redis"])
+        assert redis.Redis.from_url(url).ping()
+
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        report = services.stop_embedded_started_here(home)
+        assert (report.stopped, report.in_use) == (["redis"], [])
+        assert services.embedded_servers(home) == {} and services.started_here(home) == {}
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        services.stop_embedded(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- dagster instance
 
 

@@ -368,6 +368,9 @@ def e2e_environment(tmp: Path, *, postgres_url: str, admin_url: str, redis_url: 
             "DURABILITY_POSTGRES_URL": postgres_url,
             "DURABILITY_REDIS_URL": redis_url,
             "DURABILITY_CONSUMERS_DIR": str(consumers_dir),
+            # Every run of an e2e instance is young: an hourly retention run would delete nothing and
+            # only take the maintenance slot from the mirror for a moment.
+            "DURABILITY_RUN_RETENTION_ENABLED": "false",
             **(extra_env or {}),
         }
         env = E2E(tmp, endpoint, ddb, streams, postgres_url, admin_url, client, redis_url, daemon_env, made)
