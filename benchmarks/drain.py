@@ -55,11 +55,12 @@ sys.path.insert(0, str(ROOT))
 from durability_pipelines import services  # noqa: E402
 from durability_pipelines.checkpoints.keys import CheckpointKey  # noqa: E402
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection  # noqa: E402
+from durability_pipelines.consumer.config import write_consumer_instance  # noqa: E402
 from durability_pipelines.consumer.storage import ensure  # noqa: E402
 from durability_pipelines.processes import ProcessGroup  # noqa: E402
 
 BIN = Path(sys.executable).parent
-STARTER = ROOT / "durability_pipelines" / "consumers" / "dynamodb_worker.yaml"
+STARTER = ROOT / "durability_pipelines" / "defs" / "consumers" / "orders_worker" / "defs.yaml"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 TARGET_DRAIN_RATIO = 1.5
 SAMPLE_EVERY_S = 2.0
@@ -161,7 +162,7 @@ def _wait(predicate: Any, what: str, timeout: float, every: float = 0.1) -> Any:
 
 def consumer_yaml(name: str, table: str, group: str, endpoint: str) -> dict[str, Any]:
     """The orders_worker starter as shipped, pointed at ``table`` and a group of its own, sensor off."""
-    cfg = yaml.safe_load(STARTER.read_text())
+    cfg = yaml.safe_load(STARTER.read_text())["attributes"]
     cfg.update(name=name, description=f"benchmark copy of the orders_worker starter ({table})", group=group,
                sensor_running_by_default=False)
     cfg["source"].update(table=table, endpoint_url=endpoint)
@@ -204,7 +205,7 @@ def bench_environment(args: argparse.Namespace, consumers: dict[str, tuple[str, 
         consumers_dir = tmp / "consumers"
         consumers_dir.mkdir()
         for name, (table, group) in consumers.items():
-            (consumers_dir / f"{name}.yaml").write_text(yaml.safe_dump(consumer_yaml(name, table, group, endpoint)))
+            write_consumer_instance(consumers_dir, consumer_yaml(name, table, group, endpoint))
         home = tmp / "dagster_home"
         home.mkdir()
         shutil.copyfile(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
@@ -556,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     report["environment"] = {
         "python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_end": load(),
         "wall_seconds": round(time.time() - started, 1), "mirror_schedule": not args.no_mirror,
-        "starter": STARTER.name, "postgres": services.mask_url(services.resolve_postgres_url()),
+        "starter": str(STARTER.relative_to(ROOT)), "postgres": services.mask_url(services.resolve_postgres_url()),
     }
     print(json.dumps(report, indent=2))
     return 0

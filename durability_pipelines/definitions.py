@@ -1,38 +1,74 @@
-"""The code location: one ``Definitions`` object.
+"""The code location: one ``Definitions`` object, built from a dg defs folder.
 
-Consumers come from the YAML files in ``durability_pipelines/consumers/`` (or
-``$DURABILITY_CONSUMERS_DIR``): adding a consumer is adding a file.
+Each consumer is an instance of the ``StreamConsumer`` component, a folder with a ``defs.yaml``: the
+shipped ones in ``durability_pipelines/defs/consumers/``, or those under ``$DURABILITY_CONSUMERS_DIR``
+(a folder of the same layout, which then replaces them). Adding a consumer is adding a folder.
+Around them: each consumed stream once (an external asset), the mirror and audit assets with their
+checks, run retention, and the ``durability`` resource.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import types
 from pathlib import Path
 
 from dagster import Definitions
+from dagster.components.core.component_tree import ComponentTree
+from dagster.components.core.load_defs import get_library_json_enriched_defs
 
-from durability_pipelines.consumer.config import CONSUMERS_DIR, load_consumer_configs
-from durability_pipelines.defs.assets import build_audit_defs
-from durability_pipelines.defs.consumers import build_consumer_defs
-from durability_pipelines.defs.resources import durability_resource_from_env
-from durability_pipelines.defs.retention import build_retention_defs
+import durability_pipelines.defs
+from durability_pipelines.components import StreamConsumer
+from durability_pipelines.consumer.config import CONSUMERS_DIR, load_consumer_instances
+from durability_pipelines.orchestration.assets import build_audit_defs
+from durability_pipelines.orchestration.consumers import stream_asset_spec, validate_for_dagster
+from durability_pipelines.orchestration.resources import durability_resource_from_env
+from durability_pipelines.orchestration.retention import build_retention_defs
 
 CONSUMERS_DIR_ENV = "DURABILITY_CONSUMERS_DIR"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_DEFS = Path(durability_pipelines.defs.__file__).resolve().parent
+
+
+def component_tree(consumers_dir: Path | None = None) -> ComponentTree:
+    """The shipped defs folder's tree, or one over ``consumers_dir`` (any folder of component instances:
+    it is given a module of its own, as dg gives the project's defs folder)."""
+    if consumers_dir is None or consumers_dir.resolve() in (SHIPPED_DEFS, CONSUMERS_DIR.resolve()):
+        return ComponentTree.from_module(defs_module=durability_pipelines.defs, project_root=PROJECT_ROOT)
+    directory = consumers_dir.resolve()
+    name = "durability_consumers_" + hashlib.sha1(str(directory).encode()).hexdigest()[:12]
+    module = sys.modules.get(name)
+    if module is None:
+        module = types.ModuleType(name, f"consumer instances under {directory}")
+        module.__file__ = str(directory / "__init__.py")
+        module.__path__ = [str(directory)]
+        sys.modules[name] = module
+    return ComponentTree.from_module(defs_module=module, project_root=directory.parent)
 
 
 def build_definitions(consumers_dir: Path | None = None) -> Definitions:
-    directory = consumers_dir or Path(os.environ.get(CONSUMERS_DIR_ENV) or CONSUMERS_DIR)
-    consumers = load_consumer_configs(directory)
-    jobs, sensors = build_consumer_defs(consumers)
+    env = os.environ.get(CONSUMERS_DIR_ENV)
+    directory = consumers_dir or (Path(env) if env else None)
+    # Every problem of every consumer file at once, each naming its file and field (the component tree
+    # would stop at the first).
+    load_consumer_instances(directory or CONSUMERS_DIR, check=validate_for_dagster)
+    tree = component_tree(directory)
+    consumers = [c.config for c in tree.get_all_components(of_type=StreamConsumer)]
+    streams = {stream_asset_spec(cfg).key: stream_asset_spec(cfg) for cfg in consumers}
     assets, checks, (mirror_job, mirror_schedule) = build_audit_defs(consumers)
     retention_job, retention_schedule = build_retention_defs()
-    return Definitions(
-        assets=assets,
-        asset_checks=checks,
-        jobs=[*jobs, mirror_job, retention_job],
-        sensors=sensors,
-        schedules=[mirror_schedule, retention_schedule],
-        resources={"durability": durability_resource_from_env()},
+    return Definitions.merge(
+        tree.build_defs(),
+        get_library_json_enriched_defs(None),  # the component types (Docs tab); the tree comes with its defs
+        Definitions(
+            assets=[*streams.values(), *assets],
+            asset_checks=checks,
+            jobs=[mirror_job, retention_job],
+            schedules=[mirror_schedule, retention_schedule],
+            resources={"durability": durability_resource_from_env()},
+        ),
     )
 
 

@@ -293,6 +293,10 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+#: With --chaos, the bounded demo's changes are spread over at least this long (about 15 faults).
+CHAOS_MIN_PRODUCTION_S = 90.0
+
+
 def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate: float, chaos: bool = False,
              chaos_seed: int | None = None) -> int:
     _stop_on_signals()
@@ -334,6 +338,12 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
                     str(bin_dir / "dagster-webserver"), "-w", str(REPO / "workspace.yaml"),
                     "-h", "127.0.0.1", "-p", str(port)], penv, logs / "dagster-webserver.log", cwd=REPO).start())
                 progress.note(f"UI: http://127.0.0.1:{port}  (logs in {logs})")
+        if chaos and events and rate > events / CHAOS_MIN_PRODUCTION_S:
+            # A run drains hundreds of events a second: written at full rate, N events would be done
+            # before the first fault. Spread them so that the faults land while changes are flowing.
+            rate = events / CHAOS_MIN_PRODUCTION_S
+            Progress.note(f"chaos: writing at {rate:.2f} changes/s per source, so that production lasts "
+                          f"{CHAOS_MIN_PRODUCTION_S:.0f} s and the faults land while the pipelines work")
         with progress.step(f"producer: {events if bounded else 'a steady trickle of'} changes per source"):
             producer = Producer(dynamodb_url, data_url, events=events, rate=rate)
             producer.start()
@@ -421,7 +431,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--timeout", type=float, default=600.0, help="seconds the bounded run may take (default 600)")
     p.add_argument("--no-ui", action="store_true", help="do not start the webserver (implied by --events)")
     p.add_argument("--port", type=int, default=3000, help="webserver port (default 3000)")
-    p.add_argument("--rate", type=float, default=20.0, help="changes per second per source (default 20)")
+    p.add_argument("--rate", type=float, default=20.0,
+                   help="changes per second per source (default 20; with --chaos at most N/90, so that production "
+                   "lasts 90 s and the faults land while the pipelines work)")
     p.add_argument("--chaos", action="store_true",
                    help="with --events: inject faults at random while it runs (run workers and the daemon killed, "
                    "Redis flushed and paused, connections dropped, garbage in checkpoint keys) and list them in "

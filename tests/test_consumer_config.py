@@ -1,13 +1,21 @@
-"""Declarative consumer configs: the starters load, bad files name the file and the field."""
+"""Consumers are StreamConsumer component instances (``<name>/defs.yaml``): the starters load, bad files
+name the file and the field, every bad file is reported at once, and nothing is silently ignored."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from durability_pipelines.checkpoints import ConfigError
-from durability_pipelines.consumer.config import CONSUMERS_DIR, load_consumer_config, load_consumer_configs
+from durability_pipelines.consumer.config import (
+    COMPONENT_TYPE,
+    CONSUMERS_DIR,
+    load_consumer_config,
+    load_consumer_configs,
+    load_consumer_instances,
+)
 
 GOOD = """
 name: t_worker
@@ -17,75 +25,131 @@ consumer: consumer-a
 """
 
 
+def instance(root: Path, folder: str, attributes: str, *, type_: str = COMPONENT_TYPE) -> Path:
+    """``root/folder/defs.yaml`` with ``attributes`` (YAML text) under the component type."""
+    path = root / folder / "defs.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"type: {type_}\nattributes:\n" + textwrap.indent(attributes.strip() + "\n", "  "))
+    return path
+
+
 def test_every_starter_in_the_repo_validates() -> None:
     configs = load_consumer_configs(CONSUMERS_DIR)
-    assert configs and len({c.name for c in configs}) == len(configs)
-    assert any(c.adapter == "dynamodb" for c in configs)
+    assert {c.name for c in configs} == {"orders_worker", "supabase_orders_worker", "orders_to_realtime"}
+    assert all(p.name == "defs.yaml" and p.parent.name == c.name for p, c in load_consumer_instances(CONSUMERS_DIR))
 
 
 def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text(GOOD)
+    instance(tmp_path, "a", GOOD)
     (cfg,) = load_consumer_configs(tmp_path)
     assert cfg.checkpoint.backend == "hybrid" and cfg.checkpoint.flush_every_n == 100
     assert cfg.source.trim_policy == "fail" and cfg.dead_letter.policy == "stop"
     assert cfg.handler == "durability_pipelines.sinks.postgres_events:handle"
+    assert cfg.max_lag_s == 300 and cfg.max_events == 1000
 
 
 @pytest.mark.parametrize(
     "text,field",
     [
-        (GOOD.replace("group: workers", "group: 'a:b'"), "group"),
-        (GOOD + "max_events: 0\n", "max_events"),
-        (GOOD + "checkpoint: {backend: sqlite}\n", "checkpoint.backend"),
-        (GOOD + "retry: {max_retries: -1}\n", "retry.max_retries"),
-        (GOOD + "handler: not a path\n", "handler"),
-        (GOOD + "unknown_field: 1\n", "unknown_field"),
-        (GOOD.replace("kind: dynamodb", "kind: kafka"), "source"),
-        (GOOD.replace("table: orders", "table: orders, trim_policy: drop"), "source.dynamodb.trim_policy"),
-        (GOOD.replace("name: t_worker", "name: 'bad name'"), "name"),
+        (GOOD.replace("group: workers", "group: 'a:b'"), "attributes.group"),
+        (GOOD + "max_events: 0\n", "attributes.max_events"),
+        (GOOD + "max_lag_s: 0\n", "attributes.max_lag_s"),
+        (GOOD + "checkpoint: {backend: sqlite}\n", "attributes.checkpoint.backend"),
+        (GOOD + "retry: {max_retries: -1}\n", "attributes.retry.max_retries"),
+        (GOOD + "handler: not a path\n", "attributes.handler"),
+        (GOOD + "unknown_field: 1\n", "attributes.unknown_field"),
+        (GOOD.replace("kind: dynamodb", "kind: kafka"), "attributes.source"),
+        (GOOD.replace("table: orders", "table: orders, trim_policy: drop"), "attributes.source.dynamodb.trim_policy"),
+        (GOOD.replace("name: t_worker", "name: 'bad name'"), "attributes.name"),
     ],
 )
 def test_bad_file_names_the_file_and_the_field(tmp_path: Path, text: str, field: str) -> None:
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path = instance(tmp_path, "bad", text)
     with pytest.raises(ConfigError) as err:
         load_consumer_config(path)
     assert str(path) in str(err.value) and field in str(err.value)
 
 
-def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
-    (tmp_path / "x.yaml").write_text("name: [unclosed")
+def test_not_yaml_not_a_mapping_no_attributes_wrong_type(tmp_path: Path) -> None:
+    path = tmp_path / "x" / "defs.yaml"
+    path.parent.mkdir()
+    path.write_text("attributes: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_consumer_configs(tmp_path)
-    (tmp_path / "x.yaml").write_text("- a\n- b\n")
+    path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_consumer_configs(tmp_path)
+    path.write_text(f"type: {COMPONENT_TYPE}\n")
+    with pytest.raises(ConfigError, match="'attributes' must be a mapping"):
+        load_consumer_configs(tmp_path)
+    path.write_text(GOOD)  # the attributes alone, without the component's type
+    with pytest.raises(ConfigError, match=f"type: {COMPONENT_TYPE}"):
+        load_consumer_configs(tmp_path)
+    instance(tmp_path, "x", GOOD, type_="durability_pipelines.components.StreamConsumr")
+    with pytest.raises(ConfigError, match="StreamConsumr"):
+        load_consumer_configs(tmp_path)
+
+
+def test_other_component_types_are_left_to_dg(tmp_path: Path) -> None:
+    instance(tmp_path, "a", GOOD)
+    instance(tmp_path, "other", "whatever: 1", type_="dagster.DefsFolderComponent")
+    assert [c.name for c in load_consumer_configs(tmp_path)] == ["t_worker"]
 
 
 def test_duplicate_names_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text(GOOD)
-    (tmp_path / "b.yaml").write_text(GOOD)
+    instance(tmp_path, "a", GOOD)
+    instance(tmp_path, "b", GOOD)
     with pytest.raises(ConfigError, match="already used"):
         load_consumer_configs(tmp_path)
+
+
+def test_every_bad_file_is_reported_at_once(tmp_path: Path) -> None:
+    first = instance(tmp_path, "one", GOOD.replace("t_worker", "one") + "max_events: many\n")
+    second = instance(tmp_path, "two", GOOD.replace("t_worker", "two") + "retry: {max_retries: -1}\n")
+    instance(tmp_path, "fine", GOOD)
+    with pytest.raises(ConfigError) as err:
+        load_consumer_configs(tmp_path)
+    text = str(err.value)
+    assert "2 problem(s)" in text
+    assert f"{first}: invalid field(s):\n  attributes.max_events" in text
+    assert f"{second}: invalid field(s):\n  attributes.retry.max_retries" in text
+
+
+@pytest.mark.parametrize("name,hint", [("orders.yml", "orders/defs.yaml"), ("orders.yaml", "orders/defs.yaml"),
+                                       ("sub/defs.yml", "sub/defs.yaml")])
+def test_files_that_would_be_ignored_are_reported(tmp_path: Path, name: str, hint: str) -> None:
+    instance(tmp_path, "a", GOOD)
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(GOOD)
+    with pytest.raises(ConfigError) as err:
+        load_consumer_configs(tmp_path)
+    assert str(path) in str(err.value) and "not loaded" in str(err.value) and hint in str(err.value)
+
+
+def test_a_missing_folder_is_an_error_not_zero_consumers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist.*DURABILITY_CONSUMERS_DIR"):
+        load_consumer_configs(tmp_path / "nope")
 
 
 def test_bad_file_fails_definition_loading(tmp_path: Path) -> None:
     from durability_pipelines.definitions import build_definitions
 
-    (tmp_path / "broken.yaml").write_text(GOOD + "max_events: many\n")
-    with pytest.raises(ConfigError, match="broken.yaml"):
+    path = instance(tmp_path, "broken", GOOD + "max_events: many\n")
+    with pytest.raises(ConfigError, match=f"{path}(.|\n)*attributes.max_events"):
         build_definitions(tmp_path)
 
 
 @pytest.mark.parametrize(
     "extra,message",
-    [("checkpoint: {backend: memory}\n", "process-local"),
-     ("handler: no_such_module.handlers:handle\n", "cannot import module")],
+    [("checkpoint: {backend: memory}\n", "attributes.checkpoint.backend 'memory' is process-local"),
+     ("handler: no_such_module.handlers:handle\n", "attributes.handler: .*cannot import module")],
 )
 def test_configs_that_cannot_work_under_dagster_fail_definition_loading(tmp_path: Path, extra: str,
                                                                         message: str) -> None:
     from durability_pipelines.definitions import build_definitions
 
-    (tmp_path / "c.yaml").write_text(GOOD + extra)
-    with pytest.raises(ConfigError, match=message):
+    path = instance(tmp_path, "c", GOOD + extra)
+    with pytest.raises(ConfigError, match=message) as err:
         build_definitions(tmp_path)
+    assert str(path) in str(err.value)

@@ -17,6 +17,7 @@ from durability_pipelines.consumer.runtime import BatchDeadLettered, PartialBatc
 from durability_pipelines.observability import EVENTS_FILTERED, Labels, Metrics, read_jsonl
 from tests.support.runtime_handlers import DELIVERED
 from tests.support.sources import ListSource
+from tests.test_consumer_config import instance
 from tests.test_consumer_drain import SHARD, FakeClock, drainer, history
 from tests.test_consumer_runtime import make_config, rows
 
@@ -63,16 +64,15 @@ def recording_config(stream: str, backend: str, flag: str, **overrides: object):
 # -- configuration ---------------------------------------------------------------------------------
 
 def test_valid_filters_load_with_scalars_as_one_value_lists(tmp_path: Path) -> None:
-    path = tmp_path / "f.yaml"
-    path.write_text(DYNAMODB + "filter:\n  event_names: [INSERT, MODIFY]\n  keys: {pk: order-1}\n"
+    path = instance(tmp_path, "f", DYNAMODB + "filter:\n  event_names: [INSERT, MODIFY]\n  keys: {pk: order-1}\n"
                     "  new_image: {status: [placed, paid], total: 5, gift: true, note: null}\n")
     flt = load_consumer_config(path).filter
     assert flt is not None and flt.event_names == ("INSERT", "MODIFY")
     assert flt.keys == {"pk": ("order-1",)}
     assert flt.new_image == {"status": ("placed", "paid"), "total": (5,), "gift": (True,), "note": (None,)}
-    path.write_text(SUPABASE + "filter: {event_names: [UPDATE, DELETE]}\n")
+    path = instance(tmp_path, "f", SUPABASE + "filter: {event_names: [UPDATE, DELETE]}\n")
     assert load_consumer_config(path).filter.event_names == ("UPDATE", "DELETE")
-    path.write_text(DYNAMODB)
+    path = instance(tmp_path, "f", DYNAMODB)
     assert load_consumer_config(path).filter is None
 
 
@@ -95,19 +95,18 @@ def test_valid_filters_load_with_scalars_as_one_value_lists(tmp_path: Path) -> N
 )
 def test_a_malformed_filter_fails_loading_naming_the_file_and_the_field(tmp_path: Path, text: str, field: str,
                                                                       hint: str) -> None:
-    path = tmp_path / "bad_filter.yaml"
-    path.write_text(text)
+    path = instance(tmp_path, "bad_filter", text)
     with pytest.raises(ConfigError) as err:
         load_consumer_config(path)
     message = str(err.value)
-    assert str(path) in message and f"  {field}: " in message and hint in message
+    assert str(path) in message and f"  attributes.{field}: " in message and hint in message
 
 
 def test_a_malformed_filter_fails_definition_loading(tmp_path: Path) -> None:
     from durability_pipelines.definitions import build_definitions
 
-    (tmp_path / "broken_filter.yaml").write_text(DYNAMODB + "filter: {event_names: [DELETE]}\n")
-    with pytest.raises(ConfigError, match=r"broken_filter\.yaml(.|\n)*filter\.event_names"):
+    instance(tmp_path, "broken_filter", DYNAMODB + "filter: {event_names: [DELETE]}\n")
+    with pytest.raises(ConfigError, match=r"broken_filter/defs\.yaml(.|\n)*attributes\.filter\.event_names"):
         build_definitions(tmp_path)
 
 

@@ -7,7 +7,8 @@ one ``dagster-daemon``, with the mirror schedule on (every minute, as shipped) b
 
 * ``backlog``: the default-style drain (``max_events: 250``) of a backlog of thousands of events;
 * ``kill``: its handler (``tests.support.dagster_daemon:deliveries_with_hold``) stops inside a chosen batch
-  so that the test can SIGKILL the run worker there: between two batches, and inside one.
+  so that the test can SIGKILL the run worker there: between two batches, and inside one;
+* ``lag``: a short lag objective (``max_lag_s``), whose sink asset and lag check the UI would show.
 
 Oracles as in tests/test_dagster_e2e.py: per shard every produced record in the sink exactly once
 (``e2e_deliveries`` has no unique key, so a batch committed twice would show), checkpoints only ever
@@ -24,9 +25,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from dagster import AssetCheckKey, AssetKey
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from durability_pipelines.consumer.drain import StopReason
-from durability_pipelines.defs.assets import MIRROR_JOB
+from durability_pipelines.orchestration.assets import MIRROR_JOB
 from tests.support.dagster_daemon import run_records, schedule_ticks
 from tests.support.dynamodb import create_stream_table
 from tests.support.e2e import (
@@ -47,6 +50,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BACKLOG = 3000
 BACKLOG_BATCH = 250
 MIRROR_SCHEDULE = "checkpoint_mirror_schedule"
+LAG_OBJECTIVE_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,9 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_ad
                              "tests.support.dagster_daemon:deliveries_with_hold",
                              handler_options={"hold_flag": f"e2e:{suffix}:node_hold"},
                              overrides={"max_events": 100, "max_idle_s": 1, "lease_duration_s": 12}),
+            "lag": Consumer(f"drain_lag_{suffix}", create_stream_table(ddb)[0],
+                            "tests.support.dagster_daemon:record_deliveries",
+                            overrides={"max_events": 100, "max_idle_s": 1, "max_lag_s": LAG_OBJECTIVE_S}),
         }
 
     try:
@@ -243,3 +250,58 @@ def test_a_slow_mirror_runs_one_at_a_time_and_the_consumers_keep_acking(e2e: E2E
     for prev, nxt in zip(runs, runs[1:], strict=False):
         assert prev.end_time is not None and nxt.create_timestamp.timestamp() >= prev.end_time - 1, "mirror runs overlapped"
     assert all(r.dagster_run.tags.get("durability/role") == "maintenance" for r in runs)
+
+
+def check_result_after(e2e: E2E, key: AssetCheckKey, after: float, status: AssetCheckExecutionRecordStatus,
+                       timeout: float = 240) -> Any:
+    """The first execution of the check (they run with every mirror run, each minute) created after
+    ``after`` with ``status``."""
+    def found() -> Any:
+        history = e2e.instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
+        done = [r for r in history if r.create_timestamp > after and r.status == status]
+        return done[-1] if done else None
+    return e2e.wait(found, f"a {status.value} execution of {key.to_user_string()} after {after}", timeout=timeout)
+
+
+def evaluation(record: Any) -> Any:
+    return record.event.dagster_event.event_specific_data
+
+
+def test_a_consumer_reports_lag_and_throughput_on_its_sink_and_its_lag_check_fails_while_it_is_stopped(
+        e2e: E2E) -> None:
+    c = e2e.consumers["lag"]
+    sink = AssetKey([c.name, "output"])  # record_deliveries describes no sink of its own
+    check = AssetCheckKey(sink, "lag_within_objective")
+    with e2e.dump_on_failure():
+        e2e.produce_new(c, 300)
+        (shard,) = e2e.wait_drained(c)
+        # every run that wrote reported a materialization of the sink, with the figures Dagster plots
+        mats = e2e.instance.fetch_materializations(sink, limit=100).records
+        assert sum(m.asset_materialization.metadata["events"].value for m in mats) == 300
+        assert {m.run_id for m in mats} <= {r.dagster_run.run_id for r in e2e.runs(c)}
+        latest = mats[0].asset_materialization.metadata
+        assert latest["shard"].value == shard and latest["events_per_s"].value > 0
+        assert latest["reactive.records_behind"].value == 0 and latest["reactive.lag_seconds"].value == 0.0
+        caught_up = time.time()
+        passed = check_result_after(e2e, check, caught_up, AssetCheckExecutionRecordStatus.SUCCEEDED)
+        assert evaluation(passed).metadata["reactive.lag_seconds"].value <= LAG_OBJECTIVE_S
+
+        # The consumer stops (its sensor off) while the stream is still written: the check fails, naming
+        # the shard, its lag and its last ack.
+        e2e.set_sensor(c, running=False)
+        e2e.wait(lambda: all(r.dagster_run.status.value in ("SUCCESS", "FAILURE", "CANCELED") for r in e2e.runs(c)),
+                 "the consumer's runs to finish")
+        stopped = time.time()
+        e2e.produce_new(c, 40)
+        failed = check_result_after(e2e, check, stopped + LAG_OBJECTIVE_S, AssetCheckExecutionRecordStatus.FAILED)
+        description = evaluation(failed).description
+        assert f"shard {shard}: lag" in description and "last ack 20" in description, description
+        assert f"objective of {LAG_OBJECTIVE_S} s" in description and f"{c.name}_sensor" in description
+        assert evaluation(failed).metadata["reactive.lag_seconds"].value > LAG_OBJECTIVE_S
+
+        # Running again, it catches up and the check passes again.
+        e2e.set_sensor(c, running=True)
+        e2e.wait_drained(c)
+        recovered = time.time()
+        check_result_after(e2e, check, recovered, AssetCheckExecutionRecordStatus.SUCCEEDED)
+        assert_every_event_once(e2e, c)

@@ -26,6 +26,7 @@ from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.cursor_mirror import CursorMirror
 from durability_pipelines.consumer.dispatch import SensorCursor, ShardCursor
 from durability_pipelines.consumer.storage import ConsumerStorage, ensure
+from durability_pipelines.orchestration.consumers import LAG_CHECK
 
 AUDIT_REDIS_DB = 12
 
@@ -222,7 +223,14 @@ def test_dagster_assets_materialize_and_checks_fail_when_they_should(iso: Isolat
     assert mats["checkpoint_audit"]["dagster/row_count"].value == 50
     assert {c.name for c in mats["checkpoint_audit"]["dagster/column_schema"].schema.columns} >= {
         "redis_value", "postgres_value", "dispatched", "lag_seconds", "drift", "status"}
-    assert all(e.passed for e in healthy.get_asset_check_evaluations())
+    evaluations = healthy.get_asset_check_evaluations()
+    audit_checks = [e for e in evaluations if e.check_name != LAG_CHECK]
+    assert audit_checks and all(e.passed for e in audit_checks)
+    # The job also evaluates every consumer's lag check. No stream is reachable here: a lag that cannot be
+    # measured fails its check, saying why, and does not fail the mirror.
+    lag_checks = [e for e in evaluations if e.check_name == LAG_CHECK]
+    assert len(lag_checks) == 3 and not any(e.passed for e in lag_checks)
+    assert all((e.description or "").startswith("cannot measure consumer") for e in lag_checks)
 
     with psycopg.connect(iso.postgres_url, autocommit=True) as conn:  # inject a regression
         conn.execute(

@@ -36,7 +36,7 @@ from tests.support.realtime_subscriber import RealtimeSubscriber
 from tests.support.servers import PrivateRedis
 from tests.support.starters import starter_environment
 
-TOPIC = "orders"  # handler_options.topic of durability_pipelines/consumers/dynamodb_to_realtime.yaml
+TOPIC = "orders"  # handler_options.topic of durability_pipelines/defs/consumers/orders_to_realtime/defs.yaml
 CONSUMER = "orders_to_realtime"
 GUARD_S = 60.0
 QUIET_S = 1.0  # after the last expected message: 20 poll intervals for anything extra to show up

@@ -31,9 +31,9 @@ from dagster import (
 )
 
 from durability_pipelines.consumer.storage import ConsumerStorage, ensure
-from durability_pipelines.defs.consumers import CONSUMER_TAG
-from durability_pipelines.defs.resources import DurabilityResource
-from durability_pipelines.defs.retention import (
+from durability_pipelines.orchestration.consumers import CONSUMER_TAG
+from durability_pipelines.orchestration.resources import DurabilityResource
+from durability_pipelines.orchestration.retention import (
     RETENTION_DAYS_ENV,
     RETENTION_ENABLED_ENV,
     RETENTION_JOB,
@@ -41,7 +41,7 @@ from durability_pipelines.defs.retention import (
     RetentionConfigError,
     build_retention_defs,
 )
-from durability_pipelines.defs.run_queue import MAINTENANCE_RUN_TAGS
+from durability_pipelines.orchestration.run_queue import MAINTENANCE_RUN_TAGS
 from tests.support.dagster_daemon import DagsterHome
 
 DAY = 86_400.0

@@ -1,4 +1,4 @@
-"""Each starter config in durability_pipelines/consumers/ loads, validates and runs end to end
+"""Each starter config in durability_pipelines/defs/consumers/ loads, validates and runs end to end
 (real sensor, real job, moto server, real Postgres and Redis)."""
 
 from __future__ import annotations

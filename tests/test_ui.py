@@ -9,7 +9,11 @@ tests/support/browser.py) checks what the UI shows:
 * Automation: the three consumer sensors (and the mirror schedule), each switched on;
 * Runs: a successful run of a consumer job, launched by its sensor, and its run page with its op
   (``drain_shard``, which drains the shard batch by batch) succeeded;
-* Catalog: the audit asset ``checkpoint_audit`` with its description, checks and lineage.
+* Catalog: the audit asset ``checkpoint_audit`` with its description, checks and lineage, and its
+  preview showing a 23-digit change-feed position in full (never a float);
+* the asset graph: the stream ``streams/dynamodb/orders`` upstream of the sink
+  ``orders_to_realtime/realtime_orders``, whose Plots tab draws the runs' lag figure, and its lag check;
+* the code location's Docs tab, documenting the ``StreamConsumer`` component.
 
 The runs page is saved as a screenshot in the test's temporary directory, or as the tracked
 ``docs/screenshot-ui.png`` when ``DURABILITY_REFRESH_SCREENSHOT=1`` (tests leave the tree as found). At the end the demo gets SIGINT (Ctrl-C) and
@@ -114,6 +118,61 @@ def _check_ui(demo: DemoProcess, tmp_path: Path, run: dict[str, Any]) -> None:
         expect(body).to_contain_text("One row per checkpoint key")
         expect(body).to_contain_text("checkpoint_mirror")  # upstream in its lineage
         expect(body).to_contain_text("Latest check results")
+        # its preview (latest materialization's metadata) shows positions as text, all their digits
+        demo.wait_until(lambda: _audit_position(demo), timeout=150, what="an audit preview with a 22-digit "
+                        "position (the mirror schedule runs every minute)", every=3)
+        page.goto(f"{base}/assets/checkpoint_audit?view=events")
+        page.get_by_text("[Show Markdown]").first.click()
+        preview = page.get_by_role("dialog")
+        expect(preview).to_contain_text("checkpoint_key")
+        expect(preview).to_contain_text(re.compile(r"(?<![\d.])\d{22,}(?![\d.])"))  # every digit, as text
+        expect(preview).not_to_contain_text(re.compile(r"\de\+\d|nan"))  # never a float, never nan
+        page.keyboard.press("Escape")
+
+        # 4. The asset graph: stream -> sink; the sink's plots and lag check
+        sink = "orders_to_realtime/realtime_orders"
+        page.goto(f"{base}/assets/{sink}")
+        body = page.locator("body")
+        expect(body).to_contain_text("Supabase Realtime broadcast topic 'orders'")
+        expect(body).to_contain_text("Upstream assetsstreams / dynamodb / orders")  # its lineage
+        expect(body).to_contain_text("reactive.lag_seconds")  # the run's figures, in its metadata
+        page.goto(f"{base}/assets/{sink}?view=checks")
+        expect(page.locator("body")).to_contain_text("lag_within_objective")
+        page.goto(f"{base}/assets/streams/dynamodb/orders")
+        expect(page.locator("body")).to_contain_text("DynamoDB Streams stream of table 'orders' in us-east-1")
+        expect(page.locator("body")).to_contain_text("orders_to_realtime / realtime_orders")  # downstream
+        page.goto(f"{base}/assets/{sink}")
+        page.get_by_text("Plots", exact=True).click()  # the overview's metadata: Table | Plots
+        plots = page.locator("body")
+        expect(plots).to_contain_text("reactive.lag_seconds")
+        expect(plots).to_contain_text("events_per_s")
+        expect(plots.locator("canvas").first).to_be_visible()  # drawn, not only listed
+
+        # 5. The code location's Docs tab: the component type and its attributes
+        page.goto(f"{base}/locations/__repository__@durability_pipelines/docs")
+        expect(page.locator("body")).to_contain_text("Components")
+        # follow the links' targets: Dagster's community dialog can sit over the sidebar
+        package = page.get_by_role("link", name="durability_pipelines", exact=True)
+        page.goto(base + package.get_attribute("href"))  # the package of component types
+        component = page.get_by_role("link", name="durability_pipelines.components.StreamConsumer").first
+        page.goto(base + component.get_attribute("href"))
+        docs = page.locator("body")
+        expect(docs).to_contain_text("dg scaffold defs durability_pipelines.components.StreamConsumer")
+        expect(docs).to_contain_text("max_lag_s")  # its attributes' schema, with their descriptions
+        expect(docs).to_contain_text("the lag objective")
+
+
+AUDIT_PREVIEW = """{ assetOrError(assetKey: {path: ["checkpoint_audit"]}) { ... on Asset {
+  assetMaterializations(limit: 1) { metadataEntries { label ... on MarkdownMetadataEntry { mdStr } } } } } }"""
+
+
+def _audit_position(demo: DemoProcess) -> str | None:
+    """A position of 22+ digits (a float would show 1.187e+22) in the latest audit
+    preview, as the webserver serves it; None until the mirror schedule has materialized one."""
+    mats = demo.graphql(AUDIT_PREVIEW)["assetOrError"].get("assetMaterializations") or []
+    previews = [e.get("mdStr") or "" for m in mats for e in m["metadataEntries"] if e["label"] == "preview"]
+    found = re.findall(r"(?<![\d.])\d{22,}(?![\d.])", " ".join(previews))
+    return found[0] if found else None
 
 
 def test_dagster_ui_shows_the_running_demo(tmp_path: Path) -> None:

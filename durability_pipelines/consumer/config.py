@@ -1,14 +1,17 @@
-"""Declarative consumer configs: adding a consumer is adding a YAML file.
+"""Declarative consumer configs: adding a consumer is adding a folder with a ``defs.yaml``.
 
-The three starters (DynamoDB worker, Supabase worker, DynamoDB -> Supabase
-Realtime) are files in ``durability_pipelines/consumers/``; one factory turns
-each into a sensor and a job.  A bad file fails definition loading with an
-error naming the file and the field.
+A consumer is an instance of the Dagster component ``durability_pipelines.components.StreamConsumer``
+whose attributes are a ``ConsumerConfig`` (the one schema). The three starters (DynamoDB worker,
+Supabase worker, DynamoDB -> Supabase Realtime) live in ``durability_pipelines/defs/consumers/``.
+``load_consumer_instances`` validates every instance of a folder before anything is built, and reports
+*all* the problems at once, each naming its file and field (plus files that would be silently
+ignored: a ``*.yml``, a YAML file that is not a ``defs.yaml``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +31,10 @@ from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.factory import StoreConfig
 from durability_pipelines.checkpoints.keys import validate_component
 
-CONSUMERS_DIR = Path(__file__).resolve().parent.parent / "consumers"
+#: The shipped defs folder's consumers (the component instances of the starters).
+CONSUMERS_DIR = Path(__file__).resolve().parent.parent / "defs" / "consumers"
+COMPONENT_TYPE = "durability_pipelines.components.StreamConsumer"
+INSTANCE_FILE = "defs.yaml"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DOTTED = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
 
@@ -213,6 +219,12 @@ class ConsumerConfig(_Strict):
         "process or node died) is declared dead by the sensor about one lease later, and the shard re-dispatched",
     )
 
+    max_lag_s: float = Field(
+        default=300.0, gt=0,
+        description="the lag objective: the sink's check lag_within_objective fails while a shard's oldest "
+        "unprocessed record is older than this (seconds)",
+    )
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -256,38 +268,117 @@ class ConsumerConfig(_Strict):
         return self.source.stream
 
 
+def config_error(path: Path | None, message: str) -> ConfigError:
+    return ConfigError(f"consumer config {path or '(no file)'}: {message}")
+
+
 def _format_validation_error(path: Path, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {err['msg']}")
+        lines.append(f"  attributes.{loc}: {err['msg']}")
     return f"consumer config {path}: invalid field(s):\n" + "\n".join(lines)
 
 
 def load_consumer_config(path: Path) -> ConsumerConfig:
+    """One ``defs.yaml`` (``type: durability_pipelines.components.StreamConsumer`` + ``attributes``)."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"consumer config {path}: not valid YAML: {exc}") from None
+        raise config_error(path, f"not valid YAML: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"consumer config {path}: cannot read it: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"consumer config {path}: expected a mapping of fields at the top level")
+        raise config_error(path, f"cannot read it: {exc}") from None
+    if not isinstance(raw, dict) or set(raw) - {"type", "attributes", "requirements", "post_processing"}:
+        raise config_error(path, "expected a component instance: a mapping with 'type' and 'attributes' "
+                                 f"(type: {COMPONENT_TYPE})")
+    if raw.get("type") != COMPONENT_TYPE:
+        raise config_error(path, f"type is {raw.get('type')!r}; a consumer is type: {COMPONENT_TYPE}")
+    if not isinstance(raw.get("attributes"), dict):
+        raise config_error(path, "'attributes' must be a mapping of the consumer's fields (name, source, group, ...)")
     try:
-        return ConsumerConfig.model_validate(raw)
+        return ConsumerConfig.model_validate(raw["attributes"])
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(path, exc)) from None
 
 
-def load_consumer_configs(directory: Path | None = None) -> list[ConsumerConfig]:
-    """Every ``*.yaml`` in the directory, validated; names must be unique."""
+def instance_document(attributes: dict[str, Any]) -> dict[str, Any]:
+    """A consumer's ``defs.yaml`` document: the component type and its attributes."""
+    return {"type": COMPONENT_TYPE, "attributes": attributes}
+
+
+def write_consumer_instance(directory: Path, attributes: dict[str, Any]) -> Path:
+    """Write ``<directory>/<name>/defs.yaml`` for a consumer (tests, benchmarks, scripted set-ups)."""
+    path = directory / str(attributes["name"]) / INSTANCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(instance_document(attributes), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def consumer_files(directory: Path) -> tuple[list[Path], list[str]]:
+    """(the ``defs.yaml`` files of consumer instances under ``directory``, problems with other files)."""
+    instances, problems = [], []
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file() or path.suffix not in (".yaml", ".yml"):
+            continue
+        if path.name == INSTANCE_FILE:
+            instances.append(path)
+        elif path.suffix == ".yml":
+            problems.append(f"consumer config {path}: not loaded: a consumer is a folder with a file named exactly "
+                            f"{INSTANCE_FILE} (rename it to {path.parent / path.stem / INSTANCE_FILE}, or to "
+                            f"{path.with_name(INSTANCE_FILE)} if the folder is the consumer's)")
+        else:
+            problems.append(f"consumer config {path}: not loaded: a consumer is a folder with a {INSTANCE_FILE} "
+                            f"(move it to {path.parent / path.stem / INSTANCE_FILE})")
+    return instances, problems
+
+
+def _other_component(path: Path) -> bool:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError):
+        return False
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    # A type of this package that is not the consumer's is a typo of it, not another component.
+    return isinstance(kind, str) and not kind.startswith("durability_pipelines") and "StreamConsumer" not in kind
+
+
+def load_consumer_instances(directory: Path | None = None, *, require_dir: bool = True,
+                            check: Callable[[ConsumerConfig, Path], None] | None = None,
+                            ) -> list[tuple[Path, ConsumerConfig]]:
+    """Every consumer instance under ``directory``, validated (and passed to ``check``, which raises
+    ``ConfigError`` for a config its caller cannot run); names unique. Every problem of every file is
+    collected and raised at once (``ConfigError``), so that one bad file never hides the next."""
     directory = directory or CONSUMERS_DIR
-    configs: list[ConsumerConfig] = []
+    if not directory.is_dir():
+        if not require_dir:
+            return []
+        raise ConfigError(
+            f"consumer folder {directory} does not exist (DURABILITY_CONSUMERS_DIR?). Point it at a folder of "
+            f"consumers (one sub-folder per consumer, each with a {INSTANCE_FILE}), or unset it to use the shipped "
+            "ones.")
+    paths, problems = consumer_files(directory)
+    loaded: list[tuple[Path, ConsumerConfig]] = []
     seen: dict[str, Path] = {}
-    for path in sorted(directory.glob("*.yaml")):
-        cfg = load_consumer_config(path)
+    for path in paths:
+        if _other_component(path):
+            continue  # another component type's instance: dg loads and checks it
+        try:
+            cfg = load_consumer_config(path)
+            if check is not None:
+                check(cfg, path)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
         if cfg.name in seen:
-            raise ConfigError(f"consumer config {path}: name {cfg.name!r} is already used by {seen[cfg.name]}")
+            problems.append(f"consumer config {path}: name {cfg.name!r} is already used by {seen[cfg.name]}")
+            continue
         seen[cfg.name] = path
-        configs.append(cfg)
-    return configs
+        loaded.append((path, cfg))
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in the consumer configs under {directory}:\n"
+                          + "\n".join(problems))
+    return loaded
+
+
+def load_consumer_configs(directory: Path | None = None) -> list[ConsumerConfig]:
+    return [cfg for _, cfg in load_consumer_instances(directory)]

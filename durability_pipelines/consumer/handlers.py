@@ -14,6 +14,9 @@ again after a crash between the side effect and the checkpoint.
 Set ``handler.transactional = True`` to receive ``ctx.connection`` inside an
 open Postgres transaction; when the checkpoint store is Postgres, the
 checkpoint is saved in that same transaction (exactly-once handoff).
+
+Set ``handler.sink = lambda options, stream: SinkDescription(...)`` to say what the handler writes (a table, a
+topic): it names the consumer's sink asset in Dagster's asset graph. Without it, the sink is "output".
 """
 
 from __future__ import annotations
@@ -51,6 +54,16 @@ class HandlerContext:
     connection: psycopg.Connection | None = None
 
 
+@dataclass(frozen=True)
+class SinkDescription:
+    """What a handler writes, for the asset graph: a name (the sink asset's last key part), the
+    technologies (Dagster kinds) and a sentence."""
+
+    name: str
+    kinds: tuple[str, ...] = ()
+    description: str = ""
+
+
 class Handler(Protocol):
     def __call__(self, events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None: ...
 
@@ -66,6 +79,14 @@ def load_handler(dotted: str) -> Callable[..., HandlerResult | None]:
     if not callable(fn):
         raise ConfigError(f"handler {dotted!r}: module {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def describe_sink(dotted: str, options: dict[str, Any], stream: str) -> SinkDescription:
+    """The handler's own ``sink`` description (from its options and the consumed stream), or a generic one."""
+    describe = getattr(load_handler(dotted), "sink", None)
+    if callable(describe):
+        return describe(options, stream)
+    return SinkDescription("output", (), f"whatever handler {dotted} writes")
 
 
 def is_transactional(handler: Callable[..., Any]) -> bool:

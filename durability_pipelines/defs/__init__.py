@@ -1,5 +1,1 @@
-"""The Dagster layer: resources, consumer jobs and sensors, mirror and audit assets.
-
-Thin wiring only; the rules live in ``checkpoints``, ``sources``, ``sinks``
-and ``consumer``.
-"""
+"""The dg defs folder: one sub-folder per component instance (``consumers/<name>/defs.yaml``)."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import psycopg
 
 from durability_pipelines.consumer.events import ChangeEvent, json_safe
-from durability_pipelines.consumer.handlers import HandlerContext
+from durability_pipelines.consumer.handlers import HandlerContext, SinkDescription
 
 INSERT_SQL = """
 INSERT INTO stream_events (stream, shard, sequence, adapter, event_name, keys, new_image, old_image,
@@ -51,3 +51,6 @@ def handle(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
 
 
 handle.transactional = True  # type: ignore[attr-defined]
+handle.sink = lambda options, stream: SinkDescription(  # type: ignore[attr-defined]
+    "stream_events", ("postgres",), "Postgres table stream_events: one row per change event, keyed by "
+    "(stream, shard, sequence), written in the checkpoint's transaction when the store is Postgres")

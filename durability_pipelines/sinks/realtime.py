@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from durability_pipelines.checkpoints.errors import ConfigError, DurabilityError
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.handlers import HandlerContext
+from durability_pipelines.consumer.handlers import HandlerContext, SinkDescription
 from durability_pipelines.sources.backoff import BackoffPolicy
 
 __all__ = [
@@ -226,6 +227,18 @@ def broadcast_handler(events: Sequence[ChangeEvent], ctx: HandlerContext) -> Non
 broadcast_handler.transactional = True  # type: ignore[attr-defined]
 
 
+def _realtime_sink(how: str):
+    def describe(options: dict[str, Any], stream: str) -> SinkDescription:
+        topic = (options or {}).get("topic") or stream
+        return SinkDescription(f"realtime_{re.sub(r'[^A-Za-z0-9_]', '_', str(topic))}", ("supabase",),
+                               f"Supabase Realtime broadcast topic {topic!r} ({how})")
+
+    return describe
+
+
+broadcast_handler.sink = _realtime_sink("realtime.send in the checkpoint's transaction: exactly once")  # type: ignore[attr-defined]
+
+
 # -- REST path (at-least-once) -----------------------------------------------------------------
 
 
@@ -343,3 +356,6 @@ def rest_broadcast_handler(events: Sequence[ChangeEvent], ctx: HandlerContext) -
     messages = [BroadcastMessage(topic, opts.event or e.event_name, broadcast_payload(e), opts.private) for e in events]
     sent = _broadcaster(opts, ctx).send(messages)
     ctx.log.info("realtime REST broadcast: %d messages to topic %s", sent, topic)
+
+
+rest_broadcast_handler.sink = _realtime_sink("REST API: at least once")  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import boto3
 from boto3.dynamodb.types import Binary, TypeDeserializer
 from botocore.config import Config
-from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from durability_pipelines.checkpoints.errors import ConfigError
@@ -47,6 +47,7 @@ from durability_pipelines.sources.backoff import BackoffPolicy
 from durability_pipelines.sources.errors import (
     SequenceOutOfRangeError,
     ShardNotFoundError,
+    SourceAccessError,
     SourceError,
     StreamChangedError,
     StreamNotFoundError,
@@ -368,6 +369,13 @@ def resolve_stream(
                 f"Check the table name, the region and {ENDPOINT_ENV}."
             ) from exc
         raise
+    except NoCredentialsError as exc:
+        raise SourceAccessError(
+            f"no AWS credentials to describe table {table_name!r} in {region}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/pod role (any values do for moto)."
+        ) from exc
+    except (BotoConnectionError, HTTPClientError) as exc:
+        raise StreamUnavailableError(operation="DescribeTable", attempts=3, detail=str(exc)) from exc
     arn = table.get("LatestStreamArn")
     label = table.get("LatestStreamLabel") or (stream_label_from_arn(arn) if arn else None)
     if not arn or not label:

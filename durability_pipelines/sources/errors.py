@@ -138,6 +138,10 @@ class ShardNotFoundError(SourceError):
         )
 
 
+class SourceAccessError(SourceError):
+    """The source refused or could not authenticate these credentials: retrying will not help."""
+
+
 class StreamNotFoundError(SourceError):
     """The table or its stream does not exist (or is not visible to these credentials)."""
 

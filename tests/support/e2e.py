@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,14 +22,16 @@ from typing import Any
 
 import psycopg
 import redis
-import yaml
 
 from durability_pipelines.checkpoints.keys import CheckpointKey
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+from durability_pipelines.consumer.config import write_consumer_instance
 from durability_pipelines.consumer.storage import ensure
-from durability_pipelines.defs.consumers import CONSUMER_TAG, SHARD_TAG
+from durability_pipelines.orchestration.consumers import CONSUMER_TAG, SHARD_TAG
 from tests.support.dagster_daemon import (
+    DAGSTER_POSTGRES_URL,
     DELIVERIES_DDL,
+    REPO_WORKSPACE,
     DagsterDaemon,
     DagsterHome,
     run_records,
@@ -202,6 +207,15 @@ class E2E:
     def runs(self, c: Consumer, instance: Any = None) -> list[Any]:
         return run_records(instance or self.instance, {CONSUMER_TAG: c.name})
 
+    def set_sensor(self, c: Consumer, *, running: bool) -> None:
+        """``dagster sensor start|stop`` on the current node, as an operator would."""
+        home = self.daemon.home
+        env = {**os.environ, **self.daemon_env, "DAGSTER_HOME": str(home.path), DAGSTER_POSTGRES_URL: home.storage_url}
+        out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "sensor", "start" if running else "stop",
+                              "-w", str(REPO_WORKSPACE), c.sensor], cwd=REPO_WORKSPACE.parent, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
     # -- waits -----------------------------------------------------------------------
     def wait_drained(self, c: Consumer, timeout: float = WAIT_S) -> dict[str, str]:
         """Until every shard's Redis checkpoint is the shard's last sequence and no run is in flight."""
@@ -361,7 +375,7 @@ def e2e_environment(tmp: Path, *, postgres_url: str, admin_url: str, redis_url: 
         consumers_dir = tmp / "consumers"
         consumers_dir.mkdir()
         for c in made.values():
-            (consumers_dir / f"{c.name}.yaml").write_text(yaml.safe_dump(c.yaml(), sort_keys=False))
+            write_consumer_instance(consumers_dir, c.yaml())
         daemon_env = {
             **AWS_TEST_ENV,
             "DURABILITY_DYNAMODB_ENDPOINT_URL": endpoint,

@@ -49,9 +49,9 @@ from pydantic import Field
 
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.consumer.storage import ensure
-from durability_pipelines.defs.consumers import CONSUMER_TAG
-from durability_pipelines.defs.resources import DurabilityResource
-from durability_pipelines.defs.run_queue import IN_FLIGHT_STATUSES, MAINTENANCE_RUN_TAGS
+from durability_pipelines.orchestration.consumers import CONSUMER_TAG
+from durability_pipelines.orchestration.resources import DurabilityResource
+from durability_pipelines.orchestration.run_queue import IN_FLIGHT_STATUSES, MAINTENANCE_RUN_TAGS
 
 RETENTION_JOB = "run_retention_job"
 RETENTION_SCHEDULE = "run_retention_schedule"

@@ -1,21 +1,34 @@
-"""One factory: a consumer config -> a job (one op, ``drain_shard``) and a sensor that polls the
-stream from stored cursors.
+"""One factory: a consumer config -> its Dagster definitions (``build_consumer_defs``), which the
+``StreamConsumer`` component returns.
 
-A run drains its shard: batch after batch (read -> process -> ack, the checkpoint saved after each),
-until it is caught up or its budget is used (``consumer/drain.py``). The op is defined once and shared
-by every consumer's job; which consumer and shard a run serves is op config (set by the sensor).
+* a job of one op, ``drain_shard``: a run drains its shard batch after batch (read -> process -> ack,
+  the checkpoint saved after each) until it is caught up or its budget is used (``consumer/drain.py``),
+  then reports a materialization of the consumer's sink (an observation when it wrote nothing) with
+  the shard's lag and throughput, which Dagster plots;
+* a sensor that polls the stream from the acked checkpoints, one draining run per shard;
+* the sink as an asset downstream of the stream's (``stream_asset_spec``), and a check on it that
+  fails when a shard's oldest unprocessed record is older than the consumer's ``max_lag_s``.
 """
 
 # No `from __future__ import annotations`: Dagster resolves op parameter annotations at definition time.
 
 import time
-from collections.abc import Sequence
+from pathlib import Path
 
 from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckKey,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetKey,
+    AssetMaterialization,
+    AssetObservation,
+    AssetSpec,
     Backoff,
     Config,
     DagsterRunStatus,
     DefaultSensorStatus,
+    Definitions,
     Failure,
     Jitter,
     JobDefinition,
@@ -27,11 +40,13 @@ from dagster import (
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
+    asset_check,
     in_process_executor,
     job,
     op,
     sensor,
 )
+from pydantic import Field
 
 from durability_pipelines.checkpoints.errors import (
     ConfigError,
@@ -39,7 +54,7 @@ from durability_pipelines.checkpoints.errors import (
     LeaseLostError,
     StoreUnavailableError,
 )
-from durability_pipelines.consumer.config import ConsumerConfig
+from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig
 from durability_pipelines.consumer.dispatch import (
     InFlightRun,
     LeaseView,
@@ -50,10 +65,12 @@ from durability_pipelines.consumer.dispatch import (
     shard_id,
 )
 from durability_pipelines.consumer.drain import DrainBudget, DrainReport, ShardDrainer
-from durability_pipelines.consumer.handlers import load_handler
+from durability_pipelines.consumer.handlers import describe_sink, load_handler
+from durability_pipelines.consumer.lag import measure_lag
 from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, ShardBusyError
-from durability_pipelines.defs.resources import DurabilityResource
-from durability_pipelines.defs.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
+from durability_pipelines.observability import LAG_SECONDS, RECORDS_BEHIND
+from durability_pipelines.orchestration.resources import DurabilityResource
+from durability_pipelines.orchestration.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
 from durability_pipelines.sources.errors import (
     SourceError,
     StreamChangedError,
@@ -64,26 +81,20 @@ from durability_pipelines.sources.supabase_changes import ChangeFeedUnavailableE
 
 SHARD_TAG = "durability/shard"
 CONSUMER_TAG = "durability/consumer"
+STREAMS_GROUP = "streams"
+CONSUMERS_GROUP = "consumers"
+LAG_CHECK = "lag_within_objective"
+#: The job's metadata entry holding its consumer's config (what the op runs with; also shown in the UI).
+CONFIG_METADATA = "durability/consumer_config"
 #: The op's per-run log keeps this many batch records in its output metadata (each batch is also logged).
 BATCH_LOG_LIMIT = 200
 #: Errors the op's RetryPolicy retries: the infrastructure, not the data or the config.
 TRANSIENT_ERRORS = (StoreUnavailableError, StreamUnavailableError, ThrottledError, ChangeFeedUnavailableError)
-_REGISTRY: dict[str, ConsumerConfig] = {}
-
-
-def consumer_config(name: str) -> ConsumerConfig:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"no consumer named {name!r} in this code location (known: {sorted(_REGISTRY)}); "
-            "check the op config or the files in durability_pipelines/consumers/"
-        ) from None
 
 
 class DrainShardConfig(Config):
-    consumer: str
-    shard: str = ""  # empty = the unsharded change feed
+    consumer: str = Field(description="the consumer's name (must be this job's consumer)")
+    shard: str = Field(default="", description="the shard id; empty = the unsharded change feed")
 
 
 def _run_finished(context: OpExecutionContext):
@@ -99,11 +110,50 @@ def _report_metadata(report: DrainReport) -> dict:
             "batch_log": MetadataValue.json([b.as_dict() for b in report.batches[-BATCH_LOG_LIMIT:]])}
 
 
+def sink_event(cfg: ConsumerConfig, report: DrainReport, checkpoint_key: str
+               ) -> AssetMaterialization | AssetObservation:
+    """What the run did to the consumer's sink, per shard (the partition-like ``shard`` figure is text):
+    a materialization when it wrote events, an observation when it wrote nothing (the lag still plots)."""
+    figures = report.as_metadata()
+    metadata = {
+        "shard": figures["shard"],
+        "events": figures["events"],
+        "events_per_s": figures["events_per_s"],
+        # 0 once the run caught up: nothing is waiting, however old the newest record is.
+        LAG_SECONDS: 0.0 if report.behind == 0 else figures["lag_seconds"],
+        RECORDS_BEHIND: figures["records_behind"],
+        "batches": figures["batches"],
+        "stop_reason": figures["stop_reason"],
+        "checkpoint": figures["checkpoint"],
+        "checkpoint_key": checkpoint_key,
+    }
+    key = sink_asset_key(cfg)
+    if report.events:
+        return AssetMaterialization(asset_key=key, metadata=metadata,
+                                    description=f"{report.events} events from shard {figures['shard']}")
+    return AssetObservation(asset_key=key, metadata=metadata,
+                            description=f"shard {figures['shard']}: nothing new to write")
+
+
+def job_consumer_config(context: OpExecutionContext) -> ConsumerConfig:
+    """The config of the consumer whose job runs this op: its component's attributes, carried by the job
+    (``CONFIG_METADATA``), so the op never looks a consumer up by name."""
+    raw = context.job_def.metadata.get(CONFIG_METADATA)
+    if raw is None:
+        raise Failure(f"job {context.job_def.name} carries no consumer config (metadata {CONFIG_METADATA}): "
+                      "drain_shard runs only in the jobs StreamConsumer builds", allow_retries=False)
+    return ConsumerConfig.model_validate(raw.value)
+
+
 @op(tags={"kind": "consumer"})
 def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durability: DurabilityResource) -> None:
     """Take the shard's lease and drain it: read -> process -> ack, batch after batch, the checkpoint
-    saved after each, until caught up or the run's budget (max_batches_per_run, max_run_seconds) is used."""
-    cfg = consumer_config(config.consumer)
+    saved after each, until caught up or the run's budget (max_batches_per_run, max_run_seconds) is used;
+    then report what it did to the consumer's sink (a materialization, or an observation)."""
+    cfg = job_consumer_config(context)
+    if config.consumer != cfg.name:
+        raise Failure(f"this is the job of consumer {cfg.name}; ops.drain_shard.config.consumer is "
+                      f"{config.consumer!r}: launch {config.consumer}_job instead", allow_retries=False)
     if cfg.adapter == "dynamodb" and not config.shard:
         raise Failure(
             f"consumer {cfg.name} reads a sharded stream: set ops.drain_shard.config.shard to a shard id "
@@ -120,8 +170,8 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
     except (ShardBusyError, LeaseLostError) as exc:
         raise Failure(str(exc), metadata=_report_metadata(drainer.report), allow_retries=False) from exc
     except BatchDeadLettered as exc:
-        raise Failure(str(exc), metadata={**_report_metadata(drainer.report), "dead_letter_id": exc.dead_letter_id},
-                      allow_retries=False) from exc
+        raise Failure(str(exc), metadata={**_report_metadata(drainer.report),
+                                          "dead_letter_id": exc.dead_letter_id}, allow_retries=False) from exc
     except DurabilityError as exc:
         # A store or the stream down is retried by the op's RetryPolicy (from the acked checkpoint);
         # a wrong config, trimmed data under trim_policy 'fail', a changed stream are not: retrying
@@ -131,11 +181,13 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
         raise Failure(str(exc), metadata=_report_metadata(drainer.report), allow_retries=False) from exc
     finally:
         rt.close()
+    checkpoint_key = rt.key(report.shard).redis_key
     context.log.info(
         f"drained {report.events} events in {len(report.batches)} batches ({report.events_per_s} events/s); "
         f"stopped: {report.stop_reason.value if report.stop_reason else '?'}; checkpoint {report.checkpoint}")
+    context.log_event(sink_event(cfg, report, checkpoint_key))
     context.add_output_metadata({**_report_metadata(report), "backend": cfg.checkpoint.backend,
-                                 "checkpoint_key": rt.key(report.shard).redis_key, **rt.metrics.summary()})
+                                 "checkpoint_key": checkpoint_key, **rt.metrics.summary()})
 
 
 def build_consumer_job(cfg: ConsumerConfig) -> JobDefinition:
@@ -155,6 +207,7 @@ def build_consumer_job(cfg: ConsumerConfig) -> JobDefinition:
         # would re-run dead-lettered batches behind its back.
         tags={CONSUMER_TAG: cfg.name, "dagster/max_retries": "0", **CONSUMER_RUN_TAGS},
         config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": ""}}}},
+        metadata={CONFIG_METADATA: MetadataValue.json(cfg.model_dump(mode="json"))},
     )
     def _consumer_job() -> None:
         drain()
@@ -259,23 +312,107 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
     return _consumer_sensor
 
 
-def validate_for_dagster(cfg: ConsumerConfig) -> None:
-    """Fail definition loading (not the first tick) for configs that cannot work under Dagster."""
+def validate_for_dagster(cfg: ConsumerConfig, path: Path | None = None) -> None:
+    """Fail definition loading (not the first tick) for configs that cannot work under Dagster,
+    naming the file."""
+    where = f"consumer config {path}" if path else f"consumer {cfg.name}"
     if cfg.checkpoint.backend == "memory":
         raise ConfigError(
-            f"consumer {cfg.name}: checkpoint backend 'memory' is process-local, and Dagster runs every batch "
+            f"{where}: attributes.checkpoint.backend 'memory' is process-local, and Dagster runs every batch "
             "in a new process, so the consumer would re-read its initial position forever. Use redis, "
             "postgres or hybrid (memory is for library use and single-process tests)."
         )
-    load_handler(cfg.handler)  # a handler that does not import fails here, naming the dotted path
+    try:
+        load_handler(cfg.handler)  # a handler that does not import fails here, naming the dotted path
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: attributes.handler: {exc}") from None
 
 
-def build_consumer_defs(configs: Sequence[ConsumerConfig]) -> tuple[list[JobDefinition], list[SensorDefinition]]:
-    jobs, sensors = [], []
-    for cfg in configs:
-        validate_for_dagster(cfg)
-        _REGISTRY[cfg.name] = cfg
-        consumer_job = build_consumer_job(cfg)
-        jobs.append(consumer_job)
-        sensors.append(build_consumer_sensor(cfg, consumer_job))
-    return jobs, sensors
+def stream_asset_key(cfg: ConsumerConfig) -> AssetKey:
+    return AssetKey(["streams", cfg.adapter, cfg.stream])
+
+
+def stream_asset_spec(cfg: ConsumerConfig) -> AssetSpec:
+    """The stream a consumer reads: an external asset (Dagster observes it, never materializes it).
+    Consumers of the same stream share it (``definitions.py`` declares each once)."""
+    source = cfg.source
+    if isinstance(source, DynamoDBSourceConfig):
+        description = f"DynamoDB Streams stream of table {source.table!r} in {source.region}"
+        metadata = {"table": source.table, "region": source.region}
+    else:
+        description = (f"Change feed {source.channel!r}: changes of {source.table} captured into "
+                       f"{source.change_log} (Postgres / Supabase)")
+        metadata = {"channel": source.channel, "table": source.table, "change_log": source.change_log}
+    return AssetSpec(stream_asset_key(cfg), description=description, kinds={cfg.adapter},
+                     group_name=STREAMS_GROUP, metadata=metadata)
+
+
+def sink_asset_key(cfg: ConsumerConfig) -> AssetKey:
+    return AssetKey([cfg.name, describe_sink(cfg.handler, cfg.handler_options, cfg.stream).name])
+
+
+def sink_asset_spec(cfg: ConsumerConfig) -> AssetSpec:
+    sink = describe_sink(cfg.handler, cfg.handler_options, cfg.stream)
+    return AssetSpec(
+        sink_asset_key(cfg), deps=[stream_asset_key(cfg)], kinds=set(sink.kinds), group_name=CONSUMERS_GROUP,
+        description=f"{sink.description}. Written by consumer {cfg.name} (job {cfg.name}_job) from "
+                    f"{cfg.adapter} stream {cfg.stream}; each run reports the shard's events, lag and events/s.",
+        metadata={"consumer": cfg.name, "handler": cfg.handler, "max_lag_s": cfg.max_lag_s},
+    )
+
+
+def lag_check_key(cfg: ConsumerConfig) -> AssetCheckKey:
+    return AssetCheckKey(sink_asset_key(cfg), LAG_CHECK)
+
+
+def build_lag_check(cfg: ConsumerConfig) -> AssetChecksDefinition:
+    @asset_check(
+        asset=sink_asset_key(cfg), name=LAG_CHECK, blocking=False,
+        description=f"Every shard's oldest unprocessed record is at most max_lag_s ({cfg.max_lag_s:g} s) old: "
+                    f"consumer {cfg.name} keeps up with its stream (0 when nothing is waiting).",
+    )
+    def _lag_check(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
+        try:
+            rt = durability.runtime(cfg)
+            try:
+                lags = measure_lag(rt)
+            finally:
+                rt.close()
+        except DurabilityError as exc:  # the stream or a store down: unknown is not "within the objective"
+            return AssetCheckResult(passed=False, description=f"cannot measure consumer {cfg.name}'s lag: "
+                                    f"{type(exc).__name__}: {exc}", metadata={"max_lag_s": cfg.max_lag_s})
+        late = [x for x in lags if x.lag_s is not None and x.lag_s > cfg.max_lag_s]
+        unknown = [x for x in lags if x.lag_s is None]
+        worst = max((x.lag_s for x in lags if x.lag_s is not None), default=0.0)
+        problems = []
+        if late:
+            problems.append(
+                f"{len(late)} shard(s) behind the objective of {cfg.max_lag_s:g} s: "
+                + "; ".join(x.describe() for x in sorted(late, key=lambda x: -(x.lag_s or 0))[:5])
+                + f". Is {cfg.name}_sensor running, are its runs failing or queued (Runs, tag "
+                  f"{CONSUMER_TAG}={cfg.name}), is an open dead letter stopping a shard? See docs/operations.md")
+        if unknown:
+            problems.append(f"{len(unknown)} shard(s) whose lag cannot be measured: "
+                            + "; ".join(x.describe() for x in unknown[:5]))
+        return AssetCheckResult(
+            passed=not problems, description="; ".join(problems) or
+            f"{len(lags)} shard(s), worst lag {worst:.1f} s (objective {cfg.max_lag_s:g} s)",
+            metadata={LAG_SECONDS: worst, "max_lag_s": cfg.max_lag_s, "shards": len(lags),
+                      "shards_late": len(late), "shards_unknown": len(unknown),
+                      "per_shard": MetadataValue.md("\n".join(
+                          ["| shard | lag (s) | acked | last ack | problem |", "|---|---|---|---|---|"]
+                          + [f"| {shard_id(x.shard)} | {'' if x.lag_s is None else x.lag_s} | {x.acked or ''} | "
+                             f"{x.last_ack_at.isoformat(timespec='seconds') if x.last_ack_at else ''} | "
+                             f"{x.problem or ''} |" for x in lags[:50]]))},
+        )
+
+    return _lag_check
+
+
+def build_consumer_defs(cfg: ConsumerConfig) -> Definitions:
+    """A consumer's definitions: its job, sensor, sink asset and lag check (the stream's asset is
+    declared once per stream by the code location, ``definitions.py``)."""
+    validate_for_dagster(cfg)
+    consumer_job = build_consumer_job(cfg)
+    return Definitions(jobs=[consumer_job], sensors=[build_consumer_sensor(cfg, consumer_job)],
+                       assets=[sink_asset_spec(cfg)], asset_checks=[build_lag_check(cfg)])

@@ -49,9 +49,10 @@ from durability_pipelines.checkpoints.mirror import CheckpointMirror
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.cursor_mirror import CursorMirror
 from durability_pipelines.consumer.storage import ConsumerStorage
-from durability_pipelines.defs.resources import DurabilityResource
-from durability_pipelines.defs.run_queue import IN_FLIGHT_STATUSES, MAINTENANCE_RUN_TAGS
 from durability_pipelines.observability import ACK_SUCCESS_RATE, Labels, Metrics
+from durability_pipelines.orchestration.consumers import lag_check_key
+from durability_pipelines.orchestration.resources import DurabilityResource
+from durability_pipelines.orchestration.run_queue import IN_FLIGHT_STATUSES, MAINTENANCE_RUN_TAGS
 
 MIRROR_CRON_ENV = "DURABILITY_MIRROR_CRON"
 MIRROR_JOB = "checkpoint_mirror_job"
@@ -77,6 +78,18 @@ class MirrorConfig(Config):
 
 def _schema(columns: dict[str, tuple[str, str]]) -> TableSchema:
     return TableSchema(columns=[TableColumn(name, type_, description=desc) for name, (type_, desc) in columns.items()])
+
+
+def _consumer_lag(df: pd.DataFrame, consumers: Sequence[ConsumerConfig]) -> dict[str, float]:
+    """Seconds since the last ack, per configured consumer (its worst key): a figure per consumer that
+    Dagster plots, never a max over every key in the stores (a stale test key is not a late consumer)."""
+    out: dict[str, float] = {}
+    for cfg in consumers:
+        mine = df[(df["adapter"] == cfg.adapter) & (df["stream"] == cfg.stream) & (df["grp"] == cfg.group)
+                  & (df["consumer"] == cfg.consumer)] if not df.empty else df
+        lag = pd.to_numeric(mine["lag_seconds"], errors="coerce") if not mine.empty else pd.Series(dtype=float)
+        out[f"seconds_since_ack/{cfg.name}"] = float(lag.max()) if lag.notna().any() else 0.0
+    return out
 
 
 def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDefinition], list, list]:
@@ -108,12 +121,11 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
                                                     external_window_s=config.external_window_s))
         persist(db, "checkpoint_audit", df, AUDIT_COLUMNS)
         counts = df["status"].value_counts().to_dict() if not df.empty else {}
-        lag = pd.to_numeric(df["lag_seconds"], errors="coerce") if not df.empty else pd.Series(dtype=float)
         return MaterializeResult(metadata={
             "dagster/column_schema": _schema(AUDIT_COLUMNS),
             "dagster/row_count": len(df),
             "preview": MetadataValue.md(markdown_preview(df)),
-            "max_lag_seconds": float(lag.max()) if lag.notna().any() else 0.0,
+            **_consumer_lag(df, consumers),
             "largest_drift": MetadataValue.text(max((d for d in df["drift"] if d), key=int, default="0")),
             **{f"status_{k}": int(v) for k, v in counts.items()},
         })
@@ -219,9 +231,14 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
     assets = [checkpoint_mirror, checkpoint_audit, checkpoint_history_summary]
     checks = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters,
               no_invalid_checkpoint_values]
+    # The consumers' lag checks run with every mirror run: a missed objective shows within a minute.
+    selection = AssetSelection.assets(*assets)
+    if consumers:
+        selection = selection | AssetSelection.checks(*(lag_check_key(cfg) for cfg in consumers))
     job = define_asset_job(
-        MIRROR_JOB, selection=AssetSelection.assets(*assets),
-        description="Mirror Redis <-> Postgres, then rebuild the audit tables and run the checks.",
+        MIRROR_JOB, selection=selection,
+        description="Mirror Redis <-> Postgres, rebuild the audit tables, run their checks and every "
+                    "consumer's lag check.",
         # One process for the whole run (the multiprocess default started a process per step, 8 per run,
         # and queued up behind itself under load), maintenance priority and concurrency (run_queue.py).
         executor_def=in_process_executor, tags=MAINTENANCE_RUN_TAGS,

@@ -1,0 +1,80 @@
+"""How far behind a consumer is, per shard, measured from the outside (the lag objective's check).
+
+The lag of a shard is the age of its oldest record not yet acked: 0 when nothing is waiting, however
+old the newest acked record is (a quiet stream is not a late consumer). It is measured by reading one
+record after the acked checkpoint, which has no side effect: no lease, no save, no dead letter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from durability_pipelines.checkpoints.errors import DurabilityError
+from durability_pipelines.consumer.dispatch import shard_id
+from durability_pipelines.consumer.runtime import ConsumerRuntime
+
+
+@dataclass(frozen=True)
+class ShardLag:
+    shard: str | None
+    acked: str | None
+    #: age of the oldest record waiting, in seconds; 0.0 = nothing waiting; None = unknown (see problem)
+    lag_s: float | None
+    oldest_waiting: str | None = None
+    last_ack_at: datetime | None = None
+    problem: str | None = None
+
+    def describe(self) -> str:
+        last = self.last_ack_at.isoformat(timespec="seconds") if self.last_ack_at else "never"
+        if self.problem:
+            return f"shard {shard_id(self.shard)}: lag unknown ({self.problem}); last ack {last}"
+        return (f"shard {shard_id(self.shard)}: lag {self.lag_s:.1f} s (oldest waiting record "
+                f"{self.oldest_waiting or '-'}), acked {self.acked or '(nothing yet)'}, last ack {last}")
+
+
+def _age_s(created: datetime | None, now: datetime) -> float | None:
+    if created is None:
+        return None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    return round(max(0.0, (now - created).total_seconds()), 3)
+
+
+def measure_lag(rt: ConsumerRuntime, *, now: datetime | None = None) -> list[ShardLag]:
+    """Every readable shard's lag. A shard whose checkpoint or stream cannot be read is reported with
+    its problem (and lag unknown), never skipped, and never stops the measurement of the others."""
+    now = now or datetime.now(timezone.utc)
+    shards = rt.source.list_shards()
+    acked: dict[str | None, str | None] = {}
+    out: list[ShardLag] = []
+    for shard in shards:
+        try:
+            acked[shard] = rt.store.load(rt.key(shard))
+        except DurabilityError as exc:
+            out.append(ShardLag(shard, None, None, problem=f"checkpoint unreadable: {exc}"))
+    unreadable = {lag.shard for lag in out}
+    for shard in (s for s in rt.source.readable(acked) if s not in unreadable):
+        after = acked.get(shard)
+        last = _last_ack_at(rt, shard)
+        try:
+            batch = rt.source.read(shard, after, 1)
+        except DurabilityError as exc:
+            out.append(ShardLag(shard, after, None, last_ack_at=last, problem=f"{type(exc).__name__}: {exc}"))
+            continue
+        if not batch.events:
+            out.append(ShardLag(shard, after, 0.0, last_ack_at=last))
+            continue
+        first = batch.events[0]
+        age = _age_s(first.created_at, now)
+        out.append(ShardLag(shard, after, age, first.sequence, last,
+                            problem=None if age is not None else "the source gives no record times"))
+    return out
+
+
+def _last_ack_at(rt: ConsumerRuntime, shard: str | None) -> datetime | None:
+    try:
+        entries = rt.store.history(rt.key(shard), limit=1)
+    except (DurabilityError, NotImplementedError):
+        return None
+    return entries[0].ts if entries else None
