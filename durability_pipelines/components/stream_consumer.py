@@ -18,9 +18,7 @@ materialization per run carrying lag and throughput) and the sink's lag check.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import yaml
 from dagster import Component, ComponentLoadContext, Definitions
 from dagster.components.scaffold.scaffold import Scaffolder, ScaffoldRequest, scaffold_with
 from pydantic import BaseModel
@@ -81,15 +79,3 @@ class StreamConsumer(Component):
 
         return build_consumer_defs(self.config)
 
-
-def read_instance(path: Path) -> dict[str, Any]:
-    """The mapping of a ``defs.yaml`` (type + attributes), or ``ConfigError`` naming the file."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise config_error(path, f"not valid YAML: {exc}") from None
-    except OSError as exc:
-        raise config_error(path, f"cannot read it: {exc}") from None
-    if not isinstance(raw, dict):
-        raise config_error(path, "expected a mapping with 'type' and 'attributes' at the top level")
-    return raw
