@@ -48,8 +48,9 @@ from durability_pipelines.checkpoints.errors import (
     StoreUnavailableError,
 )
 from durability_pipelines.checkpoints.factory import StoreConfig, open_store
+from durability_pipelines.checkpoints.inspect import Drift, Stored, drift
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
-from durability_pipelines.checkpoints.ordering import is_number, normalize_sequence, sort_key
+from durability_pipelines.checkpoints.ordering import normalize_sequence, sort_key
 
 if TYPE_CHECKING:
     from durability_pipelines.checkpoints.postgres_store import PostgresConnection
@@ -68,7 +69,7 @@ ENV_SUPABASE_DB_URL = "DURABILITY_SUPABASE_DB_URL"
 BACKENDS = ("redis", "postgres", "hybrid")
 DEFAULT_SET_REASON = "manual set via durability-pipelines CLI"
 EXPORT_FIELDS = ("key", "adapter", "stream", "group", "consumer", "shard", "sequence", "redis", "postgres",
-                 "postgres_updated_at", "drift", "gap")
+                 "postgres_updated_at", "drift", "gap", "consumer_backend")
 
 
 class CliError(Exception):
@@ -285,28 +286,11 @@ def _valid(raw: str | None) -> str | None:
         return None
 
 
-def _drift(redis_raw: str | None, postgres_raw: str | None) -> tuple[str, int | None]:
-    """How the two hybrid stores disagree, and by how much when both are numbers.
-
-    ``redis-ahead`` is normal up to the flush bound (acks not yet flushed to Postgres);
-    ``postgres-ahead`` means Redis lost acks or was changed alone: loads read Redis first.
-    """
-    if redis_raw is None and postgres_raw is None:
-        return "missing", None
-    if redis_raw is not None and _valid(redis_raw) is None:
-        return "invalid-redis", None
-    if postgres_raw is not None and _valid(postgres_raw) is None:
-        return "invalid-postgres", None
-    if postgres_raw is None:
-        return "redis-only", None
-    if redis_raw is None:
-        return "postgres-only", None
-    r, p = _valid(redis_raw), _valid(postgres_raw)
-    assert r is not None and p is not None
-    if r == p:
-        return "in-sync", 0
-    gap = abs(int(r) - int(p)) if is_number(r) and is_number(p) else None
-    return ("redis-ahead" if sort_key(r) > sort_key(p) else "postgres-ahead"), gap
+#: What a drift means for a consumer whose backend is ``postgres``: it loads and saves Postgres only, so a
+#: Redis value is the mirror's copy (or another worker's), never a position it resumes from.
+POSTGRES_BACKEND_DRIFT = {Drift.POSTGRES_AHEAD: "redis-copy-behind", Drift.REDIS_AHEAD: "redis-copy-ahead",
+                          Drift.POSTGRES_ONLY: "ok", Drift.INVALID_REDIS: "invalid-redis-copy",
+                          Drift.WRONG_TYPE_REDIS: "wrong-type-redis-copy"}
 
 
 @dataclass
@@ -314,6 +298,8 @@ class CheckpointRow:
     key: CheckpointKey
     values: dict[str, str | None]  # raw per store
     postgres_updated_at: datetime | None = None
+    wrong_type: dict[str, str] = field(default_factory=dict)  # store -> the Redis type found instead of a string
+    consumer_backend: str | None = None  # the backend of the configured consumer that owns the key, if any
 
     def effective(self) -> str | None:
         """What a load returns: the first store (Redis before Postgres) holding a valid value."""
@@ -322,9 +308,20 @@ class CheckpointRow:
                 return _valid(raw)
         return None
 
+    def _stored(self, name: str) -> Stored | None:
+        if name in self.wrong_type:
+            return Stored.wrong_type(self.wrong_type[name])
+        raw = self.values.get(name)
+        return None if raw is None else Stored.of(raw)
+
     def drift(self) -> tuple[str, int | None]:
+        """The one drift (``checkpoints.inspect.drift``), read for the consumer's backend: for a
+        ``postgres`` consumer Redis only holds a copy, so no drift means it will re-process anything."""
         if set(self.values) == {"redis", "postgres"}:
-            return _drift(self.values["redis"], self.values["postgres"])
+            found, gap = drift(self._stored("redis"), self._stored("postgres"))
+            if self.consumer_backend == "postgres":
+                return POSTGRES_BACKEND_DRIFT.get(found, found.value), gap
+            return found.value, gap
         raw = next(iter(self.values.values()))
         if raw is None:
             return "missing", None
@@ -337,13 +334,14 @@ class CheckpointRow:
             "group": self.key.group, "consumer": self.key.consumer, "shard": self.key.shard,
             "sequence": self.effective(), "redis": self.values.get("redis"), "postgres": self.values.get("postgres"),
             "postgres_updated_at": _iso(self.postgres_updated_at), "drift": drift, "gap": gap,
+            "consumer_backend": self.consumer_backend,
         }
 
 
 def _raw_values(session: Session, keys: Sequence[CheckpointKey] | None = None) -> dict[CheckpointKey, CheckpointRow]:
     """Raw stored values per store (garbage included: showing it is the point), for ``keys`` or all."""
     from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
-    from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
+    from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore, WrongType
 
     subs = session.substores()
     names = [name for name, _ in subs]
@@ -358,6 +356,8 @@ def _raw_values(session: Session, keys: Sequence[CheckpointKey] | None = None) -
         if isinstance(sub, RedisCheckpointStore):
             wanted = list(keys) if keys is not None else sub.keys()
             for key, raw in zip(wanted, sub.load_raw_many(wanted), strict=True):
+                if isinstance(raw, WrongType):
+                    row(key).wrong_type[name] = raw.kind
                 if raw is not None:
                     row(key).values[name] = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         elif isinstance(sub, PostgresCheckpointStore) and keys is None:
@@ -373,7 +373,23 @@ def _raw_values(session: Session, keys: Sequence[CheckpointKey] | None = None) -
                     row(key).values[name] = str(exc.value)
     for key in keys or ():
         row(key)
+    backends = _consumer_backends(session)
+    for r in rows.values():
+        r.consumer_backend = backends.get((r.key.adapter, r.key.stream, r.key.group, r.key.consumer))
     return rows
+
+
+def _consumer_backends(session: Session) -> dict[tuple[str, str, str, str], str]:
+    """(adapter, stream, group, consumer) -> checkpoint backend of each configured consumer (the shipped ones or
+    ``$DURABILITY_CONSUMERS_DIR``): what a drift means depends on which store the consumer resumes from."""
+    from durability_pipelines.consumer.config import configured_consumers_dir, load_consumer_instances
+
+    try:
+        instances = load_consumer_instances(configured_consumers_dir(), require_dir=False)
+    except ConfigError as exc:
+        session.warn(f"cannot read the consumer configs, so drift is shown as for hybrid consumers: {exc}")
+        return {}
+    return {(cfg.adapter, cfg.stream, cfg.group, cfg.consumer): cfg.checkpoint.backend for _, cfg in instances}
 
 
 def _filtered_rows(session: Session, args: argparse.Namespace) -> list[CheckpointRow]:
@@ -446,11 +462,11 @@ def cmd_checkpoints_list(session: Session, args: argparse.Namespace) -> int:
             return "no checkpoints" + (" match the filters" if any(
                 (args.adapter, args.stream, args.group, args.consumer)) else "")
         names = [n for n, _ in session.substores()]
-        headers = ["key", *names, "drift"] + (["postgres updated"] if "postgres" in names else [])
+        headers = ["key", *names, "drift", "consumer backend"] + (["postgres updated"] if "postgres" in names else [])
         body = []
         for d in data:
             drift = d["drift"] + (f" ({d['gap']})" if d["gap"] else "")
-            body.append([d["key"], *(d[n] for n in names), drift]
+            body.append([d["key"], *(d[n] for n in names), drift, d["consumer_backend"] or "-"]
                         + ([d["postgres_updated_at"]] if "postgres" in names else []))
         return table(headers, body) + f"\n{len(rows)} checkpoint(s), backend {session.backend}"
 
@@ -961,7 +977,9 @@ def build_parser() -> argparse.ArgumentParser:
     cps.required = True
     p = add(cps, "list", "every checkpoint, with the value in each store and their drift (hybrid)", cmd_checkpoints_list,
             description="List every checkpoint. With the hybrid backend both stores are shown: drift "
-            "'redis-ahead' is normal up to the flush bound; 'postgres-ahead' or 'invalid-*' need attention.")
+            "'redis-ahead' is normal up to the flush bound; 'postgres-ahead' or 'invalid-*' need attention. For a "
+            "consumer configured with the postgres backend, Redis only holds the mirror's copy: its drift reads "
+            "'redis-copy-behind' / 'redis-copy-ahead' (nothing is re-processed). See docs/cli.md.")
     _filter_args(p)
     p = add(cps, "get", "one checkpoint: value per store and recent history", cmd_checkpoints_get)
     _key_args(p)

@@ -10,7 +10,6 @@ checks, run retention, and the ``durability`` resource.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import types
 from pathlib import Path
@@ -21,13 +20,16 @@ from dagster.components.core.load_defs import get_library_json_enriched_defs
 
 import durability_pipelines.defs
 from durability_pipelines.components import StreamConsumer
-from durability_pipelines.consumer.config import CONSUMERS_DIR, load_consumer_instances
+from durability_pipelines.consumer.config import (
+    CONSUMERS_DIR,
+    configured_consumers_dir,
+    load_consumer_instances,
+)
 from durability_pipelines.orchestration.assets import build_audit_defs
 from durability_pipelines.orchestration.consumers import stream_asset_spec, validate_for_dagster
 from durability_pipelines.orchestration.resources import durability_resource_from_env
 from durability_pipelines.orchestration.retention import build_retention_defs
 
-CONSUMERS_DIR_ENV = "DURABILITY_CONSUMERS_DIR"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_DEFS = Path(durability_pipelines.defs.__file__).resolve().parent
 
@@ -49,11 +51,10 @@ def component_tree(consumers_dir: Path | None = None) -> ComponentTree:
 
 
 def build_definitions(consumers_dir: Path | None = None) -> Definitions:
-    env = os.environ.get(CONSUMERS_DIR_ENV)
-    directory = consumers_dir or (Path(env) if env else None)
+    directory = consumers_dir or configured_consumers_dir()
     # Every problem of every consumer file at once, each naming its file and field (the component tree
     # would stop at the first).
-    load_consumer_instances(directory or CONSUMERS_DIR, check=validate_for_dagster)
+    load_consumer_instances(directory, check=validate_for_dagster)
     tree = component_tree(directory)
     consumers = [c.config for c in tree.get_all_components(of_type=StreamConsumer)]
     streams = {stream_asset_spec(cfg).key: stream_asset_spec(cfg) for cfg in consumers}

@@ -29,6 +29,7 @@ from durability_pipelines.cli import (
     EXIT_USAGE,
     main,
 )
+from durability_pipelines.consumer.config import CONSUMERS_DIR_ENV, write_consumer_instance
 from durability_pipelines.consumer.storage import ConsumerStorage
 from tests.support.stores import build_store, unique_key
 
@@ -191,6 +192,33 @@ def test_list_shows_values_per_store_and_drift(
     only_pg = run_json(capsys, "--backend", "postgres", "checkpoints", "list", "--stream", stream)
     assert {r["consumer"]: r["postgres"] for r in only_pg} == {"synced": "10", "pg-ahead": "30"}
 
+
+
+def test_list_reads_drift_for_the_consumer_s_backend_and_claims_no_replay_for_a_postgres_consumer(
+    capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A postgres-backend consumer resumes from Postgres only: a Redis value behind it (the mirror's copy) means
+    nothing will be re-processed, so the list must not say postgres-ahead; an unconfigured key still does."""
+    stream = f"orders-{uuid.uuid4().hex[:8]}"
+    write_consumer_instance(tmp_path, {
+        "name": "pg_worker", "source": {"kind": "dynamodb", "table": stream}, "group": "workers",
+        "consumer": "pg-consumer", "checkpoint": {"backend": "postgres"}})
+    monkeypatch.setenv(CONSUMERS_DIR_ENV, str(tmp_path))
+    configured = CheckpointKey("dynamodb", stream, "workers", "pg-consumer", "shard-000")
+    foreign = CheckpointKey("dynamodb", stream, "workers", "someone-else", "shard-000")
+    wrong_type = CheckpointKey("dynamodb", stream, "workers", "hashed", "shard-000")
+    for key in (configured, foreign):
+        hybrid.redis.save(key, "3")
+        hybrid.postgres.save(key, "30")
+    hybrid.redis.client.hset(wrong_type.redis_key, "sequence", "100")
+    rows = {r["consumer"]: r for r in run_json(capsys, "checkpoints", "list", "--stream", stream)}
+    assert (rows["pg-consumer"]["drift"], rows["pg-consumer"]["consumer_backend"]) == ("redis-copy-behind", "postgres")
+    assert (rows["someone-else"]["drift"], rows["someone-else"]["consumer_backend"]) == ("postgres-ahead", None)
+    assert rows["hashed"]["drift"] == "wrong-type-redis"  # the one drift definition, as the audit says it
+    code, out, _ = run(capsys, "checkpoints", "list", "--stream", stream)
+    line = next(x for x in out.splitlines() if "pg-consumer" in x)
+    assert code == 0 and "redis-copy-behind (27)" in line and "postgres" in line.split("redis-copy-behind")[1]
+    hybrid.redis.client.delete(wrong_type.redis_key)
 
 def test_fix_a_garbage_checkpoint(capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore) -> None:
     key = unique_key()

@@ -10,6 +10,7 @@ ignored: a ``*.yml``, a YAML file that is not a ``defs.yaml``).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from durability_pipelines.checkpoints.keys import validate_component
 
 #: The shipped defs folder's consumers (the component instances of the starters).
 CONSUMERS_DIR = Path(__file__).resolve().parent.parent / "defs" / "consumers"
+#: Points the code location (and the CLI) at another folder of consumer instances.
+CONSUMERS_DIR_ENV = "DURABILITY_CONSUMERS_DIR"
 COMPONENT_TYPE = "durability_pipelines.components.StreamConsumer"
 INSTANCE_FILE = "defs.yaml"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -340,6 +343,12 @@ def _other_component(path: Path) -> bool:
     kind = raw.get("type") if isinstance(raw, dict) else None
     # A type of this package that is not the consumer's is a typo of it, not another component.
     return isinstance(kind, str) and not kind.startswith("durability_pipelines") and "StreamConsumer" not in kind
+
+
+def configured_consumers_dir() -> Path:
+    """``$DURABILITY_CONSUMERS_DIR`` when set, else the shipped consumers."""
+    env = os.environ.get(CONSUMERS_DIR_ENV)
+    return Path(env) if env else CONSUMERS_DIR
 
 
 def load_consumer_instances(directory: Path | None = None, *, require_dir: bool = True,
