@@ -850,24 +850,6 @@ def cmd_migrate(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _change_feed_module() -> Any:
-    import importlib
-
-    try:
-        supabase_changes = importlib.import_module("durability_pipelines.sources.supabase_changes")
-    except ImportError as exc:
-        raise CliError(
-            f"the change feed is not available in this installation ({exc}); update durability_pipelines to a "
-            "version that ships durability_pipelines/sources/supabase_changes.py",
-            EXIT_USAGE,
-        ) from None
-    for name in ("install_change_feed", "uninstall_change_feed", "purge_channel"):
-        if not hasattr(supabase_changes, name):
-            raise CliError(f"durability_pipelines.sources.supabase_changes has no {name}(); update the package",
-                           EXIT_USAGE)
-    return supabase_changes
-
-
 def _change_feed_url(session: Session, args: argparse.Namespace) -> str:
     """The change log's database: --db-url, $DURABILITY_SUPABASE_DB_URL, else the project's Postgres."""
     url = args.db_url or os.environ.get(ENV_SUPABASE_DB_URL)
@@ -880,7 +862,8 @@ def _change_feed_url(session: Session, args: argparse.Namespace) -> str:
 def cmd_change_feed(session: Session, args: argparse.Namespace) -> int:
     import psycopg
 
-    module = _change_feed_module()
+    from durability_pipelines.sources import supabase_changes as module
+
     url = _change_feed_url(session, args)
     with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
         if args.change_feed_command == "install":

@@ -427,14 +427,6 @@ def test_change_feed_install_and_uninstall(
     assert code == EXIT_USAGE and "does not exist" in err
 
 
-def test_change_feed_missing_module_is_a_clear_error(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "durability_pipelines.sources.supabase_changes", None)
-    code, _, err = run(capsys, "change-feed", "install", "todos")
-    assert code == EXIT_USAGE and "change feed is not available" in err
-
-
 def test_backend_from_environment_is_validated(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, hybrid: HybridCheckpointStore
 ) -> None:

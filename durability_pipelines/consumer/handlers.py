@@ -11,12 +11,13 @@ again after a crash between the side effect and the checkpoint.
   lowest failed sequence and the rest is retried.
 * Raise to fail the whole batch (retried with backoff, then dead-lettered).
 
-Set ``handler.transactional = True`` to receive ``ctx.connection`` inside an
+Decorate it with ``@transactional`` to receive ``ctx.connection`` inside an
 open Postgres transaction; when the checkpoint store is Postgres, the
 checkpoint is saved in that same transaction (exactly-once handoff).
 
-Set ``handler.sink = lambda options, stream: SinkDescription(...)`` to say what the handler writes (a table, a
-topic): it names the consumer's sink asset in Dagster's asset graph. Without it, the sink is "output".
+Decorate it with ``@writes_sink(describe)`` (``describe(options, stream) -> SinkDescription``) to say what it
+writes (a table, a topic): it names the consumer's sink asset in Dagster's asset graph. Without it, the sink is
+"output". Both only set an attribute (``transactional``, ``sink``), so a handler may also set it by hand.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import importlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.consumer.events import ChangeEvent
@@ -65,10 +66,33 @@ class SinkDescription:
 
 
 class Handler(Protocol):
+    """What the runtime calls: ``handler(events, ctx)``."""
+
     def __call__(self, events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None: ...
 
 
-def load_handler(dotted: str) -> Callable[..., HandlerResult | None]:
+H = TypeVar("H", bound=Callable[..., Any])
+SinkDescriber = Callable[[dict[str, Any], str], SinkDescription]
+
+
+def transactional(handler: H) -> H:
+    """Mark ``handler`` transactional: it gets ``ctx.connection`` in an open transaction, which carries the
+    checkpoint too when the store is Postgres (exactly once)."""
+    handler.transactional = True  # type: ignore[attr-defined]
+    return handler
+
+
+def writes_sink(describe: SinkDescriber) -> Callable[[H], H]:
+    """Say what ``handler`` writes, from its options and the consumed stream: names its sink asset."""
+
+    def mark(handler: H) -> H:
+        handler.sink = describe  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def load_handler(dotted: str) -> Handler:
     """Import ``package.module:function`` (or ``package.module.function``)."""
     module_name, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
     try:

@@ -37,7 +37,7 @@ from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointSt
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.filters import count_filtered, matching
-from durability_pipelines.consumer.handlers import HandlerContext, HandlerResult, is_transactional
+from durability_pipelines.consumer.handlers import Handler, HandlerContext, is_transactional
 from durability_pipelines.consumer.source import Gap, SourceBatch, StreamSource
 from durability_pipelines.consumer.storage import ConsumerStorage
 from durability_pipelines.observability import (
@@ -98,7 +98,7 @@ class ConsumerRuntime:
         *,
         store: CheckpointStore,
         source: StreamSource | None,
-        handler: Callable[..., HandlerResult | None],
+        handler: Handler,
         storage: ConsumerStorage | None,
         postgres_url: str | None,
         metrics: Metrics | None = None,

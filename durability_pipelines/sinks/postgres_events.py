@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 
 from durability_pipelines.consumer.events import ChangeEvent, json_safe
-from durability_pipelines.consumer.handlers import HandlerContext, SinkDescription
+from durability_pipelines.consumer.handlers import HandlerContext, SinkDescription, transactional, writes_sink
 
 INSERT_SQL = """
 INSERT INTO stream_events (stream, shard, sequence, adapter, event_name, keys, new_image, old_image,
@@ -43,14 +44,17 @@ def write_events(conn: psycopg.Connection, events: Sequence[ChangeEvent], consum
     return cur.rowcount
 
 
+def _stream_events_sink(options: dict[str, Any], stream: str) -> SinkDescription:
+    return SinkDescription(
+        "stream_events", ("postgres",), "Postgres table stream_events: one row per change event, keyed by "
+        "(stream, shard, sequence), written in the checkpoint's transaction when the store is Postgres")
+
+
+@transactional
+@writes_sink(_stream_events_sink)
 def handle(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     if ctx.connection is None:
         raise RuntimeError("postgres_events.handle needs a Postgres connection (it is a transactional handler)")
     inserted = write_events(ctx.connection, events, ctx.consumer)
     ctx.log.info("stream_events: %d new of %d events", inserted, len(events))
 
-
-handle.transactional = True  # type: ignore[attr-defined]
-handle.sink = lambda options, stream: SinkDescription(  # type: ignore[attr-defined]
-    "stream_events", ("postgres",), "Postgres table stream_events: one row per change event, keyed by "
-    "(stream, shard, sequence), written in the checkpoint's transaction when the store is Postgres")

@@ -36,7 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from durability_pipelines.checkpoints.errors import ConfigError, DurabilityError
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.handlers import HandlerContext, SinkDescription
+from durability_pipelines.consumer.handlers import (
+    HandlerContext,
+    SinkDescriber,
+    SinkDescription,
+    transactional,
+    writes_sink,
+)
 from durability_pipelines.sources.backoff import BackoffPolicy
 
 __all__ = [
@@ -207,6 +213,17 @@ def send_in_transaction(conn: psycopg.Connection, events: Sequence[ChangeEvent],
     return len(events)
 
 
+def _realtime_sink(how: str) -> SinkDescriber:
+    def describe(options: dict[str, Any], stream: str) -> SinkDescription:
+        topic = (options or {}).get("topic") or stream
+        return SinkDescription(f"realtime_{re.sub(r'[^A-Za-z0-9_]', '_', str(topic))}", ("supabase",),
+                               f"Supabase Realtime broadcast topic {topic!r} ({how})")
+
+    return describe
+
+
+@transactional
+@writes_sink(_realtime_sink("realtime.send in the checkpoint's transaction: exactly once"))
 def broadcast_handler(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """Transactional handler: every event via ``realtime.send`` in the checkpoint's transaction.
 
@@ -224,19 +241,7 @@ def broadcast_handler(events: Sequence[ChangeEvent], ctx: HandlerContext) -> Non
     ctx.log.info("realtime.send: %d messages to topic %s (commit pending)", sent, topic)
 
 
-broadcast_handler.transactional = True  # type: ignore[attr-defined]
 
-
-def _realtime_sink(how: str):
-    def describe(options: dict[str, Any], stream: str) -> SinkDescription:
-        topic = (options or {}).get("topic") or stream
-        return SinkDescription(f"realtime_{re.sub(r'[^A-Za-z0-9_]', '_', str(topic))}", ("supabase",),
-                               f"Supabase Realtime broadcast topic {topic!r} ({how})")
-
-    return describe
-
-
-broadcast_handler.sink = _realtime_sink("realtime.send in the checkpoint's transaction: exactly once")  # type: ignore[attr-defined]
 
 
 # -- REST path (at-least-once) -----------------------------------------------------------------
@@ -344,6 +349,7 @@ def _broadcaster(opts: RestBroadcastOptions, ctx: HandlerContext,
         return found
 
 
+@writes_sink(_realtime_sink("REST API: at least once"))
 def rest_broadcast_handler(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """Non-transactional handler: broadcast every event through the REST API (at-least-once).
 
@@ -357,5 +363,3 @@ def rest_broadcast_handler(events: Sequence[ChangeEvent], ctx: HandlerContext) -
     sent = _broadcaster(opts, ctx).send(messages)
     ctx.log.info("realtime REST broadcast: %d messages to topic %s", sent, topic)
 
-
-rest_broadcast_handler.sink = _realtime_sink("REST API: at least once")  # type: ignore[attr-defined]

@@ -34,7 +34,7 @@ from psycopg import sql
 
 from durability_pipelines import services
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.handlers import HandlerContext
+from durability_pipelines.consumer.handlers import HandlerContext, transactional
 from durability_pipelines.processes import ProcessGroup, group_members
 from durability_pipelines.sinks.postgres_events import handle as sink_handle
 
@@ -281,6 +281,7 @@ class PoisonRecordError(ValueError):
     """The batch holds the poison item and the test has not 'fixed the handler' yet."""
 
 
+@transactional
 def record_deliveries(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """The real default sink plus one ``e2e_deliveries`` row per event, in the same transaction.
 
@@ -296,9 +297,9 @@ def record_deliveries(events: Sequence[ChangeEvent], ctx: HandlerContext) -> Non
     )
 
 
-record_deliveries.transactional = True  # type: ignore[attr-defined]
 
 
+@transactional
 def poison_until_fixed(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """Fail the whole batch while it holds the item ``handler_options.poison_pk`` and the Redis key
     ``handler_options.fixed_flag`` is unset (the operator has not fixed the handler); every call is
@@ -316,12 +317,12 @@ def poison_until_fixed(events: Sequence[ChangeEvent], ctx: HandlerContext) -> No
     record_deliveries(events, ctx)
 
 
-poison_until_fixed.transactional = True  # type: ignore[attr-defined]
 
 
 HOLD_LIMIT_S = 120.0  # a held batch gives up after this long (a hang guard if the test died)
 
 
+@transactional
 def deliveries_with_hold(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """:func:`record_deliveries`, except that it stops while the Redis key ``handler_options.hold_flag``
     exists and the batch holds the item it names, so that the test can SIGKILL the run worker there.
@@ -345,7 +346,6 @@ def deliveries_with_hold(events: Sequence[ChangeEvent], ctx: HandlerContext) -> 
         client.close()
 
 
-deliveries_with_hold.transactional = True  # type: ignore[attr-defined]
 
 
 def _hold(client: redis.Redis, flag: str, *, written: int) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.handlers import HandlerContext, HandlerResult
+from durability_pipelines.consumer.handlers import HandlerContext, HandlerResult, transactional
 from durability_pipelines.sinks.postgres_events import write_events
 
 
+@transactional
 def poison_aware(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None:
     """Writes events to stream_events, except those whose new_image has poison=True.
 
@@ -28,16 +29,15 @@ def poison_aware(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerR
     return HandlerResult(failed_sequences=poison)
 
 
-poison_aware.transactional = True  # type: ignore[attr-defined]
 
 
+@transactional
 def crash_after_write(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     assert ctx.connection is not None
     write_events(ctx.connection, events, ctx.consumer)
     raise RuntimeError("crashed after writing, before the commit")
 
 
-crash_after_write.transactional = True  # type: ignore[attr-defined]
 
 
 def report_poison(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None:
@@ -48,6 +48,7 @@ def report_poison(events: Sequence[ChangeEvent], ctx: HandlerContext) -> Handler
 _CALLS: dict[str, int] = {}
 
 
+@transactional
 def fail_first_call(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """Fails the first call per ``options.flag`` (in this process), then writes like the default sink."""
     flag = str(ctx.options["flag"])
@@ -58,13 +59,13 @@ def fail_first_call(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     write_events(ctx.connection, events, ctx.consumer)
 
 
-fail_first_call.transactional = True  # type: ignore[attr-defined]
 
 
 #: ``recording``'s calls: options.flag -> the sequences of each call, in order.
 DELIVERED: dict[str, list[list[str]]] = {}
 
 
+@transactional
 def recording(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResult | None:
     """Records what each call received (under ``options.flag``), then does what ``poison_aware`` does
     with the same options: the tests see both what reached the handler and what it wrote."""
@@ -72,4 +73,3 @@ def recording(events: Sequence[ChangeEvent], ctx: HandlerContext) -> HandlerResu
     return poison_aware(events, ctx)
 
 
-recording.transactional = True  # type: ignore[attr-defined]
