@@ -812,7 +812,7 @@ def cmd_dead_letters_resolve(session: Session, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- schema, change feed, demo
 
 
-_SCHEMA_TABLES = ("checkpoints", "checkpoint_history", "checkpoint_leases", "durability_schema_version",
+_SCHEMA_TABLES = ("checkpoints", "checkpoint_history", "checkpoint_leases", "checkpoint_sentinels", "durability_schema_version",
                   "dead_letters", "stream_gaps", "sensor_cursors", "stream_events")
 
 
@@ -841,13 +841,43 @@ def cmd_migrate(session: Session, args: argparse.Namespace) -> int:
             else ("upgraded" if before_versions[c] < v else "up to date")}
         for c, v in sorted(after_versions.items())
     }
+    converted, redis_note = _convert_sentinels(session, db)
     data = {"database": services.mask_url(session.postgres_url()), "created_tables": created,
-            "existing_tables": sorted(before_tables & after_tables), "components": components}
+            "existing_tables": sorted(before_tables & after_tables), "components": components,
+            "sentinels_converted": [{"store": c.where, "key": c.key, "value": c.value} for c in converted]}
     lines = [f"migrated {data['database']}"]
     lines += [f"  {c}: v{info['after']} ({info['action']})" for c, info in components.items()]
     lines.append("  created tables: " + (", ".join(created) if created else "none (schema was already present)"))
+    lines.append(f"  sentinels moved out of shared keys and rows: {len(converted)}")
+    lines += [f"    {c.describe()}" for c in converted]
+    if redis_note:
+        data["redis"] = redis_note
+        lines.append(f"  redis: {redis_note}")
     session.emit(data, "\n".join(lines))
     return EXIT_OK
+
+
+def _convert_sentinels(session: Session, db: PostgresConnection) -> tuple[list[Any], str | None]:
+    """Move SHARD_END / TRIM_HORIZON / LATEST values an older version wrote into the shared layout to the
+    project's own sentinel store (Postgres always; Redis when it answers, else say so)."""
+    import redis as redis_lib
+
+    from durability_pipelines.checkpoints import sentinels
+
+    with db.connection() as conn, conn.transaction():
+        converted = sentinels.convert_postgres(conn)
+    try:
+        url = session.redis_url()
+    except services.ServiceUnavailableError as exc:
+        return converted, f"not converted ({exc}); run `durability-pipelines migrate` again when Redis answers"
+    client = redis_lib.Redis.from_url(url)
+    try:
+        converted += sentinels.convert_redis(client)
+    except redis_lib.RedisError as exc:
+        return converted, f"not converted ({type(exc).__name__}); run `durability-pipelines migrate` again"
+    finally:
+        client.close()
+    return converted, None
 
 
 def _change_feed_url(session: Session, args: argparse.Namespace) -> str:

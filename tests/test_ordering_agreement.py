@@ -40,9 +40,11 @@ def pg(postgres_url: str):
 def _lua_cmp(lua, a: str, b: str) -> int:
     client, script = lua
     key = f"checkpoint:test:{uuid.uuid4().hex}:g:c:s"
-    client.set(key, a)
-    outcome, *_ = script(keys=[key, key + ":lease", key + ":hist"], args=[b, "w", "", "", "", "", "0"])
-    client.delete(key)
+    sentinel_key = key + ":sentinel"
+    # Where the project keeps it: numbers in the shared key, sentinels in their own key.
+    client.set(key if a[0].isdigit() else sentinel_key, a)
+    outcome, *_ = script(keys=[key, key + ":lease", key + ":hist", sentinel_key], args=[b, "w", "", "", "", "", "0"])
+    client.delete(key, sentinel_key)
     return OUTCOME_TO_CMP[outcome.decode()]
 
 

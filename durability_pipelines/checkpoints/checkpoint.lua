@@ -3,8 +3,10 @@
 -- TRIM_HORIZON < LATEST < numbers < SHARD_END; numbers compare by length, then
 -- text, after stripping leading zeros (tonumber would be a lossy double).
 --
--- KEYS[1] checkpoint key, KEYS[2] lease key, KEYS[3] history stream key,
--- KEYS[4] (optional, hybrid) flush-state hash {acks, flushed_ms}: counts acks since the
+-- KEYS[1] checkpoint key (the shared layout: numbers only), KEYS[2] lease key, KEYS[3] history stream key,
+-- KEYS[4] sentinel key (SHARD_END / TRIM_HORIZON / LATEST: positions other workers cannot feed to
+--         AT_SEQUENCE_NUMBER live here, never in KEYS[1]); the position is the greater of the two,
+-- KEYS[5] (optional, hybrid) flush-state hash {acks, flushed_ms}: counts acks since the
 --         last Postgres flush across every process, so "every N acks or T seconds" holds
 --         for short-lived run processes too.
 -- ARGV[1] sequence (canonical), ARGV[2] writer (the lease owner when fenced), ARGV[3] lease epoch ('' = unfenced),
@@ -59,33 +61,48 @@ if ARGV[3] ~= '' then
     return {'lease_lost', false, l[1] or false, l[2] or false}
   end
 end
-local prev = redis.call('GET', KEYS[1])
+local shared = redis.call('GET', KEYS[1])
+local sentinel = redis.call('GET', KEYS[4])
+local prev, rp, tp = shared, nil, nil
+if shared then
+  rp, tp = rank(shared)
+  if rp == nil then
+    return redis.error_reply('DURABILITY_INVALID_SEQUENCE stored ' .. string.sub(shared, 1, 80))
+  end
+end
+if sentinel then
+  local rq, tq = rank(sentinel)
+  if rq ~= nil and (rp == nil or rq > rp) then prev, rp, tp = sentinel, rq, tq end
+end
 local outcome = 'advanced'
 if prev then
-  local rp, tp = rank(prev)
-  if rp == nil then
-    return redis.error_reply('DURABILITY_INVALID_SEQUENCE stored ' .. string.sub(prev, 1, 80))
-  end
   local c = cmp(rp, tp, rs, ts)
   if c == 0 then outcome = 'unchanged' elseif c > 0 then outcome = 'stale' end
 end
 if outcome == 'advanced' then
-  if ARGV[4] ~= '' then
-    redis.call('SET', KEYS[1], seq, 'PX', ARGV[4])
+  if rs == 2 then
+    if ARGV[4] ~= '' then
+      redis.call('SET', KEYS[1], seq, 'PX', ARGV[4])
+    else
+      -- No TTL of our own: keep the one the key has (another worker's `SET key seq EX 86400`), if any.
+      redis.call('SET', KEYS[1], seq, 'KEEPTTL')
+    end
+    if sentinel then redis.call('DEL', KEYS[4]) end  -- a TRIM_HORIZON / LATEST now behind the number
   else
-    -- No TTL of our own: keep the one the key has (another worker's `SET key seq EX 86400`), if any.
-    redis.call('SET', KEYS[1], seq, 'KEEPTTL')
+    if ARGV[4] ~= '' then redis.call('SET', KEYS[4], seq, 'PX', ARGV[4]) else redis.call('SET', KEYS[4], seq) end
+    -- A sentinel an older version left in the shared key goes; a number there stays (other workers use it).
+    if shared and rank(shared) ~= 2 then redis.call('DEL', KEYS[1]) end
   end
   if ARGV[7] ~= '0' then
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'prev', prev or '', 'seq', seq,
       'writer', ARGV[2], 'epoch', ARGV[3], 'run', ARGV[5], 'reason', ARGV[6])
   end
 elseif outcome == 'unchanged' and ARGV[4] ~= '' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', rs == 2 and KEYS[1] or KEYS[4], ARGV[4])
 end
-if KEYS[4] then
-  local acks = redis.call('HINCRBY', KEYS[4], 'acks', 1)
-  local flushed = tonumber(redis.call('HGET', KEYS[4], 'flushed_ms') or '0')
+if KEYS[5] then
+  local acks = redis.call('HINCRBY', KEYS[5], 'acks', 1)
+  local flushed = tonumber(redis.call('HGET', KEYS[5], 'flushed_ms') or '0')
   return {outcome, prev or false, acks, clock() - flushed}
 end
 return {outcome, prev or false, false, false}

@@ -47,6 +47,7 @@ from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, max_sequence, normalize_sequence
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore, WrongType
+from durability_pipelines.checkpoints.sentinels import is_sentinel
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +255,18 @@ class HybridCheckpointStore(CheckpointStore):
             return result
         result, acks, ms_since_flush = result
         self._recover("redis")
+        ends = result.advanced and is_sentinel(sequence)
+        if ends:
+            # The last number goes to Postgres's shared row before the sentinel replaces it in the buffer
+            # (other workers resume after it), and the sentinel itself right away: it happens once a shard.
+            self.flush(raise_on_outage=False)
         with self._lock:
             if result.advanced:
                 self._pending[key] = (sequence, ctx, lease)
             elif key not in self._pending:
                 # Counted as an ack; make sure a due flush carries the stored value.
                 self._pending[key] = (result.current, ctx, lease)
-        due = (acks is not None and acks >= self.flush_every_n) or (
+        due = ends or (acks is not None and acks >= self.flush_every_n) or (
             ms_since_flush is not None and ms_since_flush >= self.flush_every_s * 1000
         )
         if due:
@@ -442,6 +448,8 @@ class HybridCheckpointStore(CheckpointStore):
             return  # replaced by the next save, under the lease (a load holds none)
         try:
             if garbage is not None:
+                if is_sentinel(value):  # never into the shared key: the next save under the lease replaces it
+                    return
                 self._replace_if_equal(keys=[key.redis_key], args=[garbage, value])
             else:
                 self.redis.save(key, value, context=SaveContext(writer="hybrid-rewarm", reason="rewarm from postgres"))

@@ -25,6 +25,9 @@ REDIS_PREFIX = "checkpoint"
 LEASE_PREFIX = "durability:lease"
 HISTORY_PREFIX = "durability:history"
 HYBRID_STATE_PREFIX = "durability:hybrid"
+#: Positions that are not sequence numbers (SHARD_END, TRIM_HORIZON, LATEST), kept out of the shared
+#: ``checkpoint:*`` keys that other workers feed to ``AT_SEQUENCE_NUMBER`` (see ``checkpoints.sentinels``).
+SENTINEL_PREFIX = "durability:sentinel"
 #: Each sensor's cursor, mirrored for failover (``durability:sensor_cursor:<sensor name>``).
 SENSOR_CURSOR_PREFIX = "durability:sensor_cursor"
 
@@ -173,6 +176,10 @@ class CheckpointKey:
     @property
     def hybrid_state_key(self) -> str:
         return f"{HYBRID_STATE_PREFIX}:{self.adapter}:{self.stream}:{self.group}:{self.consumer}{_suffix(self.shard)}"
+
+    @property
+    def sentinel_key(self) -> str:
+        return f"{SENTINEL_PREFIX}:{self.adapter}:{self.stream}:{self.group}:{self.consumer}{_suffix(self.shard)}"
 
     @property
     def shard_column(self) -> str:

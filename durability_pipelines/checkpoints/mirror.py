@@ -386,7 +386,7 @@ class CheckpointMirror:
             chunk = to_restore[i : i + 1000]
             for key, value, reason in chunk:
                 self._save(
-                    keys=[key.redis_key, key.lease_key.redis_key, key.history_key],
+                    keys=[key.redis_key, key.lease_key.redis_key, key.history_key, key.sentinel_key],
                     args=[value, MIRROR_WRITER, "", "", "", reason, "1000"],
                     client=pipe,
                 )
@@ -477,7 +477,7 @@ def repair_key(client: redis.Redis, db: PostgresConnection, key: CheckpointKey, 
                 "DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()", (*key.as_row().values(), target))
             conn.execute(_RECORD_EXTERNAL_SQL, (*key.as_row().values(), row[0] if row else None, target, by, reason))
     client.register_script(SAVE_LUA)(
-        keys=[key.redis_key, key.lease_key.redis_key, key.history_key], args=[target, by, "", "", "", reason, "1000"])
+        keys=[key.redis_key, key.lease_key.redis_key, key.history_key, key.sentinel_key], args=[target, by, "", "", "", reason, "1000"])
     after_state = for_keys(client, db, [key])[key]
     after = {"redis": after_state.redis.raw if after_state.redis else None,
              "postgres": after_state.postgres.raw if after_state.postgres else None}

@@ -34,12 +34,14 @@ from durability_pipelines.checkpoints.base import (
 )
 from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError, lease_lost
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
-from durability_pipelines.checkpoints.ordering import max_sequence, normalize_sequence
+from durability_pipelines.checkpoints.ordering import SHARD_END, max_sequence, normalize_sequence
+from durability_pipelines.checkpoints.sentinels import effective, is_sentinel
 
 SCHEMA_SQL = (resources.files("durability_pipelines.checkpoints") / "schema.sql").read_text()
 # 2: durability_sequence_rank became an inlinable SQL function; 3: leaner save function;
 # 4: a fenced save also needs an unexpired lease; durability_sequence_rank_or_null
-SCHEMA_VERSION = 4
+# 5: sentinels in checkpoint_sentinels, never in checkpoints (see sentinels.py)
+SCHEMA_VERSION = 5
 _MIGRATION_LOCK = 72_190_311  # pg_advisory_xact_lock id: one migrator at a time
 
 _SAVE_SQL = "SELECT outcome, previous, lease_owner, lease_epoch FROM durability_save_checkpoint(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -50,11 +52,18 @@ FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text
 CROSS JOIN LATERAL durability_save_checkpoint(k.a, k.s, k.g, k.c, k.sh, k.seq, k.w, k.e, k.run, k.reason) AS r
 ORDER BY k.ord
 """
+# A position is the shared number and the sentinel beside it (sentinels.effective decides).
 _LOAD_MANY_SQL = """
-SELECT c.adapter, c.stream, c.grp, c.consumer, c.shard, c.sequence
-FROM checkpoints c
-JOIN unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS k(a, s, g, co, sh)
+SELECT k.a, k.s, k.g, k.co, k.sh, c.sequence, x.sentinel
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS k(a, s, g, co, sh)
+LEFT JOIN checkpoints c
   ON c.adapter = k.a AND c.stream = k.s AND c.grp = k.g AND c.consumer = k.co AND c.shard = k.sh
+LEFT JOIN checkpoint_sentinels x
+  ON x.adapter = k.a AND x.stream = k.s AND x.grp = k.g AND x.consumer = k.co AND x.shard = k.sh
+WHERE c.sequence IS NOT NULL OR x.sentinel IS NOT NULL
+"""
+_LOAD_SQL = """
+SELECT (SELECT sequence FROM checkpoints WHERE {w}), (SELECT sentinel FROM checkpoint_sentinels WHERE {w})
 """
 _KEY_WHERE = "adapter = %s AND stream = %s AND grp = %s AND consumer = %s AND shard = %s"
 _LEASE_WHERE = "adapter = %s AND stream = %s AND grp = %s AND shard = %s"
@@ -296,11 +305,10 @@ class PostgresCheckpointStore(CheckpointStore):
         return normalize_sequence(value, key=f"postgres checkpoints row {key.redis_key}")
 
     def load(self, key: CheckpointKey) -> str | None:
+        params = tuple(key.as_row().values())
         with self.db.connection() as conn:
-            row = conn.execute(
-                f"SELECT sequence FROM checkpoints WHERE {_KEY_WHERE}", tuple(key.as_row().values())
-            ).fetchone()
-        return self._parse(key, row[0] if row else None)
+            shared, sentinel = conn.execute(_LOAD_SQL.format(w=_KEY_WHERE), params + params).fetchone()
+        return self._parse(key, effective(shared, sentinel))
 
     def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
         keys = list(keys)
@@ -309,14 +317,14 @@ class PostgresCheckpointStore(CheckpointStore):
         cols = list(zip(*(k.sort_tuple for k in keys), strict=True))
         with self.db.connection() as conn:
             rows = conn.execute(_LOAD_MANY_SQL, [list(c) for c in cols]).fetchall()
-        found = {CheckpointKey.from_row(*r[:5]): r[5] for r in rows}
+        found = {CheckpointKey.from_row(*r[:5]): effective(r[5], r[6]) for r in rows}
         return {k: self._parse(k, found.get(k)) for k in keys}
 
     def load_rows(self) -> list[tuple[CheckpointKey, str, Any]]:
-        """Every row as (key, raw sequence, ts); for audits and the mirror."""
+        """Every checkpoint as (key, raw position, ts), a sentinel included (the view joins both tables)."""
         with self.db.connection() as conn:
             rows = conn.execute(
-                "SELECT adapter, stream, grp, consumer, shard, sequence, ts FROM checkpoints"
+                "SELECT adapter, stream, grp, consumer, shard, sequence, ts FROM durability_checkpoint_positions"
             ).fetchall()
         out = []
         for r in rows:
@@ -391,14 +399,33 @@ class PostgresCheckpointStore(CheckpointStore):
             row = conn.execute(
                 f"SELECT sequence FROM checkpoints WHERE {_KEY_WHERE} FOR UPDATE", params
             ).fetchone()
-            previous = row[0] if row else None
-            conn.execute(
-                """INSERT INTO checkpoints (adapter, stream, grp, consumer, shard, sequence, ts)
-                VALUES (%s, %s, %s, %s, %s, %s, NOW())
-                ON CONFLICT (adapter, stream, grp, consumer, shard)
-                DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()""",
-                (*params, sequence),
-            )
+            shared = row[0] if row else None
+            sent = conn.execute(
+                f"SELECT sentinel FROM checkpoint_sentinels WHERE {_KEY_WHERE} FOR UPDATE", params
+            ).fetchone()
+            previous = effective(shared, sent[0] if sent else None)
+            if is_sentinel(shared) and not is_sentinel(previous):
+                previous = shared  # an older version's sentinel in the shared row, shown as found
+            if is_sentinel(sequence):
+                conn.execute(
+                    """INSERT INTO checkpoint_sentinels (adapter, stream, grp, consumer, shard, sentinel, ts)
+                    VALUES (%s, %s, %s, %s, %s, %s, NOW()) ON CONFLICT (adapter, stream, grp, consumer, shard)
+                    DO UPDATE SET sentinel = EXCLUDED.sentinel, ts = NOW()""",
+                    (*params, sequence),
+                )
+                # A closed shard keeps its last number for other workers; a rewind to TRIM_HORIZON /
+                # LATEST (or an older version's sentinel in the row) leaves no number behind.
+                if sequence != SHARD_END or shared is None or not (shared.isdigit() and len(shared) <= 40):
+                    conn.execute(f"DELETE FROM checkpoints WHERE {_KEY_WHERE}", params)
+            else:
+                conn.execute(f"DELETE FROM checkpoint_sentinels WHERE {_KEY_WHERE}", params)
+                conn.execute(
+                    """INSERT INTO checkpoints (adapter, stream, grp, consumer, shard, sequence, ts)
+                    VALUES (%s, %s, %s, %s, %s, %s, NOW())
+                    ON CONFLICT (adapter, stream, grp, consumer, shard)
+                    DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()""",
+                    (*params, sequence),
+                )
             conn.execute(
                 """INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence,
                 new_sequence, writer, lease_epoch, run_id, reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, %s)""",

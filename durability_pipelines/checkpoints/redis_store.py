@@ -36,6 +36,7 @@ from durability_pipelines.checkpoints.errors import (
 )
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, normalize_sequence
+from durability_pipelines.checkpoints.sentinels import effective
 
 _SCRIPT_DIR = resources.files("durability_pipelines.checkpoints")
 SAVE_LUA = (_SCRIPT_DIR / "checkpoint.lua").read_text()
@@ -51,10 +52,12 @@ MGET_CHUNK = 1000
 KEY_CACHE_MAX = 65_536
 _OUTCOMES = {o.value.encode(): o for o in SaveOutcome}  # as the save script returns them
 # Operator write: no monotonic guard, no fencing; replaces even a garbage value (or a key of the wrong
-# type) and always appends a history entry. KEYS[1] checkpoint, KEYS[2] history stream.
+# type) and always appends a history entry. KEYS[1] checkpoint, KEYS[2] history stream, KEYS[3] sentinel.
 # ARGV[1] sequence, ARGV[2] writer, ARGV[3] ttl ms ('' = keep the key's current TTL), ARGV[4] run id,
 # ARGV[5] reason, ARGV[6] history maxlen ('0' = uncapped: a forced write is always recorded).
-# Returns the previous value (or '<type>' for a non-string key), or false.
+# A number goes to the shared key (and clears the sentinel); a sentinel goes to its own key, and a
+# TRIM_HORIZON / LATEST also removes the shared number (a rewind: other workers start over too).
+# Returns the previous position (or '<type>' for a non-string key), or false.
 FORCE_SET_LUA = """
 local kind = redis.call('TYPE', KEYS[1]).ok
 local prev = false
@@ -64,12 +67,22 @@ elseif kind ~= 'none' then
   prev = '<redis ' .. kind .. '>'
   redis.call('DEL', KEYS[1])
 end
-if ARGV[3] ~= '' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-elseif kind == 'string' then
-  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+local sprev = redis.call('GET', KEYS[3])
+if sprev and (not prev or sprev == 'SHARD_END' or not string.find(prev, '^[0-9]+$')) then prev = sprev end
+if string.find(ARGV[1], '^[0-9]+$') then
+  redis.call('DEL', KEYS[3])
+  if ARGV[3] ~= '' then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  elseif kind == 'string' then
+    redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+  else
+    redis.call('SET', KEYS[1], ARGV[1])
+  end
 else
-  redis.call('SET', KEYS[1], ARGV[1])
+  if ARGV[1] ~= 'SHARD_END' or (kind == 'string' and not string.find(redis.call('GET', KEYS[1]), '^[0-9]+$')) then
+    redis.call('DEL', KEYS[1])
+  end
+  if ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3]) else redis.call('SET', KEYS[3], ARGV[1]) end
 end
 local fields = {'prev', prev or '', 'seq', ARGV[1], 'writer', ARGV[2], 'epoch', '', 'run', ARGV[4],
                 'reason', ARGV[5], 'forced', '1'}
@@ -83,7 +96,8 @@ return prev
 
 
 # A checkpoint key that holds no position (garbage, or another Redis type) replaced by one, fenced like a
-# save and only if the key still holds what was found. KEYS[1] checkpoint, KEYS[2] lease, KEYS[3] history.
+# save and only if the key still holds what was found. KEYS[1] checkpoint, KEYS[2] lease, KEYS[3] history,
+# KEYS[4] sentinel (where a SHARD_END / TRIM_HORIZON / LATEST goes: the shared key then holds nothing).
 # ARGV[1] the type found ('string' for a garbage value), ARGV[2] sequence, ARGV[3] writer, ARGV[4] epoch
 # ('' = unfenced), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen, ARGV[8] ttl ms ('' = keep the key's),
 # ARGV[9] the garbage value found (type 'string'). Returns {'replaced'|'changed'|'lease_lost', owner, epoch}.
@@ -102,7 +116,10 @@ if ARGV[1] == 'string' then
   prev = redis.call('GET', KEYS[1])
   if prev ~= ARGV[9] then return {'changed', false, false} end
 end
-if ARGV[8] ~= '' then
+if not string.find(ARGV[2], '^[0-9]+$') then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[4], ARGV[2])
+elseif ARGV[8] ~= '' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[8])
 elseif ARGV[1] == 'string' then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
@@ -253,21 +270,27 @@ class RedisCheckpointStore(CheckpointStore):
         self._force_set = client.register_script(FORCE_SET_LUA)
         self._replace_unusable = client.register_script(REPLACE_UNUSABLE_LUA)
         self._leases = RedisLeaseManager(client)
-        self._key_cache: dict[CheckpointKey, tuple[str, str, str, str]] = {}
+        self._key_cache: dict[CheckpointKey, tuple[str, str, str, str, str]] = {}
 
-    def _redis_keys(self, key: CheckpointKey) -> tuple[str, str, str, str]:
-        """(checkpoint, lease, history, hybrid flush-state) Redis keys of ``key``, cached."""
+    def _redis_keys(self, key: CheckpointKey) -> tuple[str, str, str, str, str]:
+        """(checkpoint, lease, history, sentinel, hybrid flush-state) Redis keys of ``key``, cached."""
         cached = self._key_cache.get(key)
         if cached is None:
             if len(self._key_cache) >= KEY_CACHE_MAX:
                 self._key_cache.clear()
-            cached = (key.redis_key, key.lease_key.redis_key, key.history_key, key.hybrid_state_key)
+            cached = (key.redis_key, key.lease_key.redis_key, key.history_key, key.sentinel_key,
+                      key.hybrid_state_key)
             self._key_cache[key] = cached
         return cached
 
-    def _checkpoint_redis_keys(self, keys: Iterable[CheckpointKey]) -> list[str]:
+    def _position_redis_keys(self, keys: Iterable[CheckpointKey]) -> list[str]:
+        """Each key's shared checkpoint key followed by its sentinel key: what one position is read from."""
         get = self._key_cache.get
-        return [(get(k) or self._redis_keys(k))[0] for k in keys]
+        out: list[str] = []
+        for k in keys:
+            cached = get(k) or self._redis_keys(k)
+            out += (cached[0], cached[3])
+        return out
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCheckpointStore:
@@ -281,29 +304,34 @@ class RedisCheckpointStore(CheckpointStore):
         return parse_stored(key, self.load_raw_many([key])[0])
 
     def load_raw_many(self, keys: list[CheckpointKey]) -> list[Any]:
-        """Raw values in key order (pipelined MGET in chunks), unparsed; ``WrongType`` for a key that
-        holds another type than a string (MGET answers nil for those, as for a missing key)."""
+        """Raw positions in key order (pipelined MGET in chunks), unparsed; ``WrongType`` for a key that
+        holds another type than a string (MGET answers nil for those, as for a missing key).
+
+        A position is read from the shared key and the sentinel key together (``sentinels.effective``):
+        a ``SHARD_END`` there wins, a ``TRIM_HORIZON`` / ``LATEST`` counts only where no number is stored.
+        """
         if not keys:
             return []
-        redis_keys = self._checkpoint_redis_keys(keys)
+        redis_keys = self._position_redis_keys(keys)
         with redis_errors(self.client):
-            if len(keys) <= MGET_CHUNK:
-                values = self.client.mget(redis_keys)
+            if len(redis_keys) <= MGET_CHUNK:
+                both = self.client.mget(redis_keys)
             else:
                 pipe = self.client.pipeline(transaction=False)
-                for i in range(0, len(keys), MGET_CHUNK):
+                for i in range(0, len(redis_keys), MGET_CHUNK):
                     pipe.mget(redis_keys[i : i + MGET_CHUNK])
-                values = [v for chunk in pipe.execute() for v in chunk]
+                both = [v for chunk in pipe.execute() for v in chunk]
+            values = both[0::2]
             absent = [i for i, v in enumerate(values) if v is None]
             if absent:  # rare (new shards): tell a missing key from one of another type
                 pipe = self.client.pipeline(transaction=False)
                 for i in absent:
-                    pipe.type(redis_keys[i])
+                    pipe.type(redis_keys[2 * i])
                 for i, kind in zip(absent, pipe.execute(), strict=True):
                     kind = _s(kind)
                     if kind not in ("none", "string"):
                         values[i] = WrongType(kind or "?")
-        return values
+        return [effective(v, s) for v, s in zip(values, both[1::2], strict=True)]
 
     def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
         keys = list(keys)
@@ -343,14 +371,16 @@ class RedisCheckpointStore(CheckpointStore):
         Returns ``(result, acks_since_flush, ms_since_flush)`` (the last two ``None``
         without ``flush_state``), still in one round trip.
         """
-        redis_key, lease_key, history_key, state_key = self._redis_keys(key)
+        redis_key, lease_key, history_key, sentinel_key, state_key = self._redis_keys(key)
         canonical = fast_sequence(sequence)
         sequence = canonical if canonical is not None else normalize_sequence(sequence, key=redis_key)
         ctx = context or SaveContext()
         writer = lease.owner if lease else ctx.writer
         args = [sequence, writer, "" if lease is None else str(lease.epoch), self.ttl_ms,
                 ctx.run_id or "", ctx.reason or "", self.history_maxlen]
-        keys = [redis_key, lease_key, history_key, state_key] if flush_state else [redis_key, lease_key, history_key]
+        keys = [redis_key, lease_key, history_key, sentinel_key]
+        if flush_state:
+            keys.append(state_key)
         try:  # what redis_errors() does, inline: this is the hot path
             outcome, prev, third, fourth = self._run_save_script(keys, args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -380,7 +410,7 @@ class RedisCheckpointStore(CheckpointStore):
 
     def _wrong_type(self, redis_keys: list[str]) -> WrongTypeKeyError:
         """Which of a save's keys is of the wrong type (the script only says WRONGTYPE)."""
-        expected = ("string", "hash", "stream", "hash")  # checkpoint, lease, history, hybrid flush state
+        expected = ("string", "hash", "stream", "string", "hash")  # checkpoint, lease, history, sentinel, flush state
         with redis_errors(self.client):
             pipe = self.client.pipeline(transaction=False)
             for k in redis_keys:
@@ -396,14 +426,15 @@ class RedisCheckpointStore(CheckpointStore):
         """Replace a checkpoint key that holds no position (garbage, or another Redis type) by ``sequence``,
         under the lease. For the hybrid store, which has the truth in Postgres: a Redis-only store has
         nothing to replace it with. False if the key changed meanwhile; ``LeaseLostError`` if fenced out."""
-        redis_key, lease_key, history_key, _ = self._redis_keys(key)
+        redis_key, lease_key, history_key, sentinel_key, _ = self._redis_keys(key)
         with redis_errors(self.client):
             kind = _s(self.client.type(redis_key)) or "none"
             found = _s(self.client.get(redis_key)) if kind == "string" else ""
             args = [kind, sequence, lease.owner if lease else context.writer,
                     "" if lease is None else str(lease.epoch), context.run_id or "", context.reason or "",
                     self.history_maxlen, self.ttl_ms, found or ""]
-            outcome, owner, epoch = self._replace_unusable(keys=[redis_key, lease_key, history_key], args=args)
+            outcome, owner, epoch = self._replace_unusable(keys=[redis_key, lease_key, history_key, sentinel_key],
+                                                           args=args)
         if _s(outcome) == "lease_lost":
             raise lease_lost(lease, _s(owner), int(epoch) if epoch else None)  # type: ignore[arg-type]
         return _s(outcome) == "replaced"
@@ -418,7 +449,7 @@ class RedisCheckpointStore(CheckpointStore):
         ctx = require_force_context(context)
         args = [sequence, ctx.writer, self.ttl_ms, ctx.run_id or "", ctx.reason or "", self.history_maxlen]
         with redis_errors(self.client):
-            prev = self._force_set(keys=[key.redis_key, key.history_key], args=args)
+            prev = self._force_set(keys=[key.redis_key, key.history_key, key.sentinel_key], args=args)
         previous = _s(prev)
         return ForceSetResult(key, previous, sequence, {self.backend: previous})
 
@@ -439,7 +470,7 @@ class RedisCheckpointStore(CheckpointStore):
         if not keys:
             return
         with redis_errors(self.client):
-            self._mark_flushed(keys=[self._redis_keys(k)[3] for k in keys])
+            self._mark_flushed(keys=[self._redis_keys(k)[4] for k in keys])
 
     def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
         with redis_errors(self.client):

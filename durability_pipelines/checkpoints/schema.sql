@@ -61,6 +61,15 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
               ELSE coalesce(durability_sequence_rank_or_null(s), durability_invalid_sequence(s)) END
 $$;
 
+-- Positions that are not sequence numbers (SHARD_END, TRIM_HORIZON, LATEST): never in `checkpoints`,
+-- whose `sequence` other workers feed to AT_SEQUENCE_NUMBER (see checkpoints/sentinels.py). A checkpoint's
+-- position is the greater of its `checkpoints` number and its sentinel here.
+CREATE TABLE IF NOT EXISTS checkpoint_sentinels (
+  adapter TEXT NOT NULL, stream TEXT NOT NULL, grp TEXT NOT NULL,
+  consumer TEXT NOT NULL, shard TEXT NOT NULL, sentinel TEXT NOT NULL,
+  ts TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+  PRIMARY KEY (adapter, stream, grp, consumer, shard));
+
 -- Monotonic, fenced save in one round trip. Outcomes:
 --   advanced | unchanged | stale | lease_lost (nothing written)
 -- p_epoch NULL = unfenced (compatible with workers that use no leases).
@@ -72,10 +81,13 @@ LANGUAGE plpgsql AS $$
 -- Hot path (the row exists): one SELECT ... FOR UPDATE, then UPDATE + history when it advances;
 -- each rank is computed once. A missing row is inserted (ON CONFLICT DO NOTHING waits for a
 -- concurrent inserter, whose row is then locked and compared like any other).
+-- A sentinel (SHARD_END, TRIM_HORIZON, LATEST) is saved in checkpoint_sentinels, never in checkpoints;
+-- the previous position compared against is the greater of the two.
 -- The fencing rule (as in checkpoint.lua): a fenced save needs the lease's owner and epoch, before the
 -- lease expires (clock_timestamp(): the moment of the check, not the transaction's start).
 DECLARE
   v_prev TEXT; v_owner TEXT; v_epoch BIGINT; v_expires TIMESTAMPTZ; v_rank NUMERIC; v_prev_rank NUMERIC;
+  v_sent TEXT; v_sent_rank NUMERIC;
 BEGIN
   v_rank := durability_sequence_rank(p_sequence);
   IF p_epoch IS NOT NULL THEN
@@ -90,6 +102,43 @@ BEGIN
     END IF;
   END IF;
   lease_owner := v_owner; lease_epoch := v_epoch;
+  SELECT s.sentinel INTO v_sent FROM checkpoint_sentinels s
+   WHERE s.adapter = p_adapter AND s.stream = p_stream AND s.grp = p_grp
+     AND s.consumer = p_consumer AND s.shard = p_shard;
+  v_sent_rank := durability_sequence_rank_or_null(v_sent);
+  IF v_rank < 0 OR v_rank >= 1e41 THEN
+    -- A sentinel: compared against both places, written to checkpoint_sentinels only.
+    SELECT c.sequence INTO v_prev FROM checkpoints c
+     WHERE c.adapter = p_adapter AND c.stream = p_stream AND c.grp = p_grp
+       AND c.consumer = p_consumer AND c.shard = p_shard
+     FOR UPDATE;
+    v_prev_rank := durability_sequence_rank(v_prev);
+    IF v_sent_rank IS NOT NULL AND (v_prev_rank IS NULL OR v_sent_rank > v_prev_rank) THEN
+      v_prev := v_sent; v_prev_rank := v_sent_rank;
+    END IF;
+    previous := v_prev;
+    IF v_prev_rank IS NOT NULL AND v_prev_rank >= v_rank THEN
+      outcome := CASE WHEN v_prev_rank = v_rank THEN 'unchanged' ELSE 'stale' END;
+      RETURN NEXT;
+      RETURN;
+    END IF;
+    INSERT INTO checkpoint_sentinels AS s (adapter, stream, grp, consumer, shard, sentinel, ts)
+    VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, p_sequence, NOW())
+    ON CONFLICT (adapter, stream, grp, consumer, shard) DO UPDATE SET sentinel = EXCLUDED.sentinel, ts = NOW()
+      WHERE coalesce(durability_sequence_rank_or_null(s.sentinel), -3) < v_rank;
+    INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence,
+                                    new_sequence, writer, lease_epoch, run_id, reason)
+    VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, v_prev, p_sequence, p_writer, p_epoch,
+            p_run_id, p_reason);
+    outcome := 'advanced';
+    RETURN NEXT;
+    RETURN;
+  END IF;
+  IF v_sent_rank >= 1e41 THEN  -- the shard ended: no number moves it
+    outcome := CASE WHEN v_rank >= 1e41 THEN 'unchanged' ELSE 'stale' END; previous := v_sent;
+    RETURN NEXT;
+    RETURN;
+  END IF;
   SELECT c.sequence INTO v_prev FROM checkpoints c
    WHERE c.adapter = p_adapter AND c.stream = p_stream AND c.grp = p_grp
      AND c.consumer = p_consumer AND c.shard = p_shard
@@ -99,11 +148,16 @@ BEGIN
     VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, p_sequence, NOW())
     ON CONFLICT (adapter, stream, grp, consumer, shard) DO NOTHING;
     IF FOUND THEN
+      IF v_sent IS NOT NULL THEN  -- a TRIM_HORIZON / LATEST, now behind the number
+        DELETE FROM checkpoint_sentinels s
+         WHERE s.adapter = p_adapter AND s.stream = p_stream AND s.grp = p_grp
+           AND s.consumer = p_consumer AND s.shard = p_shard AND s.sentinel <> 'SHARD_END';
+      END IF;
       INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence,
                                       new_sequence, writer, lease_epoch, run_id, reason)
-      VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, NULL, p_sequence, p_writer, p_epoch,
+      VALUES (p_adapter, p_stream, p_grp, p_consumer, p_shard, v_sent, p_sequence, p_writer, p_epoch,
               p_run_id, p_reason);
-      outcome := 'advanced'; previous := NULL;
+      outcome := 'advanced'; previous := v_sent;
       RETURN NEXT;
       RETURN;
     END IF;
@@ -130,3 +184,17 @@ BEGIN
   END IF;
   RETURN NEXT;
 END $$;
+
+-- What a worker that reads positions should see: the greater of the shared number and the sentinel.
+CREATE OR REPLACE VIEW durability_checkpoint_positions AS
+SELECT coalesce(c.adapter, s.adapter) AS adapter, coalesce(c.stream, s.stream) AS stream,
+       coalesce(c.grp, s.grp) AS grp, coalesce(c.consumer, s.consumer) AS consumer,
+       coalesce(c.shard, s.shard) AS shard,
+       CASE WHEN s.sentinel IS NULL THEN c.sequence
+            WHEN c.sequence IS NULL OR s.sentinel = 'SHARD_END' THEN s.sentinel
+            ELSE c.sequence END AS sequence,
+       coalesce(c.ts, s.ts) AS ts
+FROM checkpoints c
+FULL JOIN checkpoint_sentinels s
+  ON s.adapter = c.adapter AND s.stream = c.stream AND s.grp = c.grp AND s.consumer = c.consumer
+ AND s.shard = c.shard;

@@ -32,7 +32,7 @@ from durability_pipelines.checkpoints import (
     SaveResult,
 )
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
-from durability_pipelines.checkpoints.ordering import sequence_gap, sort_key
+from durability_pipelines.checkpoints.ordering import SHARD_END, sequence_gap, sort_key
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
@@ -234,7 +234,8 @@ class ConsumerRuntime:
                 failed = list(result.failed_sequences) if result else []
                 target = read.batch.checkpoint_before(min(failed, key=sort_key)) if failed else ack_to
                 if target is not None:
-                    tx.save(key, target, lease=read.lease, context=ctx_save)
+                    for position in self._positions_to_save(read, target):
+                        tx.save(key, position, lease=read.lease, context=ctx_save)
             return failed
         if not self.postgres_url:
             raise DurabilityError(f"handler {self.config.handler} is transactional but no Postgres URL is configured")
@@ -366,13 +367,20 @@ class ConsumerRuntime:
         key = self.key(read.shard)
         result = None
         if processed.ack_to is not None:
+            context = SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack")
             with self.metrics.timed(f"{self.store.backend}.save", self.store.backend, read.shard):
-                result = self.store.save(
-                    key, processed.ack_to, lease=read.lease,
-                    context=SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack"),
-                )
+                for position in self._positions_to_save(read, processed.ack_to):
+                    result = self.store.save(key, position, lease=read.lease, context=context)
         self._batch_metrics(read, processed, result)
         return result
+
+    @staticmethod
+    def _positions_to_save(read: ReadOutput, target: str) -> list[str]:
+        """``[target]``, or for a shard that ended in this batch its last sequence number first: the
+        shared key keeps a number other workers can resume after, ``SHARD_END`` goes beside it."""
+        if target == SHARD_END and read.batch.events:
+            return [read.batch.events[-1].sequence, SHARD_END]
+        return [target]
 
     def release(self, lease: Lease | None) -> None:
         """Give the shard up (the next run takes it over without waiting for the expiry)."""

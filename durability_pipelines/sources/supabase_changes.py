@@ -493,12 +493,13 @@ def min_acked_position(conn: psycopg.Connection, channel: str, *, groups: Sequen
 
     None (purge nothing) when there is no checkpoint, when a consumer's checkpoint is a sentinel
     (it acked nothing yet), or when one of ``groups`` has no checkpoint at all: a group that never
-    checkpointed must be named here, or its unread changes could be purged. Only the Postgres
-    ``checkpoints`` table is consulted (Redis-only stores: pass positions to ``purge_acked``).
+    checkpointed must be named here, or its unread changes could be purged. Only Postgres is consulted
+    (``durability_checkpoint_positions``: the shared number and the sentinel beside it; Redis-only
+    stores: pass positions to ``purge_acked``).
     """
     rows = conn.execute(
         """SELECT grp, bool_and(sequence ~ %s), min(CASE WHEN sequence ~ %s THEN sequence::numeric END)
-           FROM checkpoints WHERE adapter = %s AND stream = %s GROUP BY grp""",
+           FROM durability_checkpoint_positions WHERE adapter = %s AND stream = %s GROUP BY grp""",
         (_DIGITS, _DIGITS, adapter, channel),
     ).fetchall()
     if not rows or not all(r[1] for r in rows):
