@@ -34,7 +34,11 @@ from durability_pipelines.checkpoints import (
 )
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
 from durability_pipelines.checkpoints.ordering import sequence_gap, sort_key
-from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore, connection_is_stale, mask_conninfo
+from durability_pipelines.checkpoints.postgres_store import (
+    PostgresCheckpointStore,
+    connection_is_stale,
+    mask_conninfo,
+)
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.filters import count_filtered, matching

@@ -334,7 +334,6 @@ class PrivatePostgres(_ServerProcess):
             return False
         return True
 
-
     def start_standby(self, base_dir: Path | None = None, *, port: int | None = None) -> PrivateStandby:
         """A streaming standby of this (running) server, started and replaying: ``pg_basebackup -R``.
 
