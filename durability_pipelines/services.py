@@ -390,7 +390,37 @@ def libpq_url(url: str) -> str:
     Only the scheme is rewritten, the rest is kept byte for byte (``urlunsplit`` would turn
     ``postgresql:///db?host=/tmp`` into ``postgresql:/db``); libpq keyword strings pass unchanged.
     """
-    return _with_scheme(url, "postgresql")
+    return _sqlalchemy_hosts_to_libpq(_with_scheme(url, "postgresql"))
+
+
+def _sqlalchemy_hosts_to_libpq(url: str) -> str:
+    """``?host=h1:p1&host=h2:p2`` (SQLAlchemy's multi-host form) → ``?host=h1,h2&port=p1,p2`` (libpq's).
+
+    libpq keeps only the last of repeated parameters and would take ``h2:p2`` for a host name, so a
+    ``DAGSTER_POSTGRES_URL`` written for SQLAlchemy must be translated before psycopg connects with it.
+    """
+    split = _split_url(url)
+    if split is None or "?" not in split.tail:
+        return url
+    path, _, rest = split.tail.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    items = [item for item in query.split("&") if item]
+    hosts = [unquote(item.split("=", 1)[1]) for item in items if item.startswith("host=")]
+    with_port = [h for h in hosts if not h.startswith("/") and re.search(r":\d+$", h)]
+    if len(hosts) < 2 and not with_port:
+        return url
+    names, ports = [], []
+    for host in hosts:
+        name, sep, port = host.rpartition(":") if re.search(r":\d+$", host) and not host.startswith("/") else ("", "", "")
+        names.append(name if sep else host)
+        ports.append(port)
+    others = [item for item in items if not item.startswith(("host=", "port="))]
+    libpq = [f"host={','.join(quote(n, safe='[]:/') for n in names)}"]
+    if any(ports):
+        libpq.append(f"port={','.join(ports)}")
+    tail = f"{path}?{'&'.join(libpq + others)}" + (f"#{fragment}" if hash_ else "")
+    userinfo = f"{split.userinfo}@" if split.userinfo is not None else ""
+    return f"{split.scheme}{userinfo}{split.hostport}{tail}"
 
 
 def dagster_storage_url(url: str) -> str:
@@ -439,10 +469,16 @@ def with_database(url: str, dbname: str) -> str:
 
     if _split_url(url) is None:
         return make_conninfo(url, dbname=dbname)
-    parts = urlsplit(url)
-    # A ?dbname= parameter would override the path in libpq: the path alone names the database.
-    query = "&".join(item for item in parts.query.split("&") if item and not item.startswith("dbname="))
-    return urlunsplit(parts._replace(path="/" + quote(dbname, safe=""), query=query))
+    split = _split_url(url)
+    assert split is not None
+    # Rebuilt by hand: urlunsplit turns postgresql:///db?host=/tmp into postgresql:/db. A ?dbname=
+    # parameter would override the path in libpq, so the path alone names the database.
+    _, _, rest = split.tail.partition("?")
+    query, _, _ = rest.partition("#")
+    query = "&".join(item for item in query.split("&") if item and not item.startswith("dbname="))
+    userinfo = f"{split.userinfo}@" if split.userinfo is not None else ""
+    path = "/" + quote(dbname, safe="")
+    return f"{split.scheme}{userinfo}{split.hostport}{path}" + (f"?{query}" if query else "")
 
 
 def database_of(url: str) -> str:

@@ -159,3 +159,31 @@ def test_a_connection_on_a_standby_is_dropped_and_reported_as_unavailable(
     ):
         conn.execute("CREATE TABLE dp_never (x int)")
     assert db._conn is None  # dropped: the next call reconnects (to the primary, with a multi-host URL)
+
+
+def test_sqlalchemys_host_list_is_read_as_libpqs_so_psycopg_sees_every_host() -> None:
+    storage = "postgresql+psycopg2://ops:pw@/app?host=db-a:5432&host=db-b:5433&target_session_attrs=read-write"
+    assert services.libpq_url(storage) == (
+        "postgresql://ops:pw@/app?host=db-a,db-b&port=5432,5433&target_session_attrs=read-write"
+    )
+    assert services.postgres_hosts(storage) == ["db-a:5432", "db-b:5433"]
+    assert services.dagster_storage_url(storage) == storage  # already in Dagster's form: unchanged
+    with pytest.raises(services.InvalidServiceURLError, match="target_session_attrs=read-write"):
+        services.validate_postgres_url(storage.replace("&target_session_attrs=read-write", ""))
+
+
+def test_a_socket_directory_url_keeps_its_empty_host_when_the_database_changes() -> None:
+    url = "postgresql:///app?host=/var/run/postgresql"
+    assert services.with_database(url, "other") == "postgresql:///other?host=/var/run/postgresql"
+    assert services.libpq_url(url) == url and services.dagster_storage_url(url).endswith(":///app?host=/var/run/postgresql")
+
+
+def test_dagster_postgres_url_in_sqlalchemys_form_is_checked_against_the_primary(
+    pair: tuple[PrivatePostgres, PrivateStandby], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primary, standby = pair
+    storage = services.dagster_storage_url(multi_host_url(standby, primary))
+    monkeypatch.setenv(services.ENV_DAGSTER_POSTGRES_URL, storage)
+    assert services.resolve_dagster_postgres_url() == storage  # check_postgres connected through libpq's form
+    with psycopg.connect(services.libpq_url(storage), autocommit=True) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
