@@ -187,3 +187,31 @@ def test_dagster_postgres_url_in_sqlalchemys_form_is_checked_against_the_primary
     assert services.resolve_dagster_postgres_url() == storage  # check_postgres connected through libpq's form
     with psycopg.connect(services.libpq_url(storage), autocommit=True) as conn:
         assert conn.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
+
+
+def test_only_a_lost_or_read_only_connection_counts_as_stale(pair: tuple[PrivatePostgres, PrivateStandby]) -> None:
+    from durability_pipelines.checkpoints.postgres_store import connection_is_stale
+
+    primary, standby = pair
+    errors: dict[str, psycopg.Error] = {}
+    with primary.connect() as conn, primary.connect() as killer:
+        try:
+            conn.execute("SET statement_timeout = 1; SELECT pg_sleep(1)")
+        except psycopg.Error as exc:
+            errors["statement timeout"] = exc
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            errors["terminated"] = exc
+    with standby.connect() as conn:
+        try:
+            conn.execute("CREATE TABLE dp_never (x int)")
+        except psycopg.Error as exc:
+            errors["read-only"] = exc
+    assert {what: connection_is_stale(exc) for what, exc in errors.items()} == {
+        "statement timeout": False,  # an OperationalError too, but the connection is fine
+        "terminated": True,
+        "read-only": True,
+    }

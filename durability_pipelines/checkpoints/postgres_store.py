@@ -82,7 +82,17 @@ def connection_is_stale(exc: BaseException) -> bool:
     (or always was) a standby: every write there fails with "cannot execute ... in a read-only
     transaction" until a reconnect lets ``target_session_attrs=read-write`` find the new primary.
     """
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | pg_errors.ReadOnlySqlTransaction)
+    if isinstance(exc, psycopg.InterfaceError | pg_errors.ReadOnlySqlTransaction):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    # A lost connection has no SQLSTATE (libpq's own error) or one of class 08 / a shutdown; a deadlock,
+    # a serialization failure or a statement timeout are OperationalErrors too, but the connection is fine.
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _SHUTDOWN_STATES
+
+
+_SHUTDOWN_STATES = frozenset({"57P01", "57P02", "57P03"})  # admin shutdown, crash shutdown, cannot connect now
 
 
 def _lease_params(key: LeaseKey) -> tuple[str, str, str, str]:

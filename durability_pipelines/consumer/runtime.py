@@ -264,11 +264,16 @@ class ConsumerRuntime:
         return failed
 
     def _sink_unavailable(self, read: ReadOutput, exc: BaseException) -> str:
+        from durability_pipelines.services import url_secrets
+
         c = self.config
         target = mask_conninfo(self.postgres_url or "")
+        detail = str(exc).strip() or "no detail"
+        for secret in sorted(url_secrets(self.postgres_url), key=len, reverse=True):
+            detail = detail.replace(secret, "***")
         return (
             f"consumer {c.name} shard {read.shard or '-'}: the sink database ({target}) is unreachable or read-only "
-            f"({type(exc).__name__}: {str(exc).strip() or 'no detail'}); the batch's writes were rolled back and its "
+            f"({type(exc).__name__}: {detail}); the batch's writes were rolled back and its "
             "checkpoint was not saved, so it is retried from the acked checkpoint (the op's RetryPolicy), never "
             "skipped. During a failover this clears once the standby is promoted, if DURABILITY_POSTGRES_URL names "
             "both hosts with target_session_attrs=read-write; otherwise start the server or correct the URL."
