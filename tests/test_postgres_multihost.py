@@ -19,7 +19,9 @@ from tests.support.dagster_daemon import wait_until
 from tests.support.servers import PrivatePostgres, PrivateStandby, multi_host_url
 
 URI = "postgresql://ops:s3cr%40tpw@db-a:5432,db-b:5433/app?target_session_attrs=read-write"
-KEYWORDS = "host=db-a,db-b port=5432,5433 dbname=app user=ops password=s3cr3tpw target_session_attrs=read-write"
+KEYWORDS = (
+    "host=db-a,db-b port=5432,5433 dbname=app user=ops password=s3cr3tpw target_session_attrs=read-write"
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,9 @@ def test_dagster_storage_on_a_multi_host_url_lands_on_the_primary(
     from dagster_postgres.run_storage import PostgresRunStorage
 
     primary, standby = pair
-    url = services.dagster_storage_url(services.ensure_database(multi_host_url(standby, primary), "dp_mh_dagster"))
+    url = services.dagster_storage_url(
+        services.ensure_database(multi_host_url(standby, primary), "dp_mh_dagster")
+    )
     # libpq does not try the next host when one answers "no such database": let the standby replay it.
     wait_until(standby.caught_up, what="the standby replayed CREATE DATABASE", timeout=60)
     engine = sqlalchemy.create_engine(url)
@@ -162,7 +166,9 @@ def test_a_connection_on_a_standby_is_dropped_and_reported_as_unavailable(
 
 
 def test_sqlalchemys_host_list_is_read_as_libpqs_so_psycopg_sees_every_host() -> None:
-    storage = "postgresql+psycopg2://ops:pw@/app?host=db-a:5432&host=db-b:5433&target_session_attrs=read-write"
+    storage = (
+        "postgresql+psycopg2://ops:pw@/app?host=db-a:5432&host=db-b:5433&target_session_attrs=read-write"
+    )
     assert services.libpq_url(storage) == (
         "postgresql://ops:pw@/app?host=db-a,db-b&port=5432,5433&target_session_attrs=read-write"
     )
@@ -175,7 +181,9 @@ def test_sqlalchemys_host_list_is_read_as_libpqs_so_psycopg_sees_every_host() ->
 def test_a_socket_directory_url_keeps_its_empty_host_when_the_database_changes() -> None:
     url = "postgresql:///app?host=/var/run/postgresql"
     assert services.with_database(url, "other") == "postgresql:///other?host=/var/run/postgresql"
-    assert services.libpq_url(url) == url and services.dagster_storage_url(url).endswith(":///app?host=/var/run/postgresql")
+    assert services.libpq_url(url) == url and services.dagster_storage_url(url).endswith(
+        ":///app?host=/var/run/postgresql"
+    )
 
 
 def test_dagster_postgres_url_in_sqlalchemys_form_is_checked_against_the_primary(
@@ -189,7 +197,9 @@ def test_dagster_postgres_url_in_sqlalchemys_form_is_checked_against_the_primary
         assert conn.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
 
 
-def test_only_a_lost_or_read_only_connection_counts_as_stale(pair: tuple[PrivatePostgres, PrivateStandby]) -> None:
+def test_only_a_lost_or_read_only_connection_counts_as_stale(
+    pair: tuple[PrivatePostgres, PrivateStandby],
+) -> None:
     from durability_pipelines.checkpoints.postgres_store import connection_is_stale
 
     primary, standby = pair

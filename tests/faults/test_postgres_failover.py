@@ -134,16 +134,26 @@ def test_a_consumer_draining_into_postgres_goes_on_after_a_promotion_with_every_
         assert len(failures) == 1 and isinstance(failures[0], expected_error)
         assert "retried" in str(failures[0]) or "rolled back" in str(failures[0])
         it = streams.get_shard_iterator(StreamArn=arn, ShardId=shard, ShardIteratorType="TRIM_HORIZON")
-        produced = [r["dynamodb"]["SequenceNumber"] for r in
-                    streams.get_records(ShardIterator=it["ShardIterator"], Limit=1000)["Records"]]
+        produced = [
+            r["dynamodb"]["SequenceNumber"]
+            for r in streams.get_records(ShardIterator=it["ShardIterator"], Limit=1000)["Records"]
+        ]
     assert report.checkpoint == produced[-1]
     assert not standby.in_recovery()
     with psycopg.connect(url) as conn:  # lands on the promoted standby
         assert conn.execute("SELECT inet_server_port()").fetchone()[0] == standby.port
-        sink = [s for (s,) in conn.execute(
-            "SELECT sequence FROM stream_events WHERE stream = %s ORDER BY sequence::numeric", (table,))]
-        delivered = [s for (s,) in conn.execute(
-            "SELECT sequence FROM e2e_deliveries WHERE stream = %s ORDER BY sequence::numeric", (table,))]
+        sink = [
+            s
+            for (s,) in conn.execute(
+                "SELECT sequence FROM stream_events WHERE stream = %s ORDER BY sequence::numeric", (table,)
+            )
+        ]
+        delivered = [
+            s
+            for (s,) in conn.execute(
+                "SELECT sequence FROM e2e_deliveries WHERE stream = %s ORDER BY sequence::numeric", (table,)
+            )
+        ]
         dead = conn.execute("SELECT count(*) FROM dead_letters WHERE stream = %s", (table,)).fetchone()[0]
     assert sink == produced  # every record, in order, nothing skipped
     assert delivered == produced  # each batch committed exactly once: the failed one was rolled back
