@@ -307,7 +307,7 @@ def validate_postgres_url(url: str, *, source: str | None = None) -> None:
                            "use postgresql://host:5432/database, with user:password@ before the host")
         _check_split(url, split, kind, source, multi_host=True)
     try:
-        conninfo_to_dict(libpq_url(url))
+        params = conninfo_to_dict(libpq_url(url))
     except (ProgrammingError, ValueError) as exc:
         # libpq quotes the offending token: after the checks above that is never the userinfo of a URL,
         # but in a key=value string it may be a password, so it is shown for URLs only.
@@ -315,6 +315,56 @@ def validate_postgres_url(url: str, *, source: str | None = None) -> None:
         fix = ("use postgresql://host:5432/database?sslmode=require, with user:password@ before the host; "
                f"{_ENCODE_HOW}")
         raise _invalid(url, kind, source, why, fix) from None
+    _check_multi_host(url, params, kind, source)
+
+
+def postgres_hosts(url: str) -> list[str]:
+    """Every ``host[:port]`` a PostgreSQL URL or conninfo names, in libpq's order (one for a plain URL)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(libpq_url(url))
+    hosts = _split_list(params.get("host") or params.get("hostaddr") or "")
+    ports = _split_list(params.get("port") or "")
+    if not hosts:
+        return [f"localhost:{ports[0] if ports else 5432}"]
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    return [f"{h}:{ports[i]}" if i < len(ports) and ports[i] else h for i, h in enumerate(hosts)]
+
+
+def _split_list(value: object) -> list[str]:
+    return [item.strip() for item in str(value).split(",")] if value else []
+
+
+def _check_multi_host(url: str, params: dict[str, object], kind: str, source: str | None) -> None:
+    """A URL naming several hosts must pin the session to the primary, and give one port or one per host.
+
+    libpq tries the hosts in order and, with the default ``target_session_attrs=any``, keeps the first
+    that answers: after a failover (or simply after a reconnect) that may be the standby, where every
+    write fails with "cannot execute ... in a read-only transaction" and the consumers stop.
+    """
+    hosts = _split_list(params.get("host") or params.get("hostaddr") or "")
+    if len(hosts) < 2:
+        return
+    ports = _split_list(params.get("port") or "")
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise _invalid(url, kind, source, f"it names {len(hosts)} hosts but {len(ports)} ports",
+                       "give one port for all hosts or one port per host, in the same order")
+    attrs = str(params.get("target_session_attrs") or "any")
+    if attrs not in ("read-write", "primary"):
+        why = (f"it names {len(hosts)} hosts with target_session_attrs={attrs}, so a reconnect may land on a "
+               "standby, where every checkpoint save and sink write fails as read-only")
+        sep = "&" if _has_query(url) else "?"
+        fix = ("add target_session_attrs=read-write (libpq then skips standbys and connects to whichever host "
+               f"accepts writes): {sep}target_session_attrs=read-write at the end of a postgresql:// URL, or "
+               "' target_session_attrs=read-write' in a key=value string")
+        raise _invalid(url, kind, source, why, fix)
+
+
+def _has_query(url: str) -> bool:
+    """True if a ``scheme://`` URL already has a ``?query`` (a key=value string never has)."""
+    split = _split_url(url)
+    return split is not None and "?" in split.tail
 
 
 def validate_redis_url(url: str, *, source: str | None = None) -> None:
@@ -340,12 +390,66 @@ def libpq_url(url: str) -> str:
     Only the scheme is rewritten, the rest is kept byte for byte (``urlunsplit`` would turn
     ``postgresql:///db?host=/tmp`` into ``postgresql:/db``); libpq keyword strings pass unchanged.
     """
-    return _with_scheme(url, "postgresql")
+    return _sqlalchemy_hosts_to_libpq(_with_scheme(url, "postgresql"))
+
+
+def _sqlalchemy_hosts_to_libpq(url: str) -> str:
+    """``?host=h1:p1&host=h2:p2`` (SQLAlchemy's multi-host form) → ``?host=h1,h2&port=p1,p2`` (libpq's).
+
+    libpq keeps only the last of repeated parameters and would take ``h2:p2`` for a host name, so a
+    ``DAGSTER_POSTGRES_URL`` written for SQLAlchemy must be translated before psycopg connects with it.
+    """
+    split = _split_url(url)
+    if split is None or "?" not in split.tail:
+        return url
+    path, _, rest = split.tail.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    items = [item for item in query.split("&") if item]
+    hosts = [unquote(item.split("=", 1)[1]) for item in items if item.startswith("host=")]
+    with_port = [h for h in hosts if not h.startswith("/") and re.search(r":\d+$", h)]
+    if len(hosts) < 2 and not with_port:
+        return url
+    names, ports = [], []
+    for host in hosts:
+        name, sep, port = host.rpartition(":") if re.search(r":\d+$", host) and not host.startswith("/") else ("", "", "")
+        names.append(name if sep else host)
+        ports.append(port)
+    others = [item for item in items if not item.startswith(("host=", "port="))]
+    libpq = [f"host={','.join(quote(n, safe='[]:/') for n in names)}"]
+    if any(ports):
+        libpq.append(f"port={','.join(ports)}")
+    tail = f"{path}?{'&'.join(libpq + others)}" + (f"#{fragment}" if hash_ else "")
+    userinfo = f"{split.userinfo}@" if split.userinfo is not None else ""
+    return f"{split.scheme}{userinfo}{split.hostport}{tail}"
 
 
 def dagster_storage_url(url: str) -> str:
-    """Return ``url`` with the ``postgresql+psycopg2`` scheme that ``dagster_home/dagster.yaml`` needs."""
-    return _with_scheme(url, DAGSTER_URL_SCHEME)
+    """Return ``url`` with the ``postgresql+psycopg2`` scheme that ``dagster_home/dagster.yaml`` needs.
+
+    A URL with one host only changes its scheme. SQLAlchemy cannot parse libpq's ``h1:p1,h2:p2`` host
+    list nor a key=value string, so several hosts (either form) become SQLAlchemy's own multi-host
+    form, ``postgresql+psycopg2://user:pw@/db?host=h1:p1&host=h2:p2&target_session_attrs=read-write``,
+    which its psycopg2 dialect hands to libpq as ``host=h1,h2 port=p1,p2``.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    split = _split_url(url)
+    if split is not None and "," not in split.hostport and "host=" not in split.tail:
+        return _with_scheme(url, DAGSTER_URL_SCHEME)
+    params = {k: str(v) for k, v in conninfo_to_dict(libpq_url(url)).items() if v is not None}
+    hosts = postgres_hosts(url) if (params.get("host") or params.get("hostaddr")) else []
+    if split is not None and len(hosts) < 2:
+        return _with_scheme(url, DAGSTER_URL_SCHEME)
+    params.pop("host", None)
+    params.pop("hostaddr", None)
+    params.pop("port", None)
+    user = quote(params.pop("user", ""), safe="")
+    password = params.pop("password", None)
+    auth = f"{user}:{quote(password, safe='')}@" if password is not None else (f"{user}@" if user else "")
+    dbname = quote(params.pop("dbname", ""), safe="")
+    query = [f"host={quote(h, safe=':[]')}" for h in hosts]
+    query += [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params.items()]
+    return f"{DAGSTER_URL_SCHEME}://{auth}/{dbname}" + (f"?{'&'.join(query)}" if query else "")
 
 
 def _with_scheme(url: str, scheme: str) -> str:
@@ -356,15 +460,33 @@ def _with_scheme(url: str, scheme: str) -> str:
 
 
 def with_database(url: str, dbname: str) -> str:
-    """Return the PostgreSQL ``url`` pointing at database ``dbname`` (percent-encoded in the path)."""
-    return urlunsplit(urlsplit(url)._replace(path="/" + quote(dbname, safe="")))
+    """Return the PostgreSQL ``url`` pointing at database ``dbname``, in the form it came in.
+
+    A URL (one host or several) gets the name percent-encoded in its path; a libpq key=value string
+    gets ``dbname=`` (quoted by libpq's rules), every other keyword and every host kept.
+    """
+    from psycopg.conninfo import make_conninfo
+
+    if _split_url(url) is None:
+        return make_conninfo(url, dbname=dbname)
+    split = _split_url(url)
+    assert split is not None
+    # Rebuilt by hand: urlunsplit turns postgresql:///db?host=/tmp into postgresql:/db. A ?dbname=
+    # parameter would override the path in libpq, so the path alone names the database.
+    _, _, rest = split.tail.partition("?")
+    query, _, _ = rest.partition("#")
+    query = "&".join(item for item in query.split("&") if item and not item.startswith("dbname="))
+    userinfo = f"{split.userinfo}@" if split.userinfo is not None else ""
+    path = "/" + quote(dbname, safe="")
+    return f"{split.scheme}{userinfo}{split.hostport}{path}" + (f"?{query}" if query else "")
 
 
 def database_of(url: str) -> str:
-    """The database name in a PostgreSQL URL (libpq defaults to the user name when absent)."""
-    parts = urlsplit(url)
-    name = unquote(parts.path.lstrip("/"))
-    return name or unquote(parts.username or "postgres")
+    """The database name in a PostgreSQL URL or key=value string (libpq defaults to the user name)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(libpq_url(url))
+    return str(params.get("dbname") or params.get("user") or "postgres")
 
 
 def with_redis_db(url: str, db: int) -> str:

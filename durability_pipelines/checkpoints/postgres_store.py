@@ -76,8 +76,32 @@ def mask_conninfo(conninfo: str) -> str:
         info = psycopg.conninfo.conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError:
         return "postgres (unparseable connection string)"
-    host = info.get("host") or "localhost"
-    return f"postgres at {host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
+    hosts = [h.strip() for h in str(info.get("host") or info.get("hostaddr") or "localhost").split(",")]
+    ports = [p.strip() for p in str(info.get("port") or "5432").split(",")]
+    ports = ports * len(hosts) if len(ports) == 1 else ports
+    where = ",".join(f"{h}:{ports[i] if i < len(ports) and ports[i] else 5432}" for i, h in enumerate(hosts))
+    return f"postgres at {where}/{info.get('dbname') or ''}"
+
+
+def connection_is_stale(exc: BaseException) -> bool:
+    """True if ``exc`` means this connection is useless and a new one may work: drop it and reconnect.
+
+    That is the server gone (``OperationalError``: refused, reset, shut down by a failover), the
+    connection closed under us (``InterfaceError``), or a connection that stayed on a node which is now
+    (or always was) a standby: every write there fails with "cannot execute ... in a read-only
+    transaction" until a reconnect lets ``target_session_attrs=read-write`` find the new primary.
+    """
+    if isinstance(exc, psycopg.InterfaceError | pg_errors.ReadOnlySqlTransaction):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    # A lost connection has no SQLSTATE (libpq's own error) or one of class 08 / a shutdown; a deadlock,
+    # a serialization failure or a statement timeout are OperationalErrors too, but the connection is fine.
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _SHUTDOWN_STATES
+
+
+_SHUTDOWN_STATES = frozenset({"57P01", "57P02", "57P03"})  # admin shutdown, crash shutdown, cannot connect now
 
 
 def _lease_params(key: LeaseKey) -> tuple[str, str, str, str]:
@@ -117,6 +141,14 @@ class PostgresConnection:
         with self.lock:
             try:
                 yield self._connect()
+            except pg_errors.ReadOnlySqlTransaction:
+                self.reset()  # the next call reconnects; target_session_attrs=read-write finds the primary
+                raise StoreUnavailableError(
+                    f"{self.target} answered as a read-only node (a standby, or a primary demoted by a failover); "
+                    "nothing was written and the connection was dropped, so a retry reconnects. If this repeats, "
+                    "add target_session_attrs=read-write to DURABILITY_POSTGRES_URL so that libpq only connects "
+                    "to the primary."
+                ) from None
             except psycopg.OperationalError as exc:
                 self.reset()
                 raise StoreUnavailableError(

@@ -30,10 +30,15 @@ from durability_pipelines.checkpoints import (
     Lease,
     SaveContext,
     SaveResult,
+    StoreUnavailableError,
 )
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
 from durability_pipelines.checkpoints.ordering import SHARD_END, sequence_gap, sort_key
-from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
+from durability_pipelines.checkpoints.postgres_store import (
+    PostgresCheckpointStore,
+    connection_is_stale,
+    mask_conninfo,
+)
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.filters import count_filtered, matching
@@ -61,6 +66,14 @@ class ShardBusyError(DurabilityError):
 
 class PartialBatchFailure(DurabilityError):
     """The handler reported failed items; the part before the lowest one was acked."""
+
+
+class SinkUnavailableError(StoreUnavailableError):
+    """The Postgres a transactional handler writes to is down or read-only (e.g. mid-failover).
+
+    A :class:`StoreUnavailableError`, so the op's RetryPolicy retries the batch from the acked
+    checkpoint instead of dead-lettering it: the data is fine, the database is not.
+    """
 
 
 class BatchDeadLettered(DurabilityError):
@@ -240,11 +253,32 @@ class ConsumerRuntime:
         if not self.postgres_url:
             raise DurabilityError(f"handler {self.config.handler} is transactional but no Postgres URL is configured")
         # psycopg's connection context commits on a clean exit, before the checkpoint is saved.
-        with psycopg.connect(self.postgres_url) as conn, self.metrics.timed("handler", "handler", read.shard):
-            result = self.handler(list(events), self._context(read, conn))
+        try:
+            with psycopg.connect(self.postgres_url) as conn, self.metrics.timed("handler", "handler", read.shard):
+                result = self.handler(list(events), self._context(read, conn))
+        except Exception as exc:
+            if connection_is_stale(exc):
+                raise SinkUnavailableError(self._sink_unavailable(read, exc)) from exc
+            raise
         failed = list(result.failed_sequences) if result else []
         self._ack_prefix(read, failed, ctx_save)
         return failed
+
+    def _sink_unavailable(self, read: ReadOutput, exc: BaseException) -> str:
+        from durability_pipelines.services import url_secrets
+
+        c = self.config
+        target = mask_conninfo(self.postgres_url or "")
+        detail = str(exc).strip() or "no detail"
+        for secret in sorted(url_secrets(self.postgres_url), key=len, reverse=True):
+            detail = detail.replace(secret, "***")
+        return (
+            f"consumer {c.name} shard {read.shard or '-'}: the sink database ({target}) is unreachable or read-only "
+            f"({type(exc).__name__}: {detail}); the batch's writes were rolled back and its "
+            "checkpoint was not saved, so it is retried from the acked checkpoint (the op's RetryPolicy), never "
+            "skipped. During a failover this clears once the standby is promoted, if DURABILITY_POSTGRES_URL names "
+            "both hosts with target_session_attrs=read-write; otherwise start the server or correct the URL."
+        )
 
     def _ack_prefix(self, read: ReadOutput, failed: list[str], context: SaveContext) -> None:
         """Partial failure: everything before the lowest failed item is done; checkpoint just before it."""

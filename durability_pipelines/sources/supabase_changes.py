@@ -303,16 +303,20 @@ class ChangeFeedReader:
             if not self._checked:
                 self._check(conn)
             yield conn
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        except pg_errors.UndefinedTable:
+            raise self._not_installed() from None
+        except psycopg.Error as exc:
+            from durability_pipelines.checkpoints.postgres_store import connection_is_stale
+
+            if not connection_is_stale(exc):
+                raise
             if self._owns_conn:
-                self._reset()
+                self._reset()  # the next call reconnects: after a failover, to the promoted standby
             raise ChangeFeedUnavailableError(
                 f"change log {self.log} at {self.target} is unreachable ({type(exc).__name__}: {exc}). Nothing was "
                 "read or checkpointed; the batch can be retried. Check the database URL "
                 "(DURABILITY_SUPABASE_DB_URL / DURABILITY_POSTGRES_URL) and that the database is up."
             ) from None
-        except pg_errors.UndefinedTable:
-            raise self._not_installed() from None
         finally:
             if self.on_call is not None:
                 self.on_call(f"change_log.{operation}", (time.perf_counter() - start) * 1000)

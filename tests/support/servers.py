@@ -334,6 +334,87 @@ class PrivatePostgres(_ServerProcess):
             return False
         return True
 
+    def start_standby(self, base_dir: Path | None = None, *, port: int | None = None) -> PrivateStandby:
+        """A streaming standby of this (running) server, started and replaying: ``pg_basebackup -R``.
+
+        initdb's default ``pg_hba.conf`` already admits replication from 127.0.0.1 with the cluster's
+        auth method, and ``wal_level=replica`` / ``max_wal_senders=10`` are the defaults, so any
+        PrivatePostgres can be a primary. Replication is asynchronous: see :meth:`PrivateStandby.caught_up`.
+        """
+        standby = PrivateStandby(self, base_dir, port=port)
+        standby.start()
+        return standby
+
+
+class PrivateStandby(PrivatePostgres):
+    """A hot standby streaming from a :class:`PrivatePostgres`; ``promote()`` makes it a primary.
+
+    ``close()`` removes it like any private server; the primary is not touched.
+    """
+
+    def __init__(self, primary: PrivatePostgres, base_dir: Path | None = None, *, port: int | None = None) -> None:
+        base = base_dir or Path(tempfile.mkdtemp(prefix="dp-private-pg-standby-"))
+        super().__init__(base, port=port, bin_dir=primary.bin_dir, password=primary.password)
+        self.primary = primary
+
+    def _prepare(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        env = dict(services.run_as(self.os_user).get("env") or os.environ)
+        if self.password:
+            env["PGPASSWORD"] = self.password
+        kwargs = {k: v for k, v in services.run_as(self.os_user).items() if k != "env"}
+        result = subprocess.run(
+            [
+                str(self.bin_dir / "pg_basebackup"), "-D", str(self.data_dir), "-h", self.primary.host,
+                "-p", str(self.primary.port), "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync",
+            ],  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            cwd=str(self.base_dir),
+            check=False,
+            env=env,
+            **kwargs,
+        )
+        if result.returncode != 0:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise RuntimeError(f"pg_basebackup failed for {self!r} from {self.primary!r}:\n{result.stdout}\n{result.stderr}")
+
+    def in_recovery(self) -> bool:
+        """True while it is a standby (replaying WAL), False once promoted."""
+        with self.connect() as conn:
+            return bool(conn.execute("SELECT pg_is_in_recovery()").fetchone()[0])
+
+    def caught_up(self) -> bool:
+        """True when it has replayed everything the primary has flushed so far (the primary must be up).
+
+        Replication is asynchronous: a commit acknowledged by the primary may not be here yet. A test
+        that kills the primary and wants "nothing lost" waits for this first.
+        """
+        with self.primary.connect() as conn:
+            target = conn.execute("SELECT pg_current_wal_flush_lsn()").fetchone()[0]
+        with self.connect() as conn:
+            return bool(conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)).fetchone()[0])
+
+    def promote(self, timeout: float = 60.0) -> None:
+        """``pg_promote()``, then wait until it accepts writes (``pg_is_in_recovery()`` false)."""
+        with self.connect() as conn:
+            conn.execute("SELECT pg_promote(true, %s)", (int(timeout),))
+        deadline = time.monotonic() + timeout
+        while self.in_recovery():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self!r} still in recovery {timeout}s after pg_promote(); log:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+
+def multi_host_url(*servers: PrivatePostgres, dbname: str = "postgres", attrs: str = "read-write") -> str:
+    """One libpq URI naming every server, ``target_session_attrs=<attrs>``: what a failover deployment uses."""
+    first = servers[0]
+    auth = f":{quote(first.password, safe='')}" if first.password else ""
+    hosts = ",".join(f"{s.host}:{s.port}" for s in servers)
+    return f"postgresql://postgres{auth}@{hosts}/{quote(dbname, safe='')}?target_session_attrs={attrs}"
+
 
 @atexit.register
 def _kill_leftovers() -> None:
