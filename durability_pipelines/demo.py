@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import sql
 
