@@ -155,3 +155,24 @@ def _drain_or_none(drain: Any, run_id: str) -> Any:
         return drain(run_id)
     except StoreUnavailableError:
         return None
+
+
+def test_without_enough_replicas_a_redis_ack_fails_and_a_hybrid_ack_goes_to_postgres(
+    make_private_redis: Any, postgres_url: str
+) -> None:
+    from durability_pipelines.checkpoints.factory import StoreConfig, open_store
+    from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
+
+    lone = make_private_redis(appendonly=False)  # a master with no replica at all
+    key = CheckpointKey("dynamodb", f"lone-{secrets.token_hex(3)}", "g", "c", "shard-0")
+    options = {"redis_wait_replicas": 1, "redis_wait_timeout_s": 0.1}
+    redis_only = open_store(StoreConfig(backend="redis", **options), redis_url=lone.url)
+    with pytest.raises(ReplicationTimeoutError, match="only 0 of the 1 replicas"):
+        redis_only.save(key, _pos(1))
+    assert lone.client().get(key.redis_key) == _pos(1).encode()  # written on the master, just not acked
+
+    hybrid = open_store(StoreConfig(backend="hybrid", **options), redis_url=lone.url, postgres_url=postgres_url)
+    assert isinstance(hybrid, HybridCheckpointStore)
+    assert hybrid.save(key, _pos(2)).advanced  # the ack is made durable in Postgres instead
+    assert hybrid.postgres.load(key) == _pos(2) and "redis" in hybrid.degraded
+    hybrid.close()
