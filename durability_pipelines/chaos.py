@@ -26,6 +26,7 @@ import psycopg
 import redis
 
 from durability_pipelines.processes import ProcessGroup, group_members
+from durability_pipelines.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Chaos:
         return "SIGKILL of the daemon's whole process group; a new daemon on the same storage"
 
     def _client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url, socket_timeout=10)
+        return redis_client(self.redis_url, socket_timeout=10)
 
     def _demo_keys(self, client: redis.Redis) -> list[bytes]:
         return [k for k in client.scan_iter(match=self.key_pattern, count=1000)]

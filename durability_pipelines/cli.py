@@ -51,6 +51,7 @@ from durability_pipelines.checkpoints.factory import StoreConfig, open_store
 from durability_pipelines.checkpoints.inspect import Drift, Stored, drift
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import normalize_sequence, sort_key
+from durability_pipelines.redis_client import redis_client
 
 if TYPE_CHECKING:
     from durability_pipelines.checkpoints.postgres_store import PostgresConnection
@@ -618,14 +619,12 @@ def cmd_checkpoints_rewind(session: Session, args: argparse.Namespace) -> int:
 
 def cmd_checkpoints_repair(session: Session, args: argparse.Namespace) -> int:
     """Undo a foreign regression: the highest position the project recorded goes back into both stores."""
-    import redis as redis_lib
-
     from durability_pipelines.checkpoints.mirror import repair_key
     from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 
     key = CheckpointKey.parse(args.key) if args.key else _key(args)
     by = args.by or default_who()
-    client = redis_lib.Redis.from_url(session.redis_url())
+    client = redis_client(session.redis_url())
     db = PostgresConnection(session.postgres_url())
     try:
         result = repair_key(client, db, key, by=by)
@@ -870,7 +869,7 @@ def _convert_sentinels(session: Session, db: PostgresConnection) -> tuple[list[A
         url = session.redis_url()
     except services.ServiceUnavailableError as exc:
         return converted, f"not converted ({exc}); run `durability-pipelines migrate` again when Redis answers"
-    client = redis_lib.Redis.from_url(url)
+    client = redis_client(url)
     try:
         converted += sentinels.convert_redis(client)
     except redis_lib.RedisError as exc:

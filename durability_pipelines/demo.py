@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import sql
 
 from durability_pipelines import services
 from durability_pipelines.chaos import Chaos
 from durability_pipelines.processes import ProcessGroup
+from durability_pipelines.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _recreate_database(admin_url: str, name: str) -> str:
 
 def _clean_redis(url: str) -> None:
     """Remove the demo's keys only (the Redis may be shared)."""
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     patterns = [f"checkpoint:*:{TABLE}*", f"durability:*:{TABLE}*"] + [
         f"durability:sensor_cursor:{p}_sensor" for p in PIPELINES]
     for pattern in patterns:
@@ -257,7 +257,7 @@ def _checkpoints(env: DemoEnv) -> list[dict[str, Any]]:
     from durability_pipelines.checkpoints.inspect import snapshot
     from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 
-    client = redis.Redis.from_url(env.redis_url)
+    client = redis_client(env.redis_url)
     db = PostgresConnection(env.data_url)
     try:
         states = snapshot(client, db)

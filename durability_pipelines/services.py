@@ -125,7 +125,7 @@ class InvalidServiceURLError(ConfigError):
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)(.*)$", re.DOTALL)
 _KV_PASSWORD_RE = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_QUERY_PASSWORD_RE = re.compile(r"([?&](?:password|pass|pwd)=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD_RE = re.compile(r"([?&](?:password|pass|pwd|sentinel_password)=)[^&#]*", re.IGNORECASE)
 _BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HOSTPORT_RE = re.compile(r"^(\[[^\[\]]*\]|[^\[\]:]*)(?::(\d*))?$")
 
@@ -368,15 +368,29 @@ def _has_query(url: str) -> bool:
 
 
 def validate_redis_url(url: str, *, source: str | None = None) -> None:
-    """Refuse, before any connection, a Redis URL that cannot be what the user meant."""
+    """Refuse, before any connection, a Redis URL that cannot be what the user meant.
+
+    ``redis+sentinel://`` URLs (see :mod:`durability_pipelines.redis_client`) are checked for their
+    sentinel list, master name and database.
+    """
     from redis.connection import parse_url
 
+    from durability_pipelines.redis_client import SENTINEL_FORM, SentinelURLError, parse_sentinel_url
+
     kind = "Redis"
-    fix = ("use redis://host:port/db (rediss:// for TLS, unix:///path/to/redis.sock for a socket), with "
-           "[user]:password@ before the host")
+    fix = ("use redis://host:port/db (rediss:// for TLS, unix:///path/to/redis.sock for a socket, "
+           f"{SENTINEL_FORM} for a Sentinel-managed master), with [user]:password@ before the host")
     split = _split_url(url)
-    if split is None or split.base_scheme not in ("redis", "rediss", "unix"):
-        raise _invalid(url, kind, source, "its scheme is not redis://, rediss:// or unix://", fix)
+    if split is not None and split.scheme.lower() == "redis+sentinel://":
+        _check_split(url, split, "Redis Sentinel", source, multi_host=True)
+        try:
+            parse_sentinel_url(url)
+        except SentinelURLError as exc:  # its message never quotes the userinfo
+            why = str(exc).split(". Expected ", 1)[0].removeprefix("not a valid Redis Sentinel URL: ")
+            raise _invalid(url, "Redis Sentinel", source, why, f"use {SENTINEL_FORM}") from None
+        return
+    if split is None or split.scheme.lower() not in ("redis://", "rediss://", "unix://"):
+        raise _invalid(url, kind, source, "its scheme is not redis://, rediss://, unix:// or redis+sentinel://", fix)
     _check_split(url, split, kind, source, multi_host=False)
     try:
         parse_url(url)
@@ -585,10 +599,12 @@ def check_redis(url: str, *, timeout: float = 5.0, source: str | None = None) ->
     """
     import redis
 
+    from durability_pipelines.redis_client import redis_client
+
     validate_redis_url(url, source=source)
     origin = _origin(source)
     where = f" (from {origin})" if origin else ""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = redis_client(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         client.ping()
     except redis.RedisError as exc:

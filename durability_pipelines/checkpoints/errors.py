@@ -72,3 +72,11 @@ class StoreUnavailableError(DurabilityError):
 
 class ConfigError(DurabilityError, ValueError):
     """Configuration (environment, YAML file, resource config) is invalid."""
+
+
+class ReplicationTimeoutError(StoreUnavailableError):
+    """A Redis save reached the master but fewer replicas than ``redis_wait_replicas`` confirmed it in time.
+
+    The checkpoint *was* written on the master, but a failover now could lose it: the ack is reported as
+    failed so the batch is retried (saves are monotonic, so repeating one is harmless).
+    """

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from durability_pipelines.checkpoints.base import CheckpointStore
 from durability_pipelines.checkpoints.errors import ConfigError
@@ -22,7 +22,28 @@ class StoreConfig(BaseModel):
     history_maxlen: int = Field(default=1000, ge=0, description="Redis history stream cap per key; 0 = off")
     flush_every_n: int = Field(default=100, ge=1, description="hybrid: flush to Postgres every N acks")
     flush_every_s: float = Field(default=5.0, ge=0, description="hybrid: ... or every T seconds")
+    redis_wait_replicas: int = Field(
+        default=0, ge=0,
+        description="redis/hybrid: each Redis save waits (WAIT) until this many replicas have it; 0 = async",
+    )
+    redis_wait_timeout_s: float = Field(
+        default=1.0, gt=0, description="how long a save waits for redis_wait_replicas before the ack fails",
+    )
 
+    @model_validator(mode="after")
+    def _wait_needs_redis(self) -> StoreConfig:
+        """A replica count on a store without Redis would silently promise nothing."""
+        if self.redis_wait_replicas and self.backend not in ("redis", "hybrid"):
+            raise ValueError(
+                f"redis_wait_replicas applies to the redis and hybrid backends, not {self.backend!r}: "
+                "remove it or choose backend redis/hybrid"
+            )
+        return self
+
+    def redis_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``RedisCheckpointStore`` from this config."""
+        return {"ttl_s": self.redis_ttl_s, "history_maxlen": self.history_maxlen,
+                "wait_replicas": self.redis_wait_replicas, "wait_timeout_s": self.redis_wait_timeout_s}
 
 
 def open_store(config: StoreConfig, *, redis_url: str | None = None, postgres_url: str | None = None,
@@ -44,15 +65,11 @@ def open_store(config: StoreConfig, *, redis_url: str | None = None, postgres_ur
     if config.backend == "memory":
         return memory_store or MemoryCheckpointStore()
     if config.backend == "redis":
-        return RedisCheckpointStore.from_url(
-            need(redis_url, "DURABILITY_REDIS_URL"), ttl_s=config.redis_ttl_s, history_maxlen=config.history_maxlen
-        )
+        return RedisCheckpointStore.from_url(need(redis_url, "DURABILITY_REDIS_URL"), **config.redis_options())
     if config.backend == "postgres":
         return PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL"), migrate_schema=migrate_schema)
     return HybridCheckpointStore(
-        RedisCheckpointStore.from_url(
-            need(redis_url, "DURABILITY_REDIS_URL"), ttl_s=config.redis_ttl_s, history_maxlen=config.history_maxlen
-        ),
+        RedisCheckpointStore.from_url(need(redis_url, "DURABILITY_REDIS_URL"), **config.redis_options()),
         PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL"), migrate_schema=migrate_schema),
         flush_every_n=config.flush_every_n,
         flush_every_s=config.flush_every_s,

@@ -30,6 +30,7 @@ from durability_pipelines.checkpoints.base import (
 )
 from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
+    ReplicationTimeoutError,
     StoreUnavailableError,
     WrongTypeKeyError,
     lease_lost,
@@ -37,6 +38,7 @@ from durability_pipelines.checkpoints.errors import (
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, normalize_sequence
 from durability_pipelines.checkpoints.sentinels import effective
+from durability_pipelines.redis_client import describe_client, redis_client
 
 _SCRIPT_DIR = resources.files("durability_pipelines.checkpoints")
 SAVE_LUA = (_SCRIPT_DIR / "checkpoint.lua").read_text()
@@ -174,9 +176,7 @@ def parse_stored(key: CheckpointKey, raw: Any) -> str | None:
 
 
 def _mask(client: redis.Redis) -> str:
-    kw = client.connection_pool.connection_kwargs
-    where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
-    return f"redis at {where} db {kw.get('db', 0)}"
+    return describe_client(client)
 
 
 def _unavailable(client: redis.Redis, exc: BaseException) -> StoreUnavailableError:
@@ -257,12 +257,20 @@ class RedisCheckpointStore(CheckpointStore):
     ``ttl_s=None`` (default) keeps keys forever: strict durability.  A TTL
     (the original examples use 86400) lets abandoned consumers expire.
     ``history_maxlen`` caps the per-key history stream (0 disables it).
+    ``wait_replicas`` > 0 makes every save wait (Redis ``WAIT``, up to ``wait_timeout_s``) until that
+    many replicas have it, so that an acked checkpoint survives a failover; fewer in time raises
+    ``ReplicationTimeoutError`` (the ack fails and the batch is retried).
     """
 
     backend = "redis"
 
-    def __init__(self, client: redis.Redis, *, ttl_s: float | None = None, history_maxlen: int = 1000) -> None:
+    def __init__(self, client: redis.Redis, *, ttl_s: float | None = None, history_maxlen: int = 1000,
+                 wait_replicas: int = 0, wait_timeout_s: float = 1.0) -> None:
+        if wait_replicas < 0 or wait_timeout_s <= 0:
+            raise ValueError("wait_replicas must be >= 0 and wait_timeout_s > 0")
         self.client = client
+        self.wait_replicas = int(wait_replicas)
+        self.wait_timeout_ms = max(1, int(wait_timeout_s * 1000))
         self.ttl_ms = "" if ttl_s is None else str(int(ttl_s * 1000))
         self.history_maxlen = str(int(history_maxlen))
         self._save = client.register_script(SAVE_LUA)
@@ -294,7 +302,7 @@ class RedisCheckpointStore(CheckpointStore):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCheckpointStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5), **kwargs)
+        return cls(redis_client(url, socket_timeout=10, socket_connect_timeout=5), **kwargs)
 
     @property
     def leases(self) -> RedisLeaseManager:
@@ -457,12 +465,42 @@ class RedisCheckpointStore(CheckpointStore):
         """``self._save(keys=keys, args=args)`` without redis-py's ``Script`` wrapper: the hot path.
 
         The same ``EVALSHA``; only when the server does not know the script yet (``NOSCRIPT``)
-        does the wrapper run, which loads it and retries.
+        does the wrapper run, which loads it and retries. With ``wait_replicas`` the ``WAIT`` follows
+        on the same connection (one pipeline): ``WAIT`` counts the replicas that have *this
+        connection's* writes.
         """
+        if self.wait_replicas:
+            return self._run_save_script_and_wait(keys, args)
         try:
             return self.client.execute_command("EVALSHA", self._save.sha, len(keys), *keys, *args)
         except NoScriptError:
             return self._save(keys=keys, args=args)
+
+    def _run_save_script_and_wait(self, keys: list[str], args: list[str]) -> Any:
+        """EVALSHA then ``WAIT wait_replicas timeout`` in one pipeline; raises ``ReplicationTimeoutError``."""
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", self._save.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            saved, replicas = pipe.execute(raise_on_error=False)
+            if isinstance(saved, NoScriptError) and attempt == 1:
+                self.client.script_load(SAVE_LUA)  # the script never ran: running it again is the first run
+                continue
+            if isinstance(saved, Exception):
+                raise saved
+            if isinstance(replicas, Exception):
+                raise replicas
+            if int(replicas) < self.wait_replicas and _s(saved[0]) != "lease_lost":
+                raise ReplicationTimeoutError(
+                    f"checkpoint {keys[0]!r} was written on the Redis master ({_mask(self.client)}) but only "
+                    f"{int(replicas)} of the {self.wait_replicas} replicas required by redis_wait_replicas "
+                    f"confirmed it within {self.wait_timeout_ms} ms, so a failover could lose it: the ack is "
+                    "reported as failed and the batch will be retried (saves are monotonic, repeating one is "
+                    "safe). Check the replicas (`redis-cli INFO replication` on the master: connected_slaves, "
+                    "lag), or lower redis_wait_replicas / raise redis_wait_timeout_s."
+                )
+            return saved
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def mark_flushed(self, keys: Iterable[CheckpointKey]) -> None:
         """Reset the hybrid flush-state of ``keys`` after a successful Postgres flush."""

@@ -21,6 +21,7 @@ from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.cursor_mirror import CursorMirror
 from durability_pipelines.consumer.runtime import ConsumerRuntime, open_runtime
 from durability_pipelines.consumer.storage import ConsumerStorage, ensure
+from durability_pipelines.redis_client import redis_client
 
 
 class DurabilityResource(ConfigurableResource):
@@ -76,7 +77,7 @@ class DurabilityResource(ConfigurableResource):
     def redis_client(self) -> redis.Redis:
         """The shared Redis client (a connection pool)."""
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.resolved_redis_url(), socket_timeout=10, socket_connect_timeout=5)
+            self._redis = redis_client(self.resolved_redis_url(), socket_timeout=10, socket_connect_timeout=5)
         return self._redis
 
     def cursor_mirror(self) -> CursorMirror:

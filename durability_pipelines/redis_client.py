@@ -1,0 +1,138 @@
+"""One way to build a Redis client from a URL, for a single server or a Sentinel-managed master.
+
+Every component (stores, resources, checks, CLI, demo) calls :func:`redis_client`, so that a URL that
+works in ``DURABILITY_REDIS_URL`` works everywhere. ``redis.Redis.from_url`` knows ``redis://``,
+``rediss://`` and ``unix://``; for Sentinel this module adds the form other Redis libraries use
+(kombu's ``sentinel://``, ``redis-sentinel-url``)::
+
+    redis+sentinel://[[user]:password@]host1:26379[,host2:26379...]/<master_name>[/<db>][?sentinel_password=...]
+
+The user name and password are the *master's* (and its replicas'); sentinels that require a password
+of their own get ``sentinel_password`` (and ``sentinel_username``). The client comes from
+``Sentinel(...).master_for(master_name)``: every new connection asks the sentinels where the master
+is, and a connection that finds it died or was demoted (``ReadOnlyError``) is dropped with a
+``ConnectionError``, so the next command reaches the promoted master. No Dagster import here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import redis
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from durability_pipelines.checkpoints.errors import ConfigError
+
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_DEFAULT_PORT = 26379
+SENTINEL_FORM = (
+    "redis+sentinel://[[user]:password@]host1:26379[,host2:26379...]/<master_name>[/<db>]"
+    "[?sentinel_password=...]"
+)
+_QUERY_KEYS = ("sentinel_password", "sentinel_username")
+_HOSTPORT_RE = re.compile(r"^(\[[^\[\]]+\]|[^\[\]:/]+)(?::(\d+))?$")
+
+
+class SentinelURLError(ConfigError, ValueError):
+    """A ``redis+sentinel://`` URL that is not of the expected form; the message never holds a password."""
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """The parts of a ``redis+sentinel://`` URL (password decoded)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+
+
+def is_sentinel_url(url: str) -> bool:
+    """True for a ``redis+sentinel://`` URL (scheme case-insensitive)."""
+    return url[: len(SENTINEL_SCHEME) + 3].lower() == f"{SENTINEL_SCHEME}://"
+
+
+def _bad(why: str) -> SentinelURLError:
+    return SentinelURLError(f"not a valid Redis Sentinel URL: {why}. Expected {SENTINEL_FORM}")
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Split a ``redis+sentinel://`` URL; raises :class:`SentinelURLError` saying the expected form."""
+    if not is_sentinel_url(url):
+        raise _bad("the scheme is not redis+sentinel://")
+    rest = url[len(SENTINEL_SCHEME) + 3 :]
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    if not hosts:
+        raise _bad("no sentinel host:port")
+    sentinels = []
+    for hostport in hosts.split(","):
+        match = _HOSTPORT_RE.match(hostport)
+        if match is None:
+            raise _bad(f"{hostport!r} is not host[:port]")
+        port = int(match.group(2)) if match.group(2) else SENTINEL_DEFAULT_PORT
+        if not 0 < port <= 65535:
+            raise _bad(f"port {port} of {match.group(1)!r} is not 1-65535")
+        sentinels.append((match.group(1).strip("[]"), port))
+    parts = path.split("/") if slash else []
+    if not parts or not parts[0]:
+        raise _bad("no master name (the name in the sentinels' `sentinel monitor <name> ...`) after the hosts")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise _bad("after the master name only a database number may follow (/<master_name>/<db>)")
+    db = int(parts[1]) if len(parts) == 2 else 0
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(params) - set(_QUERY_KEYS))
+    if unknown:
+        raise _bad(f"unknown query parameter(s) {', '.join(unknown)} (known: {', '.join(_QUERY_KEYS)})")
+    return SentinelURL(
+        tuple(sentinels), unquote(parts[0]), db, username, password,
+        params.get("sentinel_username") or None, params.get("sentinel_password") or None,
+    )  # fmt: skip
+
+
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A ``redis.Redis`` for ``url``: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``.
+
+    ``kwargs`` (``socket_timeout``, ``socket_connect_timeout``, ``decode_responses``...) apply to the
+    master's connections; the sentinels get the ``socket_*`` ones, plus their own credentials.
+    """
+    if not is_sentinel_url(url):
+        return redis.Redis.from_url(url, **kwargs)
+    parsed = parse_sentinel_url(url)
+    sentinel_kwargs: dict[str, Any] = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+    if parsed.sentinel_password is not None:
+        sentinel_kwargs["password"] = parsed.sentinel_password
+    if parsed.sentinel_username is not None:
+        sentinel_kwargs["username"] = parsed.sentinel_username
+    master_kwargs = dict(kwargs, db=parsed.db)
+    if parsed.password is not None:
+        master_kwargs["password"] = parsed.password
+    if parsed.username is not None:
+        master_kwargs["username"] = parsed.username
+    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(parsed.master_name, **master_kwargs)
+
+
+def describe_client(client: redis.Redis) -> str:
+    """Where ``client`` points, without credentials, for error messages."""
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    if isinstance(pool, SentinelConnectionPool):
+        hosts = ",".join(f"{s.connection_pool.connection_kwargs.get('host', '?')}:"
+                         f"{s.connection_pool.connection_kwargs.get('port', '?')}"
+                         for s in pool.sentinel_manager.sentinels)
+        return f"redis master {pool.service_name!r} (via sentinels {hosts}) db {kw.get('db', 0)}"
+    where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+    return f"redis at {where} db {kw.get('db', 0)}"
