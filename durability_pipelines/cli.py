@@ -190,12 +190,7 @@ class Session:
 
     def substores(self) -> list[tuple[str, CheckpointStore]]:
         """The backing stores by name: hybrid has two, the others one."""
-        from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
-
-        store = self.store()
-        if isinstance(store, HybridCheckpointStore):
-            return [("redis", store.redis), ("postgres", store.postgres)]
-        return [(store.backend, store)]
+        return self.store().parts()
 
     def lease_managers(self) -> list[tuple[str, LeaseManager]]:
         """Each store's own lease view (hybrid mirrors Postgres leases to Redis; both fence writes)."""
@@ -341,8 +336,7 @@ class CheckpointRow:
 
 def _raw_values(session: Session, keys: Sequence[CheckpointKey] | None = None) -> dict[CheckpointKey, CheckpointRow]:
     """Raw stored values per store (garbage included: showing it is the point), for ``keys`` or all."""
-    from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
-    from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore, WrongType
+    from durability_pipelines.checkpoints.redis_store import WrongType
 
     subs = session.substores()
     names = [name for name, _ in subs]
@@ -354,24 +348,18 @@ def _raw_values(session: Session, keys: Sequence[CheckpointKey] | None = None) -
         return rows[key]
 
     for name, sub in subs:
-        if isinstance(sub, RedisCheckpointStore):
-            wanted = list(keys) if keys is not None else sub.keys()
-            for key, raw in zip(wanted, sub.load_raw_many(wanted), strict=True):
-                if isinstance(raw, WrongType):
-                    row(key).wrong_type[name] = raw.kind
-                if raw is not None:
-                    row(key).values[name] = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        elif isinstance(sub, PostgresCheckpointStore) and keys is None:
-            for key, raw, ts in sub.load_rows():
-                r = row(key)
-                r.values[name] = raw
-                r.postgres_updated_at = ts
+        if keys is None:
+            found = sub.raw_rows()
         else:
-            for key in keys or ():
-                try:
-                    row(key).values[name] = sub.load(key)
-                except InvalidSequenceError as exc:
-                    row(key).values[name] = str(exc.value)
+            wanted = list(keys)
+            found = [(k, raw, None) for k, raw in zip(wanted, sub.load_raw_many(wanted), strict=True)]
+        for key, raw, ts in found:
+            if isinstance(raw, WrongType):
+                row(key).wrong_type[name] = raw.kind
+            if raw is not None:
+                row(key).values[name] = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            if ts is not None:
+                row(key).postgres_updated_at = ts
     for key in keys or ():
         row(key)
     backends = _consumer_backends(session)
@@ -568,18 +556,11 @@ def parse_time(text: str) -> datetime:
 
 def _history_at(session: Session, key: CheckpointKey, at: datetime) -> tuple[HistoryEntry | None, str]:
     """The last history entry at or before ``at``: Postgres' checkpoint_history, or the Redis stream."""
-    from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
-
     subs = dict(session.substores())
-    pg = subs.get("postgres")
-    if isinstance(pg, PostgresCheckpointStore):
-        return pg.history_at(key, at), "postgres checkpoint_history"
-    redis_store = subs["redis"]
-    limit = max(int(getattr(redis_store, "history_maxlen", 1000) or 0), 1000) * 2
-    for entry in redis_store.history(key, limit):
-        if entry.ts is not None and entry.ts <= at:
-            return entry, "redis history stream"
-    return None, "redis history stream (capped: it keeps the newest entries only)"
+    if "postgres" in subs:  # the whole audit trail
+        return subs["postgres"].history_at(key, at), "postgres checkpoint_history"
+    entry = subs["redis"].history_at(key, at)
+    return entry, "redis history stream" if entry else "redis history stream (capped: it keeps the newest entries only)"
 
 
 def cmd_checkpoints_rewind(session: Session, args: argparse.Namespace) -> int:
