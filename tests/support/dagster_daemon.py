@@ -9,6 +9,10 @@
   coordinator and launches runs in subprocesses of the code server, all inside that group.
   :meth:`DagsterDaemon.stop` signals the whole group (SIGTERM, then SIGKILL) and waits until no
   member is left: detached Dagster processes have ignored SIGTERM here (DESIGN.md §4).
+* :class:`CodeServer`: ``dagster code-server start`` (the Helm chart's user-code deployment) serving the
+  code location over gRPC on a free loopback port, in its own process group; a daemon started with
+  ``workspace=GRPC_WORKSPACE`` and :meth:`CodeServer.workspace_env` loads the code from it, and the
+  runs it launches are subprocesses of the code server, not of the daemon.
 * :func:`wait_until`: a deadline loop (a hang guard, not a timed assertion).
 * Handlers the e2e consumers name by dotted path (``tests.support.dagster_daemon:record_deliveries``):
   they run in Dagster run processes, so everything they share with the test is in Redis/Postgres.
@@ -41,6 +45,10 @@ from durability_pipelines.sinks.postgres_events import handle as sink_handle
 REPO = Path(__file__).resolve().parents[2]
 REPO_DAGSTER_YAML = REPO / "dagster_home" / "dagster.yaml"
 REPO_WORKSPACE = REPO / "workspace.yaml"
+GRPC_WORKSPACE = REPO / "deploy" / "workspace.grpc.yaml"
+CODE_SERVER_HOST = "DURABILITY_CODE_SERVER_HOST"
+CODE_SERVER_PORT = "DURABILITY_CODE_SERVER_PORT"
+LOCATION_NAME = "durability_pipelines"
 DAGSTER_POSTGRES_URL = "DAGSTER_POSTGRES_URL"
 
 T = TypeVar("T")
@@ -137,14 +145,111 @@ class DagsterHome:
 # --------------------------------------------------------------------------- the daemon process
 
 
-def _daemon_executable() -> str:
-    candidate = Path(sys.executable).parent / "dagster-daemon"
+def _executable(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
     if candidate.exists():
         return str(candidate)
-    found = shutil.which("dagster-daemon")
+    found = shutil.which(name)
     if not found:
-        raise RuntimeError("dagster-daemon is not installed next to this Python nor on PATH")
+        raise RuntimeError(f"{name} is not installed next to this Python nor on PATH")
     return found
+
+
+def _daemon_executable() -> str:
+    return _executable("dagster-daemon")
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+class CodeServerError(RuntimeError):
+    """The gRPC code server exited or never answered its health check; its log tail says why."""
+
+
+@dataclass
+class CodeServer:
+    """``dagster code-server start -m durability_pipelines.definitions`` on a free loopback port.
+
+    The deployment shape of the Helm chart's user-code deployment: the code location lives in this
+    process (and the ``dagster api grpc`` server it supervises), the daemon only talks to it. It is
+    given ``home``'s ``DAGSTER_HOME``/``DAGSTER_POSTGRES_URL``, because the runs it launches run in
+    its environment (their instance config reads ``DAGSTER_POSTGRES_URL`` there).
+    """
+
+    home: DagsterHome
+    env: Mapping[str, str]
+    log_path: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    group: ProcessGroup | None = None
+
+    def start(self, timeout: float = 180.0) -> CodeServer:
+        if self.group is not None:
+            raise RuntimeError("code server already started")
+        self.port = self.port or services.free_port(self.host)
+        env = {
+            **os.environ,
+            **self.env,
+            "DAGSTER_HOME": str(self.home.path),
+            DAGSTER_POSTGRES_URL: self.home.storage_url,
+            "PYTHONPATH": _pythonpath(),
+            "PYTHONUNBUFFERED": "1",
+        }
+        argv = [_executable("dagster"), "code-server", "start", "-m", "durability_pipelines.definitions",
+                "-h", self.host, "-p", str(self.port), "--location-name", LOCATION_NAME]
+        self.group = ProcessGroup("dagster-code-server", argv, env, self.log_path, cwd=REPO).start()
+        wait_until(self._healthy, what=f"the code server on {self.host}:{self.port} to answer", timeout=timeout,
+                   interval=1.0, diagnostics=self.log_tail)
+        return self
+
+    def _healthy(self) -> bool:
+        if not self.alive():
+            raise CodeServerError(f"dagster code-server exited before it answered\n{self.log_tail()}")
+        out = subprocess.run([_executable("dagster"), "api", "grpc-health-check", "-h", self.host,
+                              "-p", str(self.port)], capture_output=True, text=True, timeout=60)
+        return out.returncode == 0
+
+    def workspace_env(self) -> dict[str, str]:
+        """What ``deploy/workspace.grpc.yaml`` reads: where this code server listens."""
+        return {CODE_SERVER_HOST: self.host, CODE_SERVER_PORT: str(self.port)}
+
+    @property
+    def pgid(self) -> int | None:
+        return self.group.proc.pid if self.group and self.group.proc else None
+
+    def alive(self) -> bool:
+        return self.group is not None and self.group.alive()
+
+    def group_members(self) -> list[int]:
+        return group_members(self.pgid) if self.pgid else []
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stop the code server's group: the server, its ``dagster api grpc`` child and any run left."""
+        if self.group is None:
+            return
+        left = self.group.stop(grace_s)
+        if left:
+            raise CodeServerError(f"dagster code-server process group {self.pgid} survived SIGKILL: {left}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        tail = "\n".join(self.log_text().splitlines()[-lines:])
+        return f"--- tail of {self.log_path} ---\n{tail}\n--- end of code server log ---"
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """A live process's argv from /proc ([] once it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 @dataclass
@@ -164,7 +269,7 @@ class DagsterDaemon:
     def start(self) -> DagsterDaemon:
         if self.group is not None:
             raise RuntimeError("daemon already started")
-        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        pythonpath = _pythonpath()
         env = {
             **os.environ,
             **self.env,
