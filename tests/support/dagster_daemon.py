@@ -312,7 +312,10 @@ class DagsterDaemon:
 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.group.proc.pid, signal.SIGKILL)
-        self.stop(grace_s=0)  # reaps, and checks that nothing survived
+        self.stop(grace_s=0)  # checks that nothing survived
+        # A multithreaded leader shows as a zombie before its last thread is gone and cannot be reaped
+        # until then: wait for it, so that alive() is False when kill() returns.
+        self.group.proc.wait(timeout=30)
 
     def log_text(self) -> str:
         try:
