@@ -5,7 +5,8 @@ One module-scoped environment (``e2e``, ``tests.support.e2e`` with ``grpc=True``
 temporary ``DAGSTER_HOME`` with the repository's ``dagster.yaml`` on a fresh storage database,
 ``dagster code-server start -m durability_pipelines.definitions`` on a free loopback port, and
 ``dagster-daemon run -w deploy/workspace.grpc.yaml`` with ``DURABILITY_CODE_SERVER_HOST/PORT`` set.
-Two consumers: ``main`` (happy path, and where the runs really ran) and ``failover`` (its handler can
+A webserver on the same workspace is asked over GraphQL what it loads. Two consumers: ``main``
+(happy path, where the runs really ran, what the webserver shows) and ``failover`` (its handler can
 hold a batch, ``tests.support.dagster_daemon:deliveries_with_hold``, so that the daemon dies while a
 run is in flight).
 
@@ -26,6 +27,7 @@ from durability_pipelines import services
 from tests.support.dagster_daemon import (
     GRPC_WORKSPACE,
     LOCATION_NAME,
+    DagsterWebserver,
     process_cmdline,
     sensor_state,
 )
@@ -163,3 +165,57 @@ def test_daemon_failover_to_a_second_daemon_on_the_same_storage_resumes(e2e: E2E
         assert_every_event_once(e2e, c)
         assert_runs_real_and_serial(e2e, c, runs)
         assert_checkpoint_chain(e2e, c, shard, runs)
+
+
+LOCATION_QUERY = """
+{
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        displayMetadata { key value }
+        locationOrLoadError {
+          __typename
+          ... on RepositoryLocation { repositories { name sensors { name } } }
+          ... on PythonError { message }
+        }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+RUN_QUERY = """
+query Run($runId: ID!) {
+  runOrError(runId: $runId) { __typename ... on Run { runId status jobName } ... on PythonError { message } }
+}
+"""
+
+
+def test_webserver_on_the_grpc_workspace_serves_the_code_servers_location_and_its_runs(e2e: E2E) -> None:
+    c = e2e.consumers["main"]
+    with e2e.dump_on_failure():
+        if not c.produced:
+            e2e.produce_new(c, 50)
+        e2e.wait_drained(c)
+        web = DagsterWebserver(e2e.daemon.home, e2e.node_env(), e2e.tmp / "webserver.log", workspace=GRPC_WORKSPACE)
+        try:
+            web.start()
+            data = web.graphql(LOCATION_QUERY)["workspaceOrError"]
+            assert data["__typename"] == "Workspace", data
+            (entry,) = data["locationEntries"]
+            assert entry["name"] == LOCATION_NAME
+            meta = {m["key"]: m["value"] for m in entry["displayMetadata"]}
+            assert (meta.get("host"), meta.get("port")) == (e2e.code_server.host, str(e2e.code_server.port)), meta
+            location = entry["locationOrLoadError"]
+            assert location["__typename"] == "RepositoryLocation", location
+            sensors = {s["name"] for repo in location["repositories"] for s in repo["sensors"]}
+            assert {x.sensor for x in e2e.consumers.values()} <= sensors
+
+            run = e2e.runs(c)[-1].dagster_run
+            shown = web.graphql(RUN_QUERY, {"runId": run.run_id})["runOrError"]
+            assert (shown["__typename"], shown["status"], shown["jobName"]) == ("Run", "SUCCESS", run.job_name)
+        finally:
+            web.stop()

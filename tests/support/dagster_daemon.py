@@ -13,6 +13,7 @@
   code location over gRPC on a free loopback port, in its own process group; a daemon started with
   ``workspace=GRPC_WORKSPACE`` and :meth:`CodeServer.workspace_env` loads the code from it, and the
   runs it launches are subprocesses of the code server, not of the daemon.
+* :class:`DagsterWebserver`: ``dagster-webserver -w <workspace>`` on a free port, asked over GraphQL.
 * :func:`wait_until`: a deadline loop (a hang guard, not a timed assertion).
 * Handlers the e2e consumers name by dotted path (``tests.support.dagster_daemon:record_deliveries``):
   they run in Dagster run processes, so everything they share with the test is in Redis/Postgres.
@@ -21,12 +22,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +245,64 @@ class CodeServer:
     def log_tail(self, lines: int = 60) -> str:
         tail = "\n".join(self.log_text().splitlines()[-lines:])
         return f"--- tail of {self.log_path} ---\n{tail}\n--- end of code server log ---"
+
+
+@dataclass
+class DagsterWebserver:
+    """``dagster-webserver -w <workspace>`` on a free loopback port, in its own process group.
+
+    Like the daemon it only reads the code location (over gRPC with ``GRPC_WORKSPACE``); the test asks
+    its GraphQL API what it sees.
+    """
+
+    home: DagsterHome
+    env: Mapping[str, str]
+    log_path: Path
+    workspace: Path = REPO_WORKSPACE
+    port: int = 0
+    group: ProcessGroup | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> DagsterWebserver:
+        if self.group is not None:
+            raise RuntimeError("webserver already started")
+        self.port = self.port or services.free_port()
+        env = {**os.environ, **self.env, "DAGSTER_HOME": str(self.home.path),
+               DAGSTER_POSTGRES_URL: self.home.storage_url, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1"}
+        argv = [_executable("dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port), "-w", str(self.workspace)]
+        self.group = ProcessGroup("dagster-webserver", argv, env, self.log_path, cwd=REPO).start()
+        wait_until(self._answers, what=f"dagster-webserver on port {self.port} to answer", timeout=timeout,
+                   interval=1.0, diagnostics=lambda: self.group.log_tail(60) if self.group else "")
+        return self
+
+    def _answers(self) -> bool:
+        if self.group is None or not self.group.alive():
+            raise RuntimeError(f"dagster-webserver exited\n{self.group.log_tail(60) if self.group else ''}")
+        try:
+            with urllib.request.urlopen(self.base_url + "/server_info", timeout=5) as resp:
+                return resp.status == 200
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+    def graphql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps({"query": query, "variables": dict(variables or {})}).encode()
+        req = urllib.request.Request(self.base_url + "/graphql", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            data = json.loads(resp.read())
+        if data.get("errors"):
+            raise AssertionError(f"GraphQL errors: {data['errors']}")
+        return data["data"]
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.group is None:
+            return
+        left = self.group.stop(grace_s)
+        if left:
+            raise RuntimeError(f"dagster-webserver process group survived SIGKILL: {left}")
 
 
 def process_cmdline(pid: int) -> list[str]:
