@@ -366,12 +366,13 @@ def _bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r
         ops["raw.redis_mget"] = lambda: raw_r.mget(mget_keys)
         # checkpoint.lua called straight through redis-py, same keys and arguments as redis.save sends
         sha = raw_r.script_load(SAVE_LUA)
-        lua_keys = [(k.redis_key, k.lease_key.redis_key, k.history_key) for k in make_keys(run, "rawlua", nkeys)]
+        lua_keys = [(k.redis_key, k.lease_key.redis_key, k.history_key, k.sentinel_key)
+                    for k in make_keys(run, "rawlua", nkeys)]
         nk_lua = cycle(lua_keys)
         maxlen = str(cfg.history_maxlen)
         ttl = "" if cfg.redis_ttl_s is None else str(int(cfg.redis_ttl_s * 1000))
         ops["raw.redis_evalsha_save_script"] = lambda: raw_r.evalsha(
-            sha, 3, *nk_lua(), str(nxt()), ctx.writer, "", ttl, ctx.run_id, "", maxlen)
+            sha, 4, *nk_lua(), str(nxt()), ctx.writer, "", ttl, ctx.run_id, "", maxlen)
         ops["raw.postgres_upsert"] = lambda: raw_pg.execute(_UPSERT_SQL, (*nk_up(), str(nxt())))
         ops["raw.postgres_select"] = lambda: raw_pg.execute(_SELECT_SQL, nk_sel()).fetchone()
 
