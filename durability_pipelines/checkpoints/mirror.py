@@ -380,23 +380,34 @@ class CheckpointMirror:
         skipped = {s.key for s in report.skipped if s.where == "redis"}  # wrong-type, invalid: not touched
         to_restore = [(row.key, row.sequence, "mirror postgres->redis") for rkey, row in missing if rkey not in skipped]
         to_restore += self._redis_regressions(behind, redis_values, report)
-        if to_restore and self.cluster:
-            self.client.script_load(SAVE_LUA)  # on every primary: a cluster pipeline does not load it on NOSCRIPT
         for i in range(0, len(to_restore), 1000):
-            pipe = self.client.pipeline(transaction=False)
             chunk = to_restore[i : i + 1000]
-            for key, value, reason in chunk:
-                self._save(
-                    keys=list(save_script_keys(key, cluster=self.cluster)),
-                    args=[value, MIRROR_WRITER, "", "", "", reason, "1000"],
-                    client=pipe,
-                )
-            for (key, _, _), result in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+            for (key, _, _), result in zip(chunk, self._restore(chunk), strict=True):
                 if isinstance(result, list) and _decode(result[0]) == "advanced":
                     report.restored_to_redis += 1
                 elif isinstance(result, Exception):
                     report.skip("redis", key.redis_key, "wrong-type" if "WRONGTYPE" in str(result) else "error",
                                 str(result)[:200])
+
+    def _restore(self, chunk: list[tuple[CheckpointKey, str, str]]) -> list[Any]:
+        """Run the (unfenced, monotonic) save for each of ``chunk``: one pipeline on one server; one call
+        per key on a cluster (redis-py does not pipeline scripts there). Errors are returned, not raised."""
+        def args(key: CheckpointKey, value: str, reason: str) -> dict[str, Any]:
+            return {"keys": list(save_script_keys(key, cluster=self.cluster)),
+                    "args": [value, MIRROR_WRITER, "", "", "", reason, "1000"]}
+
+        if not self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value, reason in chunk:
+                self._save(**args(key, value, reason), client=pipe)
+            return pipe.execute(raise_on_error=False)
+        out: list[Any] = []
+        for key, value, reason in chunk:
+            try:
+                out.append(self._save(**args(key, value, reason)))
+            except redis.RedisError as exc:
+                out.append(exc)
+        return out
 
     def _redis_regressions(self, behind: list[tuple[str, _Row]], redis_values: dict[str, str],
                            report: MirrorReport) -> list[tuple[CheckpointKey, str, str]]:
