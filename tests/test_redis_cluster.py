@@ -49,7 +49,9 @@ def client(cluster: PrivateRedisCluster) -> Iterator[RedisCluster]:
 
 
 @pytest.fixture(params=CLUSTER_BACKENDS)
-def store(request: pytest.FixtureRequest, cluster: PrivateRedisCluster, postgres_url: str) -> Iterator[CheckpointStore]:
+def store(
+    request: pytest.FixtureRequest, cluster: PrivateRedisCluster, postgres_url: str
+) -> Iterator[CheckpointStore]:
     s = build_store(request.param, cluster.url, postgres_url)
     yield s
     s.close()
@@ -72,10 +74,17 @@ def test_project_keys_hash_to_the_slot_of_the_shared_key(client: RedisCluster) -
     for key in keys:
         slot = client.cluster_keyslot(key)
         companions = companion_keys(key, cluster=True)
-        for companion in (companions.history, companions.sentinel, companions.hybrid_state, companions.lease_copy):
+        for companion in (
+            companions.history,
+            companions.sentinel,
+            companions.hybrid_state,
+            companions.lease_copy,
+        ):
             assert client.cluster_keyslot(companion) == slot, (key, companion)
     assert companion_keys(keys[0], cluster=True).history == f"durability:history:{{{keys[0]}}}"
-    assert companion_keys(keys[0], cluster=False).history == "durability:history" + keys[0][len("checkpoint") :]
+    assert (
+        companion_keys(keys[0], cluster=False).history == "durability:history" + keys[0][len("checkpoint") :]
+    )
 
 
 def test_a_key_that_holds_a_closing_brace_is_refused_on_a_cluster(cluster: PrivateRedisCluster) -> None:
@@ -83,12 +92,15 @@ def test_a_key_that_holds_a_closing_brace_is_refused_on_a_cluster(cluster: Priva
     key = CheckpointKey("dynamodb", f"orders}}{uuid.uuid4().hex[:6]}", "workers", "consumer-a", "shard-1")
     with pytest.raises(InvalidCheckpointKeyError, match="hash tag"):
         store.save(key, "1")
-    with pytest.raises(InvalidCheckpointKeyError, match="hash tag"):  # '{}' is no tag: the key is hashed whole
+    # '{}' is no tag: the key is hashed whole, and its '}' would end a tag of ours
+    with pytest.raises(InvalidCheckpointKeyError, match="hash tag"):
         companion_keys("checkpoint:dynamodb:o{}rders:workers:consumer-a:shard-1", cluster=True)
     store.close()
 
 
-def test_keys_spread_over_every_node_are_listed_and_loaded(cluster: PrivateRedisCluster, client: RedisCluster) -> None:
+def test_keys_spread_over_every_node_are_listed_and_loaded(
+    cluster: PrivateRedisCluster, client: RedisCluster
+) -> None:
     store = RedisCheckpointStore.from_url(cluster.url)
     keys = [unique_key() for _ in range(300)]
     for i, key in enumerate(keys):
@@ -102,8 +114,9 @@ def test_keys_spread_over_every_node_are_listed_and_loaded(cluster: PrivateRedis
     store.close()
 
 
-def test_a_checkpoint_another_worker_wrote_with_a_plain_set_is_read(cluster: PrivateRedisCluster,
-                                                                   client: RedisCluster) -> None:
+def test_a_checkpoint_another_worker_wrote_with_a_plain_set_is_read(
+    cluster: PrivateRedisCluster, client: RedisCluster
+) -> None:
     key = unique_key()
     client.set(key.redis_key, "12345678901234567890123", ex=86400)  # the original pattern's write
     store = RedisCheckpointStore.from_url(cluster.url)
@@ -111,7 +124,8 @@ def test_a_checkpoint_another_worker_wrote_with_a_plain_set_is_read(cluster: Pri
     assert store.load_many([key]) == {key: "12345678901234567890123"}
     assert store.save(key, "99").outcome.value == "stale"
     assert store.save(key, "12345678901234567890124").advanced
-    assert client.get(key.redis_key) == b"12345678901234567890124" and client.ttl(key.redis_key) > 0  # TTL kept
+    assert client.get(key.redis_key) == b"12345678901234567890124"
+    assert client.ttl(key.redis_key) > 0  # the other worker's TTL is kept
     store.close()
 
 
@@ -135,8 +149,9 @@ def _group_keys(client: RedisCluster) -> tuple[CheckpointKey, CheckpointKey]:
 
 
 @pytest.mark.parametrize("backend", CLUSTER_BACKENDS)
-def test_a_zombie_writer_is_fenced_once_the_takeover_returns(backend: str, cluster: PrivateRedisCluster,
-                                                            client: RedisCluster, postgres_url: str) -> None:
+def test_a_zombie_writer_is_fenced_once_the_takeover_returns(
+    backend: str, cluster: PrivateRedisCluster, client: RedisCluster, postgres_url: str
+) -> None:
     """Worker a stalls holding the shard; worker b (another consumer of the group, another node) steals it.
     Once b's acquire has returned, a's saves are refused on every node, whichever key a writes."""
     key_a, key_b = _group_keys(client)
@@ -157,8 +172,9 @@ def test_a_zombie_writer_is_fenced_once_the_takeover_returns(backend: str, clust
     taker.close()
 
 
-def test_a_released_lease_fences_its_copies_and_a_new_holder_writes(cluster: PrivateRedisCluster,
-                                                                   client: RedisCluster) -> None:
+def test_a_released_lease_fences_its_copies_and_a_new_holder_writes(
+    cluster: PrivateRedisCluster, client: RedisCluster
+) -> None:
     key_a, _ = _group_keys(client)
     store = RedisCheckpointStore.from_url(cluster.url)
     a = store.leases.acquire(key_a.lease_key, "worker-a")
@@ -174,9 +190,9 @@ def test_a_released_lease_fences_its_copies_and_a_new_holder_writes(cluster: Pri
 # -- hybrid, mirror, audit, cursors, migrate ---------------------------------------------------
 
 
-def test_hybrid_on_the_cluster_flushes_to_postgres_and_restores_from_it(cluster: PrivateRedisCluster,
-                                                                         client: RedisCluster,
-                                                                         postgres_url: str) -> None:
+def test_hybrid_on_the_cluster_flushes_to_postgres_and_restores_from_it(
+    cluster: PrivateRedisCluster, client: RedisCluster, postgres_url: str
+) -> None:
     store = build_store("hybrid-cluster", cluster.url, postgres_url, flush_every_n=3, flush_every_s=3600)
     assert isinstance(store, HybridCheckpointStore)
     key = unique_key()
@@ -192,8 +208,9 @@ def test_hybrid_on_the_cluster_flushes_to_postgres_and_restores_from_it(cluster:
     store.close()
 
 
-def test_mirror_and_audit_see_every_node(cluster: PrivateRedisCluster, client: RedisCluster,
-                                         postgres_url: str) -> None:
+def test_mirror_and_audit_see_every_node(
+    cluster: PrivateRedisCluster, client: RedisCluster, postgres_url: str
+) -> None:
     store = RedisCheckpointStore.from_url(cluster.url)
     keys = [unique_key() for _ in range(60)]
     for i, key in enumerate(keys[:50]):
@@ -204,15 +221,19 @@ def test_mirror_and_audit_see_every_node(cluster: PrivateRedisCluster, client: R
     report = CheckpointMirror(client, db).run()
     assert report.mirrored_to_postgres >= 60
     pg = build_store("postgres", "", postgres_url)
-    assert pg.load_many(keys) == {**{k: str(1000 + i) for i, k in enumerate(keys[:50])},
-                                  **{k: "777" for k in keys[50:]}}
+    assert pg.load_many(keys) == {
+        **{k: str(1000 + i) for i, k in enumerate(keys[:50])},
+        **{k: "777" for k in keys[50:]},
+    }
     client.delete(keys[0].redis_key)  # lost in Redis: the mirror restores it from Postgres
     report = CheckpointMirror(client, db).run()
     assert report.restored_to_redis >= 1 and store.load(keys[0]) == "1000"
     states = {s.key: s for s in snapshot(client, db) if s.key in set(keys)}
     assert len(states) == 60
     assert states[keys[1]].redis is not None and states[keys[1]].redis.sequence == "1001"
-    assert states[keys[1]].redis_last_write is not None and states[keys[1]].redis_last_write.sequence == "1001"
+    assert (
+        states[keys[1]].redis_last_write is not None and states[keys[1]].redis_last_write.sequence == "1001"
+    )
     pg.close()
     store.close()
 
@@ -226,8 +247,9 @@ def test_cursor_mirror_reads_cursors_on_every_node(client: RedisCluster) -> None
     assert {n: found[n] for n in names} == {n: f"cursor-{i}" for i, n in enumerate(names)}
 
 
-def test_migrate_moves_single_node_layout_keys_into_the_checkpoint_slot(cluster: PrivateRedisCluster,
-                                                                         client: RedisCluster) -> None:
+def test_migrate_moves_single_node_layout_keys_into_the_checkpoint_slot(
+    cluster: PrivateRedisCluster, client: RedisCluster
+) -> None:
     key = unique_key()
     old_rest = key.redis_key[len("checkpoint") :]
     client.set(key.redis_key, "500")
