@@ -283,3 +283,37 @@ def test_a_cluster_url_gives_a_cluster_client(cluster: PrivateRedisCluster) -> N
     assert isinstance(c, RedisCluster) and c.ping()
     services.check_redis(cluster.url)  # what the resources and the CLI run first
     c.close()
+
+
+def test_the_cli_lists_migrates_and_sets_on_the_cluster(
+    cluster: PrivateRedisCluster,
+    client: RedisCluster,
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from durability_pipelines.cli import main
+
+    monkeypatch.setenv(services.ENV_POSTGRES_URL, postgres_url)
+    monkeypatch.setenv(services.ENV_REDIS_URL, cluster.url)
+    monkeypatch.delenv("DURABILITY_CHECKPOINT_BACKEND", raising=False)
+    key = unique_key()
+    client.set("durability:hybrid" + key.redis_key[len("checkpoint") :], "x")  # a single-node layout key
+    assert main(["migrate"]) == 0
+    assert "keys moved to the Redis Cluster layout" in capsys.readouterr().out
+    assert client.exists(key.companions(cluster=True).hybrid_state) == 1
+    store = RedisCheckpointStore.from_url(cluster.url)
+    lease = store.leases.acquire(key.lease_key, "worker-a")
+    assert lease is not None and store.save(key, "41", lease=lease).advanced
+    capsys.readouterr()
+    assert main(["--json", "--backend", "redis", "checkpoints", "list", "--stream", key.stream]) == 0
+    assert [r["redis"] for r in json.loads(capsys.readouterr().out)] == ["41"]
+    assert main(["--json", "--backend", "redis", "leases", "list"]) == 0
+    assert key.stream in capsys.readouterr().out
+    parts = [key.adapter, key.stream, key.group, key.consumer] + ([key.shard] if key.shard else [])
+    assert main(["--backend", "redis", "checkpoints", "set", *parts, "--sequence", "40", "--force"]) == 0
+    assert store.load(key) == "40"
+    assert store.save(key, "42", lease=lease).advanced  # the forced move left the lease as it was
+    store.close()
