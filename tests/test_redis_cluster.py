@@ -313,7 +313,23 @@ def test_the_cli_lists_migrates_and_sets_on_the_cluster(
     assert main(["--json", "--backend", "redis", "leases", "list"]) == 0
     assert key.stream in capsys.readouterr().out
     parts = [key.adapter, key.stream, key.group, key.consumer] + ([key.shard] if key.shard else [])
-    assert main(["--backend", "redis", "checkpoints", "set", *parts, "--sequence", "40", "--force"]) == 0
+    assert (
+        main(
+            [
+                "--backend",
+                "redis",
+                "checkpoints",
+                "set",
+                *parts,
+                "--sequence",
+                "40",
+                "--force",
+                "--reason",
+                "test",
+            ]
+        )
+        == 0
+    )
     assert store.load(key) == "40"
     assert store.save(key, "42", lease=lease).advanced  # the forced move left the lease as it was
     store.close()
