@@ -28,6 +28,7 @@ from durability_pipelines.checkpoints.ordering import (
     sort_key,
 )
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+from durability_pipelines.redis_client import is_cluster, mget_all
 
 #: The writer name of a history entry that records a write the project did not make (seen by the mirror).
 EXTERNAL_WRITER = "external"
@@ -195,10 +196,13 @@ class KeyState:
 
 
 def _redis_part(client: redis.Redis, states: dict[str, KeyState], redis_keys: list[str]) -> None:
-    """Values (a missing key told apart from one of another type), TTLs, history heads, flush state."""
+    """Values (a missing key told apart from one of another type), TTLs, history heads, flush state.
+
+    On a Redis Cluster the values are read per slot and the pipelines hold one-key commands only."""
+    cluster = is_cluster(client)
     for i in range(0, len(redis_keys), _CHUNK):
         chunk = redis_keys[i : i + _CHUNK]
-        values = client.mget(chunk)
+        values = mget_all(client, chunk)
         pipe = client.pipeline(transaction=False)
         for rkey, value in zip(chunk, values, strict=True):
             pipe.pttl(rkey)
@@ -222,8 +226,9 @@ def _redis_part(client: redis.Redis, states: dict[str, KeyState], redis_keys: li
         pipe = client.pipeline(transaction=False)
         for _, key in keyed:
             assert key is not None
-            pipe.xrevrange(key.history_key, count=1)
-            pipe.hmget(key.hybrid_state_key, "acks", "flushed_ms")
+            companions = key.companions(cluster=cluster)
+            pipe.xrevrange(companions.history, count=1)
+            pipe.hmget(companions.hybrid_state, "acks", "flushed_ms")
         replies = pipe.execute()
         for n, (rkey, _) in enumerate(keyed):
             head, (acks, flushed_ms) = replies[2 * n], replies[2 * n + 1]

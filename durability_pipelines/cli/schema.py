@@ -45,7 +45,8 @@ def cmd_migrate(session: Session, args: argparse.Namespace) -> int:
             else ("upgraded" if before_versions[c] < v else "up to date")}
         for c, v in sorted(after_versions.items())
     }
-    converted, redis_note = _convert_sentinels(session, db)
+    moved: list[Any] = []
+    converted, redis_note = _convert_sentinels(session, db, moved)
     data = {"database": services.mask_url(session.postgres_url()), "created_tables": created,
             "existing_tables": sorted(before_tables & after_tables), "components": components,
             "sentinels_converted": [{"store": c.where, "key": c.key, "value": c.value} for c in converted]}
@@ -54,6 +55,10 @@ def cmd_migrate(session: Session, args: argparse.Namespace) -> int:
     lines.append("  created tables: " + (", ".join(created) if created else "none (schema was already present)"))
     lines.append(f"  sentinels moved out of shared keys and rows: {len(converted)}")
     lines += [f"    {c.describe()}" for c in converted]
+    if moved:  # Redis Cluster only: keys of the single-node layout moved into their checkpoint's slot
+        data["cluster_layout"] = [{"from": m.old, "to": m.new, "moved": m.moved, "why": m.why} for m in moved]
+        lines.append(f"  keys moved to the Redis Cluster layout: {sum(m.moved for m in moved)}")
+        lines += [f"    {m.describe()}" for m in moved]
     if redis_note:
         data["redis"] = redis_note
         lines.append(f"  redis: {redis_note}")
@@ -61,9 +66,10 @@ def cmd_migrate(session: Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _convert_sentinels(session: Session, db: PostgresConnection) -> tuple[list[Any], str | None]:
+def _convert_sentinels(session: Session, db: PostgresConnection, moved: list[Any]) -> tuple[list[Any], str | None]:
     """Move SHARD_END / TRIM_HORIZON / LATEST values an older version wrote into the shared layout to the
-    project's own sentinel store (Postgres always; Redis when it answers, else say so)."""
+    project's own sentinel store (Postgres always; Redis when it answers, else say so). On a Redis Cluster,
+    first move project keys of the single-node layout into their checkpoint's slot (appended to ``moved``)."""
     import redis as redis_lib
 
     from durability_pipelines.checkpoints import sentinels
@@ -76,6 +82,9 @@ def _convert_sentinels(session: Session, db: PostgresConnection) -> tuple[list[A
         return converted, f"not converted ({exc}); run `durability-pipelines migrate` again when Redis answers"
     client = redis_client(url)
     try:
+        from durability_pipelines.checkpoints.redis_store import move_to_cluster_layout
+
+        moved += move_to_cluster_layout(client)
         converted += sentinels.convert_redis(client)
     except redis_lib.RedisError as exc:
         return converted, f"not converted ({type(exc).__name__}); run `durability-pipelines migrate` again"

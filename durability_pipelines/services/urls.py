@@ -265,12 +265,28 @@ def validate_redis_url(url: str, *, source: str | None = None) -> None:
     """
     from redis.connection import parse_url
 
-    from durability_pipelines.redis_client import SENTINEL_FORM, SentinelURLError, parse_sentinel_url
+    from durability_pipelines.redis_client import (
+        CLUSTER_FORM,
+        SENTINEL_FORM,
+        ClusterURLError,
+        SentinelURLError,
+        parse_cluster_url,
+        parse_sentinel_url,
+    )
 
     kind = "Redis"
     fix = ("use redis://host:port/db (rediss:// for TLS, unix:///path/to/redis.sock for a socket, "
-           f"{SENTINEL_FORM} for a Sentinel-managed master), with [user]:password@ before the host")
+           f"{SENTINEL_FORM} for a Sentinel-managed master, {CLUSTER_FORM} for a Redis Cluster), "
+           "with [user]:password@ before the host")
     split = _split_url(url)
+    if split is not None and split.scheme.lower() == "redis+cluster://":
+        _check_split(url, split, "Redis Cluster", source, multi_host=True)
+        try:
+            parse_cluster_url(url)
+        except ClusterURLError as exc:  # its message never quotes the userinfo
+            why = str(exc).split(". Expected ", 1)[0].removeprefix("not a valid Redis Cluster URL: ")
+            raise _invalid(url, "Redis Cluster", source, why, f"use {CLUSTER_FORM}") from None
+        return
     if split is not None and split.scheme.lower() == "redis+sentinel://":
         _check_split(url, split, "Redis Sentinel", source, multi_host=True)
         try:
@@ -280,7 +296,8 @@ def validate_redis_url(url: str, *, source: str | None = None) -> None:
             raise _invalid(url, "Redis Sentinel", source, why, f"use {SENTINEL_FORM}") from None
         return
     if split is None or split.scheme.lower() not in ("redis://", "rediss://", "unix://"):
-        raise _invalid(url, kind, source, "its scheme is not redis://, rediss://, unix:// or redis+sentinel://", fix)
+        raise _invalid(url, kind, source,
+                       "its scheme is not redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://", fix)
     _check_split(url, split, kind, source, multi_host=False)
     try:
         parse_url(url)
