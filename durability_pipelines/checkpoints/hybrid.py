@@ -46,7 +46,8 @@ from durability_pipelines.checkpoints.errors import (
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, max_sequence, normalize_sequence
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
-from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore, WrongType
+from durability_pipelines.checkpoints.redis_io import WrongType
+from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
 from durability_pipelines.checkpoints.sentinels import is_sentinel
 
 log = logging.getLogger(__name__)

@@ -103,7 +103,7 @@ class CheckpointRow:
 
 def _raw_values(session: Session, keys: Sequence[CheckpointKey] | None = None) -> dict[CheckpointKey, CheckpointRow]:
     """Raw stored values per store (garbage included: showing it is the point), for ``keys`` or all."""
-    from durability_pipelines.checkpoints.redis_store import WrongType
+    from durability_pipelines.checkpoints.redis_io import WrongType
 
     subs = session.substores()
     names = [name for name, _ in subs]
