@@ -264,6 +264,7 @@ def test_source_events_and_stored_mode(feed: Feed, pg_conn: psycopg.Connection) 
     source = _source(feed, "stored", on_call=lambda op, ms: calls.append((op, ms)))
     try:
         assert source.list_shards() == [None] and source.readable({None: None}) == [None]
+        assert source.identity is None  # one change log is one stream: nothing for the sensor to compare
         assert source.has_new(None, None) is True  # a run must explain the missing checkpoint
         with pytest.raises(NoCheckpointError, match="replay_from"):
             source.read(None, None, 10)
