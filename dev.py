@@ -9,7 +9,7 @@
 The virtualenv is (re)installed with `pip install -e ".[dev]"` when it is missing or when
 pyproject.toml is newer than its stamp file, so a fresh clone and a changed dependency list both work.
 PostgreSQL and Redis come from $DURABILITY_POSTGRES_URL / $DURABILITY_REDIS_URL, or are started
-embedded under .durability/ (see durability_pipelines/services.py).
+embedded under .durability/ (see durability_pipelines/services/).
 
 `setup` also resolves those servers (starting the embedded ones if nothing is configured) and writes
 DAGSTER_HOME, DAGSTER_POSTGRES_URL, DURABILITY_POSTGRES_URL and DURABILITY_REDIS_URL into a block of

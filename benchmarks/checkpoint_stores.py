@@ -31,6 +31,12 @@ median over rounds, ops/s from that median, and each ratio as the median of the 
 ratios (plus the ratio of medians and of minimums).  Connections, script loading and statement
 preparation are warmed up before any timed segment.  Timing uses ``time.perf_counter_ns``.
 
+Redis Cluster (``--cluster``): the benchmark starts two private clusters of its own (redis-server in
+cluster mode on loopback ports, as the tests do): 3 masters and 1 master. It times the Redis store on
+each (``redis_cluster``, ``redis_cluster_1``) against raw ``RedisCluster`` ``SET`` / ``GET`` /
+``mget_nonatomic`` of the same number of keys on the 3-master cluster, in the same interleaved rounds, and
+reports the ratios under ``cluster`` (including ``load_many`` of ``--batch`` keys on 3 vs 1 node).
+
 For diagnosis (``info_ratios``, ``extras``): the Redis store with ``history_maxlen=0``, and
 ``checkpoint.lua`` called straight through redis-py (``EVALSHA``, same keys and arguments as
 ``redis.save``), the floor of any store built on that script.
@@ -77,7 +83,12 @@ from durability_pipelines.checkpoints.postgres_store import (  # noqa: E402
     PostgresCheckpointStore,
     mask_conninfo,
 )
-from durability_pipelines.checkpoints.redis_store import SAVE_LUA, RedisCheckpointStore  # noqa: E402
+from durability_pipelines.checkpoints.redis_store import (  # noqa: E402
+    SAVE_LUA,
+    RedisCheckpointStore,
+    save_script_keys,
+)
+from durability_pipelines.redis_client import redis_client  # noqa: E402
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -103,6 +114,17 @@ INFO_RATIOS: dict[str, tuple[str, str]] = {
     # the floor of any store built on checkpoint.lua: the bare EVALSHA, no store code around it
     "raw_evalsha_save_script_vs_raw_set": ("raw.redis_evalsha_save_script", "raw.redis_set"),
     "redis_save_vs_raw_evalsha_save_script": ("redis.save", "raw.redis_evalsha_save_script"),
+}
+
+#: with --cluster (reported under "cluster"; no target)
+CLUSTER_RATIOS: dict[str, tuple[str, str]] = {
+    "cluster_save_vs_raw_cluster_set": ("redis_cluster.save", "raw.cluster_set"),
+    "cluster_load_vs_raw_cluster_get": ("redis_cluster.load", "raw.cluster_get"),
+    "cluster_load_many_vs_raw_cluster_mget": ("redis_cluster.load_many", "raw.cluster_mget"),
+    "cluster_save_vs_single_node_save": ("redis_cluster.save", "redis.save"),
+    "cluster_load_many_vs_single_node_load_many": ("redis_cluster.load_many", "redis.load_many"),
+    "cluster_load_many_3_nodes_vs_1_node": ("redis_cluster.load_many", "redis_cluster_1.load_many"),
+    "raw_cluster_mget_3_nodes_vs_1_node": ("raw.cluster_mget", "raw.cluster_1_mget"),
 }
 
 _UPSERT_SQL = (
@@ -236,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--keys", type=int, default=1000, help="keys that sequential saves/loads cycle over")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds; medians are taken over them")
     ap.add_argument("--batch", type=int, default=1000, help="keys per load_many / MGET call")
+    ap.add_argument("--cluster", action="store_true",
+                    help="also time the Redis store on private Redis Clusters of 3 and 1 masters")
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.keys < 1 or args.rounds < 1 or args.batch < 1:
         ap.error("--seconds must be > 0 and --keys, --rounds, --batch >= 1")
@@ -250,9 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
     try:
-        with BenchDatabase(postgres_url, f"bench_{run}") as db:
+        with BenchDatabase(postgres_url, f"bench_{run}") as db, contextlib.ExitStack() as clusters:
             log(f"run {run}: {mask_redis(raw_r)}, {mask_conninfo(db.conninfo)} ({db.mode})")
-            result = bench(args, run, nkeys, budget_ns, raw_r, db, redis_url)
+            cluster_urls: tuple[str, str] | None = None
+            if args.cluster:
+                from tests.support.servers import PrivateRedisCluster
+
+                log("starting private Redis Clusters (3 masters, 1 master)")
+                cluster_urls = (clusters.enter_context(PrivateRedisCluster(3)).url,
+                                clusters.enter_context(PrivateRedisCluster(1)).url)
+            result = bench(args, run, nkeys, budget_ns, raw_r, db, redis_url, cluster_urls)
     finally:
         deleted = 0
         with contextlib.suppress(redis.RedisError):
@@ -272,7 +303,7 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
 
 
 def bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r: redis.Redis,
-          db: BenchDatabase, redis_url: str) -> dict[str, Any]:
+          db: BenchDatabase, redis_url: str, cluster_urls: tuple[str, str] | None = None) -> dict[str, Any]:
     cfg = StoreConfig()  # the factory's defaults: no TTL, history_maxlen 1000, flush every 100 acks / 5 s
     stores: dict[str, Any] = {
         "redis": RedisCheckpointStore.from_url(redis_url, ttl_s=cfg.redis_ttl_s, history_maxlen=cfg.history_maxlen),
@@ -285,13 +316,20 @@ def bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r:
         ),
         "memory": MemoryCheckpointStore(),
     }
+    raw_c = None
+    if cluster_urls is not None:
+        stores["redis_cluster"] = RedisCheckpointStore.from_url(
+            cluster_urls[0], ttl_s=cfg.redis_ttl_s, history_maxlen=cfg.history_maxlen)
+        stores["redis_cluster_1"] = RedisCheckpointStore.from_url(
+            cluster_urls[1], ttl_s=cfg.redis_ttl_s, history_maxlen=cfg.history_maxlen)
+        raw_c = (redis_client(cluster_urls[0], socket_timeout=10), redis_client(cluster_urls[1], socket_timeout=10))
     extra = RedisCheckpointStore.from_url(redis_url, ttl_s=cfg.redis_ttl_s, history_maxlen=0)
     _count_flushes(stores["hybrid"])
     raw_pg = psycopg.connect(db.conninfo, autocommit=True)
     try:
-        return _bench(args, run, nkeys, budget_ns, raw_r, raw_pg, stores, extra, cfg, db)
+        return _bench(args, run, nkeys, budget_ns, raw_r, raw_pg, stores, extra, cfg, db, raw_c)
     finally:
-        for s in (*stores.values(), extra):
+        for s in (*stores.values(), extra, *(raw_c or ())):
             with contextlib.suppress(Exception):
                 s.close()
         raw_pg.close()
@@ -316,7 +354,7 @@ def _count_flushes(store: HybridCheckpointStore) -> None:
 
 def _bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r: redis.Redis,
            raw_pg: psycopg.Connection, stores: dict[str, Any], extra: RedisCheckpointStore, cfg: StoreConfig,
-           db: BenchDatabase) -> dict[str, Any]:
+           db: BenchDatabase, raw_c: tuple[Any, Any] | None = None) -> dict[str, Any]:
     # A consumer builds one SaveContext per run and passes it to every save.
     ctx = SaveContext(writer=f"bench-{run}", run_id=f"bench-run-{run}")
     seq = itertools.count(10**20)  # 21-digit, DynamoDB-like, strictly increasing: every save advances
@@ -348,6 +386,10 @@ def _bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r
     pipe.execute()
     for row in raw_pg_rows:
         raw_pg.execute(_UPSERT_SQL, (*row, str(next(seq))))
+    if raw_c is not None:
+        raw_cluster_keys = [k.redis_key for k in make_keys(run, "rawcl", nkeys)]
+        for k in raw_cluster_keys:
+            raw_c[0].set(k, str(next(seq)))
 
     # ---- the timed operations; each picks its next key (and value) itself
     def cycle(items: list[Any]) -> Callable[[], Any]:
@@ -366,12 +408,12 @@ def _bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r
         ops["raw.redis_mget"] = lambda: raw_r.mget(mget_keys)
         # checkpoint.lua called straight through redis-py, same keys and arguments as redis.save sends
         sha = raw_r.script_load(SAVE_LUA)
-        lua_keys = [(k.redis_key, k.lease_key.redis_key, k.history_key) for k in make_keys(run, "rawlua", nkeys)]
+        lua_keys = [save_script_keys(k, cluster=False) for k in make_keys(run, "rawlua", nkeys)]
         nk_lua = cycle(lua_keys)
         maxlen = str(cfg.history_maxlen)
         ttl = "" if cfg.redis_ttl_s is None else str(int(cfg.redis_ttl_s * 1000))
         ops["raw.redis_evalsha_save_script"] = lambda: raw_r.evalsha(
-            sha, 3, *nk_lua(), str(nxt()), ctx.writer, "", ttl, ctx.run_id, "", maxlen)
+            sha, 4, *nk_lua(), str(nxt()), ctx.writer, "", ttl, ctx.run_id, "", maxlen)
         ops["raw.postgres_upsert"] = lambda: raw_pg.execute(_UPSERT_SQL, (*nk_up(), str(nxt())))
         ops["raw.postgres_select"] = lambda: raw_pg.execute(_SELECT_SQL, nk_sel()).fetchone()
 
@@ -384,9 +426,22 @@ def _bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r
         ops[f"{name}.load"] = lambda: store.load(nk_load())
         ops[f"{name}.load_many"] = lambda: store.load_many(many)
 
+    def add_cluster() -> None:
+        assert raw_c is not None
+        nk_set, nk_get = cycle(raw_cluster_keys), cycle([k.redis_key for k in keys["redis_cluster"]])
+        nxt = seq.__next__
+        mget3 = [k.redis_key for k in keys["redis_cluster"][:batch]]
+        mget1 = [k.redis_key for k in keys["redis_cluster_1"][:batch]]
+        ops["raw.cluster_set"] = lambda: raw_c[0].set(nk_set(), str(nxt()))
+        ops["raw.cluster_get"] = lambda: raw_c[0].get(nk_get())
+        ops["raw.cluster_mget"] = lambda: raw_c[0].mget_nonatomic(mget3)
+        ops["raw.cluster_1_mget"] = lambda: raw_c[1].mget_nonatomic(mget1)
+
     add_raw()
     for name in stores:
         add_store(name)
+    if raw_c is not None:
+        add_cluster()
     nk_extra = cycle(keys["redis_no_history"])
     ops["redis_no_history.save"] = lambda: extra.save(nk_extra(), str(next(seq)), context=ctx)
 
@@ -398,6 +453,12 @@ def _bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r
         ["raw.redis_get", "redis.load", "hybrid.load", "raw.postgres_select", "postgres.load", "memory.load"],
         ["raw.redis_mget", "redis.load_many", "hybrid.load_many", "postgres.load_many", "memory.load_many"],
     ]
+    if raw_c is not None:
+        groups += [
+            ["raw.cluster_set", "redis_cluster.save", "redis_cluster_1.save"],
+            ["raw.cluster_get", "redis_cluster.load", "redis_cluster_1.load"],
+            ["raw.cluster_mget", "redis_cluster.load_many", "raw.cluster_1_mget", "redis_cluster_1.load_many"],
+        ]
 
     # ---- warm-up (untimed): connections, EVALSHA script cache, psycopg auto-prepare (threshold 5)
     log("warming up")
@@ -531,6 +592,14 @@ def _bench(args: argparse.Namespace, run: str, nkeys: int, budget_ns: int, raw_r
     out["all_targets_met"] = all(out["targets_met"].values())
     out["info_ratios"] = {tname: rec.ratio(num, den) for tname, (num, den) in INFO_RATIOS.items()}
     out["sanity"] = sanity
+    if raw_c is not None:
+        out["cluster"] = {
+            "nodes": {"redis_cluster": 3, "redis_cluster_1": 1},
+            "baselines": {"cluster_set": rec.summary("raw.cluster_set"), "cluster_get": rec.summary("raw.cluster_get"),
+                          "cluster_mget_nonatomic": rec.summary("raw.cluster_mget", batch),
+                          "cluster_1_mget_nonatomic": rec.summary("raw.cluster_1_mget", batch)},
+            "ratios": {tname: rec.ratio(num, den) for tname, (num, den) in CLUSTER_RATIOS.items()},
+        }
     return out
 
 

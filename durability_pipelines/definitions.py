@@ -58,18 +58,12 @@ def build_definitions(consumers_dir: Path | None = None) -> Definitions:
     tree = component_tree(directory)
     consumers = [c.config for c in tree.get_all_components(of_type=StreamConsumer)]
     streams = {stream_asset_spec(cfg).key: stream_asset_spec(cfg) for cfg in consumers}
-    assets, checks, (mirror_job, mirror_schedule) = build_audit_defs(consumers)
-    retention_job, retention_schedule = build_retention_defs()
     return Definitions.merge(
         tree.build_defs(),
         get_library_json_enriched_defs(None),  # the component types (Docs tab); the tree comes with its defs
-        Definitions(
-            assets=[*streams.values(), *assets],
-            asset_checks=checks,
-            jobs=[mirror_job, retention_job],
-            schedules=[mirror_schedule, retention_schedule],
-            resources={"durability": durability_resource_from_env()},
-        ),
+        build_audit_defs(consumers),
+        build_retention_defs(),
+        Definitions(assets=list(streams.values()), resources={"durability": durability_resource_from_env()}),
     )
 
 

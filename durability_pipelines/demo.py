@@ -35,6 +35,7 @@ from psycopg import sql
 
 from durability_pipelines import services
 from durability_pipelines.chaos import Chaos
+from durability_pipelines.checkpoints.keys import SENSOR_CURSOR_PREFIX
 from durability_pipelines.processes import ProcessGroup
 from durability_pipelines.redis_client import redis_client
 
@@ -103,7 +104,7 @@ def _clean_redis(url: str) -> None:
     """Remove the demo's keys only (the Redis may be shared)."""
     client = redis_client(url)
     patterns = [f"checkpoint:*:{TABLE}*", f"durability:*:{TABLE}*"] + [
-        f"durability:sensor_cursor:{p}_sensor" for p in PIPELINES]
+        f"{SENSOR_CURSOR_PREFIX}:{p}_sensor" for p in PIPELINES]
     for pattern in patterns:
         keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:

@@ -11,7 +11,16 @@ The user name and password are the *master's* (and its replicas'); sentinels tha
 of their own get ``sentinel_password`` (and ``sentinel_username``). The client comes from
 ``Sentinel(...).master_for(master_name)``: every new connection asks the sentinels where the master
 is, and a connection that finds it died or was demoted (``ReadOnlyError``) is dropped with a
-``ConnectionError``, so the next command reaches the promoted master. No Dagster import here.
+``ConnectionError``, so the next command reaches the promoted master.
+
+For Redis Cluster (cluster mode enabled: ElastiCache/MemoryDB cluster mode, a self-run cluster)::
+
+    redis+cluster://[[user]:password@]host1:6379[,host2:6379...][/0]
+
+The hosts are *startup nodes* (any few of the cluster's nodes; the client discovers the rest and the
+slot map with ``CLUSTER SLOTS``, and follows ``MOVED`` / ``ASK`` redirections). A cluster has database 0
+only. The client is a ``redis.cluster.RedisCluster``: code that must read across nodes asks
+:func:`is_cluster` and uses :func:`mget_all` / the cluster-wide ``scan_iter``. No Dagster import here.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from durability_pipelines.checkpoints.errors import ConfigError
@@ -102,12 +112,105 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     )  # fmt: skip
 
 
+CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_DEFAULT_PORT = 6379
+CLUSTER_FORM = "redis+cluster://[[user]:password@]host1:6379[,host2:6379...][/0]"
+
+
+class ClusterURLError(ConfigError, ValueError):
+    """A ``redis+cluster://`` URL that is not of the expected form; the message never holds a password."""
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """The parts of a ``redis+cluster://`` URL (password decoded)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def is_cluster_url(url: str) -> bool:
+    """True for a ``redis+cluster://`` URL (scheme case-insensitive)."""
+    return url[: len(CLUSTER_SCHEME) + 3].lower() == f"{CLUSTER_SCHEME}://"
+
+
+def _bad_cluster(why: str) -> ClusterURLError:
+    return ClusterURLError(f"not a valid Redis Cluster URL: {why}. Expected {CLUSTER_FORM}")
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """Split a ``redis+cluster://`` URL; raises :class:`ClusterURLError` saying the expected form."""
+    if not is_cluster_url(url):
+        raise _bad_cluster("the scheme is not redis+cluster://")
+    rest = url[len(CLUSTER_SCHEME) + 3 :]
+    rest, _, query = rest.partition("?")
+    if query:
+        raise _bad_cluster("query parameters are not supported")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    if not hosts:
+        raise _bad_cluster("no startup node host:port")
+    nodes = []
+    for hostport in hosts.split(","):
+        match = _HOSTPORT_RE.match(hostport)
+        if match is None:
+            raise _bad_cluster(f"{hostport!r} is not host[:port]")
+        port = int(match.group(2)) if match.group(2) else CLUSTER_DEFAULT_PORT
+        if not 0 < port <= 65535:
+            raise _bad_cluster(f"port {port} of {match.group(1)!r} is not 1-65535")
+        nodes.append((match.group(1).strip("[]"), port))
+    if slash and path not in ("", "0"):
+        raise _bad_cluster(f"a Redis Cluster has database 0 only, the URL names /{path}")
+    return ClusterURL(tuple(nodes), username, password)
+
+
+def is_cluster(client: Any) -> bool:
+    """True for a Redis Cluster client: keys live on several nodes, and a command (or script) that
+    touches several keys must keep them in one hash slot."""
+    return isinstance(client, RedisCluster)
+
+
+MGET_CHUNK = 1000
+
+
+def mget_all(client: Any, keys: list[Any]) -> list[Any]:
+    """``MGET`` of any number of keys, in order: pipelined 1,000-key chunks on one server, one ``MGET`` per
+    slot on a cluster (``mget_nonatomic``: not a snapshot across slots, which no reader here needs)."""
+    if not keys:
+        return []
+    if is_cluster(client):
+        return client.mget_nonatomic(keys)
+    if len(keys) <= MGET_CHUNK:
+        return client.mget(keys)
+    pipe = client.pipeline(transaction=False)
+    for i in range(0, len(keys), MGET_CHUNK):
+        pipe.mget(keys[i : i + MGET_CHUNK])
+    return [v for chunk in pipe.execute() for v in chunk]
+
+
 def redis_client(url: str, **kwargs: Any) -> redis.Redis:
-    """A ``redis.Redis`` for ``url``: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``.
+    """A client for ``url``: ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+    ``redis+cluster://`` (a ``RedisCluster``, which has the same command methods).
 
     ``kwargs`` (``socket_timeout``, ``socket_connect_timeout``, ``decode_responses``...) apply to the
-    master's connections; the sentinels get the ``socket_*`` ones, plus their own credentials.
+    master's (or every cluster node's) connections; the sentinels get the ``socket_*`` ones, plus their
+    own credentials.
     """
+    if is_cluster_url(url):
+        cluster = parse_cluster_url(url)
+        cluster_kwargs = dict(kwargs)
+        if cluster.password is not None:
+            cluster_kwargs["password"] = cluster.password
+        if cluster.username is not None:
+            cluster_kwargs["username"] = cluster.username
+        nodes = [ClusterNode(host, port) for host, port in cluster.nodes]
+        return RedisCluster(startup_nodes=nodes, **cluster_kwargs)  # type: ignore[return-value]
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **kwargs)
     parsed = parse_sentinel_url(url)
@@ -127,6 +230,9 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
 
 def describe_client(client: redis.Redis) -> str:
     """Where ``client`` points, without credentials, for error messages."""
+    if is_cluster(client):
+        nodes = ",".join(sorted(client.nodes_manager.startup_nodes))  # type: ignore[attr-defined]
+        return f"redis cluster (startup nodes {nodes})"
     pool = client.connection_pool
     kw = pool.connection_kwargs
     if isinstance(pool, SentinelConnectionPool):

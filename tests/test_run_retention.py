@@ -100,13 +100,19 @@ def _execute(instance: DagsterInstance, job_def: JobDefinition, *, fail: bool = 
 
 def _retention(instance: DagsterInstance, durability: DurabilityResource, *, as_of: float,
                **config: Any) -> tuple[ExecuteInProcessResult, dict[str, Any]]:
-    retention_job, _ = build_retention_defs({})
+    retention_job, _ = retention_parts({})
     when = datetime.fromtimestamp(as_of, timezone.utc).isoformat()
     run_config = {"ops": {RETENTION_OP: {"config": {"as_of": when, **config}}}}
     result = retention_job.execute_in_process(instance=instance, run_config=run_config,
                                               resources={"durability": durability})
     assert result.success
     return result, _output_metadata(result)
+
+
+def retention_parts(environ: dict[str, str]) -> tuple[JobDefinition, Any]:
+    """The retention job and schedule out of the ``Definitions`` the builder returns."""
+    defs = build_retention_defs(environ)
+    return next(iter(defs.jobs or [])), next(iter(defs.schedules or []))
 
 
 def _output_metadata(result: ExecuteInProcessResult) -> dict[str, Any]:
@@ -251,7 +257,7 @@ def test_dry_run_reports_what_it_would_delete_and_deletes_nothing(
 def test_retention_job_runs_in_one_process_as_maintenance_and_its_schedule_skips_while_one_is_in_flight(
     home: DagsterHome, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    retention_job, schedule = build_retention_defs({})
+    retention_job, schedule = retention_parts({})
     assert retention_job.name == RETENTION_JOB
     assert retention_job.executor_def.name == "in_process"
     assert {k: retention_job.tags[k] for k in MAINTENANCE_RUN_TAGS} == MAINTENANCE_RUN_TAGS
@@ -271,7 +277,7 @@ def test_retention_job_runs_in_one_process_as_maintenance_and_its_schedule_skips
 def test_environment_sets_the_defaults_and_a_bad_value_names_the_variable(
     home: DagsterHome, durability: DurabilityResource
 ) -> None:
-    retention_job, schedule = build_retention_defs({RETENTION_DAYS_ENV: "3", RETENTION_ENABLED_ENV: "false"})
+    retention_job, schedule = retention_parts({RETENTION_DAYS_ENV: "3", RETENTION_ENABLED_ENV: "false"})
     assert schedule.default_status == DefaultScheduleStatus.STOPPED
     result = retention_job.execute_in_process(instance=home.instance(), resources={"durability": durability})
     meta = _output_metadata(result)
@@ -283,7 +289,7 @@ def test_environment_sets_the_defaults_and_a_bad_value_names_the_variable(
 
 
 def test_bad_run_config_fails_the_run_with_the_fix(home: DagsterHome, postgres_url: str) -> None:
-    retention_job, _ = build_retention_defs({})
+    retention_job, _ = retention_parts({})
     result = retention_job.execute_in_process(
         instance=home.instance(), raise_on_error=False,
         run_config={"ops": {RETENTION_OP: {"config": {"as_of": "yesterday"}}}},

@@ -24,8 +24,7 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import redis
 
-from durability_pipelines.checkpoints.base import FORCED_REASON_PREFIX  # `set --force` / `rewind` rows
-from durability_pipelines.checkpoints.inspect import EXTERNAL_WRITER, KeyState, external_store, snapshot
+from durability_pipelines.checkpoints.inspect import KeyState, external_store, history_summary, snapshot
 from durability_pipelines.checkpoints.keys import CheckpointKey
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.consumer.config import ConsumerConfig
@@ -68,35 +67,6 @@ SUMMARY_COLUMNS: dict[str, tuple[str, str]] = {
     "trimmed_gaps": ("bigint", "Records the stream no longer had, skipped by policy"),
 }
 
-# A row went back when its new value is at or below the previous row's. It is the project's own
-# regression only when the row starts where the previous one ended (its previous_sequence is the last
-# recorded value): a row whose previous value is lower than the last recorded one means someone wrote
-# the checkpoint in between without the project (a foreign write), and so does a row by the writer
-# 'external' (recorded by the mirror). Operator moves ('force: ' reason) are neither.
-_SUMMARY_SQL = """
-WITH h AS (
-  SELECT adapter, stream, grp, consumer, shard, ts, reason, writer, previous_sequence,
-         lag(new_sequence) OVER w AS last_new,
-         durability_sequence_rank_or_null(new_sequence)
-           <= lag(durability_sequence_rank_or_null(new_sequence)) OVER w AS went_back,
-         durability_sequence_rank_or_null(previous_sequence)
-           < lag(durability_sequence_rank_or_null(new_sequence)) OVER w AS started_lower
-  FROM checkpoint_history
-  WINDOW w AS (PARTITION BY adapter, stream, grp, consumer, shard ORDER BY id)
-), c AS (
-  SELECT *, coalesce(reason, '') LIKE %(forced)s AS forced,
-         (writer = %(external)s) OR coalesce(started_lower, false) AS foreign_move
-  FROM h
-)
-SELECT adapter, stream, grp, consumer, shard,
-       count(*) AS advances, min(ts) AS first_advance_at, max(ts) AS last_advance_at,
-       count(*) FILTER (WHERE ts > NOW() - interval '1 hour') AS advances_last_hour,
-       count(*) FILTER (WHERE went_back AND NOT forced AND NOT foreign_move) AS regressions,
-       count(*) FILTER (WHERE foreign_move AND NOT forced) AS external_regressions,
-       count(*) FILTER (WHERE foreign_move AND NOT forced AND ts > %(since)s) AS external_regressions_recent,
-       count(*) FILTER (WHERE forced) AS forced_moves
-FROM c GROUP BY adapter, stream, grp, consumer, shard
-"""
 
 
 @dataclass(frozen=True)
@@ -217,10 +187,8 @@ def build_history_summary(db: PostgresConnection, *, window_s: float = AuditThre
     ensure(db)
     with db.connection() as conn:
         since = datetime.now(timezone.utc) - timedelta(seconds=window_s)
-        cur = conn.execute(_SUMMARY_SQL, {"forced": FORCED_REASON_PREFIX + "%", "external": EXTERNAL_WRITER,
-                                          "since": since})
-        cols = [c.name for c in cur.description or []]
-        hist = pd.DataFrame(cur.fetchall(), columns=cols)
+        cols, rows = history_summary(conn, external_since=since)
+        hist = pd.DataFrame(rows, columns=cols)
         dls = pd.DataFrame(conn.execute(
             "SELECT adapter, stream, grp, shard, count(*) AS dead_letters, "
             "count(*) FILTER (WHERE status = 'open') AS open_dead_letters "

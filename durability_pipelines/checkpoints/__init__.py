@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from durability_pipelines.checkpoints.base import (
     CheckpointStore,
+    CheckpointTransaction,
     HistoryEntry,
     Lease,
     LeaseManager,
     SaveContext,
     SaveOutcome,
     SaveResult,
+    TransactionalStore,
 )
 from durability_pipelines.checkpoints.errors import (
     ConfigError,
@@ -33,12 +35,19 @@ from durability_pipelines.checkpoints.ordering import (
     TRIM_HORIZON,
     compare_sequences,
     normalize_sequence,
+    sequence_gap,
+    sort_key,
+)
+from durability_pipelines.checkpoints.postgres_store import (
+    PostgresConnection,
+    connection_is_stale,
+    mask_conninfo,
 )
 
 __all__ = [
-    "LATEST", "SHARD_END", "TRIM_HORIZON", "CheckpointKey", "CheckpointStore", "ConfigError",
-    "DurabilityError", "HistoryEntry", "InvalidCheckpointKeyError", "InvalidSequenceError", "Lease",
-    "LeaseKey", "LeaseLostError", "LeaseManager", "SaveContext", "SaveOutcome", "SaveResult",
-    "StoreConfig", "StoreUnavailableError", "WrongTypeKeyError", "compare_sequences", "normalize_sequence",
-    "open_store",
+    "LATEST", "SHARD_END", "TRIM_HORIZON", "CheckpointKey", "CheckpointStore", "CheckpointTransaction",
+    "ConfigError", "DurabilityError", "HistoryEntry", "InvalidCheckpointKeyError", "InvalidSequenceError",
+    "Lease", "LeaseKey", "LeaseLostError", "LeaseManager", "PostgresConnection", "SaveContext", "SaveOutcome", "SaveResult",
+    "StoreConfig", "StoreUnavailableError", "TransactionalStore", "WrongTypeKeyError", "compare_sequences",
+    "connection_is_stale", "mask_conninfo", "normalize_sequence", "open_store", "sequence_gap", "sort_key",
 ]

@@ -13,8 +13,10 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
 
 from durability_pipelines.checkpoints.errors import InvalidSequenceError
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
@@ -73,6 +75,9 @@ class SaveContext:
     run_id: str | None = None
     reason: str | None = None
 
+
+#: How many history entries ``history_at`` scans where a store has no index by time.
+HISTORY_SCAN_LIMIT = 100_000
 
 #: History rows of deliberate operator moves (``checkpoints set --force`` / ``rewind``) start with
 #: this, so audits tell a recorded rewind from a regression.
@@ -195,6 +200,17 @@ class CheckpointStore(abc.ABC):
     def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
         """Newest first."""
 
+    def history_at(self, key: CheckpointKey, at: datetime) -> HistoryEntry | None:
+        """The last history entry written at or before ``at`` (for rewinding to a point in time).
+
+        This default scans what ``history`` keeps (a capped Redis stream keeps the newest entries only);
+        Postgres answers from the whole ``checkpoint_history``.
+        """
+        for entry in self.history(key, HISTORY_SCAN_LIMIT):
+            if entry.ts is not None and entry.ts <= at:
+                return entry
+        return None
+
     @abc.abstractmethod
     def keys(self) -> list[CheckpointKey]:
         """Every checkpoint key the store holds."""
@@ -202,14 +218,54 @@ class CheckpointStore(abc.ABC):
     def load_all(self) -> Mapping[CheckpointKey, str | None]:
         return self.load_many(self.keys())
 
+    def load_raw_many(self, keys: list[CheckpointKey]) -> list[Any]:
+        """Stored values in key order, unparsed (garbage included: showing it is the point of a listing);
+        ``None`` for a missing key. Stores that can read raw values faster override this."""
+        out: list[Any] = []
+        for key in keys:
+            try:
+                out.append(self.load(key))
+            except InvalidSequenceError as exc:
+                out.append(None if exc.value is None else str(exc.value))
+        return out
+
+    def raw_rows(self) -> list[tuple[CheckpointKey, Any, datetime | None]]:
+        """Every checkpoint as ``(key, raw value, last write time or None)``, for listings and audits."""
+        keys = self.keys()
+        return [(k, raw, None) for k, raw in zip(keys, self.load_raw_many(keys), strict=True)]
+
+    def parts(self) -> list[tuple[str, CheckpointStore]]:
+        """The stores this one is made of, by name: hybrid has ``redis`` and ``postgres``, the others themselves."""
+        return [(self.backend, self)]
+
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Push buffered state to durable storage (hybrid); no-op elsewhere."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        self.flush()
+    def close(self, *, flush: bool = True) -> None:
+        """Disconnect; ``flush=False`` leaves buffered acks where they are (hybrid: in Redis, for the
+        flush bound or the mirror to carry), which is what a short-lived run process wants."""
+        if flush:
+            self.flush()
 
     def __enter__(self) -> CheckpointStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CheckpointTransaction(Protocol):
+    """Business writes (on ``connection``) and checkpoint saves committed together, or not at all."""
+
+    connection: Any
+
+    def save(self, key: CheckpointKey, sequence: str, *, lease: Lease | None = None,
+             context: SaveContext | None = None) -> SaveResult: ...
+
+
+@runtime_checkable
+class TransactionalStore(Protocol):
+    """A store whose saves can join the caller's database transaction (Postgres): a transactional
+    handler's writes and the checkpoint then commit atomically."""
+
+    def transaction(self) -> AbstractContextManager[CheckpointTransaction]: ...

@@ -379,6 +379,9 @@ class HybridCheckpointStore(CheckpointStore):
                     del self._pending[k]
         return len(batch)
 
+    def parts(self) -> list[tuple[str, CheckpointStore]]:
+        return [("redis", self.redis), ("postgres", self.postgres)]
+
     def close(self, *, flush: bool = True) -> None:
         """Flush (by default) and disconnect.
 

@@ -28,6 +28,7 @@ from durability_pipelines.checkpoints.ordering import (
     sort_key,
 )
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+from durability_pipelines.redis_client import is_cluster, mget_all
 
 #: The writer name of a history entry that records a write the project did not make (seen by the mirror).
 EXTERNAL_WRITER = "external"
@@ -195,10 +196,13 @@ class KeyState:
 
 
 def _redis_part(client: redis.Redis, states: dict[str, KeyState], redis_keys: list[str]) -> None:
-    """Values (a missing key told apart from one of another type), TTLs, history heads, flush state."""
+    """Values (a missing key told apart from one of another type), TTLs, history heads, flush state.
+
+    On a Redis Cluster the values are read per slot and the pipelines hold one-key commands only."""
+    cluster = is_cluster(client)
     for i in range(0, len(redis_keys), _CHUNK):
         chunk = redis_keys[i : i + _CHUNK]
-        values = client.mget(chunk)
+        values = mget_all(client, chunk)
         pipe = client.pipeline(transaction=False)
         for rkey, value in zip(chunk, values, strict=True):
             pipe.pttl(rkey)
@@ -222,8 +226,9 @@ def _redis_part(client: redis.Redis, states: dict[str, KeyState], redis_keys: li
         pipe = client.pipeline(transaction=False)
         for _, key in keyed:
             assert key is not None
-            pipe.xrevrange(key.history_key, count=1)
-            pipe.hmget(key.hybrid_state_key, "acks", "flushed_ms")
+            companions = key.companions(cluster=cluster)
+            pipe.xrevrange(companions.history, count=1)
+            pipe.hmget(companions.hybrid_state, "acks", "flushed_ms")
         replies = pipe.execute()
         for n, (rkey, _) in enumerate(keyed):
             head, (acks, flushed_ms) = replies[2 * n], replies[2 * n + 1]
@@ -327,3 +332,45 @@ def for_keys(client: redis.Redis | None, db: PostgresConnection | None,
     keys = list(keys)
     by_redis_key = {st.redis_key: st for st in snapshot(client, db, keys=keys)}
     return {k: by_redis_key[k.redis_key] for k in keys}
+
+
+# A row went back when its new value is at or below the previous row's. It is the project's own
+# regression only when the row starts where the previous one ended (its previous_sequence is the last
+# recorded value): a row whose previous value is lower than the last recorded one means someone wrote
+# the checkpoint in between without the project (a foreign write), and so does a row by the writer
+# 'external' (recorded by the mirror). Operator moves ('force: ' reason) are neither.
+_SUMMARY_SQL = """
+WITH h AS (
+  SELECT adapter, stream, grp, consumer, shard, ts, reason, writer, previous_sequence,
+         lag(new_sequence) OVER w AS last_new,
+         durability_sequence_rank_or_null(new_sequence)
+           <= lag(durability_sequence_rank_or_null(new_sequence)) OVER w AS went_back,
+         durability_sequence_rank_or_null(previous_sequence)
+           < lag(durability_sequence_rank_or_null(new_sequence)) OVER w AS started_lower
+  FROM checkpoint_history
+  WINDOW w AS (PARTITION BY adapter, stream, grp, consumer, shard ORDER BY id)
+), c AS (
+  SELECT *, coalesce(reason, '') LIKE %(forced)s AS forced,
+         (writer = %(external)s) OR coalesce(started_lower, false) AS foreign_move
+  FROM h
+)
+SELECT adapter, stream, grp, consumer, shard,
+       count(*) AS advances, min(ts) AS first_advance_at, max(ts) AS last_advance_at,
+       count(*) FILTER (WHERE ts > NOW() - interval '1 hour') AS advances_last_hour,
+       count(*) FILTER (WHERE went_back AND NOT forced AND NOT foreign_move) AS regressions,
+       count(*) FILTER (WHERE foreign_move AND NOT forced) AS external_regressions,
+       count(*) FILTER (WHERE foreign_move AND NOT forced AND ts > %(since)s) AS external_regressions_recent,
+       count(*) FILTER (WHERE forced) AS forced_moves
+FROM c GROUP BY adapter, stream, grp, consumer, shard
+"""
+
+
+def history_summary(conn: Any, *, external_since: datetime) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Per key, from ``checkpoint_history``: advances, first/last/last-hour writes, the project's own
+    regressions, foreign regressions (all time and since ``external_since``) and operator moves.
+    Returns ``(column names, rows)``; the key columns come first (adapter, stream, grp, consumer, shard)."""
+    from durability_pipelines.checkpoints.base import FORCED_REASON_PREFIX
+
+    cur = conn.execute(_SUMMARY_SQL, {"forced": FORCED_REASON_PREFIX + "%", "external": EXTERNAL_WRITER,
+                                      "since": external_since})
+    return [c.name for c in cur.description or []], cur.fetchall()

@@ -30,6 +30,10 @@ HYBRID_STATE_PREFIX = "durability:hybrid"
 SENTINEL_PREFIX = "durability:sentinel"
 #: Each sensor's cursor, mirrored for failover (``durability:sensor_cursor:<sensor name>``).
 SENSOR_CURSOR_PREFIX = "durability:sensor_cursor"
+#: Redis Cluster only: a checkpoint's copy of its shard's lease, in the checkpoint's hash slot (the Lua
+#: save checks it there), and the set of such copies beside the lease (so a takeover can fence them).
+LEASE_COPY_PREFIX = "durability:leasecopy"
+LEASE_COPIES_PREFIX = "durability:leasecopies"
 #: "No shard" (the unsharded change feed, ``None`` in code) where it must be text: sensor cursors, the
 #: ``durability/shard`` tag, run keys and ``ops.drain_shard.config.shard``. The Redis key has no shard
 #: part and Postgres rows store ''; those stay as they are (other workers read them).
@@ -93,6 +97,61 @@ def _suffix(shard: str | None) -> str:
     return "" if shard is None else f":{shard}"
 
 
+def hash_tag(redis_key: str) -> str:
+    """The part of ``redis_key`` that Redis Cluster hashes to pick its slot (``CLUSTER KEYSLOT``).
+
+    Redis hashes only the text between the first ``{`` and the first ``}`` after it, if that text is not
+    empty; otherwise the whole key. A key hashed whole that holds a ``}`` cannot be given a companion in
+    its slot (``{<key>}`` would end at that ``}``), so it is refused with ``InvalidCheckpointKeyError``.
+    """
+    start = redis_key.find("{")
+    if start >= 0:
+        end = redis_key.find("}", start + 1)
+        if end > start + 1:
+            return redis_key[start + 1 : end]
+    if "}" in redis_key:
+        raise InvalidCheckpointKeyError(
+            f"Redis key {redis_key!r} holds a '}}' but no '{{...}}' hash tag, so on a Redis Cluster the project's "
+            "own keys (history, sentinel, lease copy) cannot be placed in its hash slot; rename the component "
+            "that holds the '}' (e.g. replace it with '-'), or use a single-node Redis (redis://)")
+    return redis_key
+
+
+def slotted_key(prefix: str, redis_key: str) -> str:
+    """``<prefix>:{<redis_key>}``: a key of ours in the same Redis Cluster slot as ``redis_key``.
+
+    When ``redis_key`` carries a hash tag of its own (``checkpoint:a:{x}:...``), the companion is
+    ``<prefix>:{x}:<redis_key>``: same slot, and still one companion per key.
+    """
+    tag = hash_tag(redis_key)
+    return f"{prefix}:{{{tag}}}" if tag == redis_key else f"{prefix}:{{{tag}}}:{redis_key}"
+
+
+@dataclass(frozen=True)
+class CompanionKeys:
+    """The project's own Redis keys that go with one checkpoint key, in the layout of one deployment.
+
+    Single-node Redis: ``durability:<kind>:<adapter>:...`` (as ever; ``lease_copy`` is ``None``: the save
+    checks the lease itself). Redis Cluster: ``durability:<kind>:{checkpoint:<adapter>:...}`` (the shared
+    key's slot, so that one Lua call may touch them all) and a lease copy ``durability:leasecopy:{...}``.
+    """
+
+    history: str
+    sentinel: str
+    hybrid_state: str
+    lease_copy: str | None
+
+
+def companion_keys(checkpoint_redis_key: str, *, cluster: bool) -> CompanionKeys:
+    """The companions of a shared ``checkpoint:...`` key (also for keys not parsed into a ``CheckpointKey``)."""
+    if not cluster:
+        rest = checkpoint_redis_key[len(REDIS_PREFIX) :]
+        return CompanionKeys(HISTORY_PREFIX + rest, SENTINEL_PREFIX + rest, HYBRID_STATE_PREFIX + rest, None)
+    return CompanionKeys(
+        slotted_key(HISTORY_PREFIX, checkpoint_redis_key), slotted_key(SENTINEL_PREFIX, checkpoint_redis_key),
+        slotted_key(HYBRID_STATE_PREFIX, checkpoint_redis_key), slotted_key(LEASE_COPY_PREFIX, checkpoint_redis_key))
+
+
 @dataclass(frozen=True)
 class LeaseKey:
     """What a lease covers: one shard of one stream for one consumer group."""
@@ -136,6 +195,11 @@ class LeaseKey:
     @property
     def shard_column(self) -> str:
         return self.shard or ""
+
+    @property
+    def copies_key(self) -> str:
+        """Redis Cluster: the set of checkpoint lease copies of this lease, in the lease key's slot."""
+        return slotted_key(LEASE_COPIES_PREFIX, self.redis_key)
 
     def __str__(self) -> str:
         return f"{self.adapter}:{self.stream}:{self.group}{_suffix(self.shard)}"
@@ -194,6 +258,10 @@ class CheckpointKey:
     @property
     def sentinel_key(self) -> str:
         return f"{SENTINEL_PREFIX}:{self.adapter}:{self.stream}:{self.group}:{self.consumer}{_suffix(self.shard)}"
+
+    def companions(self, *, cluster: bool = False) -> CompanionKeys:
+        """This checkpoint's own keys in the single-node (default) or the Redis Cluster layout."""
+        return companion_keys(self.redis_key, cluster=cluster)
 
     @property
     def shard_column(self) -> str:

@@ -42,7 +42,8 @@ from durability_pipelines.checkpoints.ordering import (
 )
 from durability_pipelines.checkpoints.postgres_store import SCHEMA_VERSION as CHECKPOINT_SCHEMA_VERSION
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection, ensure_schema, migrate
-from durability_pipelines.checkpoints.redis_store import SAVE_LUA
+from durability_pipelines.checkpoints.redis_store import SAVE_LUA, save_script_keys
+from durability_pipelines.redis_client import is_cluster, mget_all
 
 log = logging.getLogger(__name__)
 MIRROR_WRITER = "mirror"
@@ -203,6 +204,7 @@ class CheckpointMirror:
         self.batch_size = batch_size
         self.scan_count = scan_count
         self._save = client.register_script(SAVE_LUA)
+        self.cluster = is_cluster(client)  # SCAN covers every primary; MGET goes per slot
 
     def run(self) -> MirrorReport:
         ensure_schema(self.db, "checkpoints", CHECKPOINT_SCHEMA_VERSION, migrate)
@@ -283,10 +285,7 @@ class CheckpointMirror:
         """Returns ``{redis key: canonical value}`` of every usable checkpoint seen in Redis."""
         seen: dict[str, str] = {}
         for raw_keys in self._scan_batches():
-            pipe = self.client.pipeline(transaction=False)
-            for i in range(0, len(raw_keys), 1000):
-                pipe.mget(raw_keys[i : i + 1000])
-            values = [v for chunk in pipe.execute() for v in chunk]
+            values = mget_all(self.client, raw_keys)
             rows: list[tuple[str, ...]] = []
             absent: list[str] = []
             for raw_key, raw_value in zip(raw_keys, values, strict=True):
@@ -382,20 +381,33 @@ class CheckpointMirror:
         to_restore = [(row.key, row.sequence, "mirror postgres->redis") for rkey, row in missing if rkey not in skipped]
         to_restore += self._redis_regressions(behind, redis_values, report)
         for i in range(0, len(to_restore), 1000):
-            pipe = self.client.pipeline(transaction=False)
             chunk = to_restore[i : i + 1000]
-            for key, value, reason in chunk:
-                self._save(
-                    keys=[key.redis_key, key.lease_key.redis_key, key.history_key, key.sentinel_key],
-                    args=[value, MIRROR_WRITER, "", "", "", reason, "1000"],
-                    client=pipe,
-                )
-            for (key, _, _), result in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+            for (key, _, _), result in zip(chunk, self._restore(chunk), strict=True):
                 if isinstance(result, list) and _decode(result[0]) == "advanced":
                     report.restored_to_redis += 1
                 elif isinstance(result, Exception):
                     report.skip("redis", key.redis_key, "wrong-type" if "WRONGTYPE" in str(result) else "error",
                                 str(result)[:200])
+
+    def _restore(self, chunk: list[tuple[CheckpointKey, str, str]]) -> list[Any]:
+        """Run the (unfenced, monotonic) save for each of ``chunk``: one pipeline on one server; one call
+        per key on a cluster (redis-py does not pipeline scripts there). Errors are returned, not raised."""
+        def args(key: CheckpointKey, value: str, reason: str) -> dict[str, Any]:
+            return {"keys": list(save_script_keys(key, cluster=self.cluster)),
+                    "args": [value, MIRROR_WRITER, "", "", "", reason, "1000"]}
+
+        if not self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value, reason in chunk:
+                self._save(**args(key, value, reason), client=pipe)
+            return pipe.execute(raise_on_error=False)
+        out: list[Any] = []
+        for key, value, reason in chunk:
+            try:
+                out.append(self._save(**args(key, value, reason)))
+            except redis.RedisError as exc:
+                out.append(exc)
+        return out
 
     def _redis_regressions(self, behind: list[tuple[str, _Row]], redis_values: dict[str, str],
                            report: MirrorReport) -> list[tuple[CheckpointKey, str, str]]:
@@ -405,7 +417,7 @@ class CheckpointMirror:
             return []
         pipe = self.client.pipeline(transaction=False)
         for _, row in behind:
-            pipe.xrevrange(row.key.history_key, count=1)
+            pipe.xrevrange(row.key.companions(cluster=self.cluster).history, count=1)
         heads = pipe.execute()
         restore: list[tuple[CheckpointKey, str, str]] = []
         record = self.client.pipeline(transaction=False)
@@ -419,7 +431,7 @@ class CheckpointMirror:
                 continue
             report.skip("redis", rkey, "external-regression",
                         f"Redis moved back from {recorded} to {current} without a recorded write")
-            record.xadd(row.key.history_key, {"prev": recorded, "seq": current, "writer": EXTERNAL_WRITER,
+            record.xadd(row.key.companions(cluster=self.cluster).history, {"prev": recorded, "seq": current, "writer": EXTERNAL_WRITER,
                                               "epoch": "", "run": "", "reason": external_reason("redis")},
                         maxlen=1000, approximate=True)
             recorded_in_postgres.append((*row.key.as_row().values(), recorded, current, EXTERNAL_WRITER,
@@ -428,8 +440,8 @@ class CheckpointMirror:
                 target = max(recorded, row.sequence, key=sort_key)
                 restore.append((row.key, target, "repair: undo a foreign regression"))
                 report.repaired += 1
-        record.execute()
         if recorded_in_postgres:
+            record.execute()
             with self.db.connection() as conn, conn.cursor() as cur:
                 cur.executemany(_RECORD_EXTERNAL_SQL, recorded_in_postgres)
         return restore
@@ -477,7 +489,7 @@ def repair_key(client: redis.Redis, db: PostgresConnection, key: CheckpointKey, 
                 "DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()", (*key.as_row().values(), target))
             conn.execute(_RECORD_EXTERNAL_SQL, (*key.as_row().values(), row[0] if row else None, target, by, reason))
     client.register_script(SAVE_LUA)(
-        keys=[key.redis_key, key.lease_key.redis_key, key.history_key, key.sentinel_key], args=[target, by, "", "", "", reason, "1000"])
+        keys=list(save_script_keys(key, cluster=is_cluster(client))), args=[target, by, "", "", "", reason, "1000"])
     after_state = for_keys(client, db, [key])[key]
     after = {"redis": after_state.redis.raw if after_state.redis else None,
              "postgres": after_state.postgres.raw if after_state.postgres else None}

@@ -352,7 +352,16 @@ class PostgresCheckpointStore(CheckpointStore):
         found = {CheckpointKey.from_row(*r[:5]): effective(r[5], r[6]) for r in rows}
         return {k: self._parse(k, found.get(k)) for k in keys}
 
-    def load_rows(self) -> list[tuple[CheckpointKey, str, Any]]:
+    def load_raw_many(self, keys: list[CheckpointKey]) -> list[Any]:
+        if not keys:
+            return []
+        cols = list(zip(*(k.sort_tuple for k in keys), strict=True))
+        with self.db.connection() as conn:
+            rows = conn.execute(_LOAD_MANY_SQL, [list(c) for c in cols]).fetchall()
+        found = {CheckpointKey.from_row(*r[:5]): effective(r[5], r[6]) for r in rows}
+        return [found.get(k) for k in keys]
+
+    def raw_rows(self) -> list[tuple[CheckpointKey, Any, datetime | None]]:
         """Every checkpoint as (key, raw position, ts), a sentinel included (the view joins both tables)."""
         with self.db.connection() as conn:
             rows = conn.execute(
@@ -367,7 +376,7 @@ class PostgresCheckpointStore(CheckpointStore):
         return out
 
     def keys(self) -> list[CheckpointKey]:
-        return sorted(k for k, _, _ in self.load_rows())
+        return sorted(k for k, _, _ in self.raw_rows())
 
     def _save_on(self, conn: psycopg.Connection, key: CheckpointKey, sequence: str, lease: Lease | None,
                  context: SaveContext | None) -> SaveResult:
@@ -475,5 +484,5 @@ class PostgresCheckpointStore(CheckpointStore):
             ).fetchone()
         return HistoryEntry(key, *row[:6], reason=row[6]) if row else None
 
-    def close(self) -> None:
+    def close(self, *, flush: bool = True) -> None:
         self.db.close()

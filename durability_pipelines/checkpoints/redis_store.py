@@ -3,6 +3,11 @@
 Each save is one ``EVALSHA`` of ``checkpoint.lua`` (monotonic guard, lease
 fencing, optional TTL and a capped history stream, atomically).  Keys follow
 the original layout so other workers read and write the same checkpoints.
+
+On a Redis Cluster (``redis+cluster://``) the shared ``checkpoint:...`` key stays as it is and the
+project's own keys of a checkpoint move into its hash slot (``keys.companion_keys``), so the one Lua
+call still touches one slot. The shard's lease cannot be in every checkpoint's slot, so the save checks
+a *lease copy* beside the checkpoint, which :class:`RedisLeaseManager` keeps in step (see there).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from durability_pipelines.checkpoints.base import (
     require_force_context,
 )
 from durability_pipelines.checkpoints.errors import (
+    ConfigError,
     InvalidSequenceError,
     ReplicationTimeoutError,
     StoreUnavailableError,
@@ -38,7 +44,7 @@ from durability_pipelines.checkpoints.errors import (
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, normalize_sequence
 from durability_pipelines.checkpoints.sentinels import effective
-from durability_pipelines.redis_client import describe_client, redis_client
+from durability_pipelines.redis_client import describe_client, is_cluster, mget_all, redis_client
 
 _SCRIPT_DIR = resources.files("durability_pipelines.checkpoints")
 SAVE_LUA = (_SCRIPT_DIR / "checkpoint.lua").read_text()
@@ -50,6 +56,37 @@ for _, k in ipairs(KEYS) do redis.call('HSET', k, 'acks', 0, 'flushed_ms', strin
 return #KEYS
 """
 MGET_CHUNK = 1000
+# Redis Cluster lease copies (see RedisLeaseManager). KEYS[1] the lease hash, KEYS[2] the set of its copies;
+# ARGV[1] owner, ARGV[2] epoch, ARGV[3] the copy key. If the lease is this holder's and unexpired, the copy
+# is registered (a takeover then fences it) in the same step: returns {1, ms left} or {0, owner, epoch}.
+REGISTER_COPY_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local l = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'expires')
+if l[1] ~= ARGV[1] or l[2] ~= ARGV[2] or tonumber(l[3] or '0') <= now then
+  return {0, l[1] or false, l[2] or false}
+end
+redis.call('SADD', KEYS[2], ARGV[3])
+return {1, tonumber(l[3]) - now}
+"""
+# KEYS[1] a lease copy {owner, epoch, expires (ms, this node's clock), dead}; ARGV[1] owner, ARGV[2] epoch,
+# ARGV[3] ms the lease has left ('0': released / revoked), ARGV[4] 'fence' (the lease's holder of record
+# after a takeover, release or revoke: wins at an equal epoch) or 'refresh' (a holder renewing its copy on
+# demand: never revives a copy fenced at its epoch). A lower epoch never overwrites a higher one. The copy
+# expires a margin before the lease (the time between reading the lease and writing the copy).
+SET_COPY_LUA = """
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'dead')
+local ce, e = tonumber(c[1] or '-1'), tonumber(ARGV[2])
+if e < ce or (e == ce and ARGV[4] == 'refresh' and c[2] == '1') then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local left = tonumber(ARGV[3])
+local expires = now + left - math.min(1000, math.floor(left / 10))
+if left <= 0 then expires = now end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', ARGV[2], 'expires', string.format('%d', expires),
+  'dead', left <= 0 and '1' or '0')
+return 1
+"""
 #: Per-store cache of a key's Redis key strings (building them validates a LeaseKey each time).
 KEY_CACHE_MAX = 65_536
 _OUTCOMES = {o.value.encode(): o for o in SaveOutcome}  # as the save script returns them
@@ -137,6 +174,14 @@ return {'replaced', false, false}
 """
 
 
+def save_script_keys(key: CheckpointKey, *, cluster: bool) -> tuple[str, str, str, str]:
+    """KEYS[1..4] of ``checkpoint.lua`` for ``key``: checkpoint, lease (on a cluster: the checkpoint's
+    lease copy), history, sentinel. For every caller of the save script (store, mirror, repair)."""
+    companions = key.companions(cluster=cluster)
+    lease = companions.lease_copy if companions.lease_copy is not None else key.lease_key.redis_key
+    return (key.redis_key, lease, companions.history, companions.sentinel)
+
+
 def _s(v: Any) -> str | None:
     if v is None or v is False:
         return None
@@ -196,9 +241,32 @@ def redis_errors(client: redis.Redis) -> Iterator[None]:
 
 
 class RedisLeaseManager(LeaseManager):
+    """Leases in ``durability:lease:...`` hashes (``lease.lua``).
+
+    On a Redis Cluster a checkpoint's save cannot read the lease (another slot), so it reads a *copy*
+    in the checkpoint's slot (``durability:leasecopy:{checkpoint:...}``, same fields). The copies keep
+    the fencing rule by two steps, each atomic on its own node:
+
+    * a holder whose save finds its copy missing or expired refreshes it (:meth:`refresh_copy`): on the
+      lease's node, "is the lease still mine, unexpired? then register this copy", then on the copy's
+      node "write (owner, epoch, expiry) unless a higher epoch, or this epoch fenced, is there";
+    * every takeover, release, revoke or sync first changes the lease, then overwrites every registered
+      copy with the new holder and epoch (:meth:`_fence_copies`) before it returns.
+
+    So once ``acquire`` (or ``sync``/``release``/``revoke``) has returned, no save under an older epoch
+    succeeds on any node: a refresh that began before the takeover registered its copy before the
+    takeover read the set, and loses to the higher epoch whichever lands last. What is not atomic: while a
+    takeover is still overwriting copies (one round trip per copy), the old holder's unexpired copy
+    still admits its saves; they all happen before the new holder's ``acquire`` returns.
+    """
+
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._script = client.register_script(LEASE_LUA)
+        self._cluster = is_cluster(client)
+        if self._cluster:
+            self._register_copy = client.register_script(REGISTER_COPY_LUA)
+            self._set_copy = client.register_script(SET_COPY_LUA)
 
     def _call(self, key: LeaseKey, *args: object) -> tuple[bool, Lease]:
         with redis_errors(self._client):
@@ -206,28 +274,53 @@ class RedisLeaseManager(LeaseManager):
         lease = Lease(key, _s(owner) or "", int(epoch), datetime.fromtimestamp(int(expires) / 1000, timezone.utc))
         return bool(ok), lease
 
+    def _fence_copies(self, lease: Lease, left_ms: int) -> None:
+        """Redis Cluster: make every registered copy of ``lease.key`` say what the lease says now."""
+        if not self._cluster:
+            return
+        with redis_errors(self._client):
+            for copy in self._client.smembers(lease.key.copies_key):
+                self._set_copy(keys=[copy], args=[lease.owner, lease.epoch, max(0, left_ms), "fence"])
+
+    def refresh_copy(self, lease: Lease, copy_key: str) -> None:
+        """Redis Cluster: write ``lease`` to the checkpoint's copy, if it is still the lease of record;
+        raises ``LeaseLostError`` (naming the holder of record) if not."""
+        with redis_errors(self._client):
+            answer = self._register_copy(keys=[lease.key.redis_key, lease.key.copies_key],
+                                         args=[lease.owner, lease.epoch, copy_key])
+            if not int(answer[0]):
+                raise lease_lost(lease, _s(answer[1]), int(answer[2]) if answer[2] else None)
+            self._set_copy(keys=[copy_key], args=[lease.owner, lease.epoch, int(answer[1]), "refresh"])
+
     def acquire(self, key: LeaseKey, owner: str, duration_s: float = 60.0, *, steal: bool = False) -> Lease | None:
         ok, lease = self._call(key, "acquire", owner, int(duration_s * 1000), "1" if steal else "0")
+        if ok:
+            self._fence_copies(lease, int(duration_s * 1000))
         return lease if ok else None
 
     def renew(self, lease: Lease, duration_s: float = 60.0) -> Lease:
         ok, now = self._call(lease.key, "renew", lease.owner, int(duration_s * 1000), lease.epoch)
         if not ok:
             raise lease_lost(lease, now.owner, now.epoch)
-        return now
+        return now  # copies are refreshed on demand, by the next save that finds its copy expired
 
     def release(self, lease: Lease) -> bool:
-        ok, _ = self._call(lease.key, "release", lease.owner, 0, lease.epoch)
+        ok, now = self._call(lease.key, "release", lease.owner, 0, lease.epoch)
+        if ok:
+            self._fence_copies(now, 0)
         return ok
 
     def sync(self, lease: Lease, duration_s: float = 60.0) -> bool:
         """Mirror a lease granted elsewhere (hybrid), valid for ``duration_s`` more; the highest epoch wins."""
-        ok, _ = self._call(lease.key, "sync", lease.owner, int(duration_s * 1000), lease.epoch)
+        ok, now = self._call(lease.key, "sync", lease.owner, int(duration_s * 1000), lease.epoch)
+        if ok:
+            self._fence_copies(now, int(duration_s * 1000))
         return ok
 
     def revoke(self, key: LeaseKey) -> None:
         """Expire the copy now, whoever holds it: its holder's fenced saves are refused from here on."""
-        self._call(key, "revoke", "", 0, 0)
+        _, now = self._call(key, "revoke", "", 0, 0)
+        self._fence_copies(now, 0)
 
     def get(self, key: LeaseKey) -> Lease | None:
         with redis_errors(self._client):
@@ -268,6 +361,12 @@ class RedisCheckpointStore(CheckpointStore):
                  wait_replicas: int = 0, wait_timeout_s: float = 1.0) -> None:
         if wait_replicas < 0 or wait_timeout_s <= 0:
             raise ValueError("wait_replicas must be >= 0 and wait_timeout_s > 0")
+        self.cluster = is_cluster(client)
+        if self.cluster and wait_replicas:
+            raise ConfigError(
+                "redis_wait_replicas is not supported on a Redis Cluster (redis+cluster://) yet: WAIT must run on "
+                "the node that took the save. Set redis_wait_replicas: 0, or use a Sentinel-managed master "
+                "(redis+sentinel://) for acks that wait for replicas.")
         self.client = client
         self.wait_replicas = int(wait_replicas)
         self.wait_timeout_ms = max(1, int(wait_timeout_s * 1000))
@@ -281,15 +380,16 @@ class RedisCheckpointStore(CheckpointStore):
         self._key_cache: dict[CheckpointKey, tuple[str, str, str, str, str]] = {}
 
     def _redis_keys(self, key: CheckpointKey) -> tuple[str, str, str, str, str]:
-        """(checkpoint, lease, history, sentinel, hybrid flush-state) Redis keys of ``key``, cached."""
+        """(checkpoint, lease, history, sentinel, hybrid flush-state) Redis keys of ``key``, cached.
+
+        On a cluster the "lease" is the checkpoint's lease copy, in the checkpoint's slot like the rest."""
         cached = self._key_cache.get(key)
         if cached is None:
             if len(self._key_cache) >= KEY_CACHE_MAX:
                 self._key_cache.clear()
-            cached = (key.redis_key, key.lease_key.redis_key, key.history_key, key.sentinel_key,
-                      key.hybrid_state_key)
-            self._key_cache[key] = cached
-        return cached
+            cached = save_script_keys(key, cluster=self.cluster) + (key.companions(cluster=self.cluster).hybrid_state,)
+            self._key_cache[key] = cached  # type: ignore[assignment]
+        return cached  # type: ignore[return-value]
 
     def _position_redis_keys(self, keys: Iterable[CheckpointKey]) -> list[str]:
         """Each key's shared checkpoint key followed by its sentinel key: what one position is read from."""
@@ -322,13 +422,7 @@ class RedisCheckpointStore(CheckpointStore):
             return []
         redis_keys = self._position_redis_keys(keys)
         with redis_errors(self.client):
-            if len(redis_keys) <= MGET_CHUNK:
-                both = self.client.mget(redis_keys)
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for i in range(0, len(redis_keys), MGET_CHUNK):
-                    pipe.mget(redis_keys[i : i + MGET_CHUNK])
-                both = [v for chunk in pipe.execute() for v in chunk]
+            both = mget_all(self.client, redis_keys)  # per slot on a cluster (a key and its sentinel share one)
             values = both[0::2]
             absent = [i for i, v in enumerate(values) if v is None]
             if absent:  # rare (new shards): tell a missing key from one of another type
@@ -391,6 +485,11 @@ class RedisCheckpointStore(CheckpointStore):
             keys.append(state_key)
         try:  # what redis_errors() does, inline: this is the hot path
             outcome, prev, third, fourth = self._run_save_script(keys, args)
+            if self.cluster and lease is not None and _s(outcome) == "lease_lost":
+                # The copy beside the checkpoint is missing or expired (first save, or after a renewal):
+                # refresh it from the lease, if still ours (else LeaseLostError), and save again.
+                self._leases.refresh_copy(lease, lease_key)
+                outcome, prev, third, fourth = self._run_save_script(keys, args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise _unavailable(self.client, exc) from exc
         except redis.ResponseError as exc:
@@ -443,6 +542,10 @@ class RedisCheckpointStore(CheckpointStore):
                     self.history_maxlen, self.ttl_ms, found or ""]
             outcome, owner, epoch = self._replace_unusable(keys=[redis_key, lease_key, history_key, sentinel_key],
                                                            args=args)
+            if self.cluster and lease is not None and _s(outcome) == "lease_lost":
+                self._leases.refresh_copy(lease, lease_key)  # see save_counting
+                outcome, owner, epoch = self._replace_unusable(
+                    keys=[redis_key, lease_key, history_key, sentinel_key], args=args)
         if _s(outcome) == "lease_lost":
             raise lease_lost(lease, _s(owner), int(epoch) if epoch else None)  # type: ignore[arg-type]
         return _s(outcome) == "replaced"
@@ -457,7 +560,8 @@ class RedisCheckpointStore(CheckpointStore):
         ctx = require_force_context(context)
         args = [sequence, ctx.writer, self.ttl_ms, ctx.run_id or "", ctx.reason or "", self.history_maxlen]
         with redis_errors(self.client):
-            prev = self._force_set(keys=[key.redis_key, key.history_key, key.sentinel_key], args=args)
+            redis_key, _, history_key, sentinel_key, _ = self._redis_keys(key)
+            prev = self._force_set(keys=[redis_key, history_key, sentinel_key], args=args)
         previous = _s(prev)
         return ForceSetResult(key, previous, sequence, {self.backend: previous})
 
@@ -508,11 +612,15 @@ class RedisCheckpointStore(CheckpointStore):
         if not keys:
             return
         with redis_errors(self.client):
-            self._mark_flushed(keys=[self._redis_keys(k)[4] for k in keys])
+            if not self.cluster:
+                self._mark_flushed(keys=[self._redis_keys(k)[4] for k in keys])
+                return
+            for k in keys:  # one slot per call on a cluster
+                self._mark_flushed(keys=[self._redis_keys(k)[4]])
 
     def history(self, key: CheckpointKey, limit: int = 100) -> list[HistoryEntry]:
         with redis_errors(self.client):
-            rows = self.client.xrevrange(key.history_key, count=limit)
+            rows = self.client.xrevrange(self._redis_keys(key)[2], count=limit)
         out = []
         for entry_id, fields in rows:
             f = {_s(k): _s(v) for k, v in fields.items()}
@@ -525,3 +633,59 @@ class RedisCheckpointStore(CheckpointStore):
                 )
             )
         return out
+
+
+@dataclass(frozen=True)
+class LayoutMove:
+    """One key ``migrate`` moved to the Redis Cluster layout (or left, saying why)."""
+
+    old: str
+    new: str
+    moved: bool
+    why: str = ""
+
+    def describe(self) -> str:
+        return f"{self.old} -> {self.new}" if self.moved else f"{self.old}: left as is ({self.why})"
+
+
+def move_to_cluster_layout(client: Any, *, scan_count: int = 1000) -> list[LayoutMove]:
+    """On a Redis Cluster, move the project's keys written in the single-node layout (history, sentinel,
+    hybrid flush state: ``durability:<kind>:<adapter>:...``, e.g. copied over from a single Redis) to
+    their names in the checkpoint's slot (``durability:<kind>:{checkpoint:...}``). No-op on one server.
+
+    The two names are in different slots, so it is ``DUMP`` + ``RESTORE`` (TTL kept) + ``DEL``, not one
+    ``RENAME``: run it while no consumer writes (a save meanwhile goes to the new name, and a key that
+    already exists there is left as is and reported).
+    """
+    from durability_pipelines.checkpoints.keys import (
+        HISTORY_PREFIX,
+        HYBRID_STATE_PREFIX,
+        SENTINEL_PREFIX,
+        companion_keys,
+    )
+
+    if not is_cluster(client):
+        return []
+    out: list[LayoutMove] = []
+    for prefix, kind in ((HISTORY_PREFIX, "history"), (SENTINEL_PREFIX, "sentinel"), (HYBRID_STATE_PREFIX, "hybrid_state")):
+        for raw in list(dict.fromkeys(client.scan_iter(match=f"{prefix}:*", count=scan_count))):
+            old = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            if old.startswith(f"{prefix}:{{"):
+                continue  # already in the cluster layout
+            checkpoint = REDIS_PREFIX + old[len(prefix) :]
+            try:
+                CheckpointKey.parse(checkpoint)
+                new = getattr(companion_keys(checkpoint, cluster=True), kind)
+            except ValueError as exc:
+                out.append(LayoutMove(old, "?", False, f"not a key of this layout: {exc}"))
+                continue
+            if client.exists(new):
+                out.append(LayoutMove(old, new, False, f"{new} exists already (written since); delete one of them"))
+                continue
+            dump, ttl = client.dump(old), client.pttl(old)
+            if dump is None:
+                continue  # expired or deleted since the SCAN
+            client.restore(new, max(0, ttl), dump)
+            client.delete(old)
+            out.append(LayoutMove(old, new, True))
+    return out

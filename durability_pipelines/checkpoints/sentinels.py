@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from durability_pipelines.checkpoints.keys import REDIS_PREFIX, SENTINEL_PREFIX
+from durability_pipelines.checkpoints.keys import REDIS_PREFIX, companion_keys
 from durability_pipelines.checkpoints.ordering import LATEST, SHARD_END, TRIM_HORIZON
 
 SENTINELS = (TRIM_HORIZON, LATEST, SHARD_END)
@@ -47,9 +47,9 @@ def effective(shared: Any, sentinel: Any) -> Any:
     return shared
 
 
-def sentinel_key_for(checkpoint_key: str) -> str:
-    """The sentinel key beside a shared ``checkpoint:...`` Redis key."""
-    return SENTINEL_PREFIX + checkpoint_key[len(REDIS_PREFIX):]
+def sentinel_key_for(checkpoint_key: str, *, cluster: bool = False) -> str:
+    """The sentinel key beside a shared ``checkpoint:...`` Redis key (``cluster``: in its hash slot)."""
+    return companion_keys(checkpoint_key, cluster=cluster).sentinel
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,9 @@ def convert_redis(client: Any, *, scan_count: int = 1000) -> list[Conversion]:
     so other workers resume after it; a ``TRIM_HORIZON`` / ``LATEST`` (or a ``SHARD_END`` with no number
     on record) leaves the shared key absent: other workers start from their initial position.
     """
-    from durability_pipelines.checkpoints.keys import HISTORY_PREFIX
+    from durability_pipelines.redis_client import is_cluster
 
+    cluster = is_cluster(client)
     script = client.register_script(CONVERT_LUA)
     out: list[Conversion] = []
     for raw in client.scan_iter(match=f"{REDIS_PREFIX}:*", count=scan_count):
@@ -109,8 +110,9 @@ def convert_redis(client: Any, *, scan_count: int = 1000) -> list[Conversion]:
         try:
             if not is_sentinel(client.get(key)):
                 continue
-            last = _last_number_in_history(client, HISTORY_PREFIX + key[len(REDIS_PREFIX):])
-            moved = script(keys=[key, sentinel_key_for(key)], args=[last])
+            companions = companion_keys(key, cluster=cluster)
+            last = _last_number_in_history(client, companions.history)
+            moved = script(keys=[key, companions.sentinel], args=[last])
         except Exception as exc:  # a key of another type: not ours to touch
             if "WRONGTYPE" in str(exc):
                 continue

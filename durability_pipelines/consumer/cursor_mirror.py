@@ -16,6 +16,7 @@ import redis
 from durability_pipelines.checkpoints.errors import StoreUnavailableError
 from durability_pipelines.checkpoints.keys import SENSOR_CURSOR_PREFIX as REDIS_PREFIX
 from durability_pipelines.consumer.storage import ConsumerStorage
+from durability_pipelines.redis_client import mget_all
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,10 @@ class CursorMirror:
         if self.redis is None:
             return {}
         out: dict[str, str] = {}
-        keys = list(self.redis.scan_iter(match=f"{REDIS_PREFIX}:*", count=scan_count))
+        # scan_iter covers every primary of a Redis Cluster; mget_all reads per slot there
+        keys = list(dict.fromkeys(self.redis.scan_iter(match=f"{REDIS_PREFIX}:*", count=scan_count)))
         if keys:
-            for k, v in zip(keys, self.redis.mget(keys), strict=True):
+            for k, v in zip(keys, mget_all(self.redis, keys), strict=True):
                 if v is not None:
                     name = (k.decode() if isinstance(k, bytes) else k)[len(REDIS_PREFIX) + 1 :]
                     out[name] = v.decode() if isinstance(v, bytes) else v

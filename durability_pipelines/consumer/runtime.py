@@ -22,21 +22,22 @@ from datetime import datetime, timezone
 import psycopg
 
 from durability_pipelines.checkpoints import (
+    SHARD_END,
     CheckpointKey,
     CheckpointStore,
     DurabilityError,
     InvalidSequenceError,
     Lease,
+    PostgresConnection,
     SaveContext,
     SaveResult,
     StoreUnavailableError,
-)
-from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
-from durability_pipelines.checkpoints.ordering import SHARD_END, sequence_gap, sort_key
-from durability_pipelines.checkpoints.postgres_store import (
-    PostgresCheckpointStore,
+    TransactionalStore,
     connection_is_stale,
     mask_conninfo,
+    open_store,
+    sequence_gap,
+    sort_key,
 )
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
@@ -239,7 +240,7 @@ class ConsumerRuntime:
             failed = list(result.failed_sequences) if result else []
             self._ack_prefix(read, failed, ctx_save)
             return failed
-        if isinstance(self.store, PostgresCheckpointStore):
+        if isinstance(self.store, TransactionalStore):  # a capability (Protocol), not a concrete class
             with self.store.transaction() as tx:
                 with self.metrics.timed("handler", "handler", read.shard):
                     result = self.handler(list(events), self._context(read, tx.connection))
@@ -449,10 +450,9 @@ class ConsumerRuntime:
             self.metrics.record(RECORDS_BEHIND, read.batch.behind, labels=labels)
 
     def close(self) -> None:
-        if isinstance(self.store, HybridCheckpointStore):
-            self.store.close(flush=False)
-        else:
-            self.store.close()
+        # A run process is short-lived: buffered hybrid acks stay in Redis for the flush bound or the
+        # mirror to carry, so hybrid does not degrade into "both stores on every ack".
+        self.store.close(flush=False)
         if self.source is not None:
             self.source.close()
 
@@ -462,8 +462,6 @@ def open_runtime(config: ConsumerConfig, *, redis_url: str | None, postgres_url:
                  metrics: Metrics | None = None, is_owner_dead: Callable[[str], bool] | None = None,
                  migrate_schema: bool = True) -> ConsumerRuntime:
     """Wire a runtime from config and URLs (what the Dagster resources do)."""
-    from durability_pipelines.checkpoints.factory import open_store
-    from durability_pipelines.checkpoints.postgres_store import PostgresConnection
     from durability_pipelines.consumer.adapters import build_source as make_source
     from durability_pipelines.consumer.handlers import load_handler
     from durability_pipelines.consumer.storage import ensure

@@ -17,10 +17,10 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
-    AssetsDefinition,
     AssetSelection,
     Config,
     DefaultScheduleStatus,
+    Definitions,
     MaterializeResult,
     MetadataValue,
     RunRequest,
@@ -92,24 +92,133 @@ def _consumer_lag(df: pd.DataFrame, consumers: Sequence[ConsumerConfig]) -> dict
     return out
 
 
-def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDefinition], list, list]:
-    @asset(group_name=GROUP, kinds={"redis", "postgres"},
-           description="Copy every Redis checkpoint into Postgres and restore missing/behind keys into Redis; "
-                       "skip and report bad entries and foreign regressions.")
-    def checkpoint_mirror(context: AssetExecutionContext, config: MirrorConfig,
-                          durability: DurabilityResource) -> MaterializeResult:
-        client, db = durability.redis_client(), durability.postgres()
-        report = CheckpointMirror(client, db, batch_size=config.batch_size, record_history=config.record_history,
-                                  repair=config.repair).run()
-        cursors = CursorMirror(client, ConsumerStorage(db)).mirror_all()
-        metrics = Metrics(Labels("mirror", "*"))
-        metrics.call_duration("mirror.run", report.duration_s * 1000, adapter="mirror")
-        for skipped in report.skipped[:20]:
-            context.log.warning(f"skipped {skipped.where} {skipped.key}: {skipped.why} {skipped.detail}")
-        return MaterializeResult(metadata={
-            **report.as_metadata(), "cursors_mirrored": cursors,
-            "skipped_entries": MetadataValue.json([x.as_dict() for x in report.skipped[:100]]),
-        })
+@asset(group_name=GROUP, kinds={"redis", "postgres"},
+       description="Copy every Redis checkpoint into Postgres and restore missing/behind keys into Redis; "
+                   "skip and report bad entries and foreign regressions.")
+def checkpoint_mirror(context: AssetExecutionContext, config: MirrorConfig,
+                      durability: DurabilityResource) -> MaterializeResult:
+    client, db = durability.redis_client(), durability.postgres()
+    report = CheckpointMirror(client, db, batch_size=config.batch_size, record_history=config.record_history,
+                              repair=config.repair).run()
+    cursors = CursorMirror(client, ConsumerStorage(db)).mirror_all()
+    metrics = Metrics(Labels("mirror", "*"))
+    metrics.call_duration("mirror.run", report.duration_s * 1000, adapter="mirror")
+    for skipped in report.skipped[:20]:
+        context.log.warning(f"skipped {skipped.where} {skipped.key}: {skipped.why} {skipped.detail}")
+    return MaterializeResult(metadata={
+        **report.as_metadata(), "cursors_mirrored": cursors,
+        "skipped_entries": MetadataValue.json([x.as_dict() for x in report.skipped[:100]]),
+    })
+
+
+@asset(group_name=GROUP, kinds={"pandas", "postgres"}, deps=[checkpoint_mirror],
+       description="Per key: advances over time, regressions (must be 0), foreign regressions, dead letters, "
+                   "trimmed gaps.")
+def checkpoint_history_summary(context: AssetExecutionContext, config: AuditConfig,
+                               durability: DurabilityResource) -> MaterializeResult:
+    db = durability.postgres()
+    df = build_history_summary(db, window_s=config.external_window_s)
+    persist(db, "checkpoint_history_summary", df, SUMMARY_COLUMNS)
+    advances = int(df["advances_last_hour"].sum()) if not df.empty else 0
+    failed = int(df["dead_letters"].sum()) if not df.empty else 0
+    rate = round(advances / (advances + failed), 4) if advances + failed else 1.0
+    return MaterializeResult(metadata={
+        "dagster/column_schema": _schema(SUMMARY_COLUMNS),
+        "dagster/row_count": len(df),
+        "preview": MetadataValue.md(markdown_preview(df)),
+        "regressions": int(df["regressions"].sum()) if not df.empty else 0,
+        "external_regressions": int(df["external_regressions_recent"].sum()) if not df.empty else 0,
+        "dead_letters": failed,
+        "trimmed_gaps": int(df["trimmed_gaps"].sum()) if not df.empty else 0,
+        ACK_SUCCESS_RATE: rate,
+    })
+
+def _read(durability: DurabilityResource, table: str) -> pd.DataFrame:
+    with durability.postgres().connection() as conn:
+        cur = conn.execute(f"SELECT * FROM {table}")  # noqa: S608 - fixed table names
+        return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description or []])
+
+def _keys(df: pd.DataFrame, limit: int = 5) -> str:
+    names = [f"{r.adapter}:{r.stream}:{r.grp}:{r.consumer}" + (f":{r.shard}" if r.shard else "")
+             for r in df.head(limit).itertuples()]
+    return ", ".join(names) + (f" and {len(df) - limit} more" if len(df) > limit else "")
+
+@asset_check(asset=checkpoint_history_summary, blocking=False,
+             description="History never moves a checkpoint backwards: not by the project (must never "
+                         "happen) and not by another worker within the audit window (operator --force moves "
+                         "excepted).")
+def no_checkpoint_regression(context: AssetCheckExecutionContext,
+                             durability: DurabilityResource) -> AssetCheckResult:
+    df = _read(durability, "checkpoint_history_summary")
+    own = df[df["regressions"] > 0] if not df.empty else df
+    foreign = df[df["external_regressions_recent"] > 0] if not df.empty else df
+    problems = []
+    if not own.empty:
+        problems.append(f"{int(own['regressions'].sum())} regression(s) by the project's own writes on "
+                        f"{_keys(own)}: this must never happen; keep the history rows and report it as a bug")
+    if not foreign.empty:
+        problems.append(f"{int(foreign['external_regressions_recent'].sum())} move(s) back by writes the project "
+                        f"did not make, on {_keys(foreign)}: another worker lowered the checkpoint. The mirror "
+                        "left it as found; see checkpoint_audit (status regressed-externally) and run "
+                        "`durability-pipelines checkpoints repair <key>` if that write was wrong")
+    return AssetCheckResult(passed=not problems, description="; ".join(problems) or None, metadata={
+        "regressions": int(own["regressions"].sum()) if not own.empty else 0,
+        "external_regressions": int(foreign["external_regressions_recent"].sum()) if not foreign.empty else 0,
+        "keys": MetadataValue.md(markdown_preview(pd.concat([own, foreign]).drop_duplicates()))
+        if problems else "none"})
+
+@asset_check(asset="checkpoint_audit", description="Postgres within the hybrid bound (N acks or T seconds) of Redis.")
+def drift_within_hybrid_bound(context: AssetCheckExecutionContext,
+                              durability: DurabilityResource) -> AssetCheckResult:
+    return _status_check(durability, "drifting", what="Postgres is behind Redis beyond the hybrid flush bound")
+
+def _status_check(durability: DurabilityResource, status: str, *, what: str,
+                  severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
+    """Pass when no audit row has ``status``; else say which keys and what to do (the rows' detail)."""
+    df = _read(durability, "checkpoint_audit")
+    bad = df[df["status"] == status] if not df.empty else df
+    description = None
+    if not bad.empty:
+        description = f"{len(bad)} key(s) {what}: {_keys(bad)}. {bad.iloc[0]['detail']}"
+    return AssetCheckResult(passed=bad.empty, severity=severity, description=description, metadata={
+        f"{status.replace('-', '_')}_keys": len(bad),
+        "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
+
+@asset_check(asset="checkpoint_audit", description="No consumer with a backlog and no ack for too long.")
+def no_stale_consumer(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
+    return _status_check(durability, "stale", what="have a backlog and no ack for too long")
+
+@asset_check(asset="checkpoint_audit", description="Open dead letters need an operator (warning).")
+def no_dead_letters(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
+    return _status_check(durability, "dead-lettered", what="are stopped by an open dead letter",
+                         severity=AssetCheckSeverity.WARN)
+
+@asset_check(asset="checkpoint_audit", description="Every stored checkpoint is a usable position: no garbage value, "
+                                                  "no Redis key of another type, no key that cannot be parsed.")
+def no_invalid_checkpoint_values(context: AssetCheckExecutionContext,
+                                 durability: DurabilityResource) -> AssetCheckResult:
+    df = _read(durability, "checkpoint_audit")
+    bad = df[df["status"].isin(["invalid", "wrong-type", "unparseable"])] if not df.empty else df
+    description = None
+    if not bad.empty:
+        description = (f"{len(bad)} key(s) hold no usable position: "
+                       + "; ".join(f"{r.checkpoint_key} ({r.status}): {r.detail}" for r in bad.head(3).itertuples()))
+    return AssetCheckResult(passed=bad.empty, description=description, metadata={
+        "invalid_keys": int((bad["status"] == "invalid").sum()) if not bad.empty else 0,
+        "wrong_type_keys": int((bad["status"] == "wrong-type").sum()) if not bad.empty else 0,
+        "unparseable_keys": int((bad["status"] == "unparseable").sum()) if not bad.empty else 0,
+        "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
+
+
+
+#: The audit's checks (``checkpoint_audit`` is built per code location, with its consumers).
+AUDIT_CHECKS = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters,
+                no_invalid_checkpoint_values]
+
+
+def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> Definitions:
+    """The mirror and audit assets, their checks, the mirror job (with every consumer's lag check) and
+    its schedule. Only the audit table and the job depend on the consumers; the rest is module level."""
 
     @asset(group_name=GROUP, kinds={"pandas", "postgres"}, deps=[checkpoint_mirror],
            description="One row per checkpoint key: values per store, dispatched position, lag, drift, status.")
@@ -130,109 +239,8 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
             **{f"status_{k}": int(v) for k, v in counts.items()},
         })
 
-    @asset(group_name=GROUP, kinds={"pandas", "postgres"}, deps=[checkpoint_mirror],
-           description="Per key: advances over time, regressions (must be 0), foreign regressions, dead letters, "
-                       "trimmed gaps.")
-    def checkpoint_history_summary(context: AssetExecutionContext, config: AuditConfig,
-                                   durability: DurabilityResource) -> MaterializeResult:
-        db = durability.postgres()
-        df = build_history_summary(db, window_s=config.external_window_s)
-        persist(db, "checkpoint_history_summary", df, SUMMARY_COLUMNS)
-        advances = int(df["advances_last_hour"].sum()) if not df.empty else 0
-        failed = int(df["dead_letters"].sum()) if not df.empty else 0
-        rate = round(advances / (advances + failed), 4) if advances + failed else 1.0
-        return MaterializeResult(metadata={
-            "dagster/column_schema": _schema(SUMMARY_COLUMNS),
-            "dagster/row_count": len(df),
-            "preview": MetadataValue.md(markdown_preview(df)),
-            "regressions": int(df["regressions"].sum()) if not df.empty else 0,
-            "external_regressions": int(df["external_regressions_recent"].sum()) if not df.empty else 0,
-            "dead_letters": failed,
-            "trimmed_gaps": int(df["trimmed_gaps"].sum()) if not df.empty else 0,
-            ACK_SUCCESS_RATE: rate,
-        })
-
-    def _read(durability: DurabilityResource, table: str) -> pd.DataFrame:
-        with durability.postgres().connection() as conn:
-            cur = conn.execute(f"SELECT * FROM {table}")  # noqa: S608 - fixed table names
-            return pd.DataFrame(cur.fetchall(), columns=[c.name for c in cur.description or []])
-
-    def _keys(df: pd.DataFrame, limit: int = 5) -> str:
-        names = [f"{r.adapter}:{r.stream}:{r.grp}:{r.consumer}" + (f":{r.shard}" if r.shard else "")
-                 for r in df.head(limit).itertuples()]
-        return ", ".join(names) + (f" and {len(df) - limit} more" if len(df) > limit else "")
-
-    @asset_check(asset=checkpoint_history_summary, blocking=False,
-                 description="History never moves a checkpoint backwards: not by the project (must never "
-                             "happen) and not by another worker within the audit window (operator --force moves "
-                             "excepted).")
-    def no_checkpoint_regression(context: AssetCheckExecutionContext,
-                                 durability: DurabilityResource) -> AssetCheckResult:
-        df = _read(durability, "checkpoint_history_summary")
-        own = df[df["regressions"] > 0] if not df.empty else df
-        foreign = df[df["external_regressions_recent"] > 0] if not df.empty else df
-        problems = []
-        if not own.empty:
-            problems.append(f"{int(own['regressions'].sum())} regression(s) by the project's own writes on "
-                            f"{_keys(own)}: this must never happen; keep the history rows and report it as a bug")
-        if not foreign.empty:
-            problems.append(f"{int(foreign['external_regressions_recent'].sum())} move(s) back by writes the project "
-                            f"did not make, on {_keys(foreign)}: another worker lowered the checkpoint. The mirror "
-                            "left it as found; see checkpoint_audit (status regressed-externally) and run "
-                            "`durability-pipelines checkpoints repair <key>` if that write was wrong")
-        return AssetCheckResult(passed=not problems, description="; ".join(problems) or None, metadata={
-            "regressions": int(own["regressions"].sum()) if not own.empty else 0,
-            "external_regressions": int(foreign["external_regressions_recent"].sum()) if not foreign.empty else 0,
-            "keys": MetadataValue.md(markdown_preview(pd.concat([own, foreign]).drop_duplicates()))
-            if problems else "none"})
-
-    @asset_check(asset=checkpoint_audit, description="Postgres within the hybrid bound (N acks or T seconds) of Redis.")
-    def drift_within_hybrid_bound(context: AssetCheckExecutionContext,
-                                  durability: DurabilityResource) -> AssetCheckResult:
-        return _status_check(durability, "drifting", what="Postgres is behind Redis beyond the hybrid flush bound")
-
-    def _status_check(durability: DurabilityResource, status: str, *, what: str,
-                      severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
-        """Pass when no audit row has ``status``; else say which keys and what to do (the rows' detail)."""
-        df = _read(durability, "checkpoint_audit")
-        bad = df[df["status"] == status] if not df.empty else df
-        description = None
-        if not bad.empty:
-            description = f"{len(bad)} key(s) {what}: {_keys(bad)}. {bad.iloc[0]['detail']}"
-        return AssetCheckResult(passed=bad.empty, severity=severity, description=description, metadata={
-            f"{status.replace('-', '_')}_keys": len(bad),
-            "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
-
-    @asset_check(asset=checkpoint_audit, description="No consumer with a backlog and no ack for too long.")
-    def no_stale_consumer(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
-        return _status_check(durability, "stale", what="have a backlog and no ack for too long")
-
-    @asset_check(asset=checkpoint_audit, description="Open dead letters need an operator (warning).")
-    def no_dead_letters(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
-        return _status_check(durability, "dead-lettered", what="are stopped by an open dead letter",
-                             severity=AssetCheckSeverity.WARN)
-
-    @asset_check(asset=checkpoint_audit, description="Every stored checkpoint is a usable position: no garbage value, "
-                                                      "no Redis key of another type, no key that cannot be parsed.")
-    def no_invalid_checkpoint_values(context: AssetCheckExecutionContext,
-                                     durability: DurabilityResource) -> AssetCheckResult:
-        df = _read(durability, "checkpoint_audit")
-        bad = df[df["status"].isin(["invalid", "wrong-type", "unparseable"])] if not df.empty else df
-        description = None
-        if not bad.empty:
-            description = (f"{len(bad)} key(s) hold no usable position: "
-                           + "; ".join(f"{r.checkpoint_key} ({r.status}): {r.detail}" for r in bad.head(3).itertuples()))
-        return AssetCheckResult(passed=bad.empty, description=description, metadata={
-            "invalid_keys": int((bad["status"] == "invalid").sum()) if not bad.empty else 0,
-            "wrong_type_keys": int((bad["status"] == "wrong-type").sum()) if not bad.empty else 0,
-            "unparseable_keys": int((bad["status"] == "unparseable").sum()) if not bad.empty else 0,
-            "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
-
-    assets = [checkpoint_mirror, checkpoint_audit, checkpoint_history_summary]
-    checks = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters,
-              no_invalid_checkpoint_values]
     # The consumers' lag checks run with every mirror run: a missed objective shows within a minute.
-    selection = AssetSelection.assets(*assets)
+    selection = AssetSelection.assets(checkpoint_mirror, checkpoint_audit, checkpoint_history_summary)
     if consumers:
         selection = selection | AssetSelection.checks(*(lag_check_key(cfg) for cfg in consumers))
     job = define_asset_job(
@@ -257,4 +265,7 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> tuple[list[AssetsDe
                 "mirror runs never pile up in the queue ahead of consumers")
         return RunRequest()
 
-    return assets, checks, [job, checkpoint_mirror_schedule]
+    return Definitions(
+        assets=[checkpoint_mirror, checkpoint_audit, checkpoint_history_summary],
+        asset_checks=AUDIT_CHECKS, jobs=[job], schedules=[checkpoint_mirror_schedule],
+    )

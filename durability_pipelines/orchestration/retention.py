@@ -30,14 +30,13 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     DefaultScheduleStatus,
+    Definitions,
     Failure,
-    JobDefinition,
     MetadataValue,
     OpExecutionContext,
     RunRecord,
     RunRequest,
     RunsFilter,
-    ScheduleDefinition,
     ScheduleEvaluationContext,
     SkipReason,
     in_process_executor,
@@ -360,9 +359,7 @@ def _parse_as_of(value: str) -> float:
 # --------------------------------------------------------------------------- Dagster definitions
 
 
-def build_retention_defs(
-    environ: Mapping[str, str] | None = None,
-) -> tuple[JobDefinition, ScheduleDefinition]:
+def build_retention_defs(environ: Mapping[str, str] | None = None) -> Definitions:
     """The retention job and its schedule; the environment (default ``os.environ``) sets the defaults."""
     settings = RetentionSettings.from_env(os.environ if environ is None else environ)
 
@@ -430,4 +427,4 @@ def build_retention_defs(
                               "is skipped so that retention runs never pile up in the queue")
         return RunRequest()
 
-    return run_retention_job, run_retention_schedule
+    return Definitions(jobs=[run_retention_job], schedules=[run_retention_schedule])

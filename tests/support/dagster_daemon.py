@@ -9,6 +9,11 @@
   coordinator and launches runs in subprocesses of the code server, all inside that group.
   :meth:`DagsterDaemon.stop` signals the whole group (SIGTERM, then SIGKILL) and waits until no
   member is left: detached Dagster processes have ignored SIGTERM here (DESIGN.md §4).
+* :class:`CodeServer`: ``dagster code-server start`` (the Helm chart's user-code deployment) serving the
+  code location over gRPC on a free loopback port, in its own process group; a daemon started with
+  ``workspace=GRPC_WORKSPACE`` and :meth:`CodeServer.workspace_env` loads the code from it, and the
+  runs it launches are subprocesses of the code server, not of the daemon.
+* :class:`DagsterWebserver`: ``dagster-webserver -w <workspace>`` on a free port, asked over GraphQL.
 * :func:`wait_until`: a deadline loop (a hang guard, not a timed assertion).
 * Handlers the e2e consumers name by dotted path (``tests.support.dagster_daemon:record_deliveries``):
   they run in Dagster run processes, so everything they share with the test is in Redis/Postgres.
@@ -17,12 +22,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +49,10 @@ from durability_pipelines.sinks.postgres_events import handle as sink_handle
 REPO = Path(__file__).resolve().parents[2]
 REPO_DAGSTER_YAML = REPO / "dagster_home" / "dagster.yaml"
 REPO_WORKSPACE = REPO / "workspace.yaml"
+GRPC_WORKSPACE = REPO / "deploy" / "workspace.grpc.yaml"
+CODE_SERVER_HOST = "DURABILITY_CODE_SERVER_HOST"
+CODE_SERVER_PORT = "DURABILITY_CODE_SERVER_PORT"
+LOCATION_NAME = "durability_pipelines"
 DAGSTER_POSTGRES_URL = "DAGSTER_POSTGRES_URL"
 
 T = TypeVar("T")
@@ -137,14 +149,169 @@ class DagsterHome:
 # --------------------------------------------------------------------------- the daemon process
 
 
-def _daemon_executable() -> str:
-    candidate = Path(sys.executable).parent / "dagster-daemon"
+def _executable(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
     if candidate.exists():
         return str(candidate)
-    found = shutil.which("dagster-daemon")
+    found = shutil.which(name)
     if not found:
-        raise RuntimeError("dagster-daemon is not installed next to this Python nor on PATH")
+        raise RuntimeError(f"{name} is not installed next to this Python nor on PATH")
     return found
+
+
+def _daemon_executable() -> str:
+    return _executable("dagster-daemon")
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+class CodeServerError(RuntimeError):
+    """The gRPC code server exited or never answered its health check; its log tail says why."""
+
+
+@dataclass
+class CodeServer:
+    """``dagster code-server start -m durability_pipelines.definitions`` on a free loopback port.
+
+    The deployment shape of the Helm chart's user-code deployment: the code location lives in this
+    process (and the ``dagster api grpc`` server it supervises), the daemon only talks to it. It is
+    given ``home``'s ``DAGSTER_HOME``/``DAGSTER_POSTGRES_URL``, because the runs it launches run in
+    its environment (their instance config reads ``DAGSTER_POSTGRES_URL`` there).
+    """
+
+    home: DagsterHome
+    env: Mapping[str, str]
+    log_path: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    group: ProcessGroup | None = None
+
+    def start(self, timeout: float = 180.0) -> CodeServer:
+        if self.group is not None:
+            raise RuntimeError("code server already started")
+        self.port = self.port or services.free_port(self.host)
+        env = {
+            **os.environ,
+            **self.env,
+            "DAGSTER_HOME": str(self.home.path),
+            DAGSTER_POSTGRES_URL: self.home.storage_url,
+            "PYTHONPATH": _pythonpath(),
+            "PYTHONUNBUFFERED": "1",
+        }
+        argv = [_executable("dagster"), "code-server", "start", "-m", "durability_pipelines.definitions",
+                "-h", self.host, "-p", str(self.port), "--location-name", LOCATION_NAME]
+        self.group = ProcessGroup("dagster-code-server", argv, env, self.log_path, cwd=REPO).start()
+        wait_until(self._healthy, what=f"the code server on {self.host}:{self.port} to answer", timeout=timeout,
+                   interval=1.0, diagnostics=self.log_tail)
+        return self
+
+    def _healthy(self) -> bool:
+        if not self.alive():
+            raise CodeServerError(f"dagster code-server exited before it answered\n{self.log_tail()}")
+        out = subprocess.run([_executable("dagster"), "api", "grpc-health-check", "-h", self.host,
+                              "-p", str(self.port)], capture_output=True, text=True, timeout=60)
+        return out.returncode == 0
+
+    def workspace_env(self) -> dict[str, str]:
+        """What ``deploy/workspace.grpc.yaml`` reads: where this code server listens."""
+        return {CODE_SERVER_HOST: self.host, CODE_SERVER_PORT: str(self.port)}
+
+    @property
+    def pgid(self) -> int | None:
+        return self.group.proc.pid if self.group and self.group.proc else None
+
+    def alive(self) -> bool:
+        return self.group is not None and self.group.alive()
+
+    def group_members(self) -> list[int]:
+        return group_members(self.pgid) if self.pgid else []
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stop the code server's group: the server, its ``dagster api grpc`` child and any run left."""
+        if self.group is None:
+            return
+        left = self.group.stop(grace_s)
+        if left:
+            raise CodeServerError(f"dagster code-server process group {self.pgid} survived SIGKILL: {left}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        tail = "\n".join(self.log_text().splitlines()[-lines:])
+        return f"--- tail of {self.log_path} ---\n{tail}\n--- end of code server log ---"
+
+
+@dataclass
+class DagsterWebserver:
+    """``dagster-webserver -w <workspace>`` on a free loopback port, in its own process group.
+
+    Like the daemon it only reads the code location (over gRPC with ``GRPC_WORKSPACE``); the test asks
+    its GraphQL API what it sees.
+    """
+
+    home: DagsterHome
+    env: Mapping[str, str]
+    log_path: Path
+    workspace: Path = REPO_WORKSPACE
+    port: int = 0
+    group: ProcessGroup | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> DagsterWebserver:
+        if self.group is not None:
+            raise RuntimeError("webserver already started")
+        self.port = self.port or services.free_port()
+        env = {**os.environ, **self.env, "DAGSTER_HOME": str(self.home.path),
+               DAGSTER_POSTGRES_URL: self.home.storage_url, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1"}
+        argv = [_executable("dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port), "-w", str(self.workspace)]
+        self.group = ProcessGroup("dagster-webserver", argv, env, self.log_path, cwd=REPO).start()
+        wait_until(self._answers, what=f"dagster-webserver on port {self.port} to answer", timeout=timeout,
+                   interval=1.0, diagnostics=lambda: self.group.log_tail(60) if self.group else "")
+        return self
+
+    def _answers(self) -> bool:
+        if self.group is None or not self.group.alive():
+            raise RuntimeError(f"dagster-webserver exited\n{self.group.log_tail(60) if self.group else ''}")
+        try:
+            with urllib.request.urlopen(self.base_url + "/server_info", timeout=5) as resp:
+                return resp.status == 200
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+    def graphql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps({"query": query, "variables": dict(variables or {})}).encode()
+        req = urllib.request.Request(self.base_url + "/graphql", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            data = json.loads(resp.read())
+        if data.get("errors"):
+            raise AssertionError(f"GraphQL errors: {data['errors']}")
+        return data["data"]
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.group is None:
+            return
+        left = self.group.stop(grace_s)
+        if left:
+            raise RuntimeError(f"dagster-webserver process group survived SIGKILL: {left}")
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """A live process's argv from /proc ([] once it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 @dataclass
@@ -164,7 +331,7 @@ class DagsterDaemon:
     def start(self) -> DagsterDaemon:
         if self.group is not None:
             raise RuntimeError("daemon already started")
-        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        pythonpath = _pythonpath()
         env = {
             **os.environ,
             **self.env,
@@ -207,7 +374,10 @@ class DagsterDaemon:
 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.group.proc.pid, signal.SIGKILL)
-        self.stop(grace_s=0)  # reaps, and checks that nothing survived
+        self.stop(grace_s=0)  # checks that nothing survived
+        # A multithreaded leader shows as a zombie before its last thread is gone and cannot be reaped
+        # until then: wait for it, so that alive() is False when kill() returns.
+        self.group.proc.wait(timeout=30)
 
     def log_text(self) -> str:
         try:

@@ -3,7 +3,8 @@
 * :class:`Consumer`: one consumer YAML the test writes for the daemon's code location, and what the test
   produced for it;
 * :class:`E2E`: the moto endpoint, the stores, the daemon(s) and their ``DAGSTER_HOME``s, with deadline
-  waits (hang guards, never timed assertions);
+  waits (hang guards, never timed assertions); with ``grpc=True`` every node is the Helm chart's shape:
+  a ``dagster code-server`` serves the code location and the daemon loads ``deploy/workspace.grpc.yaml``;
 * the KCL-style oracles on the sink, the runs and the checkpoint history.
 """
 
@@ -31,7 +32,9 @@ from durability_pipelines.orchestration.consumers import CONSUMER_TAG, SHARD_TAG
 from tests.support.dagster_daemon import (
     DAGSTER_POSTGRES_URL,
     DELIVERIES_DDL,
+    GRPC_WORKSPACE,
     REPO_WORKSPACE,
+    CodeServer,
     DagsterDaemon,
     DagsterHome,
     run_records,
@@ -100,6 +103,8 @@ class E2E:
     consumers: dict[str, Consumer]
     homes: list[DagsterHome] = field(default_factory=list)
     daemons: list[DagsterDaemon] = field(default_factory=list)
+    grpc: bool = False  # the deployment shape: a gRPC code server per node, the daemon points at it
+    code_servers: list[CodeServer] = field(default_factory=list)
 
     # -- nodes -------------------------------------------------------------------------
     @property
@@ -110,27 +115,48 @@ class E2E:
     def instance(self) -> Any:
         return self.daemon.home.instance()
 
+    @property
+    def code_server(self) -> CodeServer:
+        if not self.code_servers:
+            raise RuntimeError("this E2E environment was not made with grpc=True: there is no code server")
+        return self.code_servers[-1]
+
+    @property
+    def workspace(self) -> Path:
+        return GRPC_WORKSPACE if self.grpc else REPO_WORKSPACE
+
+    def node_env(self) -> dict[str, str]:
+        """The daemon's variables: in the gRPC shape also where ``deploy/workspace.grpc.yaml`` finds the code."""
+        return {**self.daemon_env, **(self.code_server.workspace_env() if self.grpc else {})}
+
     def start_node(self) -> DagsterDaemon:
-        """A new node: new empty DAGSTER_HOME + new storage database + a new daemon."""
+        """A new node: new empty DAGSTER_HOME + new storage database + a new daemon (and, with ``grpc``, a
+        new code server first: the runs it launches read the storage URL from its environment)."""
         home = DagsterHome.create(self.tmp / "homes", self.admin_url)
         self.homes.append(home)
         home.instance()  # creates the storage schema before the daemon races to
         n = len(self.daemons) + 1
-        daemon = DagsterDaemon(home, self.daemon_env, self.tmp / f"daemon-{n}.log")
+        if self.grpc:
+            server = CodeServer(home, self.daemon_env, self.tmp / f"code-server-{n}.log")
+            self.code_servers.append(server)
+            server.start()
+        return self._start_daemon(home)
+
+    def _start_daemon(self, home: DagsterHome) -> DagsterDaemon:
+        n = len(self.daemons) + 1
+        daemon = DagsterDaemon(home, self.node_env(), self.tmp / f"daemon-{n}.log", workspace=self.workspace)
         self.daemons.append(daemon)
         daemon.start()
         return daemon
 
     def replace_daemon(self) -> DagsterDaemon:
-        """The node dies (SIGKILL of the daemon, its code server and its runs) and a new daemon comes up on
-        the same Dagster storage, as after a host replacement: the dead runs are still STARTED there."""
+        """The node dies (SIGKILL of the daemon's process group) and a new daemon comes up on the same
+        Dagster storage, as after a host replacement. In-process shape: the group holds the code server
+        and the runs too, so the dead runs are still STARTED there. gRPC shape: the code server and its
+        runs are elsewhere and live on; the new daemon talks to the same code server."""
         old = self.daemon
         old.kill()
-        n = len(self.daemons) + 1
-        daemon = DagsterDaemon(old.home, self.daemon_env, self.tmp / f"daemon-{n}.log")
-        self.daemons.append(daemon)
-        daemon.start()
-        return daemon
+        return self._start_daemon(old.home)
 
     def diagnostics(self) -> str:
         lines = []
@@ -142,7 +168,12 @@ class E2E:
             except Exception as exc:  # noqa: BLE001 - diagnostics must not mask the failure
                 lines.append(f"{c.name}: runs unavailable ({exc})")
         alive = "alive" if self.daemons and self.daemon.alive() else "NOT running"
-        return f"daemon {alive}\n" + "\n".join(lines) + "\n" + (self.daemon.log_tail() if self.daemons else "")
+        server = ""
+        if self.code_servers:
+            state = "alive" if self.code_server.alive() else "NOT running"
+            server = f"code server {state}\n{self.code_server.log_tail()}\n"
+        return (f"daemon {alive}\n" + "\n".join(lines) + "\n" + server
+                + (self.daemon.log_tail() if self.daemons else ""))
 
     @contextlib.contextmanager
     def dump_on_failure(self) -> Iterator[None]:
@@ -210,9 +241,9 @@ class E2E:
     def set_sensor(self, c: Consumer, *, running: bool) -> None:
         """``dagster sensor start|stop`` on the current node, as an operator would."""
         home = self.daemon.home
-        env = {**os.environ, **self.daemon_env, "DAGSTER_HOME": str(home.path), DAGSTER_POSTGRES_URL: home.storage_url}
+        env = {**os.environ, **self.node_env(), "DAGSTER_HOME": str(home.path), DAGSTER_POSTGRES_URL: home.storage_url}
         out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "sensor", "start" if running else "stop",
-                              "-w", str(REPO_WORKSPACE), c.sensor], cwd=REPO_WORKSPACE.parent, env=env,
+                              "-w", str(self.workspace), c.sensor], cwd=REPO_WORKSPACE.parent, env=env,
                              capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
@@ -355,8 +386,9 @@ def batches_of(instance: Any, runs: list[Any]) -> int:
 @contextlib.contextmanager
 def e2e_environment(tmp: Path, *, postgres_url: str, admin_url: str, redis_url: str,
                     consumers: Callable[[Any, str], dict[str, Consumer]],
-                    extra_env: dict[str, str] | None = None) -> Iterator[E2E]:
-    """A moto server, the consumer tables, the consumers' YAML files and a first node (daemon).
+                    extra_env: dict[str, str] | None = None, grpc: bool = False) -> Iterator[E2E]:
+    """A moto server, the consumer tables, the consumers' YAML files and a first node (daemon; with
+    ``grpc``, a code server and a daemon that loads ``deploy/workspace.grpc.yaml``).
 
     ``consumers(dynamodb_client, suffix)`` makes the consumers (their tables on the moto server);
     ``suffix`` is unique to this environment. Teardown stops every daemon, drops every storage
@@ -387,7 +419,8 @@ def e2e_environment(tmp: Path, *, postgres_url: str, admin_url: str, redis_url: 
             "DURABILITY_RUN_RETENTION_ENABLED": "false",
             **(extra_env or {}),
         }
-        env = E2E(tmp, endpoint, ddb, streams, postgres_url, admin_url, client, redis_url, daemon_env, made)
+        env = E2E(tmp, endpoint, ddb, streams, postgres_url, admin_url, client, redis_url, daemon_env, made,
+                  grpc=grpc)
         try:
             env.start_node()
             yield env
@@ -397,6 +430,11 @@ def e2e_environment(tmp: Path, *, postgres_url: str, admin_url: str, redis_url: 
                 try:
                     daemon.stop()
                 except Exception as exc:  # noqa: BLE001 - stop every daemon, then report
+                    errors.append(exc)
+            for server in env.code_servers:  # after the daemons: nothing launches runs on them any more
+                try:
+                    server.stop()
+                except Exception as exc:  # noqa: BLE001 - stop every code server, then report
                     errors.append(exc)
             for home in env.homes:
                 with contextlib.suppress(Exception):

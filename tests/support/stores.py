@@ -11,9 +11,13 @@ from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointSt
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
 
 BACKENDS = ("memory", "redis", "postgres", "hybrid")
+#: The Redis-backed stores on a Redis Cluster: ``redis_url`` is then the cluster's ``redis+cluster://`` URL
+#: (tests/test_redis_cluster.py runs the contract suite on them).
+CLUSTER_BACKENDS = ("redis-cluster", "hybrid-cluster")
 
 
 def build_store(backend: str, redis_url: str, postgres_url: str, **kwargs: object) -> CheckpointStore:
+    backend = backend.removesuffix("-cluster")  # the same stores; the URL says it is a cluster
     if backend == "memory":
         return MemoryCheckpointStore()
     if backend == "redis":
