@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from durability_pipelines.checkpoints.keys import NO_SHARD, shard_from_tag, shard_to_tag
 from durability_pipelines.consumer.dispatch import (
     DEAD_RUN_GRACE_S,
     InFlightRun,
@@ -124,3 +125,10 @@ def test_a_run_that_never_took_the_lease_is_dead_once_no_live_run_could_be_that_
 def test_queued_and_not_yet_started_runs_are_never_dead() -> None:
     assert dead(status="QUEUED", expires=NOW - 600, started=NOW - 900) is None
     assert dead(status="STARTED", started=None, expires=NOW - 600) is None
+
+
+def test_no_shard_is_one_spelling_in_cursor_run_key_and_tag_and_reads_back_as_none() -> None:
+    p = plan(SensorCursor(), {None: "100"})
+    assert NO_SHARD == "-" and list(p.cursor.shards) == ["-"] and p.dispatches[0].run_key == "c:-:100:a0"
+    assert shard_to_tag(None) == "-" and shard_to_tag("s1") == "s1"
+    assert [shard_from_tag(t) for t in ("-", "", "s1")] == [None, None, "s1"]  # '' = older runs' run config

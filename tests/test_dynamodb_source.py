@@ -6,6 +6,7 @@ recorded, never slept).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ from tests.support.dynamodb import (
     put_items,
     wide_sequence,
 )
+from tests.support.dynamodb_records import checkpoint_before, record_json
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +146,13 @@ def test_happy_path_reads_every_record_once_in_order_and_checkpoints(aws, table)
     assert modify.old_image == {"pk": "k0000", "n": Decimal(0), "price": Decimal("9.99")}
     assert modify.new_image == {"pk": "k0000", "n": Decimal(100)}
     assert remove.new_image is None and remove.old_image["pk"] == "k0001"
-    doc = json.loads(json.dumps(modify.to_json_dict()))
+    doc = json.loads(json.dumps(record_json(modify)))
     assert doc["old_image"] == {"pk": "k0000", "n": 0, "price": "9.99"} and doc["sequence"] == modify.sequence
     assert {op for op, _ in calls} == {"DescribeStream", "GetShardIterator", "GetRecords"}
     assert all(ms >= 0 for _, ms in calls)
 
 
-def test_to_json_dict_makes_every_dynamodb_type_json_safe() -> None:
+def test_json_form_makes_every_dynamodb_type_json_safe() -> None:
     raw = {
         "eventID": "e1",
         "eventName": "INSERT",
@@ -171,7 +173,7 @@ def test_to_json_dict_makes_every_dynamodb_type_json_safe() -> None:
     }
     record = StreamRecord.from_raw("shard-1", raw)
     assert record.sequence == "123"  # canonical form
-    doc = json.loads(json.dumps(record.to_json_dict()))
+    doc = json.loads(json.dumps(record_json(record)))
     assert doc["new_image"] == {
         "pk": "a",
         "big": 123456789012345678901234567890,
@@ -411,7 +413,7 @@ def test_trimmed_data_skip_policy_continues_at_trim_horizon_and_returns_gap(aws,
     assert (batch.gap.shard_id, batch.gap.from_sequence, batch.gap.to_sequence) == (shard, seqs[2], seqs[6])
     assert [r.sequence for r in batch.records] == seqs[6:]
     assert batch.next_checkpoint == seqs[9]
-    assert json.loads(json.dumps(batch.gap.to_json_dict()))["to_sequence"] == seqs[6]
+    assert json.loads(json.dumps(dataclasses.asdict(batch.gap)))["to_sequence"] == seqs[6]
 
 
 def test_trimmed_data_access_exception_mid_batch_under_both_policies(aws, table) -> None:
@@ -686,8 +688,8 @@ def test_checkpoint_before_a_failed_record_never_skips_it() -> None:
     batch = ShardBatch(
         shard_id="s", start_after="100", records=[rec("200"), rec("1000")], next_checkpoint="1000"
     )
-    assert batch.checkpoint_before(0) == "100"  # first record failed: stay at the acked checkpoint
-    assert batch.checkpoint_before(1) == "200"
-    assert batch.checkpoint_before(2) == "1000"  # nothing failed
+    assert checkpoint_before(batch, 0) == "100"  # first record failed: stay at the acked checkpoint
+    assert checkpoint_before(batch, 1) == "200"
+    assert checkpoint_before(batch, 2) == "1000"  # nothing failed
     with pytest.raises(IndexError):
-        batch.checkpoint_before(3)
+        checkpoint_before(batch, 3)

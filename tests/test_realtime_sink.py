@@ -23,12 +23,12 @@ from durability_pipelines import services
 from durability_pipelines.checkpoints import CheckpointKey
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
+from durability_pipelines.consumer.adapters.supabase import build_supabase_source
 from durability_pipelines.consumer.config import ConsumerConfig, SupabaseSourceConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.handlers import HandlerContext, is_transactional
 from durability_pipelines.consumer.runtime import ConsumerRuntime, ReadOutput
 from durability_pipelines.consumer.source import SourceBatch
-from durability_pipelines.consumer.supabase_source import build_supabase_source
 from durability_pipelines.sinks.realtime import (
     BroadcastMessage,
     RealtimeNotInstalledError,

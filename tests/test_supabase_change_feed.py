@@ -21,9 +21,9 @@ from psycopg import sql
 from durability_pipelines.checkpoints import CheckpointKey
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
+from durability_pipelines.consumer.adapters import build_source
+from durability_pipelines.consumer.adapters.supabase import NoCheckpointError, SupabaseChangeFeedSource
 from durability_pipelines.consumer.config import ConsumerConfig, SupabaseSourceConfig
-from durability_pipelines.consumer.source import build_source
-from durability_pipelines.consumer.supabase_source import NoCheckpointError, SupabaseChangeFeedSource
 from durability_pipelines.sources.supabase_changes import (
     ID_SPAN,
     ChangeFeedAccessError,
@@ -244,9 +244,18 @@ def _source(feed: Feed, replay_from: str, **kwargs: Any) -> SupabaseChangeFeedSo
         source=SupabaseSourceConfig(channel=f"ch-{feed.table}", table=feed.table, change_log=feed.log,
                                     replay_from=replay_from),
     )
-    source = build_source(cfg, postgres_url=feed.url, unknown_option="ignored", **kwargs)
+    source = build_source(cfg, postgres_url=feed.url, **kwargs)
     assert isinstance(source, SupabaseChangeFeedSource)
     return source
+
+
+def test_build_source_refuses_an_unknown_option_instead_of_ignoring_it(feed: Feed) -> None:
+    cfg = ConsumerConfig(
+        name="supabase_test", group="workers", consumer="consumer-a",
+        source=SupabaseSourceConfig(channel=f"ch-{feed.table}", table=feed.table, change_log=feed.log),
+    )
+    with pytest.raises(TypeError, match="unknown_option"):
+        build_source(cfg, postgres_url=feed.url, unknown_option="ignored")  # type: ignore[call-arg]
 
 
 def test_source_events_and_stored_mode(feed: Feed, pg_conn: psycopg.Connection) -> None:
@@ -255,6 +264,7 @@ def test_source_events_and_stored_mode(feed: Feed, pg_conn: psycopg.Connection) 
     source = _source(feed, "stored", on_call=lambda op, ms: calls.append((op, ms)))
     try:
         assert source.list_shards() == [None] and source.readable({None: None}) == [None]
+        assert source.identity is None  # one change log is one stream: nothing for the sensor to compare
         assert source.has_new(None, None) is True  # a run must explain the missing checkpoint
         with pytest.raises(NoCheckpointError, match="replay_from"):
             source.read(None, None, 10)

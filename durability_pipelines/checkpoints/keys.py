@@ -34,6 +34,20 @@ SENSOR_CURSOR_PREFIX = "durability:sensor_cursor"
 #: save checks it there), and the set of such copies beside the lease (so a takeover can fence them).
 LEASE_COPY_PREFIX = "durability:leasecopy"
 LEASE_COPIES_PREFIX = "durability:leasecopies"
+#: "No shard" (the unsharded change feed, ``None`` in code) where it must be text: sensor cursors, the
+#: ``durability/shard`` tag, run keys and ``ops.drain_shard.config.shard``. The Redis key has no shard
+#: part and Postgres rows store ''; those stay as they are (other workers read them).
+NO_SHARD = "-"
+
+
+def shard_to_tag(shard: str | None) -> str:
+    return shard or NO_SHARD
+
+
+def shard_from_tag(text: str | None) -> str | None:
+    """Inverse of ``shard_to_tag``; '' (the run config's spelling before ``NO_SHARD``) is no shard too."""
+    return None if text in (None, "", NO_SHARD) else text
+
 
 MAX_COMPONENT_LENGTH = 256
 _FORBIDDEN = re.compile(r"[:\x00-\x1f\x7f]")

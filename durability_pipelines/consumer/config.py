@@ -72,7 +72,7 @@ class SupabaseSourceConfig(_Strict):
     change_log: str = Field(default="durability_change_log", description="Change-log table filled by the trigger")
     # Where a consumer WITHOUT a checkpoint starts (with one, all three resume from it): 'stored' = nowhere,
     # fail loudly (a lost checkpoint is never papered over); 'earliest' = the oldest change still in the
-    # log; 'latest' = after every change settled now. See consumer/supabase_source.py.
+    # log; 'latest' = after every change settled now. See consumer/adapters/supabase.py.
     replay_from: Literal["stored", "earliest", "latest"] = "stored"
     db_url_env: str = Field(
         default="DURABILITY_SUPABASE_DB_URL",

@@ -21,6 +21,9 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
+#: the cursor's, run key's and tag's spelling of a shard (``NO_SHARD`` for none), re-exported for the sensor
+from durability_pipelines.checkpoints.keys import shard_to_tag as shard_id
+
 log = logging.getLogger(__name__)
 CURSOR_VERSION = 1
 
@@ -111,10 +114,6 @@ def dead_run_reason(run: InFlightRun, lease: LeaseView | None, *, now: float, le
         return (f"run {run.run_id} has been executing for {now - run.started_at:.0f} s, longer than a live run can "
                 "(max_run_seconds + max_idle_s + lease_duration_s), without holding the shard's lease")
     return None
-
-
-def shard_id(shard: str | None) -> str:
-    return shard or "-"
 
 
 def make_run_key(consumer: str, shard: str | None, start_after: str | None, attempt: int) -> str:

@@ -9,16 +9,20 @@ from typing import Any
 
 
 def json_safe(value: Any) -> Any:
-    """Decimals, sets, bytes and datetimes -> JSON-compatible values (lossless for ints)."""
+    """Decimals, sets, bytes and datetimes -> JSON-compatible values (lossless for ints).
+
+    The one JSON conversion for stream values (sinks, dead letters, Realtime payloads): binary is
+    base64, including boto3's ``Binary`` (DynamoDB ``B``/``BS``), which is not ``bytes`` but has ``__bytes__``.
+    """
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else str(value)
+        return int(value) if value.is_finite() and value == value.to_integral_value() else str(value)
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     if isinstance(value, set | frozenset):
         return sorted((json_safe(v) for v in value), key=repr)
-    if isinstance(value, bytes | bytearray):
+    if isinstance(value, bytes | bytearray) or hasattr(value, "__bytes__"):
         import base64
 
         return base64.b64encode(bytes(value)).decode()

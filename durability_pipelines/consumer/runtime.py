@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 import psycopg
 
@@ -461,10 +460,10 @@ class ConsumerRuntime:
 def open_runtime(config: ConsumerConfig, *, redis_url: str | None, postgres_url: str | None,
                  source: StreamSource | None = None, build_source: bool = True,
                  metrics: Metrics | None = None, is_owner_dead: Callable[[str], bool] | None = None,
-                 migrate_schema: bool = True, **source_kwargs: Any) -> ConsumerRuntime:
+                 migrate_schema: bool = True) -> ConsumerRuntime:
     """Wire a runtime from config and URLs (what the Dagster resources do)."""
+    from durability_pipelines.consumer.adapters import build_source as make_source
     from durability_pipelines.consumer.handlers import load_handler
-    from durability_pipelines.consumer.source import build_source as make_source
     from durability_pipelines.consumer.storage import ensure
 
     storage = None
@@ -477,8 +476,7 @@ def open_runtime(config: ConsumerConfig, *, redis_url: str | None, postgres_url:
                        migrate_schema=migrate_schema)
     metrics = metrics or Metrics(Labels(config.adapter, config.stream, config.group, config.consumer))
     if source is None and build_source:
-        source_kwargs.setdefault("postgres_url", postgres_url)
-        source = make_source(config, on_call=lambda op, ms: metrics.call_duration(op, ms), **source_kwargs)
+        source = make_source(config, postgres_url=postgres_url, on_call=lambda op, ms: metrics.call_duration(op, ms))
     return ConsumerRuntime(
         config, store=store, source=source, handler=load_handler(config.handler), storage=storage,
         postgres_url=postgres_url, metrics=metrics, is_owner_dead=is_owner_dead,

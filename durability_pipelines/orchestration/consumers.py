@@ -54,6 +54,7 @@ from durability_pipelines.checkpoints.errors import (
     LeaseLostError,
     StoreUnavailableError,
 )
+from durability_pipelines.checkpoints.keys import NO_SHARD, shard_from_tag
 from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig
 from durability_pipelines.consumer.dispatch import (
     InFlightRun,
@@ -94,7 +95,8 @@ TRANSIENT_ERRORS = (StoreUnavailableError, StreamUnavailableError, ThrottledErro
 
 class DrainShardConfig(Config):
     consumer: str = Field(description="the consumer's name (must be this job's consumer)")
-    shard: str = Field(default="", description="the shard id; empty = the unsharded change feed")
+    shard: str = Field(default=NO_SHARD, description=f"the shard id; {NO_SHARD!r} = the unsharded change feed "
+                       "('' is accepted too)")
 
 
 def _run_finished(context: OpExecutionContext):
@@ -154,13 +156,14 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
     if config.consumer != cfg.name:
         raise Failure(f"this is the job of consumer {cfg.name}; ops.drain_shard.config.consumer is "
                       f"{config.consumer!r}: launch {config.consumer}_job instead", allow_retries=False)
-    if cfg.adapter == "dynamodb" and not config.shard:
+    shard = shard_from_tag(config.shard)
+    if cfg.adapter == "dynamodb" and shard is None:
         raise Failure(
             f"consumer {cfg.name} reads a sharded stream: set ops.drain_shard.config.shard to a shard id "
             f"(the sensor {cfg.name}_sensor does this; its cursor lists the shards)", allow_retries=False)
     rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
     drainer = ShardDrainer(
-        rt, config.shard or None, context.run_id, DrainBudget.from_config(cfg),
+        rt, shard, context.run_id, DrainBudget.from_config(cfg),
         on_batch=lambda record: context.log.info(record.describe()),
         on_retry=lambda attempt, exc, delay: context.log.warning(
             f"batch attempt {attempt} failed ({type(exc).__name__}: {exc}); retrying in {delay:.2f} s"),
@@ -206,7 +209,7 @@ def build_consumer_job(cfg: ConsumerConfig) -> JobDefinition:
         # The sensor re-dispatches failed runs from the acked checkpoint; a run-level retry
         # would re-run dead-lettered batches behind its back.
         tags={CONSUMER_TAG: cfg.name, "dagster/max_retries": "0", **CONSUMER_RUN_TAGS},
-        config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": ""}}}},
+        config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": NO_SHARD}}}},
         metadata={CONFIG_METADATA: MetadataValue.json(cfg.model_dump(mode="json"))},
     )
     def _consumer_job() -> None:
@@ -262,13 +265,13 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         rt = durability.runtime(cfg)
         try:
             listed = rt.source.list_shards()
-            identity = getattr(rt.source, "identity", None)
+            identity = rt.source.identity
             if cursor.stream_identity and identity and identity != cursor.stream_identity:
                 raise StreamChangedError(
                     expected_label=cursor.stream_identity, actual_label=identity, table_name=cfg.stream,
                 )
             cursor.stream_identity = identity or cursor.stream_identity
-            known = list(dict.fromkeys([*listed, *(None if s == "-" else s for s in cursor.shards)]))
+            known = list(dict.fromkeys([*listed, *(shard_from_tag(s) for s in cursor.shards)]))
             blocked = rt.storage.blocked_shards(cfg.name) if rt.storage else set()
             acked, unusable = rt.load_acked(known, blocked=blocked, run_id=f"sensor:{sensor_name}")
             stopped: dict[str, str] = {shard_id(s): why for s, why in unusable.items()}
@@ -299,7 +302,7 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         requests = [
             RunRequest(
                 run_key=d.run_key,
-                run_config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": d.shard or ""}}}},
+                run_config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": shard_id(d.shard)}}}},
                 tags={SHARD_TAG: f"{cfg.name}:{shard_id(d.shard)}", CONSUMER_TAG: cfg.name,
                       **CONSUMER_RUN_TAGS,
                       "durability/start_after": d.start_after or "INITIAL", "durability/attempt": str(d.attempt)},

@@ -17,19 +17,17 @@ Decisions that matter for durability (see ``docs/sources-dynamodb.md``):
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, Literal
 
 import boto3
-from boto3.dynamodb.types import Binary, TypeDeserializer
+from boto3.dynamodb.types import TypeDeserializer
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -55,6 +53,7 @@ from durability_pipelines.sources.errors import (
     ThrottledError,
     TrimmedDataError,
 )
+from durability_pipelines.sources.hooks import CallHook
 
 __all__ = [
     "ADAPTER",
@@ -113,41 +112,6 @@ def _deserialize(image: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {name: _deserializer.deserialize(value) for name, value in image.items()}
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON-safe copy: Decimal -> int (integral) or exact str, binary -> base64, sets -> sorted lists."""
-    if value is None or isinstance(value, (bool, str, int)):
-        return value
-    if isinstance(value, Decimal):
-        if value.is_finite() and value == value.to_integral_value():
-            return int(value)
-        return str(value)
-    if isinstance(value, float):
-        return value
-    if isinstance(value, Binary):
-        value = value.value
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):  # DynamoDB sets are homogeneous: sort by natural order
-        return [_jsonable(v) for v in sorted(value, key=_set_member_key)]
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return str(value)
-
-
-def _set_member_key(value: Any) -> tuple[int, Any]:
-    if isinstance(value, (int, float, Decimal)):
-        return (0, Decimal(value))
-    if isinstance(value, Binary):
-        return (2, value.value)
-    if isinstance(value, (bytes, bytearray)):
-        return (2, bytes(value))
-    return (1, str(value))
-
-
 @dataclass(frozen=True)
 class StreamRecord:
     """One DynamoDB stream record, deserialized to plain Python values (numbers are ``Decimal``)."""
@@ -189,28 +153,6 @@ class StreamRecord:
 
     def __hash__(self) -> int:  # images are dicts: hash the identity of the change instead
         return hash((self.shard_id, self.sequence, self.event_id))
-
-    @property
-    def is_ttl_delete(self) -> bool:
-        ident = self.user_identity or {}
-        return self.event_name == "REMOVE" and ident.get("principalId") == "dynamodb.amazonaws.com"
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """JSON-safe form (what sinks and dead-letter rows store); ``raw`` is left out."""
-        return {
-            "adapter": ADAPTER,
-            "shard_id": self.shard_id,
-            "sequence": self.sequence,
-            "event_id": self.event_id,
-            "event_name": self.event_name,
-            "keys": _jsonable(self.keys),
-            "new_image": _jsonable(self.new_image),
-            "old_image": _jsonable(self.old_image),
-            "approximate_creation_time": _jsonable(self.approximate_creation_time),
-            "size_bytes": self.size_bytes,
-            "stream_view_type": self.stream_view_type,
-            "user_identity": _jsonable(self.user_identity),
-        }
 
 
 @dataclass(frozen=True)
@@ -261,9 +203,6 @@ class TrimGap:
     to_sequence: str | None
     reason: str
 
-    def to_json_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
 class ShardBatch:
@@ -291,19 +230,6 @@ class ShardBatch:
     @property
     def newest_sequence(self) -> str | None:
         return self.records[-1].sequence if self.records else None
-
-    def checkpoint_before(self, index: int) -> str | None:
-        """Checkpoint to store when ``records[index]`` (and everything after it) failed.
-
-        Lambda's partial-batch-failure rule: everything strictly before the first failure is done,
-        so the next read starts at the failed record. Returns ``start_after`` for index 0 (nothing to
-        advance). Never skips the failed record.
-        """
-        if not 0 <= index <= len(self.records):
-            raise IndexError(f"record index {index} outside the batch of {len(self.records)}")
-        if index == len(self.records):
-            return self.next_checkpoint if self.next_checkpoint is not None else self.start_after
-        return self.records[index - 1].sequence if index > 0 else self.start_after
 
 
 @dataclass(frozen=True)
@@ -437,7 +363,7 @@ class DynamoDBStreamReader:
         max_records_per_call: int = MAX_RECORDS_PER_CALL,
         max_calls_per_batch: int = DEFAULT_MAX_CALLS_PER_BATCH,
         backoff: BackoffPolicy | None = None,
-        on_call: Callable[[str, float], None] | None = None,
+        on_call: CallHook | None = None,
         expected_label: str | None = None,
     ) -> None:
         if trim_policy not in ("fail", "skip_to_trim_horizon"):
@@ -616,8 +542,6 @@ class DynamoDBStreamReader:
             self.list_shards()
         return self._shards.get(shard_id)
 
-    _shard_info = shard_info  # kept for callers written against the first draft
-
     # ----------------------------------------------------------------- reading
 
     def read_batch(
@@ -654,7 +578,7 @@ class DynamoDBStreamReader:
         else:
             start = ("AFTER_SEQUENCE_NUMBER", after_n)
 
-        info = self._shard_info(shard_id)
+        info = self.shard_info(shard_id)
         if info is None:
             if after_n is None and at_n is None:
                 raise ShardNotFoundError(
@@ -755,7 +679,7 @@ class DynamoDBStreamReader:
                     read_at_skip = len(records)
                     restart, iterator = (TRIM_HORIZON, None), None
                     continue
-                if code == "ResourceNotFoundException" and self._shard_info(shard_id, refresh=True) is None:
+                if code == "ResourceNotFoundException" and self.shard_info(shard_id, refresh=True) is None:
                     iterator = None
                     if records:  # keep what was read; the next batch reports the rest as gone
                         break
@@ -818,7 +742,7 @@ class DynamoDBStreamReader:
     def _earliest(self, shard_id: str) -> str | None:
         """The shard's current StartingSequenceNumber, for the error message (best effort)."""
         try:
-            info = self._shard_info(shard_id, refresh=True)
+            info = self.shard_info(shard_id, refresh=True)
         except (SourceError, ClientError):
             return None
         return info.starting_sequence if info is not None else None

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -43,6 +43,7 @@ from psycopg import sql
 
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.sources.errors import SourceError
+from durability_pipelines.sources.hooks import CallHook
 
 __all__ = [
     "ADAPTER",
@@ -72,8 +73,6 @@ ID_SPAN = 10**19
 MAX_LOG_NAME = 40  # derived names (<log>_txid_idx, durability_capture_<log>) stay within 63 bytes
 SQL_TEMPLATE = (resources.files("durability_pipelines.sources") / "supabase_changes.sql").read_text()
 _INSTALL_LOCK = 72_190_320  # pg_advisory_xact_lock id: one installer at a time
-
-CallHook = Callable[[str, float], None]
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ class ListSource:
     shards_events: dict[str | None, list[ChangeEvent]] = field(default_factory=dict)
     closed: set[str | None] = field(default_factory=set)
     adapter: str = "dynamodb"
+    identity: str | None = None
 
     @classmethod
     def with_events(cls, stream: str, count: int, shard: str | None = "shard-0", start: int = 10**21) -> ListSource:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.ordering import LATEST, SHARD_END, TRIM_HORIZON, normalize_sequence
@@ -49,21 +48,17 @@ class NoCheckpointError(ChangeFeedError):
     """``replay_from: stored`` and the consumer has no checkpoint to resume from."""
 
 
-def resolve_db_url(cfg: SupabaseSourceConfig, explicit: str | None = None) -> str:
-    """The change log's database: ``$<db_url_env>``, the argument, ``$DURABILITY_POSTGRES_URL``, else the
-    project's resolved Postgres (embedded when unset), the same one the runtime uses."""
-    url = os.environ.get(cfg.db_url_env) or explicit or os.environ.get(FALLBACK_DB_URL_ENV)
+def resolve_db_url(cfg: SupabaseSourceConfig, postgres_url: str | None = None) -> str:
+    """The change log's database: ``$<db_url_env>``, else ``postgres_url`` (the project's Postgres, which
+    the caller resolved: the runtime passes the one its stores use), else ``$DURABILITY_POSTGRES_URL``."""
+    url = os.environ.get(cfg.db_url_env) or postgres_url or os.environ.get(FALLBACK_DB_URL_ENV)
     if url:
         return url
-    from durability_pipelines import services
-
-    try:
-        return services.resolve_postgres_url()
-    except Exception as exc:  # noqa: BLE001 - any failure means: no database to read
-        raise ConfigError(
-            f"supabase source for channel {cfg.channel!r}: no database URL. Set {cfg.db_url_env} to the Supabase "
-            f"project's Postgres URL (Settings > Database) or {FALLBACK_DB_URL_ENV} ({exc})"
-        ) from None
+    raise ConfigError(
+        f"supabase source for channel {cfg.channel!r}: no database URL. Set {cfg.db_url_env} to the Supabase "
+        f"project's Postgres URL (Settings > Database) or {FALLBACK_DB_URL_ENV}, or pass postgres_url to "
+        "build_source (the Dagster resource passes the project's Postgres)"
+    )
 
 
 def to_event(channel: str, row: ChangeRow) -> ChangeEvent:
@@ -78,6 +73,8 @@ class SupabaseChangeFeedSource:
     """One channel = one source table's changes in one change log."""
 
     adapter = ADAPTER
+    #: one change log is one stream for as long as it exists: nothing to tell streams apart by
+    identity: str | None = None
 
     def __init__(self, cfg: SupabaseSourceConfig, *, db_url: str, on_call: CallHook | None = None,
                  reader: ChangeFeedReader | None = None) -> None:
@@ -146,12 +143,13 @@ class SupabaseChangeFeedSource:
         self.reader.close()
 
 
-def build_supabase_source(config: ConsumerConfig, **kwargs: Any) -> SupabaseChangeFeedSource:
-    """The runtime's factory. Known kwargs: ``postgres_url`` (or ``db_url``), ``on_call``, ``reader``;
-    others are ignored (the runtime passes what every source might need)."""
+def build_supabase_source(config: ConsumerConfig, *, postgres_url: str | None = None,
+                          on_call: CallHook | None = None,
+                          reader: ChangeFeedReader | None = None) -> SupabaseChangeFeedSource:
+    """The source of a consumer with a ``supabase`` source. ``reader`` replaces the one it would open
+    (then no database URL is needed)."""
     cfg = config.source
     if not isinstance(cfg, SupabaseSourceConfig):
         raise ConfigError(f"consumer {config.name}: build_supabase_source needs a 'supabase' source, got {cfg.kind!r}")
-    reader = kwargs.get("reader")
-    db_url = "" if reader is not None else resolve_db_url(cfg, kwargs.get("postgres_url") or kwargs.get("db_url"))
-    return SupabaseChangeFeedSource(cfg, db_url=db_url, on_call=kwargs.get("on_call"), reader=reader)
+    db_url = "" if reader is not None else resolve_db_url(cfg, postgres_url)
+    return SupabaseChangeFeedSource(cfg, db_url=db_url, on_call=on_call, reader=reader)
