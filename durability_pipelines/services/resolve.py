@@ -22,28 +22,25 @@ from durability_pipelines.services.urls import (
 )
 
 
+def _resolve(kind: str, env: str, check: bool, timeout: float) -> str:
+    url = os.environ.get(env)
+    if not url:
+        return embedded_server(kind, durability_home()).url
+    if check:
+        (check_postgres if kind == "postgres" else check_redis)(url, timeout=timeout, source=env)
+    else:
+        (validate_postgres_url if kind == "postgres" else validate_redis_url)(url, source=env)
+    return url
+
+
 def resolve_postgres_url(*, check: bool = True, timeout: float = 5.0) -> str:
     """``$DURABILITY_POSTGRES_URL`` if set (checked), else the embedded server's URL (started if needed)."""
-    url = os.environ.get(ENV_POSTGRES_URL)
-    if url:
-        if check:
-            check_postgres(url, timeout=timeout, source=ENV_POSTGRES_URL)
-        else:
-            validate_postgres_url(url, source=ENV_POSTGRES_URL)
-        return url
-    return embedded_server("postgres", durability_home()).url
+    return _resolve("postgres", ENV_POSTGRES_URL, check, timeout)
 
 
 def resolve_redis_url(*, check: bool = True, timeout: float = 5.0) -> str:
     """``$DURABILITY_REDIS_URL`` if set (checked), else the embedded server's URL (started if needed)."""
-    url = os.environ.get(ENV_REDIS_URL)
-    if url:
-        if check:
-            check_redis(url, timeout=timeout, source=ENV_REDIS_URL)
-        else:
-            validate_redis_url(url, source=ENV_REDIS_URL)
-        return url
-    return embedded_server("redis", durability_home()).url
+    return _resolve("redis", ENV_REDIS_URL, check, timeout)
 
 
 def resolve_dagster_postgres_url(*, check: bool = True) -> str:

@@ -279,21 +279,18 @@ def validate_redis_url(url: str, *, source: str | None = None) -> None:
            f"{SENTINEL_FORM} for a Sentinel-managed master, {CLUSTER_FORM} for a Redis Cluster), "
            "with [user]:password@ before the host")
     split = _split_url(url)
-    if split is not None and split.scheme.lower() == "redis+cluster://":
-        _check_split(url, split, "Redis Cluster", source, multi_host=True)
+    multi_host_forms = {  # scheme -> (what it is, its parser, the parser's error, the form to quote)
+        "redis+cluster://": ("Redis Cluster", parse_cluster_url, ClusterURLError, CLUSTER_FORM),
+        "redis+sentinel://": ("Redis Sentinel", parse_sentinel_url, SentinelURLError, SENTINEL_FORM),
+    }
+    if split is not None and split.scheme.lower() in multi_host_forms:
+        what, parse, error, form = multi_host_forms[split.scheme.lower()]
+        _check_split(url, split, what, source, multi_host=True)
         try:
-            parse_cluster_url(url)
-        except ClusterURLError as exc:  # its message never quotes the userinfo
-            why = str(exc).split(". Expected ", 1)[0].removeprefix("not a valid Redis Cluster URL: ")
-            raise _invalid(url, "Redis Cluster", source, why, f"use {CLUSTER_FORM}") from None
-        return
-    if split is not None and split.scheme.lower() == "redis+sentinel://":
-        _check_split(url, split, "Redis Sentinel", source, multi_host=True)
-        try:
-            parse_sentinel_url(url)
-        except SentinelURLError as exc:  # its message never quotes the userinfo
-            why = str(exc).split(". Expected ", 1)[0].removeprefix("not a valid Redis Sentinel URL: ")
-            raise _invalid(url, "Redis Sentinel", source, why, f"use {SENTINEL_FORM}") from None
+            parse(url)
+        except error as exc:  # its message never quotes the userinfo
+            why = str(exc).split(". Expected ", 1)[0].removeprefix(f"not a valid {what} URL: ")
+            raise _invalid(url, what, source, why, f"use {form}") from None
         return
     if split is None or split.scheme.lower() not in ("redis://", "rediss://", "unix://"):
         raise _invalid(url, kind, source,
