@@ -28,7 +28,13 @@ from durability_pipelines.checkpoints.errors import (
     WrongTypeKeyError,
 )
 from durability_pipelines.checkpoints.factory import StoreConfig, open_store
-from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
+from durability_pipelines.checkpoints.keys import (
+    NO_SHARD,
+    CheckpointKey,
+    LeaseKey,
+    shard_from_tag,
+    shard_to_tag,
+)
 from durability_pipelines.checkpoints.ordering import (
     LATEST,
     SHARD_END,
@@ -45,9 +51,9 @@ from durability_pipelines.checkpoints.postgres_store import (
 )
 
 __all__ = [
-    "LATEST", "SHARD_END", "TRIM_HORIZON", "CheckpointKey", "CheckpointStore", "CheckpointTransaction",
+    "LATEST", "NO_SHARD", "SHARD_END", "TRIM_HORIZON", "CheckpointKey", "CheckpointStore", "CheckpointTransaction",
     "ConfigError", "DurabilityError", "HistoryEntry", "InvalidCheckpointKeyError", "InvalidSequenceError",
     "Lease", "LeaseKey", "LeaseLostError", "LeaseManager", "PostgresConnection", "SaveContext", "SaveOutcome", "SaveResult",
     "StoreConfig", "StoreUnavailableError", "TransactionalStore", "WrongTypeKeyError", "compare_sequences",
-    "connection_is_stale", "mask_conninfo", "normalize_sequence", "open_store", "sequence_gap", "sort_key",
+    "connection_is_stale", "mask_conninfo", "normalize_sequence", "open_store", "sequence_gap", "shard_from_tag", "shard_to_tag", "sort_key",
 ]

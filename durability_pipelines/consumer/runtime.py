@@ -37,6 +37,7 @@ from durability_pipelines.checkpoints import (
     mask_conninfo,
     open_store,
     sequence_gap,
+    shard_to_tag,
     sort_key,
 )
 from durability_pipelines.consumer.config import ConsumerConfig
@@ -273,7 +274,7 @@ class ConsumerRuntime:
         for secret in sorted(url_secrets(self.postgres_url), key=len, reverse=True):
             detail = detail.replace(secret, "***")
         return (
-            f"consumer {c.name} shard {read.shard or '-'}: the sink database ({target}) is unreachable or read-only "
+            f"consumer {c.name} shard {shard_to_tag(read.shard)}: the sink database ({target}) is unreachable or read-only "
             f"({type(exc).__name__}: {detail}); the batch's writes were rolled back and its "
             "checkpoint was not saved, so it is retried from the acked checkpoint (the op's RetryPolicy), never "
             "skipped. During a failover this clears once the standby is promoted, if DURABILITY_POSTGRES_URL names "
@@ -342,7 +343,7 @@ class ConsumerRuntime:
             payload=[e.to_json_dict() for e in events[:MAX_DEAD_LETTER_PAYLOAD]],
         )
         return BatchDeadLettered(
-            f"consumer {c.name} shard {shard or '-'}: its checkpoint {self.key(shard).redis_key} is unusable: {exc} "
+            f"consumer {c.name} shard {shard_to_tag(shard)}: its checkpoint {self.key(shard).redis_key} is unusable: {exc} "
             f"The shard is stopped (dead letter #{dl_id}); nothing was skipped. Fix the key as said, then run "
             f"`durability-pipelines dead-letters retry {dl_id}`.",
             dl_id,
