@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 import redis
 
+from durability_pipelines.checkpoints.keys import PROJECT_PREFIX
 from durability_pipelines.processes import ProcessGroup, group_members
 from durability_pipelines.redis_client import redis_client
 
@@ -124,7 +125,7 @@ class Chaos:
 
     def _redis_flush(self) -> str | None:
         with contextlib.closing(self._client()) as client:
-            keys = self._demo_keys(client) + list(client.scan_iter(match="durability:*", count=1000))
+            keys = self._demo_keys(client) + list(client.scan_iter(match=f"{PROJECT_PREFIX}:*", count=1000))
             if keys:
                 client.delete(*keys)
         return f"deleted {len(keys)} checkpoint/lease/history keys from Redis"

@@ -35,7 +35,7 @@ from psycopg import sql
 
 from durability_pipelines import services
 from durability_pipelines.chaos import Chaos
-from durability_pipelines.checkpoints.keys import SENSOR_CURSOR_PREFIX
+from durability_pipelines.checkpoints.keys import SENSOR_CURSOR_PREFIX, stream_key_patterns
 from durability_pipelines.processes import ProcessGroup
 from durability_pipelines.redis_client import redis_client
 
@@ -103,7 +103,7 @@ def _recreate_database(admin_url: str, name: str) -> str:
 def _clean_redis(url: str) -> None:
     """Remove the demo's keys only (the Redis may be shared)."""
     client = redis_client(url)
-    patterns = [f"checkpoint:*:{TABLE}*", f"durability:*:{TABLE}*"] + [
+    patterns = stream_key_patterns(TABLE) + [
         f"{SENSOR_CURSOR_PREFIX}:{p}_sensor" for p in PIPELINES]
     for pattern in patterns:
         keys = list(client.scan_iter(match=pattern, count=1000))
@@ -361,7 +361,7 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
                                          cwd=REPO).start()
                 replacing.clear()
 
-            injector = Chaos(redis_url, data_url, (DEMO_DB, DEMO_DAGSTER_DB), f"checkpoint:*:{TABLE}*",
+            injector = Chaos(redis_url, data_url, (DEMO_DB, DEMO_DAGSTER_DB), stream_key_patterns(TABLE)[0],
                              daemon_group=lambda: groups[0], replace_daemon=replace_daemon, seed=chaos_seed)
             injector.start()
             Progress.note("chaos: injecting faults at random (see docs/operations.md)")

@@ -22,6 +22,8 @@ from durability_pipelines.checkpoints.errors import InvalidCheckpointKeyError
 
 REDIS_PREFIX = "checkpoint"
 #: Our own Redis namespaces; they never match ``checkpoint:*``.
+#: Every key of the project's own lives under this prefix.
+PROJECT_PREFIX = "durability"
 LEASE_PREFIX = "durability:lease"
 HISTORY_PREFIX = "durability:history"
 HYBRID_STATE_PREFIX = "durability:hybrid"
@@ -47,6 +49,12 @@ def shard_to_tag(shard: str | None) -> str:
 def shard_from_tag(text: str | None) -> str | None:
     """Inverse of ``shard_to_tag``; '' (the run config's spelling before ``NO_SHARD``) is no shard too."""
     return None if text in (None, "", NO_SHARD) else text
+
+
+def stream_key_patterns(stream: str) -> list[str]:
+    """Redis glob patterns of every key that belongs to ``stream``: its shared checkpoints and the project's
+    own keys (leases, history, sentinels, flush state). For tools that reset a stream (the demo)."""
+    return [f"{REDIS_PREFIX}:*:{stream}*", f"{PROJECT_PREFIX}:*:{stream}*"]
 
 
 MAX_COMPONENT_LENGTH = 256
