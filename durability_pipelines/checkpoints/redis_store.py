@@ -253,7 +253,7 @@ class RedisCheckpointStore(CheckpointStore):
                     "or delete the key to fall back to Postgres (hybrid).",
                     key=key.redis_key,
                 ) from exc
-            if str(exc).startswith("WRONGTYPE"):
+            if "WRONGTYPE" in str(exc):  # Redis 7 starts with it; 6.2 says "Error running script ...: WRONGTYPE"
                 raise self._wrong_type(keys) from exc
             raise
         result = _OUTCOMES.get(outcome)
