@@ -266,13 +266,11 @@ class ConsumerRuntime:
         return failed
 
     def _sink_unavailable(self, read: ReadOutput, exc: BaseException) -> str:
-        from durability_pipelines.services import url_secrets
+        from durability_pipelines.services import scrub_secrets
 
         c = self.config
         target = mask_conninfo(self.postgres_url or "")
-        detail = str(exc).strip() or "no detail"
-        for secret in sorted(url_secrets(self.postgres_url), key=len, reverse=True):
-            detail = detail.replace(secret, "***")
+        detail = scrub_secrets(str(exc).strip(), self.postgres_url or "") or "no detail"
         return (
             f"consumer {c.name} shard {shard_to_tag(read.shard)}: the sink database ({target}) is unreachable or read-only "
             f"({type(exc).__name__}: {detail}); the batch's writes were rolled back and its "

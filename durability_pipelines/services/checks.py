@@ -13,9 +13,9 @@ from durability_pipelines.services.errors import (
 )
 from durability_pipelines.services.urls import (
     _origin,
-    _scrub,
     libpq_url,
     mask_url,
+    scrub_secrets,
     validate_postgres_url,
     validate_redis_url,
 )
@@ -67,7 +67,7 @@ def _of(origin: str | None) -> str:
 
 def _detail(exc: BaseException, url: str) -> str:
     """A driver's message, secrets removed, ending in exactly one full stop (or its own ``?``/``!``)."""
-    text = _scrub(str(exc).strip(), url).rstrip(".")
+    text = scrub_secrets(str(exc).strip(), url).rstrip(".")
     return text if text.endswith(("?", "!")) else f"{text}."
 
 

@@ -201,7 +201,7 @@ def validate_postgres_url(url: str, *, source: str | None = None) -> None:
     except (ProgrammingError, ValueError) as exc:
         # libpq quotes the offending token: after the checks above that is never the userinfo of a URL,
         # but in a key=value string it may be a password, so it is shown for URLs only.
-        why = f"libpq cannot parse it ({_scrub(str(exc).strip(), url)})" if split else "libpq cannot parse it"
+        why = f"libpq cannot parse it ({scrub_secrets(str(exc).strip(), url)})" if split else "libpq cannot parse it"
         fix = ("use postgresql://host:5432/database?sslmode=require, with user:password@ before the host; "
                f"{_ENCODE_HOW}")
         raise _invalid(url, kind, source, why, fix) from None
@@ -412,7 +412,7 @@ def with_redis_db(url: str, db: int) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{int(db)}"))
 
 
-def _scrub(text: str, url: str) -> str:
+def scrub_secrets(text: str, url: str) -> str:
     """Remove the URL's secrets from a driver's error text, in case the driver echoed them."""
     for secret in sorted(url_secrets(url), key=len, reverse=True):
         text = text.replace(secret, _MASK)
