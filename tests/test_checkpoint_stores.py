@@ -166,6 +166,83 @@ def test_renew_release_and_lost_renewal(store: CheckpointStore) -> None:
     assert any(lease.key == key.lease_key and lease.owner == "worker-b" for lease in store.leases.list())
 
 
+# -- graceful hand-off (KCL 3.x): the successor asks, the owner hands over after its checkpoint ------
+
+def test_a_successor_asks_and_the_owner_hands_over_with_a_takeover_epoch(store: CheckpointStore) -> None:
+    key = unique_key()
+    owner = store.leases.acquire(key.lease_key, "run-a", duration_s=30)
+    assert owner is not None
+    asked = store.leases.request_handoff(key.lease_key, "run-b", duration_s=30)
+    assert (asked.owner, asked.epoch, asked.requested_by) == ("run-a", owner.epoch, "run-b")
+    assert asked.requested_at is not None
+    seen = store.leases.get(key.lease_key)
+    assert seen is not None and seen.requested_by == "run-b"  # visible to every reader (leases list, sensor)
+    assert store.leases.renew(owner, duration_s=30).requested_by == "run-b"  # renewing keeps the request
+    assert store.save(key, "100", lease=owner).advanced  # the owner's last batch, then the hand-off
+    handed = store.leases.hand_over(owner, duration_s=30)
+    assert handed is not None
+    assert (handed.owner, handed.epoch, handed.requested_by, handed.handed_from) == (
+        "run-b", owner.epoch + 1, "", "run-a")
+    assert handed.handed_at is not None
+    with pytest.raises(LeaseLostError):  # the old owner is fenced at once
+        store.save(key, "200", lease=owner)
+    assert store.save(key, "200", lease=handed).advanced  # the successor writes under the new epoch
+    assert store.leases.hand_over(owner) is None  # a second hand-off by the old owner changes nothing
+    with pytest.raises(LeaseLostError):
+        store.leases.renew(owner)
+
+
+def test_only_one_successor_waits_and_exactly_one_gets_the_lease(store: CheckpointStore) -> None:
+    key = unique_key()
+    owner = store.leases.acquire(key.lease_key, "run-a", duration_s=30)
+    assert owner is not None
+    first = store.leases.request_handoff(key.lease_key, "run-b", duration_s=30)
+    second = store.leases.request_handoff(key.lease_key, "run-c", duration_s=30)
+    assert first.requested_by == second.requested_by == "run-b"  # run-c finds run-b waiting
+    handed = store.leases.hand_over(owner, duration_s=30)
+    assert handed is not None and handed.owner == "run-b"
+    late = store.leases.request_handoff(key.lease_key, "run-c", duration_s=30)
+    assert late.owner == "run-b" and late.requested_by == "run-c"  # run-c may ask the new owner next
+
+
+def test_a_hand_off_needs_a_request_and_the_lease_of_record(store: CheckpointStore) -> None:
+    key = unique_key()
+    owner = store.leases.acquire(key.lease_key, "run-a", duration_s=30)
+    assert owner is not None
+    assert store.leases.hand_over(owner) is None  # nobody asked: nothing changes
+    assert store.leases.get(key.lease_key).owner == "run-a"  # type: ignore[union-attr]
+    store.leases.request_handoff(key.lease_key, "run-b", duration_s=30)
+    withdrawn = store.leases.withdraw_request(key.lease_key, "run-b")  # the successor stopped waiting
+    assert withdrawn is not None and withdrawn.owner == "run-a" and withdrawn.requested_by == ""
+    assert store.leases.hand_over(owner) is None
+
+
+def test_a_request_takes_a_free_or_expired_lease_at_once(store: CheckpointStore) -> None:
+    key = unique_key()
+    taken = store.leases.request_handoff(key.lease_key, "run-b", duration_s=30)  # nobody holds it
+    assert taken.owner == "run-b" and taken.epoch >= 1
+    assert store.save(key, "100", lease=taken).advanced
+    short = store.leases.acquire(key.lease_key, "run-c", steal=True, duration_s=0.3)
+    assert short is not None
+    time.sleep(0.5)  # run-c froze past its lease: the waiting successor takes it by expiry
+    by_expiry = store.leases.request_handoff(key.lease_key, "run-d", duration_s=30)
+    assert (by_expiry.owner, by_expiry.epoch, by_expiry.handed_from) == ("run-d", short.epoch + 1, "")
+    with pytest.raises(LeaseLostError):
+        store.save(key, "200", lease=short)
+
+
+def test_a_successor_told_the_owner_died_is_handed_nothing_it_steals_as_before(store: CheckpointStore) -> None:
+    """A successor that finds the owner dead (its run finished) takes the lease the old way; the request
+    it left behind belongs to the old epoch and is dropped by the takeover."""
+    key = unique_key()
+    owner = store.leases.acquire(key.lease_key, "run-a", duration_s=30)
+    assert owner is not None
+    store.leases.request_handoff(key.lease_key, "run-b", duration_s=30)
+    stolen = store.leases.acquire(key.lease_key, "run-b", duration_s=30, steal=True)
+    assert stolen is not None and stolen.epoch == owner.epoch + 1 and stolen.requested_by == ""
+    assert store.leases.hand_over(owner) is None
+
+
 # -- backend specifics -------------------------------------------------------------------
 
 def test_redis_layout_ttl_and_foreign_writer(redis_url: str) -> None:

@@ -474,7 +474,7 @@ def test_dagster_yaml_loads_and_runs_against_postgres(
             assert instance.run_retries_enabled and instance.run_retries_max_retries == 3
             limits = instance.run_coordinator.get_run_queue_config().tag_concurrency_limits  # type: ignore[attr-defined]
             assert limits == [
-                {"key": "durability/shard", "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
+                {"key": "durability/shard", "value": {"applyLimitPerUniqueValue": True}, "limit": 2},
                 {"key": "durability/role", "value": "maintenance", "limit": 1},
             ]
             # Storing events exercises dagster-postgres' NOTIFY, which a bare postgresql:// URL breaks.

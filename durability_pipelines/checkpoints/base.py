@@ -53,6 +53,17 @@ class Lease:
     owner: str
     epoch: int
     expires_at: datetime | None = None
+    #: A graceful hand-off (KCL 3.x's): the worker waiting for this lease ('' = nobody), and when it last
+    #: asked. The owner hands over at its next batch boundary, after its checkpoint is saved.
+    requested_by: str = ""
+    requested_at: datetime | None = None
+    #: Who handed this lease to its owner, and when ('' / None: the owner took it, it was not handed over).
+    handed_from: str = ""
+    handed_at: datetime | None = None
+
+    def held_by(self, owner: str, now: datetime) -> bool:
+        """``owner`` holds it and it has not expired (by the clock of ``now``)."""
+        return self.owner == owner and self.expires_at is not None and self.expires_at > now
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,31 @@ class LeaseManager(abc.ABC):
     @abc.abstractmethod
     def release(self, lease: Lease) -> bool:
         """Give the lease up (next acquire is a takeover). False if not ours any more."""
+
+    @abc.abstractmethod
+    def request_handoff(self, key: LeaseKey, requester: str, duration_s: float = 60.0) -> Lease:
+        """Ask for the lease by graceful hand-off; returns the lease as it is after the call.
+
+        * free, expired or already ours: ``requester`` takes it, as ``acquire`` would (``owner == requester``);
+        * held by another worker: the request is recorded (``requested_by == requester``) unless another
+          worker's request is pending (asked less than ``duration_s`` ago), which is left in place: only one
+          successor waits per lease. Asking again refreshes the request; the owner sees it at its next
+          batch boundary and calls :meth:`hand_over`.
+        """
+
+    @abc.abstractmethod
+    def hand_over(self, lease: Lease, duration_s: float = 60.0) -> Lease | None:
+        """Give the lease to the worker that asked for it, in one step: owner = the requester, epoch + 1
+        (a takeover, so the old owner is fenced from here on), expiring in ``duration_s``. Returns the
+        successor's lease, or None if ``lease`` is not held any more or nobody asked (nothing changed).
+
+        Call it only after the last checkpoint is saved: from here on the old owner's saves are refused.
+        """
+
+    @abc.abstractmethod
+    def withdraw_request(self, key: LeaseKey, requester: str) -> Lease | None:
+        """Take back ``requester``'s pending request (a successor that stops waiting); returns the lease as
+        it is after the call, which may already be the requester's (it was handed over meanwhile)."""
 
     @abc.abstractmethod
     def get(self, key: LeaseKey) -> Lease | None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis
 
@@ -49,6 +50,8 @@ from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointSt
 from durability_pipelines.checkpoints.redis_io import WrongType
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
 from durability_pipelines.checkpoints.sentinels import is_sentinel
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,37 @@ class HybridLeaseManager(LeaseManager):
             except StoreUnavailableError as exc:
                 self._store._degrade(name, exc)
         return released
+
+    def _granting(self, what: str, key: LeaseKey, call: Callable[[], T]) -> T:
+        """Run a grant in Postgres; while it is down nothing is granted, and the error says so."""
+        try:
+            return call()
+        except StoreUnavailableError as exc:
+            self._store._degrade("postgres", exc)
+            raise StoreUnavailableError(
+                f"cannot {what} lease {key}: Postgres, which grants the hybrid store's leases, is unreachable "
+                f"({exc}). Nothing changed; the shard's current holder (if any) keeps it until it expires. "
+                "Retry when Postgres is back."
+            ) from exc
+
+    def request_handoff(self, key: LeaseKey, requester: str, duration_s: float = 60.0) -> Lease:
+        granted_at = time.monotonic()
+        lease = self._granting("ask for", key, lambda: self._pg.request_handoff(key, requester, duration_s))
+        if lease.owner == requester:
+            self._mirror(lease, duration_s, granted_at)
+        return lease
+
+    def hand_over(self, lease: Lease, duration_s: float = 60.0) -> Lease | None:
+        """Postgres hands the lease over (the old owner is fenced there at once); the successor's copy in
+        Redis, with the higher epoch, fences the old owner's Redis copy too."""
+        granted_at = time.monotonic()
+        successor = self._granting("hand over", lease.key, lambda: self._pg.hand_over(lease, duration_s))
+        if successor is not None:
+            self._mirror(successor, duration_s, granted_at)
+        return successor
+
+    def withdraw_request(self, key: LeaseKey, requester: str) -> Lease | None:
+        return self._granting("withdraw the request for", key, lambda: self._pg.withdraw_request(key, requester))
 
     def get(self, key: LeaseKey) -> Lease | None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from durability_pipelines.checkpoints.base import (
@@ -32,45 +33,93 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+@dataclass
+class _LeaseRow:
+    owner: str = ""
+    epoch: int = 0
+    expires: float = 0.0
+    requested_by: str = ""
+    requested_at: float = 0.0
+    handed_from: str = ""
+    handed_at: float = 0.0
+
+
+def _ts(seconds: float) -> datetime | None:
+    return datetime.fromtimestamp(seconds, timezone.utc) if seconds else None
+
+
 class MemoryLeaseManager(LeaseManager):
     def __init__(self, lock: threading.RLock) -> None:
         self._lock = lock
-        self._leases: dict[LeaseKey, tuple[str, int, float]] = {}
+        self._leases: dict[LeaseKey, _LeaseRow] = {}
+
+    def _lease(self, key: LeaseKey, row: _LeaseRow) -> Lease:
+        return Lease(key, row.owner, row.epoch, datetime.fromtimestamp(row.expires, timezone.utc),
+                     row.requested_by, _ts(row.requested_at), row.handed_from, _ts(row.handed_at))
+
+    def _take(self, key: LeaseKey, row: _LeaseRow, owner: str, now: float, duration_s: float) -> Lease:
+        """``owner`` takes the lease over (epoch + 1), or keeps it if it is already theirs and live."""
+        if not (row.owner == owner and row.expires > now):
+            self._leases[key] = row = _LeaseRow(owner, row.epoch + 1)
+        row.expires = now + duration_s
+        return self._lease(key, row)
 
     def acquire(self, key: LeaseKey, owner: str, duration_s: float = 60.0, *, steal: bool = False) -> Lease | None:
         with self._lock:
             now = time.time()
-            cur_owner, epoch, expires = self._leases.get(key, ("", 0, 0.0))
-            if cur_owner == owner and expires > now:
-                new_epoch = epoch
-            elif cur_owner == "" or expires <= now or steal:
-                new_epoch = epoch + 1
-            else:
-                return None
-            self._leases[key] = (owner, new_epoch, now + duration_s)
-            return Lease(key, owner, new_epoch, datetime.fromtimestamp(now + duration_s, timezone.utc))
+            row = self._leases.get(key, _LeaseRow())
+            if row.owner in ("", owner) or row.expires <= now or steal:
+                return self._take(key, row, owner, now, duration_s)
+            return None
 
     def renew(self, lease: Lease, duration_s: float = 60.0) -> Lease:
         with self._lock:
             self.check(lease)
-            expires = time.time() + duration_s
-            self._leases[lease.key] = (lease.owner, lease.epoch, expires)
-            return Lease(lease.key, lease.owner, lease.epoch, datetime.fromtimestamp(expires, timezone.utc))
+            row = self._leases[lease.key]
+            row.expires = time.time() + duration_s
+            return self._lease(lease.key, row)
 
     def release(self, lease: Lease) -> bool:
         with self._lock:
-            owner, epoch, _ = self._leases.get(lease.key, ("", 0, 0.0))
-            if (owner, epoch) != (lease.owner, lease.epoch):
+            row = self._leases.get(lease.key, _LeaseRow())
+            if (row.owner, row.epoch) != (lease.owner, lease.epoch):
                 return False
-            self._leases[lease.key] = ("", epoch, 0.0)
+            row.owner, row.expires = "", 0.0
             return True
+
+    def request_handoff(self, key: LeaseKey, requester: str, duration_s: float = 60.0) -> Lease:
+        with self._lock:
+            now = time.time()
+            row = self._leases.get(key, _LeaseRow())
+            if row.owner in ("", requester) or row.expires <= now:
+                return self._take(key, row, requester, now, duration_s)
+            if row.requested_by in ("", requester) or row.requested_at + duration_s <= now:
+                row.requested_by, row.requested_at = requester, now
+            return self._lease(key, row)
+
+    def hand_over(self, lease: Lease, duration_s: float = 60.0) -> Lease | None:
+        with self._lock:
+            row = self._leases.get(lease.key)
+            if row is None or (row.owner, row.epoch) != (lease.owner, lease.epoch) or not row.requested_by:
+                return None
+            now = time.time()
+            self._leases[lease.key] = row = _LeaseRow(row.requested_by, row.epoch + 1, now + duration_s,
+                                                      handed_from=lease.owner, handed_at=now)
+            return self._lease(lease.key, row)
+
+    def withdraw_request(self, key: LeaseKey, requester: str) -> Lease | None:
+        with self._lock:
+            row = self._leases.get(key)
+            if row is None:
+                return None
+            if row.requested_by == requester:
+                row.requested_by, row.requested_at = "", 0.0
+            return self._lease(key, row)
 
     def get(self, key: LeaseKey) -> Lease | None:
         with self._lock:
-            if key not in self._leases:
-                return None
-            owner, epoch, expires = self._leases[key]
-            return Lease(key, owner, epoch, datetime.fromtimestamp(expires, timezone.utc))
+            row = self._leases.get(key)
+            return None if row is None else self._lease(key, row)
 
     def list(self) -> list[Lease]:
         with self._lock:
@@ -78,9 +127,9 @@ class MemoryLeaseManager(LeaseManager):
 
     def check(self, lease: Lease, *, live: bool = False) -> None:
         """Owner and epoch match (and, with ``live``, the lease has not expired) or ``LeaseLostError``."""
-        owner, epoch, expires = self._leases.get(lease.key, ("", 0, 0.0))
-        if (owner, epoch) != (lease.owner, lease.epoch) or (live and expires <= time.time()):
-            raise lease_lost(lease, owner, epoch)
+        row = self._leases.get(lease.key, _LeaseRow())
+        if (row.owner, row.epoch) != (lease.owner, lease.epoch) or (live and row.expires <= time.time()):
+            raise lease_lost(lease, row.owner, row.epoch)
 
 
 class MemoryCheckpointStore(CheckpointStore):

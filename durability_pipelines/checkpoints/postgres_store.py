@@ -40,8 +40,8 @@ from durability_pipelines.checkpoints.sentinels import effective, is_sentinel
 SCHEMA_SQL = (resources.files("durability_pipelines.checkpoints") / "schema.sql").read_text()
 # 2: durability_sequence_rank became an inlinable SQL function; 3: leaner save function;
 # 4: a fenced save also needs an unexpired lease; durability_sequence_rank_or_null
-# 5: sentinels in checkpoint_sentinels, never in checkpoints (see sentinels.py)
-SCHEMA_VERSION = 5
+# 5: sentinels in checkpoint_sentinels, never in checkpoints (see sentinels.py); 6: lease hand-off columns
+SCHEMA_VERSION = 6
 _MIGRATION_LOCK = 72_190_311  # pg_advisory_xact_lock id: one migrator at a time
 
 _SAVE_SQL = "SELECT outcome, previous, lease_owner, lease_epoch FROM durability_save_checkpoint(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -67,7 +67,18 @@ SELECT (SELECT sequence FROM checkpoints WHERE {w}), (SELECT sentinel FROM check
 """
 _KEY_WHERE = "adapter = %s AND stream = %s AND grp = %s AND consumer = %s AND shard = %s"
 _LEASE_WHERE = "adapter = %s AND stream = %s AND grp = %s AND shard = %s"
-_LEASE_COLS = "adapter, stream, grp, shard, owner, epoch, expires_at"
+_LEASE_WHERE_NAMED = "adapter = %(adapter)s AND stream = %(stream)s AND grp = %(grp)s AND shard = %(shard)s"
+#: The update of a lease someone takes (acquire, or a request that finds it free): a takeover bumps the
+#: epoch and drops the old epoch's pending request and hand-off record; re-taking a live lease of ours keeps both.
+_TAKE_SET = """
+  epoch = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > NOW() THEN l.epoch ELSE l.epoch + 1 END,
+  requested_by = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > NOW() THEN l.requested_by ELSE '' END,
+  requested_at = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > NOW() THEN l.requested_at END,
+  handed_from = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > NOW() THEN l.handed_from ELSE '' END,
+  handed_at = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > NOW() THEN l.handed_at END,
+  owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, updated_at = NOW()"""
+_LEASE_COLS = ("adapter, stream, grp, shard, owner, epoch, expires_at, requested_by, requested_at, handed_from, "
+               "handed_at")
 
 
 def mask_conninfo(conninfo: str) -> str:
@@ -108,9 +119,14 @@ def _lease_params(key: LeaseKey) -> tuple[str, str, str, str]:
     return (key.adapter, key.stream, key.group, key.shard_column)
 
 
+def _lease_named(key: LeaseKey) -> dict[str, str]:
+    return dict(zip(("adapter", "stream", "grp", "shard"), _lease_params(key), strict=True))
+
+
 def _lease_from_row(row: Sequence[Any]) -> Lease:
-    adapter, stream, grp, shard, owner, epoch, expires = row
-    return Lease(LeaseKey(adapter, stream, grp, shard or None), owner, int(epoch), expires)
+    adapter, stream, grp, shard, owner, epoch, expires, requested_by, requested_at, handed_from, handed_at = row
+    return Lease(LeaseKey(adapter, stream, grp, shard or None), owner, int(epoch), expires,
+                 requested_by or "", requested_at, handed_from or "", handed_at)
 
 
 class PostgresConnection:
@@ -216,15 +232,56 @@ class PostgresLeaseManager(LeaseManager):
             row = conn.execute(
                 f"""INSERT INTO checkpoint_leases AS l (adapter, stream, grp, shard, owner, epoch, expires_at)
                 VALUES (%s, %s, %s, %s, %s, 1, NOW() + make_interval(secs => %s))
-                ON CONFLICT (adapter, stream, grp, shard) DO UPDATE SET
-                  epoch = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > NOW() THEN l.epoch
-                               ELSE l.epoch + 1 END,
-                  owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, updated_at = NOW()
+                ON CONFLICT (adapter, stream, grp, shard) DO UPDATE SET {_TAKE_SET}
                 WHERE l.owner = EXCLUDED.owner OR l.owner = '' OR l.expires_at <= NOW() OR %s
                 RETURNING {_LEASE_COLS}""",
                 (*_lease_params(key), owner, duration_s, steal),
             ).fetchone()
         return _lease_from_row(row) if row else None
+
+    def request_handoff(self, key: LeaseKey, requester: str, duration_s: float = 60.0) -> Lease:
+        with self._db.connection() as conn, conn.transaction():
+            # Free, expired or ours: take it, as acquire does.
+            row = conn.execute(
+                f"""INSERT INTO checkpoint_leases AS l (adapter, stream, grp, shard, owner, epoch, expires_at)
+                VALUES (%s, %s, %s, %s, %s, 1, NOW() + make_interval(secs => %s))
+                ON CONFLICT (adapter, stream, grp, shard) DO UPDATE SET {_TAKE_SET}
+                WHERE l.owner = EXCLUDED.owner OR l.owner = '' OR l.expires_at <= NOW()
+                RETURNING {_LEASE_COLS}""",
+                (*_lease_params(key), requester, duration_s),
+            ).fetchone()
+            if row is None:  # held by another worker: ask, unless another successor's request is pending
+                row = conn.execute(
+                    f"""UPDATE checkpoint_leases SET
+                      requested_by = CASE WHEN requested_by IN ('', %(me)s)
+                                            OR requested_at + make_interval(secs => %(dur)s) <= NOW()
+                                          THEN %(me)s ELSE requested_by END,
+                      requested_at = CASE WHEN requested_by IN ('', %(me)s)
+                                            OR requested_at + make_interval(secs => %(dur)s) <= NOW()
+                                          THEN NOW() ELSE requested_at END
+                    WHERE {_LEASE_WHERE_NAMED} RETURNING {_LEASE_COLS}""",
+                    {"me": requester, "dur": duration_s, **_lease_named(key)},
+                ).fetchone()
+        return _lease_from_row(row)
+
+    def hand_over(self, lease: Lease, duration_s: float = 60.0) -> Lease | None:
+        with self._db.connection() as conn:
+            row = conn.execute(
+                f"""UPDATE checkpoint_leases SET owner = requested_by, epoch = epoch + 1,
+                  expires_at = NOW() + make_interval(secs => %s), updated_at = NOW(),
+                  requested_by = '', requested_at = NULL, handed_from = owner, handed_at = NOW()
+                WHERE {_LEASE_WHERE} AND owner = %s AND epoch = %s AND requested_by <> ''
+                RETURNING {_LEASE_COLS}""",
+                (duration_s, *_lease_params(lease.key), lease.owner, lease.epoch),
+            ).fetchone()
+        return _lease_from_row(row) if row else None
+
+    def withdraw_request(self, key: LeaseKey, requester: str) -> Lease | None:
+        with self._db.connection() as conn:
+            conn.execute(
+                f"""UPDATE checkpoint_leases SET requested_by = '', requested_at = NULL
+                WHERE {_LEASE_WHERE} AND requested_by = %s""", (*_lease_params(key), requester))
+        return self.get(key)
 
     def renew(self, lease: Lease, duration_s: float = 60.0) -> Lease:
         with self._db.connection() as conn:

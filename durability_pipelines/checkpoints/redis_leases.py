@@ -25,6 +25,21 @@ REGISTER_COPY_LUA = (_SCRIPT_DIR / "register_lease_copy.lua").read_text()
 SET_COPY_LUA = (_SCRIPT_DIR / "set_lease_copy.lua").read_text()
 
 
+_FIELDS = ("owner", "epoch", "expires", "requested_by", "requested_at", "handed_from", "handed_at")
+
+
+def _ms(raw: object) -> datetime | None:
+    value = int(raw or 0)  # type: ignore[call-overload]
+    return datetime.fromtimestamp(value / 1000, timezone.utc) if value else None
+
+
+def _lease(key: LeaseKey, fields: list) -> Lease:
+    """A lease from ``lease.lua``'s reply (after ``ok``) or an HMGET of ``_FIELDS``."""
+    owner, epoch, expires, requested_by, requested_at, handed_from, handed_at = (list(fields) + [None] * 7)[:7]
+    return Lease(key, as_text(owner) or "", int(epoch or 0), _ms(expires) or datetime.fromtimestamp(0, timezone.utc),
+                 as_text(requested_by) or "", _ms(requested_at), as_text(handed_from) or "", _ms(handed_at))
+
+
 class RedisLeaseManager(LeaseManager):
     """Leases in ``durability:lease:...`` hashes (``lease.lua``).
 
@@ -55,9 +70,8 @@ class RedisLeaseManager(LeaseManager):
 
     def _call(self, key: LeaseKey, *args: object) -> tuple[bool, Lease]:
         with redis_errors(self._client):
-            ok, owner, epoch, expires = self._script(keys=[key.redis_key], args=list(args))
-        lease = Lease(key, as_text(owner) or "", int(epoch), datetime.fromtimestamp(int(expires) / 1000, timezone.utc))
-        return bool(ok), lease
+            ok, *fields = self._script(keys=[key.redis_key], args=list(args))
+        return bool(ok), _lease(key, fields)
 
     def _fence_copies(self, lease: Lease, left_ms: int) -> None:
         """Redis Cluster: make every registered copy of ``lease.key`` say what the lease says now."""
@@ -107,12 +121,30 @@ class RedisLeaseManager(LeaseManager):
         _, now = self._call(key, "revoke", "", 0, 0)
         self._fence_copies(now, 0)
 
+    def request_handoff(self, key: LeaseKey, requester: str, duration_s: float = 60.0) -> Lease:
+        _, lease = self._call(key, "request", requester, int(duration_s * 1000), 0)
+        if lease.owner == requester:
+            self._fence_copies(lease, int(duration_s * 1000))  # taken (as acquire): the copies say so first
+        return lease
+
+    def hand_over(self, lease: Lease, duration_s: float = 60.0) -> Lease | None:
+        ok, now = self._call(lease.key, "handover", lease.owner, int(duration_s * 1000), lease.epoch)
+        if not ok:
+            return None
+        self._fence_copies(now, int(duration_s * 1000))
+        return now
+
+    def withdraw_request(self, key: LeaseKey, requester: str) -> Lease | None:
+        if self.get(key) is None:
+            return None
+        return self._call(key, "withdraw", requester, 0, 0)[1]
+
     def get(self, key: LeaseKey) -> Lease | None:
         with redis_errors(self._client):
-            owner, epoch, expires = self._client.hmget(key.redis_key, "owner", "epoch", "expires")
-        if epoch is None:
+            fields = self._client.hmget(key.redis_key, *_FIELDS)
+        if fields[1] is None:
             return None
-        return Lease(key, as_text(owner) or "", int(epoch), datetime.fromtimestamp(int(expires) / 1000, timezone.utc))
+        return _lease(key, fields)
 
     def list(self) -> list[Lease]:
         from durability_pipelines.checkpoints.keys import LEASE_PREFIX

@@ -27,6 +27,12 @@ CREATE TABLE IF NOT EXISTS checkpoint_leases (
   expires_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
   updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
   PRIMARY KEY (adapter, stream, grp, shard));
+-- v6: graceful hand-off (KCL 3.x): the successor waiting for the lease, and who handed it to its owner.
+ALTER TABLE checkpoint_leases
+  ADD COLUMN IF NOT EXISTS requested_by TEXT NOT NULL DEFAULT '',
+  ADD COLUMN IF NOT EXISTS requested_at TIMESTAMPTZ,
+  ADD COLUMN IF NOT EXISTS handed_from TEXT NOT NULL DEFAULT '',
+  ADD COLUMN IF NOT EXISTS handed_at TIMESTAMPTZ;
 
 CREATE TABLE IF NOT EXISTS durability_schema_version (
   component TEXT PRIMARY KEY, version INT NOT NULL,

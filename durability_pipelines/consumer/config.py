@@ -202,11 +202,14 @@ class ConsumerConfig(_Strict):
         "MaximumBatchingWindowInSeconds); 0 = hand over what one read returns",
     )
     max_batches_per_run: int = Field(
-        default=500, ge=1, le=100_000, description="a run drains at most this many batches, then ends",
+        default=1_000_000, ge=1, le=10_000_000,
+        description="a run drains at most this many batches, then hands its shard over (a bound for tests and "
+        "for handlers that leak; max_run_seconds is the budget that matters)",
     )
     max_run_seconds: float = Field(
-        default=60.0, gt=0, le=3600,
-        description="a run starts no new batch after this long (it finishes the one in hand), then ends",
+        default=600.0, gt=0, le=3600,
+        description="a run's budget: the sensor starts its successor successor_lead_s before it ends, and the run "
+        "hands its shard over to it after the batch in hand (docs/performance.md says why 10 minutes)",
     )
     max_idle_s: float = Field(
         default=5.0, ge=0, le=600,
@@ -214,7 +217,11 @@ class ConsumerConfig(_Strict):
     )
     retry: RetryConfig = Field(default_factory=RetryConfig)
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
-    sensor_interval_s: int = Field(default=5, ge=1, le=3600)
+    sensor_interval_s: int = Field(
+        default=4, ge=1, le=3600,
+        description="the sensor's minimum interval. The sensor daemon wakes every 5 s: below 5 every wake-up "
+        "ticks (a steady 5 s); exactly 5 or 10 alternates between two cadences (5/10 s, 10/15 s)",
+    )
     sensor_running_by_default: bool = True
     lease_duration_s: float = Field(
         default=120, gt=0,
@@ -226,6 +233,23 @@ class ConsumerConfig(_Strict):
         default=300.0, gt=0,
         description="the lag objective: the sink's check lag_within_objective fails while a shard's oldest "
         "unprocessed record is older than this (seconds)",
+    )
+    successor_lead_s: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="graceful hand-off: the sensor starts a shard's next run this long before the current "
+        "run's max_run_seconds, so that it has started and opened its clients when it asks for the shard "
+        "(run start + one sensor interval; more on a run launcher that starts pods or containers)",
+    )
+    handoff_timeout_s: float = Field(
+        default=60.0, ge=1, le=3600,
+        description="graceful hand-off: a run past its budget reads on this long while it waits for its "
+        "successor to ask for the shard; a successor waits this long for a live owner to hand over",
+    )
+    keep_owned: bool = Field(
+        default=False,
+        description="never end a run because its stream is quiet (max_idle_s is ignored): every shard is "
+        "always owned by a run, handed from run to run, so the first event after a quiet period is read within "
+        "a poll interval; costs one run process per shard at all times",
     )
 
     @field_validator("name")

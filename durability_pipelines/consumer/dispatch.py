@@ -10,12 +10,17 @@ submitted).  Each tick reconciles them:
 * a run that failed (or never launched) is re-dispatched from the acked
   checkpoint with the next attempt number — Dagster blocks a failed run's key
   forever, so without the suffix the batch would be silently skipped;
-* a shard with an open dead letter is not dispatched (policy ``stop``).
+* a shard with an open dead letter is not dispatched (policy ``stop``);
+* graceful hand-off: once an in-flight run is due to be replaced (``successor_due``: its budget ends
+  soon), a *successor* run is dispatched beside it; it asks for the shard's lease and the owner hands
+  it over after its batch (``consumer/handoff.py``). When the owner ends, the successor becomes the
+  shard's run of record. At most two runs per shard are in flight: the owner and one successor.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -41,6 +46,7 @@ class ShardCursor:
     run_key: str | None = None
     attempt: int = 0
     backlog: bool = False  # the last tick saw unread data (or a run in flight): used by the stale check
+    successor_key: str | None = None  # run dispatched to take the shard over from run_key by hand-off
 
 
 @dataclass
@@ -120,12 +126,23 @@ def make_run_key(consumer: str, shard: str | None, start_after: str | None, atte
     return f"{consumer}:{shard_id(shard)}:{start_after or 'INITIAL'}:a{attempt}"
 
 
+def make_successor_key(consumer: str, shard: str | None, start_after: str | None, owner_key: str, n: int) -> str:
+    """The run key of the ``n``-th successor dispatched for the run ``owner_key``: unique per owner (a digest
+    of its key, so that a chain of hand-offs does not grow the keys) and per try."""
+    return f"{make_run_key(consumer, shard, start_after, 0).rsplit(':', 1)[0]}:from-{_digest(owner_key)}:{n}"
+
+
+def _digest(run_key: str) -> str:
+    return hashlib.sha1(run_key.encode()).hexdigest()[:10]
+
+
 @dataclass(frozen=True)
 class Dispatch:
     shard: str | None
     start_after: str | None
     run_key: str
     attempt: int
+    successor_of: str | None = None  # the run key of the run this one takes the shard over from
 
 
 @dataclass
@@ -145,6 +162,7 @@ def plan_tick(
     run_state: Callable[[str, str | None], RunState],
     blocked: set[str],
     max_dispatches: int = 100,
+    successor_due: Callable[[str, str | None], bool] = lambda run_key, shard: False,
 ) -> TickPlan:
     new = SensorCursor(shards=dict(cursor.shards), stream_identity=cursor.stream_identity)
     dispatches: list[Dispatch] = []
@@ -156,9 +174,26 @@ def plan_tick(
         attempt = sc.attempt
         if sc.run_key:
             state = run_state(sc.run_key, shard)
+            successor = run_state(sc.successor_key, shard) if sc.successor_key else None
             if state is RunState.IN_PROGRESS:
-                skipped[sid] = f"run {sc.run_key} in flight"
-                new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, backlog=True)
+                if successor is RunState.IN_PROGRESS:
+                    skipped[sid] = f"run {sc.run_key} in flight; {sc.successor_key} waiting to take over"
+                    new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, sc.successor_key)
+                    continue
+                if (shard or "") not in blocked and len(dispatches) < max_dispatches and successor_due(
+                        sc.run_key, shard):
+                    key = make_successor_key(consumer, shard, start, sc.run_key, _successor_number(sc))
+                    dispatches.append(Dispatch(shard, start, key, sc.attempt, successor_of=sc.run_key))
+                    skipped[sid] = f"run {sc.run_key} in flight; dispatched {key} to take over by hand-off"
+                    new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, key)
+                else:
+                    skipped[sid] = f"run {sc.run_key} in flight"
+                    new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, sc.successor_key)
+                continue
+            if successor is RunState.IN_PROGRESS:
+                # The owner ended (handed over, or died): its successor is the shard's run now.
+                skipped[sid] = f"run {sc.successor_key} took over from {sc.run_key}"
+                new.shards[sid] = ShardCursor(start, sc.successor_key, 0, backlog=True)
                 continue
             # A new start position gets a fresh key; the same one needs the next attempt number
             # (Dagster never re-launches a run key it has seen).
@@ -183,3 +218,11 @@ def plan_tick(
         dispatches.append(Dispatch(shard, start, key, attempt))
         new.shards[sid] = ShardCursor(dispatched=start, run_key=key, attempt=attempt, backlog=True)
     return TickPlan(new, dispatches, skipped)
+
+
+def _successor_number(sc: ShardCursor) -> int:
+    """The next successor's number for this owner: one more than the last one dispatched for it."""
+    mark = f":from-{_digest(sc.run_key or '')}:"
+    if sc.successor_key and mark in sc.successor_key:
+        return int(sc.successor_key.rsplit(":", 1)[1]) + 1
+    return 0

@@ -11,8 +11,16 @@ for each batch:
   dead-lettered by the consumer's policy (``stop`` ends the run, ``bisect`` goes on);
 * while a full batch is processed the next one is read ahead (``ReadAhead``), so the stream's latency
   overlaps the handler's; a batch read ahead is dropped if the checkpoint did not end where it starts;
-* the run ends when the shard is caught up (after ``max_idle_s`` of polling), its shard ended, a
-  budget is used (``max_batches_per_run``, ``max_run_seconds``), a batch failed, or the lease was lost.
+* it polls like Lambda and KCL: after a batch with records it reads again at once, and sleeps a poll
+  interval only after an empty read;
+* a run hands its shard over gracefully (``consumer/handoff.py``): when a successor asks for the lease,
+  the owner finishes the batch in hand, saves its checkpoint (hybrid: in Postgres too) and hands the
+  lease over, and the successor reads on at once. A run whose budget is used (``max_batches_per_run``,
+  ``max_run_seconds``) reads on for up to ``handoff_timeout_s`` more while it waits for its successor,
+  so the shard is never left unread on a planned end;
+* the run ends when its shard is handed over, the shard is caught up (after ``max_idle_s`` of polling;
+  never with ``keep_owned``), its shard ended, the budget and the wait for a successor are used, a batch
+  failed, or the lease was lost.
 
 Each batch leaves a :class:`BatchRecord` (handed to ``on_batch``: the Dagster op logs it); the
 :class:`DrainReport` sums them. No Dagster import.
@@ -23,10 +31,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from durability_pipelines.checkpoints import (
@@ -37,9 +47,11 @@ from durability_pipelines.checkpoints import (
     SaveResult,
     StoreUnavailableError,
 )
+from durability_pipelines.checkpoints.errors import lease_lost
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.dispatch import shard_id
 from durability_pipelines.consumer.filters import count_filtered
+from durability_pipelines.consumer.handoff import Claim, claim_shard
 from durability_pipelines.consumer.runtime import (
     BatchDeadLettered,
     ConsumerRuntime,
@@ -55,9 +67,13 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.25
 #: Longest wait between two attempts of a failing batch.
 MAX_RETRY_DELAY_S = 60.0
+#: Batch records a run keeps (its event log has every one; the op's metadata shows the newest 200).
+KEPT_BATCHES = 1000
 
 
 class StopReason(str, enum.Enum):
+    HANDED_OVER = "handed over"
+    NOT_GRANTED = "hand-off not granted"
     CAUGHT_UP = "caught up"
     SHARD_ENDED = "shard ended"
     BATCH_BUDGET = "max_batches_per_run reached"
@@ -70,13 +86,19 @@ class DrainBudget:
 
     max_batches: int
     max_seconds: float
-    max_idle_s: float
+    max_idle_s: float  # math.inf: never end because the stream is quiet (keep_owned)
     batch_window_s: float = 0.0
     poll_interval_s: float = POLL_INTERVAL_S
+    #: Once the budget is used, read on this long while waiting for a successor to ask (0: end at once).
+    handoff_wait_s: float = 0.0
+    #: A successor waits this long for a live, renewing owner to hand over before it gives up.
+    handoff_timeout_s: float = 60.0
 
     @classmethod
     def from_config(cls, config: ConsumerConfig) -> DrainBudget:
-        return cls(config.max_batches_per_run, config.max_run_seconds, config.max_idle_s, config.batch_window_s)
+        return cls(config.max_batches_per_run, config.max_run_seconds,
+                   math.inf if config.keep_owned else config.max_idle_s, config.batch_window_s,
+                   handoff_wait_s=config.handoff_timeout_s, handoff_timeout_s=config.handoff_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -132,22 +154,39 @@ class DrainReport:
     start_after: str | None = None
     checkpoint: str | None = None
     lease_epoch: int | None = None
+    #: The newest ``KEPT_BATCHES`` batch records (a long run keeps its memory flat); the totals cover them all.
     batches: list[BatchRecord] = field(default_factory=list)
+    batch_count: int = 0
+    events: int = 0
+    processed: int = 0
+    failed: int = 0
+    filtered: int = 0
+    retried_batches: int = 0
+    dead_letters: int = 0
     stop_reason: StopReason | None = None
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    #: How the run took its shard (``consumer/handoff.py``), and from whom by hand-off.
+    claimed: str = ""
+    handed_from: str = ""
+    handoff_waited_s: float | None = None  # asking -> holding the lease
+    handoff_gap_s: float | None = None  # the hand-off -> this run's first read (wall clocks)
+    #: The run that took the shard over by hand-off, and how long after this run's last read it did.
+    handed_to: str = ""
+    handoff_after_last_read_s: float | None = None
+    not_granted: str = ""
 
-    @property
-    def events(self) -> int:
-        return sum(b.events for b in self.batches)
-
-    @property
-    def processed(self) -> int:
-        return sum(b.processed for b in self.batches)
-
-    @property
-    def failed(self) -> int:
-        return sum(b.failed for b in self.batches)
+    def add(self, record: BatchRecord) -> None:
+        self.batch_count += 1
+        self.events += record.events
+        self.processed += record.processed
+        self.failed += record.failed
+        self.filtered += record.filtered
+        self.retried_batches += record.attempts > 1
+        self.dead_letters += len(record.dead_letter_ids)
+        self.batches.append(record)
+        if len(self.batches) > KEPT_BATCHES:
+            del self.batches[: len(self.batches) - KEPT_BATCHES]
 
     @property
     def duration_s(self) -> float:
@@ -175,21 +214,32 @@ class DrainReport:
             "consumer": self.consumer,
             "shard": shard_id(self.shard),
             "stop_reason": self.stop_reason.value if self.stop_reason else "failed",
-            "batches": len(self.batches),
+            "batches": self.batch_count,
             "events": self.events,
             "processed": self.processed,
             "failed_items": self.failed,
-            "events_filtered": sum(b.filtered for b in self.batches),
+            "events_filtered": self.filtered,
             "events_per_s": self.events_per_s,
             "duration_s": round(self.duration_s, 3),
             "start_after": self.start_after or "(initial position)",
             "checkpoint": self.checkpoint or "",
             "lag_seconds": last.lag_s if last and last.lag_s is not None else 0.0,
             "records_behind": self.behind if self.behind is not None else -1,
-            "retried_batches": sum(1 for b in self.batches if b.attempts > 1),
-            "dead_letters": sum(len(b.dead_letter_ids) for b in self.batches),
+            "retried_batches": self.retried_batches,
+            "dead_letters": self.dead_letters,
             "lease_epoch": self.lease_epoch or 0,
+            "claimed": self.claimed,
+            "handed_from": self.handed_from,
+            "handed_to": self.handed_to,
+            # the shard unread across a hand-off = the owner's part + the successor's part (-1: no hand-off)
+            "handoff_after_last_read_s": _rounded(self.handoff_after_last_read_s),
+            "handoff_gap_s": _rounded(self.handoff_gap_s),
+            "handoff_waited_s": _rounded(self.handoff_waited_s),
         }
+
+
+def _rounded(value: float | None) -> float:
+    return -1.0 if value is None else round(value, 3)
 
 
 class ReadAhead:
@@ -235,6 +285,7 @@ class ShardDrainer:
     """Drains one shard for one run. ``report`` is readable after ``run()`` returns or raises."""
 
     def __init__(self, runtime: ConsumerRuntime, shard: str | None, run_id: str, budget: DrainBudget, *,
+                 on_start: Callable[[DrainReport], None] | None = None,
                  on_batch: Callable[[BatchRecord], None] | None = None,
                  on_retry: Callable[[int, BaseException, float], None] | None = None,
                  prefetch: bool = True,
@@ -243,6 +294,7 @@ class ShardDrainer:
         self.shard = shard
         self.run_id = run_id
         self.budget = budget
+        self.on_start = on_start
         self.on_batch = on_batch
         self.on_retry = on_retry
         self.prefetch = prefetch
@@ -254,12 +306,20 @@ class ShardDrainer:
         self.report = DrainReport(runtime.config.name, shard, run_id)
         self._lease: Lease | None = None
         self._renewed_at = 0.0
+        self._overtime_since: float | None = None  # when the budget was used (the wait for a successor began)
+        self._last_read_at: float | None = None
+        self._handed_at: datetime | None = None  # when the lease was handed to this run (the store's clock)
 
     # -- the loop --------------------------------------------------------------------
     def run(self) -> DrainReport:
         rt, report = self.rt, self.report
         report.started = self.clock()
-        self._lease = rt.acquire_lease(self.shard, self.run_id)
+        claim = self._claim()
+        if claim.lease is None:
+            report.stop_reason, report.not_granted = StopReason.NOT_GRANTED, claim.why_not
+            report.ended = self.clock()
+            return report
+        self._lease = claim.lease
         self._renewed_at = self.clock()
         report.lease_epoch = self._lease.epoch
         ahead = ReadAhead(self._read) if self.prefetch else None
@@ -269,15 +329,19 @@ class ShardDrainer:
             except InvalidSequenceError as exc:  # garbage or a key of another type, no other store to fall back on
                 raise rt.unreadable_checkpoint(self.shard, exc, self.run_id) from exc
             report.start_after = report.checkpoint = acked
+            if self.on_start is not None:
+                self.on_start(report)
             idle_since: float | None = None
             while True:
+                if self._successor_asked() and self._hand_over():
+                    break
                 stop = self._budget_used()
                 if stop is not None:
                     report.stop_reason = stop
                     break
                 self._renew_if_due()
                 read = ahead.take(acked) if ahead is not None else None
-                read = read or self._read(acked)
+                read = read or self._timed_read(acked)
                 batch = read.batch
                 if not batch.events and batch.next_checkpoint is None and batch.gap is None:
                     # Nothing new: poll until max_idle_s has passed without a record.
@@ -295,7 +359,7 @@ class ShardDrainer:
                 moved = record.checkpoint != acked
                 acked = record.checkpoint
                 report.checkpoint = acked
-                report.batches.append(record)
+                report.add(record)
                 if self.on_batch is not None:
                     self.on_batch(record)
                 if batch.shard_ended:
@@ -305,12 +369,10 @@ class ShardDrainer:
                     # Trimmed data skipped with nothing after it yet: polling would record the gap again.
                     report.stop_reason = StopReason.CAUGHT_UP
                     break
-                if not full:
-                    # Caught up for now: end, or wait a poll interval before asking again.
-                    if self.budget.max_idle_s <= 0:
-                        report.stop_reason = StopReason.CAUGHT_UP
-                        break
-                    self.sleep(self.budget.poll_interval_s)
+                if not full and self.budget.max_idle_s <= 0:
+                    report.stop_reason = StopReason.CAUGHT_UP
+                    break
+                # Records came: read again at once (Lambda and KCL do); only an empty read waits.
         finally:
             if ahead is not None:
                 ahead.close()
@@ -318,16 +380,82 @@ class ShardDrainer:
             self._release()
         return report
 
+    def _claim(self) -> Claim:
+        rt = self.rt
+        claim = claim_shard(
+            rt.store.leases, rt.key(self.shard).lease_key, self.run_id, duration_s=rt.config.lease_duration_s,
+            timeout_s=self.budget.handoff_timeout_s, is_owner_dead=rt.is_owner_dead, sleep=self.sleep,
+            clock=self.clock)
+        report = self.report
+        report.claimed, report.handoff_waited_s = claim.how, round(claim.waited_s, 3)
+        if claim.how == "handed over" and claim.lease is not None:
+            report.handed_from = claim.lease.handed_from
+            self._handed_at = claim.lease.handed_at
+        return claim
+
+    def _timed_read(self, acked: str | None) -> ReadOutput:
+        started_wall, self._last_read_at = time.time(), self.clock()
+        if self._handed_at is not None and self.report.handoff_gap_s is None:
+            self.report.handoff_gap_s = max(0.0, started_wall - self._handed_at.timestamp())
+        return self._read(acked)
+
     def _another_batch_fits(self) -> bool:
-        return (len(self.report.batches) + 1 < self.budget.max_batches
+        if self._overtime_since is not None:
+            return True  # past the budget, every batch may be the last: the successor decides
+        return (self.report.batch_count + 1 < self.budget.max_batches
                 and self.clock() - self.report.started < self.budget.max_seconds)
 
     def _budget_used(self) -> StopReason | None:
-        if len(self.report.batches) >= self.budget.max_batches:
-            return StopReason.BATCH_BUDGET
-        if self.clock() - self.report.started >= self.budget.max_seconds:
-            return StopReason.TIME_BUDGET
-        return None
+        """The budget's stop reason once it is used *and* the wait for a successor is over."""
+        if self.report.batch_count >= self.budget.max_batches:
+            reason = StopReason.BATCH_BUDGET
+        elif self.clock() - self.report.started >= self.budget.max_seconds:
+            reason = StopReason.TIME_BUDGET
+        else:
+            return None
+        now = self.clock()
+        if self._overtime_since is None:
+            self._overtime_since = now
+            if self.budget.handoff_wait_s > 0:
+                log.info("consumer %s shard %s: %s; reading on for up to %.0f s until a successor asks for the "
+                         "shard", self.rt.config.name, shard_id(self.shard), reason.value, self.budget.handoff_wait_s)
+        return reason if now - self._overtime_since >= self.budget.handoff_wait_s else None
+
+    # -- graceful hand-off (the owner's side) ---------------------------------------------
+    def _successor_asked(self) -> bool:
+        """One read of the lease per batch: has a successor asked? (Also: is the lease still ours?)"""
+        if self._lease is None:
+            return False
+        try:
+            now = self.rt.store.leases.get(self._lease.key)
+        except StoreUnavailableError:
+            return False  # asked again at the next batch; the save says whether the lease still holds
+        if now is None or (now.owner, now.epoch) != (self._lease.owner, self._lease.epoch):
+            lost = lease_lost(self._lease, now.owner if now else None, now.epoch if now else None)
+            self._lease = None  # not ours to release any more
+            raise lost
+        return bool(now.requested_by)
+
+    def _hand_over(self) -> bool:
+        """Make the checkpoint durable, then give the lease to the successor that asked (True), or keep
+        reading if the request was withdrawn meanwhile (False)."""
+        assert self._lease is not None
+        rt = self.rt
+        try:
+            rt.store.flush()  # hybrid: the successor must not depend on this process's buffer
+        except StoreUnavailableError as exc:  # Redis holds every ack; the mirror carries it to Postgres
+            log.warning("consumer %s shard %s: could not flush the checkpoint to Postgres before the hand-off "
+                        "(%s); it is in Redis, where the successor reads it first", rt.config.name,
+                        shard_id(self.shard), exc)
+        successor = rt.store.leases.hand_over(self._lease, rt.config.lease_duration_s)
+        if successor is None:
+            return False
+        last_read = self._last_read_at
+        self.report.handoff_after_last_read_s = None if last_read is None else self.clock() - last_read
+        self.report.handed_to = successor.owner
+        self.report.stop_reason = StopReason.HANDED_OVER
+        self._lease = None  # the successor's now: nothing to release
+        return True
 
     # -- lease -----------------------------------------------------------------------
     def _renew_if_due(self) -> None:
@@ -391,7 +519,7 @@ class ShardDrainer:
         failed = set(processed.failed)
         acked_events = [e for e in batch.events if e.sequence not in failed]
         return BatchRecord(
-            index=len(self.report.batches) + 1, shard=self.shard, start_after=batch.start_after,
+            index=self.report.batch_count + 1, shard=self.shard, start_after=batch.start_after,
             first_sequence=batch.events[0].sequence if batch.events else None,
             last_sequence=batch.newest_sequence, events=len(batch.events), processed=processed.processed,
             failed=len(processed.failed), attempts=processed.attempts,

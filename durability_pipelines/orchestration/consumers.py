@@ -65,7 +65,7 @@ from durability_pipelines.consumer.dispatch import (
     plan_tick,
     shard_id,
 )
-from durability_pipelines.consumer.drain import DrainBudget, DrainReport, ShardDrainer
+from durability_pipelines.consumer.drain import DrainBudget, DrainReport, ShardDrainer, StopReason
 from durability_pipelines.consumer.handlers import describe_sink, load_handler
 from durability_pipelines.consumer.lag import measure_lag
 from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, ShardBusyError
@@ -82,6 +82,8 @@ from durability_pipelines.sources.supabase_changes import ChangeFeedUnavailableE
 
 SHARD_TAG = "durability/shard"
 CONSUMER_TAG = "durability/consumer"
+#: On a successor run: the run key of the run it takes the shard over from by graceful hand-off.
+SUCCESSOR_OF_TAG = "durability/successor_of"
 STREAMS_GROUP = "streams"
 CONSUMERS_GROUP = "consumers"
 LAG_CHECK = "lag_within_objective"
@@ -105,6 +107,26 @@ def _run_finished(context: OpExecutionContext):
         return run is not None and run.is_finished
 
     return is_dead
+
+
+def describe_claim(report: DrainReport) -> str:
+    """The run's first log line about its shard: how it got it (by hand-off: from whom, at which checkpoint)."""
+    sid, at = shard_id(report.shard), report.start_after or "(initial position)"
+    waited = f" after waiting {report.handoff_waited_s:.3f} s" if report.handoff_waited_s else ""
+    if report.claimed == "handed over":
+        return (f"took shard {sid} over from run {report.handed_from} by graceful hand-off{waited}, at checkpoint "
+                f"{at} (lease epoch {report.lease_epoch})")
+    how = {"free": "took the free lease", "released or expired": "took the lease its last holder released or "
+           "let expire", "owner dead": "took the lease from a run that is no longer running"}.get(
+        report.claimed, report.claimed)
+    return f"shard {sid}: {how}{waited}; reading from checkpoint {at} (lease epoch {report.lease_epoch})"
+
+
+def describe_hand_over(report: DrainReport) -> str:
+    after = report.handoff_after_last_read_s
+    return (f"handed shard {shard_id(report.shard)} over to run {report.handed_to} at checkpoint {report.checkpoint} "
+            f"(lease epoch {(report.lease_epoch or 0) + 1})"
+            + (f", {after:.3f} s after this run's last read" if after is not None else ""))
 
 
 def _report_metadata(report: DrainReport) -> dict:
@@ -164,6 +186,7 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
     rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
     drainer = ShardDrainer(
         rt, shard, context.run_id, DrainBudget.from_config(cfg),
+        on_start=lambda report: context.log.info(describe_claim(report)),
         on_batch=lambda record: context.log.info(record.describe()),
         on_retry=lambda attempt, exc, delay: context.log.warning(
             f"batch attempt {attempt} failed ({type(exc).__name__}: {exc}); retrying in {delay:.2f} s"),
@@ -185,9 +208,15 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
     finally:
         rt.close()
     checkpoint_key = rt.key(report.shard).redis_key
+    if report.stop_reason is StopReason.NOT_GRANTED:
+        context.log.info(f"shard {shard_id(shard)} not taken: {report.not_granted}")
+        context.add_output_metadata({**_report_metadata(report), "checkpoint_key": checkpoint_key})
+        return
     context.log.info(
-        f"drained {report.events} events in {len(report.batches)} batches ({report.events_per_s} events/s); "
+        f"drained {report.events} events in {report.batch_count} batches ({report.events_per_s} events/s); "
         f"stopped: {report.stop_reason.value if report.stop_reason else '?'}; checkpoint {report.checkpoint}")
+    if report.handed_to:
+        context.log.info(describe_hand_over(report))
     context.log_event(sink_event(cfg, report, checkpoint_key))
     context.add_output_metadata({**_report_metadata(report), "backend": cfg.checkpoint.backend,
                                  "checkpoint_key": checkpoint_key, **rt.metrics.summary()})
@@ -218,12 +247,31 @@ def build_consumer_job(cfg: ConsumerConfig) -> JobDefinition:
     return _consumer_job
 
 
+def run_budget_s(cfg: ConsumerConfig) -> float:
+    """The longest a live run executes: a successor's wait for the hand-off, its budget, the wait for its
+    own successor past the budget, and the idle polling of a caught-up run."""
+    return cfg.max_run_seconds + 2 * cfg.handoff_timeout_s + (0.0 if cfg.keep_owned else cfg.max_idle_s)
+
+
+def _run_record(context: SensorEvaluationContext, run_key: str, seen: dict):
+    if run_key not in seen:
+        records = context.instance.get_run_records(filters=RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
+        seen[run_key] = records[0] if records else None
+    return seen[run_key]
+
+
+def _successor_due(context: SensorEvaluationContext, run_key: str, cfg: ConsumerConfig, seen: dict) -> bool:
+    """Start the next run of a shard ``successor_lead_s`` before the current one's budget ends."""
+    record = _run_record(context, run_key, seen)
+    started = record.start_time if record is not None else None
+    return started is not None and time.time() - started >= cfg.max_run_seconds - cfg.successor_lead_s
+
+
 def _run_state(context: SensorEvaluationContext, run_key: str, cfg: ConsumerConfig, rt: ConsumerRuntime,
-               shard: str | None) -> RunState:
-    records = context.instance.get_run_records(filters=RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
-    if not records:
+               shard: str | None, seen: dict) -> RunState:
+    record = _run_record(context, run_key, seen)
+    if record is None:
         return RunState.MISSING
-    record = records[0]
     run = record.dagster_run
     if run.status in IN_FLIGHT_STATUSES:
         lease = rt.store.leases.get(rt.key(shard).lease_key)
@@ -231,7 +279,7 @@ def _run_state(context: SensorEvaluationContext, run_key: str, cfg: ConsumerConf
             InFlightRun(run.run_id, run.status.value, record.start_time),
             LeaseView(lease.owner, lease.expires_at.timestamp()) if lease and lease.expires_at else None,
             now=time.time(), lease_duration_s=cfg.lease_duration_s,
-            run_budget_s=cfg.max_run_seconds + cfg.max_idle_s,
+            run_budget_s=run_budget_s(cfg),
         )
         if reason is None:
             return RunState.IN_PROGRESS
@@ -286,13 +334,15 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
                     context.log.error(f"shard {shard_id(shard)} stopped: {exc}")
                     return False
 
+            seen: dict = {}  # run records read this tick, by run key
             plan = plan_tick(
                 cfg.name, cursor,
                 shards=[s for s in rt.source.readable(acked) if s not in unusable],
                 acked=acked,
                 has_new=has_new,
-                run_state=lambda key, shard: _run_state(context, key, cfg, rt, shard),
+                run_state=lambda key, shard: _run_state(context, key, cfg, rt, shard, seen),
                 blocked=blocked,
+                successor_due=lambda key, shard: _successor_due(context, key, cfg, seen),
             )
         finally:
             rt.close()
@@ -305,7 +355,8 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
                 run_config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": shard_id(d.shard)}}}},
                 tags={SHARD_TAG: f"{cfg.name}:{shard_id(d.shard)}", CONSUMER_TAG: cfg.name,
                       **CONSUMER_RUN_TAGS,
-                      "durability/start_after": d.start_after or "INITIAL", "durability/attempt": str(d.attempt)},
+                      "durability/start_after": d.start_after or "INITIAL", "durability/attempt": str(d.attempt),
+                      **({SUCCESSOR_OF_TAG: d.successor_of} if d.successor_of else {})},
             )
             for d in plan.dispatches
         ]

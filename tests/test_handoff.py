@@ -1,0 +1,217 @@
+"""Graceful hand-off between two runs of a shard (KCL 3.x's), on real Redis and Postgres stores: the
+successor asks, the owner finishes its batch, saves its checkpoint and hands the lease over, the successor
+reads on from there. The KCL oracle throughout: per-shard order, every record delivered, each sink effect
+once, no checkpoint backwards, and no write by the old owner after the hand-off."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from durability_pipelines.checkpoints import LeaseLostError
+from durability_pipelines.consumer.drain import DrainBudget, ShardDrainer, StopReason
+from durability_pipelines.consumer.events import ChangeEvent
+from durability_pipelines.consumer.handoff import claim_shard
+from durability_pipelines.consumer.runtime import ConsumerRuntime
+from tests.support.runtime_handlers import DELIVERED
+from tests.support.sources import ListSource
+from tests.test_consumer_drain import SHARD, FakeClock, budget, drainer, open_rt
+from tests.test_consumer_runtime import rows
+
+BACKENDS = ["redis", "postgres", "hybrid"]
+
+
+@pytest.fixture
+def stream() -> str:
+    return "handoff-" + uuid.uuid4().hex[:10]
+
+
+def recording_rt(stream: str, redis_url: str, postgres_url: str, source: ListSource, backend: str,
+                 **overrides: object) -> tuple[ConsumerRuntime, str]:
+    flag = f"handoff:{stream}:{backend}"
+    rt = open_rt(stream, redis_url, postgres_url, source, backend=backend,
+                 handler="tests.support.runtime_handlers:recording", handler_options={"flag": flag}, **overrides)
+    return rt, flag
+
+
+def delivered(flag: str) -> list[str]:
+    return [seq for call in DELIVERED.get(flag, []) for seq in call]
+
+
+def assert_history_never_backwards_and_fenced(rt: ConsumerRuntime, owner: str, successor: str) -> None:
+    """Every save advanced; the owner's saves all come before the successor's, under a lower epoch."""
+    entries = list(reversed(rt.store.history(rt.key(SHARD))))
+    writers = [e.writer for e in entries if e.writer in (owner, successor)]
+    assert writers == sorted(writers, key=lambda w: w == successor), writers  # owner's first, then successor's
+    epochs = [e.lease_epoch for e in entries if e.lease_epoch is not None]
+    assert epochs == sorted(epochs)
+    values = [int(e.sequence) for e in entries]
+    assert values == sorted(values) and len(set(values)) == len(values)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_owner_hands_over_after_its_batch_and_the_successor_reads_on_from_its_checkpoint(
+        backend, stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 95)
+    seqs = [e.sequence for e in source.shards_events[SHARD]]
+    rt, flag = recording_rt(stream, redis_url, postgres_url, source, backend)
+    key = rt.key(SHARD).lease_key
+
+    def successor_asks(record) -> None:
+        if record.index == 3:  # the successor has started while batch 3 was processed, and asks
+            rt.store.leases.request_handoff(key, "run-next", rt.config.lease_duration_s)
+
+    owner = drainer(rt, FakeClock(), budget(max_idle_s=30.0), run_id="run-first", on_batch=successor_asks)
+    first = owner.run()
+    assert first.stop_reason is StopReason.HANDED_OVER and first.handed_to == "run-next"
+    assert first.batch_count == 3 and first.checkpoint == seqs[29]  # it finished the batch in hand, no more
+    assert rt.store.load(rt.key(SHARD)) == seqs[29]
+    lease = rt.store.leases.get(key)
+    assert lease is not None and (lease.owner, lease.epoch) == ("run-next", first.lease_epoch + 1)
+    assert lease.handed_from == "run-first" and lease.requested_by == ""
+
+    second = drainer(rt, FakeClock(), budget(max_idle_s=0.0), run_id="run-next").run()
+    assert second.claimed == "handed over" and second.handed_from == "run-first"
+    assert second.start_after == seqs[29] and second.batches[0].first_sequence == seqs[30]
+    assert second.lease_epoch == first.lease_epoch + 1 and second.stop_reason is StopReason.CAUGHT_UP
+    assert second.handoff_gap_s is not None and second.handoff_gap_s >= 0
+    assert delivered(flag) == seqs  # every record once, in order, across the two runs
+    assert rows(postgres_url, stream) == seqs
+    assert_history_never_backwards_and_fenced(rt, "run-first", "run-next")
+    rt.close()
+
+
+def test_an_owner_past_its_budget_reads_on_until_its_successor_asks(stream, redis_url, postgres_url) -> None:
+    """A successor that is late (a slow launch) never leaves the shard unread: the owner keeps reading."""
+    source = ListSource.with_events(stream, 60)
+    rt, flag = recording_rt(stream, redis_url, postgres_url, source, "hybrid")
+    key = rt.key(SHARD).lease_key
+    clock = FakeClock()
+    started = clock.now
+
+    def stream_goes_on(record) -> None:
+        events = source.shards_events[SHARD]
+        nxt = str(int(events[-1].sequence) + 17)  # one more record arrives during each batch
+        events.append(ChangeEvent("dynamodb", stream, SHARD, nxt, "INSERT", {"pk": nxt}, {"pk": nxt}))
+        clock.now += 1.0  # and each batch takes a second
+        if clock.now - started >= 45 and not rt.store.leases.get(key).requested_by:  # type: ignore[union-attr]
+            rt.store.leases.request_handoff(key, "run-late", 120)  # the successor arrives, 35 s late
+
+    owner = drainer(rt, clock, budget(max_seconds=10.0, max_idle_s=300.0, handoff_wait_s=60.0), run_id="run-first",
+                    on_batch=stream_goes_on)
+    report = owner.run()
+    assert report.stop_reason is StopReason.HANDED_OVER and report.handed_to == "run-late"
+    assert clock.now - started >= 45  # it read past max_run_seconds (10 s) while it waited
+    assert report.events > 60 and rt.store.load(rt.key(SHARD)) == report.checkpoint
+    assert delivered(flag) == [e.sequence for e in source.shards_events[SHARD]][: report.events]
+    rt.close()
+
+
+def test_a_successor_that_never_comes_leaves_the_owner_reading_until_the_wait_is_over(
+        stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 20)
+    rt, _ = recording_rt(stream, redis_url, postgres_url, source, "redis")
+    clock = FakeClock()
+    started = clock.now
+    report = drainer(rt, clock, budget(max_seconds=10.0, max_idle_s=1000.0, handoff_wait_s=60.0),
+                     run_id="run-alone").run()
+    assert report.stop_reason is StopReason.TIME_BUDGET
+    assert clock.now - started >= 70.0  # budget + the whole wait for a successor, polling all along
+    lease = rt.store.leases.get(rt.key(SHARD).lease_key)
+    assert lease is not None and lease.owner == ""  # released: the unplanned path's next run takes it at once
+    rt.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_successors_race_and_exactly_one_gets_the_shard(backend, stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 10)
+    rt, _ = recording_rt(stream, redis_url, postgres_url, source, backend)
+    key = rt.key(SHARD).lease_key
+    owner = rt.store.leases.acquire(key, "run-owner", 120)
+    assert owner is not None
+    rt.store.leases.request_handoff(key, "run-b", 120)  # run-b asked first
+    loser = claim_shard(rt.store.leases, key, "run-c", duration_s=120, timeout_s=60,
+                        is_owner_dead=lambda run: False, sleep=lambda s: None)
+    assert loser.lease is None and "run-b is already waiting" in loser.why_not
+    assert rt.store.leases.hand_over(owner, 120) is not None
+    winner = claim_shard(rt.store.leases, key, "run-b", duration_s=120, timeout_s=60,
+                         is_owner_dead=lambda run: False, sleep=lambda s: None)
+    assert winner.lease is not None and winner.how == "handed over" and winner.lease.epoch == owner.epoch + 1
+    rt.store.leases.request_handoff(key, "run-d", 120)  # run-b's successor is already waiting ...
+    report = drainer(rt, FakeClock(), run_id="run-c").run()  # ... when a run-c starts: it touches nothing
+    assert report.stop_reason is StopReason.NOT_GRANTED and report.batch_count == 0
+    assert "run-d is already waiting" in report.not_granted and rt.store.load(rt.key(SHARD)) is None
+    rt.close()
+
+
+def test_a_live_owner_that_does_not_hand_over_keeps_its_shard_and_the_successor_withdraws(
+        stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 10)
+    rt, _ = recording_rt(stream, redis_url, postgres_url, source, "postgres")
+    key = rt.key(SHARD).lease_key
+    owner = rt.store.leases.acquire(key, "run-busy", 120)
+    assert owner is not None
+    clock = FakeClock()
+    clock.on_sleep = lambda now: rt.store.leases.renew(owner, 120 + now)  # alive: it keeps renewing
+    claim = claim_shard(rt.store.leases, key, "run-next", duration_s=120, timeout_s=5, is_owner_dead=lambda r: False,
+                        sleep=clock.sleep, clock=clock)
+    assert claim.lease is None and "did not hand it over within handoff_timeout_s" in claim.why_not
+    lease = rt.store.leases.get(key)
+    assert lease is not None and lease.owner == "run-busy" and lease.requested_by == ""  # withdrawn
+    rt.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_frozen_owner_is_taken_over_when_its_lease_expires_and_fenced_when_it_wakes(
+        backend, stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 10)
+    rt, _ = recording_rt(stream, redis_url, postgres_url, source, backend)
+    key = rt.key(SHARD).lease_key
+    frozen = rt.store.leases.acquire(key, "run-frozen", 1.0)  # it stops renewing: SIGSTOP, a paused VM
+    assert frozen is not None
+    claim = claim_shard(rt.store.leases, key, "run-next", duration_s=120, timeout_s=0.2,
+                        is_owner_dead=lambda r: False, poll_s=0.05)
+    assert claim.lease is not None and claim.how == "released or expired"
+    assert claim.lease.epoch == frozen.epoch + 1
+    time.sleep(0.05)
+    with pytest.raises(LeaseLostError):  # the owner wakes and tries to save its batch
+        rt.store.save(rt.key(SHARD), source.shards_events[SHARD][0].sequence, lease=frozen)
+    assert rt.store.load(rt.key(SHARD)) is None
+    rt.close()
+
+
+def test_a_successor_takes_the_shard_of_a_finished_owner_at_once(stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 10)
+    rt, _ = recording_rt(stream, redis_url, postgres_url, source, "hybrid")
+    key = rt.key(SHARD).lease_key
+    rt.store.leases.acquire(key, "run-crashed", 120)  # its run was killed: Dagster marked it finished
+    claim = claim_shard(rt.store.leases, key, "run-next", duration_s=120, timeout_s=60,
+                        is_owner_dead=lambda run: run == "run-crashed", sleep=lambda s: None)
+    assert claim.lease is not None and claim.how == "owner dead"
+    rt.close()
+
+
+def test_a_run_reads_again_at_once_after_records_and_sleeps_only_after_an_empty_read(
+        stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 25)
+    rt, _ = recording_rt(stream, redis_url, postgres_url, source, "redis")
+    clock = FakeClock()
+    report = drainer(rt, clock, budget(max_idle_s=1.0)).run()
+    assert [b.events for b in report.batches] == [10, 10, 5] and report.stop_reason is StopReason.CAUGHT_UP
+    # no sleep after the non-full batch of 5: the only sleeps are the idle polls after empty reads
+    assert clock.slept == [0.25] * 4
+    rt.close()
+
+
+def test_keep_owned_never_ends_a_run_because_the_stream_is_quiet(stream, redis_url, postgres_url) -> None:
+    source = ListSource.with_events(stream, 5)
+    rt, _ = recording_rt(stream, redis_url, postgres_url, source, "redis", keep_owned=True, max_run_seconds=30,
+                         handoff_timeout_s=10)
+    clock = FakeClock()
+    report = ShardDrainer(rt, SHARD, "run-keep", DrainBudget.from_config(rt.config), sleep=clock.sleep,
+                          clock=clock).run()
+    assert report.stop_reason is StopReason.TIME_BUDGET  # quiet for 40 s, ended only by budget + wait
+    assert report.events == 5 and sum(clock.slept) >= 40
+    rt.close()
