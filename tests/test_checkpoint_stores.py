@@ -19,6 +19,7 @@ from durability_pipelines.checkpoints import (
     SaveContext,
     SaveOutcome,
 )
+from durability_pipelines.checkpoints.base import HANDOFF_REQUEST_FRESH_S
 from durability_pipelines.checkpoints.hybrid import HybridCheckpointStore
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
@@ -215,6 +216,22 @@ def test_a_hand_off_needs_a_request_and_the_lease_of_record(store: CheckpointSto
     withdrawn = store.leases.withdraw_request(key.lease_key, "run-b")  # the successor stopped waiting
     assert withdrawn is not None and withdrawn.owner == "run-a" and withdrawn.requested_by == ""
     assert store.leases.hand_over(owner) is None
+
+
+def test_a_successor_that_stopped_asking_is_handed_nothing_and_another_may_ask(store: CheckpointStore) -> None:
+    """A waiting successor renews its request every poll; one that died (SIGKILL) stops renewing it, and
+    once the request is stale the owner keeps its lease instead of handing it to a dead run."""
+    key = unique_key()
+    owner = store.leases.acquire(key.lease_key, "run-a", duration_s=60)
+    assert owner is not None
+    store.leases.request_handoff(key.lease_key, "run-dead", duration_s=60)
+    time.sleep(HANDOFF_REQUEST_FRESH_S + 0.3)
+    assert store.leases.hand_over(owner, duration_s=60) is None
+    assert store.leases.get(key.lease_key).owner == "run-a"  # type: ignore[union-attr]
+    other = store.leases.request_handoff(key.lease_key, "run-c", duration_s=60)
+    assert other.requested_by == "run-c"
+    handed = store.leases.hand_over(owner, duration_s=60)
+    assert handed is not None and handed.owner == "run-c"
 
 
 def test_a_request_takes_a_free_or_expired_lease_at_once(store: CheckpointStore) -> None:

@@ -17,12 +17,12 @@ from durability_pipelines.consumer.dispatch import (
 
 
 def plan(cursor: SensorCursor, acked: dict, states: dict | None = None, *, new=True, blocked=frozenset(),
-         shards=None, max_dispatches=100):
+         shards=None, max_dispatches=100, due=frozenset()):
     states = states or {}
     return plan_tick(
         "c", cursor, shards=shards or list(acked), acked=acked, has_new=lambda s, a: new,
         run_state=lambda k, _shard: states.get(k, RunState.MISSING), blocked=set(blocked),
-        max_dispatches=max_dispatches,
+        max_dispatches=max_dispatches, successor_due=lambda k, _shard: k in due,
     )
 
 
@@ -132,3 +132,55 @@ def test_no_shard_is_one_spelling_in_cursor_run_key_and_tag_and_reads_back_as_no
     assert NO_SHARD == "-" and list(p.cursor.shards) == ["-"] and p.dispatches[0].run_key == "c:-:100:a0"
     assert shard_to_tag(None) == "-" and shard_to_tag("s1") == "s1"
     assert [shard_from_tag(t) for t in ("-", "", "s1")] == [None, None, "s1"]  # '' = older runs' run config
+
+
+# -- graceful hand-off: a successor is started before the owner's budget ends ------------------------
+
+def test_a_run_due_to_be_replaced_gets_one_successor_beside_it() -> None:
+    first = plan(SensorCursor(), {"s1": "100"})
+    owner = "c:s1:100:a0"
+    early = plan(first.cursor, {"s1": "300"}, {owner: RunState.IN_PROGRESS})
+    assert early.dispatches == []  # not due yet
+    due = plan(early.cursor, {"s1": "300"}, {owner: RunState.IN_PROGRESS}, due={owner})
+    (successor,) = due.dispatches
+    assert successor.successor_of == owner and successor.shard == "s1"
+    assert due.cursor.shards["s1"].run_key == owner and due.cursor.shards["s1"].successor_key == successor.run_key
+    waiting = plan(due.cursor, {"s1": "400"}, {owner: RunState.IN_PROGRESS, successor.run_key: RunState.IN_PROGRESS},
+                   due={owner})
+    assert waiting.dispatches == [] and "waiting to take over" in waiting.skipped["s1"]  # one successor at a time
+
+
+def test_when_the_owner_ends_its_successor_becomes_the_shards_run() -> None:
+    first = plan(SensorCursor(), {"s1": "100"})
+    owner = "c:s1:100:a0"
+    due = plan(first.cursor, {"s1": "300"}, {owner: RunState.IN_PROGRESS}, due={owner})
+    successor = due.dispatches[0].run_key
+    handed = plan(due.cursor, {"s1": "500"}, {owner: RunState.SUCCESS, successor: RunState.IN_PROGRESS})
+    assert handed.dispatches == [] and handed.cursor.shards["s1"].run_key == successor
+    assert handed.cursor.shards["s1"].successor_key is None
+    # and its own successor, once it is due, has a key of bounded length (a digest of the owner's key)
+    nxt = plan(handed.cursor, {"s1": "900"}, {successor: RunState.IN_PROGRESS}, due={successor})
+    assert len(nxt.dispatches[0].run_key) <= len(successor) + 10 and nxt.dispatches[0].successor_of == successor
+
+
+def test_a_successor_that_ended_without_the_shard_is_replaced_by_a_new_one_with_a_new_key() -> None:
+    first = plan(SensorCursor(), {"s1": "100"})
+    owner = "c:s1:100:a0"
+    due = plan(first.cursor, {"s1": "100"}, {owner: RunState.IN_PROGRESS}, due={owner})
+    gone = due.dispatches[0].run_key
+    again = plan(due.cursor, {"s1": "100"}, {owner: RunState.IN_PROGRESS, gone: RunState.SUCCESS}, due={owner})
+    (retry,) = again.dispatches
+    assert retry.run_key != gone and retry.successor_of == owner  # Dagster never launches a run key twice
+
+
+def test_a_blocked_shard_gets_no_successor() -> None:
+    first = plan(SensorCursor(), {"s1": "100"})
+    owner = "c:s1:100:a0"
+    p = plan(first.cursor, {"s1": "100"}, {owner: RunState.IN_PROGRESS}, due={owner}, blocked={"s1"})
+    assert p.dispatches == []
+
+
+def test_a_cursor_written_before_hand_offs_still_parses() -> None:
+    old = '{"v":1,"stream_identity":null,"shards":{"s1":{"dispatched":"100","run_key":"c:s1:100:a0","attempt":0,' \
+          '"backlog":true}}}'
+    assert SensorCursor.from_json(old).shards["s1"] == ShardCursor("100", "c:s1:100:a0", 0, True, None)

@@ -140,6 +140,11 @@ def require_force_context(context: SaveContext | None) -> SaveContext:
     return context
 
 
+#: A successor asks again every few tens of milliseconds while it waits; a request not renewed for this
+#: long belongs to a successor that died (or gave up): it is not handed anything, and another may ask.
+HANDOFF_REQUEST_FRESH_S = 5.0
+
+
 class LeaseManager(abc.ABC):
     """Acquire / renew / release shard leases with a monotonically rising epoch."""
 
@@ -165,16 +170,17 @@ class LeaseManager(abc.ABC):
 
         * free, expired or already ours: ``requester`` takes it, as ``acquire`` would (``owner == requester``);
         * held by another worker: the request is recorded (``requested_by == requester``) unless another
-          worker's request is pending (asked less than ``duration_s`` ago), which is left in place: only one
-          successor waits per lease. Asking again refreshes the request; the owner sees it at its next
-          batch boundary and calls :meth:`hand_over`.
+          worker's request is pending (renewed less than ``HANDOFF_REQUEST_FRESH_S`` ago), which is left in
+          place: only one successor waits per lease. A waiting successor asks again and again (that keeps
+          its request fresh); the owner sees it at its next batch boundary and calls :meth:`hand_over`.
         """
 
     @abc.abstractmethod
     def hand_over(self, lease: Lease, duration_s: float = 60.0) -> Lease | None:
         """Give the lease to the worker that asked for it, in one step: owner = the requester, epoch + 1
         (a takeover, so the old owner is fenced from here on), expiring in ``duration_s``. Returns the
-        successor's lease, or None if ``lease`` is not held any more or nobody asked (nothing changed).
+        successor's lease, or None if ``lease`` is not held any more or no fresh request is pending
+        (nothing changed: a successor that stopped asking, e.g. died, is handed nothing).
 
         Call it only after the last checkpoint is saved: from here on the old owner's saves are refused.
         """

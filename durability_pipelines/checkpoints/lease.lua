@@ -4,6 +4,7 @@
 -- ARGV[1] op: acquire | renew | release | sync | revoke | request | handover | withdraw
 -- ARGV[2] owner (the requester for request/withdraw), ARGV[3] duration ms (acquire/renew/sync/request/handover),
 -- ARGV[4] steal '1'/'0' (acquire) or the epoch (renew/release/sync/handover)
+-- ARGV[5] (request/handover) ms a request stays fresh without being renewed (HANDOFF_REQUEST_FRESH_S)
 -- Returns {ok(1|0), owner, epoch, expires, requested_by, requested_at, handed_from, handed_at}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -63,14 +64,16 @@ elseif op == 'request' then
   local dur = tonumber(ARGV[3])
   if owner == me and expires > now then return put(me, epoch, now + dur) end
   if owner == '' or expires <= now then return take(me, now + dur) end
-  if req == '' or req == me or req_at + dur <= now then
+  if req == '' or req == me or req_at + tonumber(ARGV[5]) <= now then
     req, req_at = me, now
     redis.call('HSET', KEYS[1], 'requested_by', me, 'requested_at', fmt(now))
   end
   return reply(1)
 elseif op == 'handover' then
   -- The owner gives the lease to the requester: epoch + 1 (the old owner is fenced from here on).
-  if owner ~= me or epoch ~= tonumber(ARGV[4]) or req == '' then return reply(0) end
+  if owner ~= me or epoch ~= tonumber(ARGV[4]) or req == '' or req_at + tonumber(ARGV[5]) <= now then
+    return reply(0)
+  end
   local successor = req
   take(successor, now + tonumber(ARGV[3]))
   from, from_at = me, now

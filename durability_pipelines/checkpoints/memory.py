@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from durability_pipelines.checkpoints.base import (
+    HANDOFF_REQUEST_FRESH_S,
     CheckpointStore,
     ForceSetResult,
     HistoryEntry,
@@ -93,16 +94,17 @@ class MemoryLeaseManager(LeaseManager):
             row = self._leases.get(key, _LeaseRow())
             if row.owner in ("", requester) or row.expires <= now:
                 return self._take(key, row, requester, now, duration_s)
-            if row.requested_by in ("", requester) or row.requested_at + duration_s <= now:
+            if row.requested_by in ("", requester) or row.requested_at + HANDOFF_REQUEST_FRESH_S <= now:
                 row.requested_by, row.requested_at = requester, now
             return self._lease(key, row)
 
     def hand_over(self, lease: Lease, duration_s: float = 60.0) -> Lease | None:
         with self._lock:
             row = self._leases.get(lease.key)
-            if row is None or (row.owner, row.epoch) != (lease.owner, lease.epoch) or not row.requested_by:
-                return None
             now = time.time()
+            if (row is None or (row.owner, row.epoch) != (lease.owner, lease.epoch) or not row.requested_by
+                    or row.requested_at + HANDOFF_REQUEST_FRESH_S <= now):
+                return None
             self._leases[lease.key] = row = _LeaseRow(row.requested_by, row.epoch + 1, now + duration_s,
                                                       handed_from=lease.owner, handed_at=now)
             return self._lease(lease.key, row)

@@ -22,6 +22,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from durability_pipelines.checkpoints.base import (
+    HANDOFF_REQUEST_FRESH_S,
     CheckpointStore,
     ForceSetResult,
     HistoryEntry,
@@ -254,13 +255,13 @@ class PostgresLeaseManager(LeaseManager):
                 row = conn.execute(
                     f"""UPDATE checkpoint_leases SET
                       requested_by = CASE WHEN requested_by IN ('', %(me)s)
-                                            OR requested_at + make_interval(secs => %(dur)s) <= NOW()
+                                            OR requested_at + make_interval(secs => %(fresh)s) <= NOW()
                                           THEN %(me)s ELSE requested_by END,
                       requested_at = CASE WHEN requested_by IN ('', %(me)s)
-                                            OR requested_at + make_interval(secs => %(dur)s) <= NOW()
+                                            OR requested_at + make_interval(secs => %(fresh)s) <= NOW()
                                           THEN NOW() ELSE requested_at END
                     WHERE {_LEASE_WHERE_NAMED} RETURNING {_LEASE_COLS}""",
-                    {"me": requester, "dur": duration_s, **_lease_named(key)},
+                    {"me": requester, "fresh": HANDOFF_REQUEST_FRESH_S, **_lease_named(key)},
                 ).fetchone()
         return _lease_from_row(row)
 
@@ -271,8 +272,9 @@ class PostgresLeaseManager(LeaseManager):
                   expires_at = NOW() + make_interval(secs => %s), updated_at = NOW(),
                   requested_by = '', requested_at = NULL, handed_from = owner, handed_at = NOW()
                 WHERE {_LEASE_WHERE} AND owner = %s AND epoch = %s AND requested_by <> ''
+                  AND requested_at + make_interval(secs => %s) > NOW()
                 RETURNING {_LEASE_COLS}""",
-                (duration_s, *_lease_params(lease.key), lease.owner, lease.epoch),
+                (duration_s, *_lease_params(lease.key), lease.owner, lease.epoch, HANDOFF_REQUEST_FRESH_S),
             ).fetchone()
         return _lease_from_row(row) if row else None
 

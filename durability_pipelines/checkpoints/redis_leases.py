@@ -8,6 +8,7 @@ from importlib import resources
 import redis
 
 from durability_pipelines.checkpoints.base import (
+    HANDOFF_REQUEST_FRESH_S,
     Lease,
     LeaseManager,
 )
@@ -25,6 +26,7 @@ REGISTER_COPY_LUA = (_SCRIPT_DIR / "register_lease_copy.lua").read_text()
 SET_COPY_LUA = (_SCRIPT_DIR / "set_lease_copy.lua").read_text()
 
 
+_FRESH_MS = int(HANDOFF_REQUEST_FRESH_S * 1000)
 _FIELDS = ("owner", "epoch", "expires", "requested_by", "requested_at", "handed_from", "handed_at")
 
 
@@ -122,13 +124,13 @@ class RedisLeaseManager(LeaseManager):
         self._fence_copies(now, 0)
 
     def request_handoff(self, key: LeaseKey, requester: str, duration_s: float = 60.0) -> Lease:
-        _, lease = self._call(key, "request", requester, int(duration_s * 1000), 0)
+        _, lease = self._call(key, "request", requester, int(duration_s * 1000), 0, _FRESH_MS)
         if lease.owner == requester:
             self._fence_copies(lease, int(duration_s * 1000))  # taken (as acquire): the copies say so first
         return lease
 
     def hand_over(self, lease: Lease, duration_s: float = 60.0) -> Lease | None:
-        ok, now = self._call(lease.key, "handover", lease.owner, int(duration_s * 1000), lease.epoch)
+        ok, now = self._call(lease.key, "handover", lease.owner, int(duration_s * 1000), lease.epoch, _FRESH_MS)
         if not ok:
             return None
         self._fence_copies(now, int(duration_s * 1000))

@@ -260,11 +260,16 @@ def _run_record(context: SensorEvaluationContext, run_key: str, seen: dict):
     return seen[run_key]
 
 
+def successor_due_after_s(cfg: ConsumerConfig) -> float:
+    """How long after a run started its successor is started: ``successor_lead_s`` before its budget ends,
+    but never in the first half of it (a lead longer than the budget would hand the shard on at once)."""
+    return max(cfg.max_run_seconds - cfg.successor_lead_s, cfg.max_run_seconds / 2)
+
+
 def _successor_due(context: SensorEvaluationContext, run_key: str, cfg: ConsumerConfig, seen: dict) -> bool:
-    """Start the next run of a shard ``successor_lead_s`` before the current one's budget ends."""
     record = _run_record(context, run_key, seen)
     started = record.start_time if record is not None else None
-    return started is not None and time.time() - started >= cfg.max_run_seconds - cfg.successor_lead_s
+    return started is not None and time.time() - started >= successor_due_after_s(cfg)
 
 
 def _run_state(context: SensorEvaluationContext, run_key: str, cfg: ConsumerConfig, rt: ConsumerRuntime,
