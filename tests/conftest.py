@@ -84,10 +84,31 @@ def redis_url() -> str:
 
     Never flushed: tests use keys of their own (unique streams), so two pytest sessions on one
     machine cannot wipe each other's keys mid-test. Tests that read *every* key (mirror, audit)
-    use a private db or server of their own.
+    use ``own_redis_url``: a server this session started, the only kind a test may flush.
     """
     db = int(os.environ.get(TEST_REDIS_DB_ENV, DEFAULT_TEST_REDIS_DB))
     return services.with_redis_db(services.resolve_redis_url(), db)
+
+
+@pytest.fixture(scope="session")
+def own_redis_server() -> Iterator[PrivateRedis]:
+    """A Redis server this session started for itself (no persistence), for tests that read or wipe
+    *every* key (mirror, audit): only a server of our own may be flushed."""
+    server = PrivateRedis(appendonly=False)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_redis_url(own_redis_server: PrivateRedis) -> str:
+    """db 0 of the session's own Redis, emptied for this test (never the resolved, shared Redis)."""
+    client = own_redis_server.client()
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return own_redis_server.url
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 The other worker's side is written exactly as the original pattern does it, with nothing of ours: raw
 redis-py ``GET`` / ``SET key seq EX 86400`` and the pattern's own UPSERT / SELECT on ``checkpoints``.
-Each test runs on a database and a Redis db of its own (the mirror and the audit read every key).
+Each test runs on a database of its own and the session's own Redis server, emptied for it (the mirror and the audit read every key).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ VALUES (%s, %s, %s, %s, %s, %s, NOW())
 ON CONFLICT (adapter, stream, grp, consumer, shard) DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()
 """
 ORIGINAL_SELECT = "SELECT sequence FROM checkpoints WHERE adapter = %s AND stream = %s AND grp = %s AND consumer = %s AND shard = %s"
-SHARED_REDIS_DB = 11
 
 
 @dataclass
@@ -68,15 +67,13 @@ class Shared:
 
 
 @pytest.fixture
-def shared(postgres_admin_url: str) -> Iterator[Shared]:
+def shared(postgres_admin_url: str, own_redis_url: str) -> Iterator[Shared]:
     name = f"dp_shared_{secrets.token_hex(4)}"
     url = services.ensure_database(postgres_admin_url, name)
-    redis_url = services.with_redis_db(services.resolve_redis_url(), SHARED_REDIS_DB)
+    redis_url = own_redis_url  # the session's own server: the only kind a test may flush
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     ensure(PostgresConnection(url))
     yield Shared(url, redis_url, client)
-    client.flushdb()
     client.close()
     with psycopg.connect(services.libpq_url(postgres_admin_url), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
