@@ -48,7 +48,7 @@ from durability_pipelines.checkpoints.ordering import fast_sequence, max_sequenc
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.checkpoints.redis_io import WrongType
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
-from durability_pipelines.checkpoints.sentinels import is_sentinel
+from durability_pipelines.checkpoints.sentinels import effective, is_sentinel
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class Fallback:
 #: the copy must never outlive the grant, or a takeover in Postgres could leave the old holder a
 #: Redis copy that still admits its writes.
 MIRROR_MARGIN_S = 1.0
+
+
+#: How often a hybrid load asks Postgres for sentinels other writers put into ``checkpoint_sentinels``, per key.
+SENTINEL_CHECK_EVERY_S = 30.0
 
 
 def _mirror_margin(duration_s: float) -> float:
@@ -207,6 +211,7 @@ class HybridCheckpointStore(CheckpointStore):
         self.fallbacks: list[Fallback] = []
         self._replace_if_equal = redis_store.client.register_script(_REPLACE_IF_EQUAL_LUA)
         self._leases = HybridLeaseManager(self)
+        self._sentinels_checked: dict[CheckpointKey, float] = {}  # key -> when Postgres's sentinel was last read
 
     # -- state -----------------------------------------------------------------
     @property
@@ -435,6 +440,7 @@ class HybridCheckpointStore(CheckpointStore):
                 self.fallbacks.append(Fallback(key, f"garbage in Redis: {exc}"))
                 log.warning("checkpoint %s: %s; falling back to Postgres", key, exc)
                 missing[key] = raw
+        self._apply_postgres_sentinels(out, raws is not None)
         if not missing:
             return out  # every key came from Redis, already in the order given
         from_pg = self.postgres.load_many(list(missing))
@@ -446,6 +452,36 @@ class HybridCheckpointStore(CheckpointStore):
             if value is not None and raws is not None:
                 self._rewarm(key, value, missing[key])
         return {k: out.get(k) for k in keys}
+
+    def _apply_postgres_sentinels(self, out: dict[CheckpointKey, str | None], redis_up: bool) -> None:
+        """One rule for every backend: a sentinel in ``checkpoint_sentinels`` counts, whoever wrote it (a
+        ``SHARD_END`` there ends the shard here as it does for the postgres backend). It is copied to Redis's
+        sentinel key, so that the next saves (which read Redis only) see it too. Asked at most every
+        ``SENTINEL_CHECK_EVERY_S`` per key (a run loads its shard's checkpoint at every batch: not a Postgres
+        query per ack)."""
+        now = time.monotonic()
+        due = [k for k in out if now - self._sentinels_checked.get(k, -SENTINEL_CHECK_EVERY_S) >= SENTINEL_CHECK_EVERY_S]
+        if not due:
+            return
+        try:
+            sentinels = self.postgres.load_sentinels(due)
+        except StoreUnavailableError as exc:
+            self._degrade("postgres", exc)
+            return
+        if len(self._sentinels_checked) >= 65_536:
+            self._sentinels_checked.clear()
+        self._sentinels_checked.update(dict.fromkeys(due, now))
+        for key, sentinel in sentinels.items():
+            position = effective(out[key], sentinel)
+            if position == out[key]:
+                continue
+            out[key] = position
+            if redis_up:
+                try:
+                    self.redis.save(key, sentinel, context=SaveContext(writer="hybrid-rewarm",
+                                                                       reason="sentinel from postgres"))
+                except (StoreUnavailableError, InvalidSequenceError, redis.RedisError) as exc:
+                    log.warning("could not copy the sentinel of %s to Redis: %s", key, exc)
 
     def _rewarm(self, key: CheckpointKey, value: str, garbage: bytes | WrongType | None) -> None:
         if isinstance(garbage, WrongType):
