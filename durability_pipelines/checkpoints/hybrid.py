@@ -41,6 +41,7 @@ from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
     LeaseLostError,
     StoreUnavailableError,
+    WrongTypeKeyError,
     lease_lost,
 )
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
@@ -247,10 +248,11 @@ class HybridCheckpointStore(CheckpointStore):
             try:
                 result = self._save_redis(key, sequence, lease, ctx)
             except InvalidSequenceError as exc:  # garbage, or a key of another type (WrongTypeKeyError)
-                if exc.key != key.redis_key:
+                at_sentinel = isinstance(exc, WrongTypeKeyError) and exc.key == self._sentinel_key(key)
+                if exc.key != key.redis_key and not at_sentinel:
                     raise  # one of the project's own keys: the error says how to fix it
                 result = self._replace_unusable(key, str(exc.value or "a value that is no position"), sequence,
-                                                lease, ctx)
+                                                lease, ctx, at_sentinel=at_sentinel)
         except StoreUnavailableError as exc:
             self._degrade("redis", exc)
             result = self._save_postgres_direct(key, sequence, lease, ctx)
@@ -296,14 +298,26 @@ class HybridCheckpointStore(CheckpointStore):
                 raise lost from None
             raise lease_lost(lease, current.owner if current else None, current.epoch if current else None) from None
 
+    def _sentinel_key(self, key: CheckpointKey) -> str:
+        return key.companions(cluster=self.redis.cluster).sentinel
+
     def _replace_unusable(self, key: CheckpointKey, found: str, sequence: str, lease: Lease | None,
-                          ctx: SaveContext) -> tuple[SaveResult, int | None, int | None]:
+                          ctx: SaveContext, *, at_sentinel: bool = False) -> tuple[SaveResult, int | None, int | None]:
         """Redis holds no position at the key (garbage, or a hash another program wrote): Postgres has the
         truth, so replace it (under the lease) by the greater of the acked position and Postgres's, and
         record why. A redis-only store cannot do this; it raises and the consumer dead-letters the shard."""
         stored = self.postgres.load(key)
         target = max_sequence(sequence, stored) or sequence
-        reason = f"replaced {found[:40]} found at the checkpoint key ({ctx.reason or 'save'})"
+        where = "the sentinel key" if at_sentinel else "the checkpoint key"
+        reason = f"replaced {found[:40]} found at {where} ({ctx.reason or 'save'})"
+        if at_sentinel:  # the bad key goes (fenced); the position is then saved the usual, monotonic way
+            self.redis.replace_unusable(key, target, lease=lease, at_sentinel=True,
+                                        context=SaveContext(writer=ctx.writer, run_id=ctx.run_id, reason=reason))
+            log.warning("checkpoint %s: Redis held %s at %s, not a sentinel; replaced", key, found[:80], where)
+            self.fallbacks.append(Fallback(key, f"Redis held {found[:80]} at {where}: replaced"))
+            if target != sequence:
+                self._save_redis(key, target, lease, SaveContext(writer=ctx.writer, run_id=ctx.run_id, reason=reason))
+            return self._save_redis(key, sequence, lease, ctx)
         log.warning("checkpoint %s: Redis held %s, not a position; replacing it with %s", key, found[:80], target)
         self.fallbacks.append(Fallback(key, f"Redis held {found[:80]}: replaced by {target}"))
         if not self.redis.replace_unusable(key, target, lease=lease,
@@ -326,6 +340,10 @@ class HybridCheckpointStore(CheckpointStore):
         """
         sequence = normalize_sequence(sequence, key=key.redis_key)
         ctx = require_force_context(context)
+        try:
+            self.redis.check_force_set(key)  # a Redis that would refuse it: refuse before writing Postgres
+        except StoreUnavailableError as exc:
+            self._degrade("redis", exc)
         pg = self.postgres.force_set(key, sequence, context=ctx)
         with self._lock:
             self._pending.pop(key, None)  # an unflushed ack from before the forced write is superseded

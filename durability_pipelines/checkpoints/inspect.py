@@ -248,10 +248,15 @@ def _redis_part(client: redis.Redis, states: dict[str, KeyState], redis_keys: li
             companions = key.companions(cluster=cluster)
             pipe.xrevrange(companions.history, count=1)
             pipe.hmget(companions.hybrid_state, "acks", "flushed_ms")
+            pipe.type(companions.sentinel)
         replies = pipe.execute()
-        for n, (rkey, _) in enumerate(keyed):
-            head, (acks, flushed_ms) = replies[2 * n], replies[2 * n + 1]
+        for n, (rkey, key) in enumerate(keyed):
+            head, (acks, flushed_ms), sentinel_kind = replies[3 * n], replies[3 * n + 1], _dec(replies[3 * n + 2])
             st = states[rkey]
+            if sentinel_kind not in ("none", "string", None):  # another program's key where the sentinel goes
+                assert key is not None
+                st.redis = Stored(f"<redis {sentinel_kind} at {key.companions(cluster=cluster).sentinel}>", None,
+                                  "wrong-type")
             if head:
                 entry_id, fields = head[0]
                 f = {_dec(k): _dec(v) for k, v in fields.items()}
