@@ -27,6 +27,7 @@ from durability_pipelines import services
 from durability_pipelines.checkpoints import CheckpointStore
 from tests.support.proxy import FlakyProxy
 from tests.support.servers import PrivatePostgres, PrivateRedis
+from tests.support.shared_layout import Shared
 from tests.support.stores import BACKENDS, build_store
 
 TEST_REDIS_DB_ENV = "DURABILITY_TEST_REDIS_DB"
@@ -84,10 +85,48 @@ def redis_url() -> str:
 
     Never flushed: tests use keys of their own (unique streams), so two pytest sessions on one
     machine cannot wipe each other's keys mid-test. Tests that read *every* key (mirror, audit)
-    use a private db or server of their own.
+    use ``own_redis_url``: a server this session started, the only kind a test may flush.
     """
     db = int(os.environ.get(TEST_REDIS_DB_ENV, DEFAULT_TEST_REDIS_DB))
     return services.with_redis_db(services.resolve_redis_url(), db)
+
+
+@pytest.fixture(scope="session")
+def own_redis_server() -> Iterator[PrivateRedis]:
+    """A Redis server this session started for itself (no persistence), for tests that read or wipe
+    *every* key (mirror, audit): only a server of our own may be flushed."""
+    server = PrivateRedis(appendonly=False)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_redis_url(own_redis_server: PrivateRedis) -> str:
+    """db 0 of the session's own Redis, emptied for this test (never the resolved, shared Redis)."""
+    client = own_redis_server.client()
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return own_redis_server.url
+
+
+@pytest.fixture
+def shared(postgres_admin_url: str, own_redis_url: str) -> Iterator[Shared]:
+    """A database of its own and the session's own Redis (emptied), beside the original pattern's worker."""
+    from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+    from durability_pipelines.consumer.storage import ensure
+
+    name = f"dp_shared_{secrets.token_hex(4)}"
+    url = services.ensure_database(postgres_admin_url, name)
+    redis_url = own_redis_url  # the session's own server: the only kind a test may flush
+    client = redis.Redis.from_url(redis_url)
+    ensure(PostgresConnection(url))
+    yield Shared(url, redis_url, client)
+    client.close()
+    with psycopg.connect(services.libpq_url(postgres_admin_url), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture

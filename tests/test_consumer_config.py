@@ -153,3 +153,36 @@ def test_configs_that_cannot_work_under_dagster_fail_definition_loading(tmp_path
     with pytest.raises(ConfigError, match=message) as err:
         build_definitions(tmp_path)
     assert str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------- impossible values (issue 21, item 10)
+
+
+def _attrs(**overrides: object) -> dict[str, object]:
+    return {"name": "bounds", "source": {"kind": "dynamodb", "table": "orders"}, "group": "g", "consumer": "c",
+            **overrides}
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"lease_duration_s": 0.001}, "lease_duration_s"),
+    ({"lease_duration_s": 1e300}, "lease_duration_s"),
+    ({"lease_duration_s": float("inf")}, "lease_duration_s"),
+    ({"lease_duration_s": 30, "batch_window_s": 10}, "lease_duration_s"),
+    ({"retry": {"delay_s": 1e300}}, "retry.delay_s"),
+    ({"retry": {"delay_s": float("inf")}}, "retry.delay_s"),
+    ({"retry": {"max_retries": True}}, "retry.max_retries"),
+    ({"checkpoint": {"flush_every_s": 1e300}}, "checkpoint.flush_every_s"),
+    ({"checkpoint": {"flush_every_s": float("inf")}}, "checkpoint.flush_every_s"),
+    ({"checkpoint": {"redis_ttl_s": 1e300}}, "checkpoint.redis_ttl_s"),
+    ({"checkpoint": {"flush_every_n": True}}, "checkpoint.flush_every_n"),
+    ({"max_events": True}, "max_events"),
+    ({"max_batches_per_run": True}, "max_batches_per_run"),
+    ({"max_lag_s": float("inf")}, "max_lag_s"),
+])  # fmt: skip
+def test_impossible_values_are_refused_naming_the_field(tmp_path, overrides: dict[str, object], field: str) -> None:
+    from durability_pipelines.checkpoints.errors import ConfigError
+    from durability_pipelines.consumer.config import load_consumer_config, write_consumer_instance
+
+    path = write_consumer_instance(tmp_path, _attrs(**overrides))
+    with pytest.raises(ConfigError, match=rf"attributes\.{field}:"):
+        load_consumer_config(path)

@@ -28,12 +28,10 @@ from durability_pipelines.consumer.dispatch import SensorCursor, ShardCursor
 from durability_pipelines.consumer.storage import ConsumerStorage, ensure
 from durability_pipelines.orchestration.consumers import LAG_CHECK
 
-AUDIT_REDIS_DB = 12
-
 
 @dataclass
 class Isolated:
-    """A database and a Redis db of its own: the audit reads *every* key."""
+    """A database of its own and the session's own Redis server: the audit reads *every* key."""
 
     postgres_url: str
     redis_url: str
@@ -46,15 +44,14 @@ class Isolated:
 
 
 @pytest.fixture
-def iso(postgres_admin_url: str) -> Iterator[Isolated]:
+def iso(postgres_admin_url: str, own_redis_url: str) -> Iterator[Isolated]:
     name = f"dp_audit_{secrets.token_hex(4)}"
     url = services.ensure_database(postgres_admin_url, name)
-    redis_url = services.with_redis_db(services.resolve_redis_url(), AUDIT_REDIS_DB)
+    redis_url = own_redis_url  # the session's own server: the only kind a test may flush
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     ensure(PostgresConnection(url))
     yield Isolated(url, redis_url)
-    client.flushdb()
+    client.close()
     with psycopg.connect(services.libpq_url(postgres_admin_url), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 

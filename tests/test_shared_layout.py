@@ -2,84 +2,21 @@
 
 The other worker's side is written exactly as the original pattern does it, with nothing of ours: raw
 redis-py ``GET`` / ``SET key seq EX 86400`` and the pattern's own UPSERT / SELECT on ``checkpoints``.
-Each test runs on a database and a Redis db of its own (the mirror and the audit read every key).
+Each test runs on a database of its own and the session's own Redis server, emptied for it (the mirror and the audit read every key).
 """
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import psycopg
 import pytest
-import redis
-from psycopg import sql
 
-from durability_pipelines import services
 from durability_pipelines.audit.tables import build_checkpoint_audit, build_history_summary
 from durability_pipelines.checkpoints import CheckpointKey, SaveContext
 from durability_pipelines.checkpoints.inspect import snapshot
-from durability_pipelines.checkpoints.mirror import CheckpointMirror
-from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore, PostgresConnection
+from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
-from durability_pipelines.consumer.storage import ensure
+from tests.support.shared_layout import ORIGINAL_UPSERT, Shared
 from tests.support.stores import build_store
-
-# The original pattern's SQL, verbatim in spirit: a plain upsert and a plain select.
-ORIGINAL_UPSERT = """
-INSERT INTO checkpoints (adapter, stream, grp, consumer, shard, sequence, ts)
-VALUES (%s, %s, %s, %s, %s, %s, NOW())
-ON CONFLICT (adapter, stream, grp, consumer, shard) DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()
-"""
-ORIGINAL_SELECT = "SELECT sequence FROM checkpoints WHERE adapter = %s AND stream = %s AND grp = %s AND consumer = %s AND shard = %s"
-SHARED_REDIS_DB = 11
-
-
-@dataclass
-class Shared:
-    postgres_url: str
-    redis_url: str
-    client: redis.Redis
-
-    def db(self) -> PostgresConnection:
-        return PostgresConnection(self.postgres_url)
-
-    # -- the other worker (original pattern) ----------------------------------------------------
-    def other_set(self, redis_key: str, seq: str) -> None:
-        self.client.set(redis_key, seq, ex=86400)
-
-    def other_upsert(self, key: CheckpointKey, seq: str) -> None:
-        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
-            conn.execute(ORIGINAL_UPSERT, (*key.as_row().values(), seq))
-
-    def other_select(self, key: CheckpointKey) -> str | None:
-        with psycopg.connect(self.postgres_url) as conn:
-            row = conn.execute(ORIGINAL_SELECT, tuple(key.as_row().values())).fetchone()
-        return row[0] if row else None
-
-    def rows(self) -> list[tuple[str, ...]]:
-        with psycopg.connect(self.postgres_url) as conn:
-            return conn.execute("SELECT adapter, stream, grp, consumer, shard, sequence FROM checkpoints "
-                                "ORDER BY 1, 2, 3, 4, 5").fetchall()
-
-    def mirror(self, **kwargs: object):
-        return CheckpointMirror(self.client, self.db(), **kwargs).run()  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def shared(postgres_admin_url: str) -> Iterator[Shared]:
-    name = f"dp_shared_{secrets.token_hex(4)}"
-    url = services.ensure_database(postgres_admin_url, name)
-    redis_url = services.with_redis_db(services.resolve_redis_url(), SHARED_REDIS_DB)
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    ensure(PostgresConnection(url))
-    yield Shared(url, redis_url, client)
-    client.flushdb()
-    client.close()
-    with psycopg.connect(services.libpq_url(postgres_admin_url), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def hybrid(shared: Shared, **kwargs: object):

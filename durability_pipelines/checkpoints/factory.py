@@ -18,16 +18,23 @@ class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Backend = "hybrid"
-    redis_ttl_s: float | None = Field(default=None, gt=0, description="None = keys never expire (strict)")
-    history_maxlen: int = Field(default=1000, ge=0, description="Redis history stream cap per key; 0 = off")
-    flush_every_n: int = Field(default=100, ge=1, description="hybrid: flush to Postgres every N acks")
-    flush_every_s: float = Field(default=5.0, ge=0, description="hybrid: ... or every T seconds")
+    # Every duration is bounded (a float overflow or a date out of range would fail every run, naming no field)
+    # and every count strict (YAML's `true` is no count).
+    redis_ttl_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False,
+                                      description="None = keys never expire (strict); at most 10 years")
+    history_maxlen: int = Field(default=1000, ge=0, le=10_000_000, strict=True,
+                                description="Redis history stream cap per key; 0 = off")
+    flush_every_n: int = Field(default=100, ge=1, le=1_000_000, strict=True,
+                               description="hybrid: flush to Postgres every N acks")
+    flush_every_s: float = Field(default=5.0, ge=0, le=86400, allow_inf_nan=False,
+                                 description="hybrid: ... or every T seconds (at most a day)")
     redis_wait_replicas: int = Field(
-        default=0, ge=0,
+        default=0, ge=0, le=16, strict=True,
         description="redis/hybrid: each Redis save waits (WAIT) until this many replicas have it; 0 = async",
     )
     redis_wait_timeout_s: float = Field(
-        default=1.0, gt=0, description="how long a save waits for redis_wait_replicas before the ack fails",
+        default=1.0, gt=0, le=60, allow_inf_nan=False,
+        description="how long a save waits for redis_wait_replicas before the ack fails (at most 60 s)",
     )
 
     @model_validator(mode="after")

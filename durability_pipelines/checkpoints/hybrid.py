@@ -42,6 +42,7 @@ from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
     LeaseLostError,
     StoreUnavailableError,
+    WrongTypeKeyError,
     lease_lost,
 )
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
@@ -49,7 +50,7 @@ from durability_pipelines.checkpoints.ordering import fast_sequence, max_sequenc
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
 from durability_pipelines.checkpoints.redis_io import WrongType
 from durability_pipelines.checkpoints.redis_store import RedisCheckpointStore
-from durability_pipelines.checkpoints.sentinels import is_sentinel
+from durability_pipelines.checkpoints.sentinels import effective, is_sentinel
 
 T = TypeVar("T")
 
@@ -74,6 +75,10 @@ class Fallback:
 #: the copy must never outlive the grant, or a takeover in Postgres could leave the old holder a
 #: Redis copy that still admits its writes.
 MIRROR_MARGIN_S = 1.0
+
+
+#: How often a hybrid load asks Postgres for sentinels other writers put into ``checkpoint_sentinels``, per key.
+SENTINEL_CHECK_EVERY_S = 30.0
 
 
 def _mirror_margin(duration_s: float) -> float:
@@ -241,6 +246,7 @@ class HybridCheckpointStore(CheckpointStore):
         self.fallbacks: list[Fallback] = []
         self._replace_if_equal = redis_store.client.register_script(_REPLACE_IF_EQUAL_LUA)
         self._leases = HybridLeaseManager(self)
+        self._sentinels_checked: dict[CheckpointKey, float] = {}  # key -> when Postgres's sentinel was last read
 
     # -- state -----------------------------------------------------------------
     @property
@@ -276,10 +282,11 @@ class HybridCheckpointStore(CheckpointStore):
             try:
                 result = self._save_redis(key, sequence, lease, ctx)
             except InvalidSequenceError as exc:  # garbage, or a key of another type (WrongTypeKeyError)
-                if exc.key != key.redis_key:
+                at_sentinel = isinstance(exc, WrongTypeKeyError) and exc.key == self._sentinel_key(key)
+                if exc.key != key.redis_key and not at_sentinel:
                     raise  # one of the project's own keys: the error says how to fix it
                 result = self._replace_unusable(key, str(exc.value or "a value that is no position"), sequence,
-                                                lease, ctx)
+                                                lease, ctx, at_sentinel=at_sentinel)
         except StoreUnavailableError as exc:
             self._degrade("redis", exc)
             result = self._save_postgres_direct(key, sequence, lease, ctx)
@@ -325,14 +332,26 @@ class HybridCheckpointStore(CheckpointStore):
                 raise lost from None
             raise lease_lost(lease, current.owner if current else None, current.epoch if current else None) from None
 
+    def _sentinel_key(self, key: CheckpointKey) -> str:
+        return key.companions(cluster=self.redis.cluster).sentinel
+
     def _replace_unusable(self, key: CheckpointKey, found: str, sequence: str, lease: Lease | None,
-                          ctx: SaveContext) -> tuple[SaveResult, int | None, int | None]:
+                          ctx: SaveContext, *, at_sentinel: bool = False) -> tuple[SaveResult, int | None, int | None]:
         """Redis holds no position at the key (garbage, or a hash another program wrote): Postgres has the
         truth, so replace it (under the lease) by the greater of the acked position and Postgres's, and
         record why. A redis-only store cannot do this; it raises and the consumer dead-letters the shard."""
         stored = self.postgres.load(key)
         target = max_sequence(sequence, stored) or sequence
-        reason = f"replaced {found[:40]} found at the checkpoint key ({ctx.reason or 'save'})"
+        where = "the sentinel key" if at_sentinel else "the checkpoint key"
+        reason = f"replaced {found[:40]} found at {where} ({ctx.reason or 'save'})"
+        if at_sentinel:  # the bad key goes (fenced); the position is then saved the usual, monotonic way
+            self.redis.replace_unusable(key, target, lease=lease, at_sentinel=True,
+                                        context=SaveContext(writer=ctx.writer, run_id=ctx.run_id, reason=reason))
+            log.warning("checkpoint %s: Redis held %s at %s, not a sentinel; replaced", key, found[:80], where)
+            self.fallbacks.append(Fallback(key, f"Redis held {found[:80]} at {where}: replaced"))
+            if target != sequence:
+                self._save_redis(key, target, lease, SaveContext(writer=ctx.writer, run_id=ctx.run_id, reason=reason))
+            return self._save_redis(key, sequence, lease, ctx)
         log.warning("checkpoint %s: Redis held %s, not a position; replacing it with %s", key, found[:80], target)
         self.fallbacks.append(Fallback(key, f"Redis held {found[:80]}: replaced by {target}"))
         if not self.redis.replace_unusable(key, target, lease=lease,
@@ -355,6 +374,10 @@ class HybridCheckpointStore(CheckpointStore):
         """
         sequence = normalize_sequence(sequence, key=key.redis_key)
         ctx = require_force_context(context)
+        try:
+            self.redis.check_force_set(key)  # a Redis that would refuse it: refuse before writing Postgres
+        except StoreUnavailableError as exc:
+            self._degrade("redis", exc)
         pg = self.postgres.force_set(key, sequence, context=ctx)
         with self._lock:
             self._pending.pop(key, None)  # an unflushed ack from before the forced write is superseded
@@ -469,6 +492,7 @@ class HybridCheckpointStore(CheckpointStore):
                 self.fallbacks.append(Fallback(key, f"garbage in Redis: {exc}"))
                 log.warning("checkpoint %s: %s; falling back to Postgres", key, exc)
                 missing[key] = raw
+        self._apply_postgres_sentinels(out, raws is not None)
         if not missing:
             return out  # every key came from Redis, already in the order given
         from_pg = self.postgres.load_many(list(missing))
@@ -480,6 +504,36 @@ class HybridCheckpointStore(CheckpointStore):
             if value is not None and raws is not None:
                 self._rewarm(key, value, missing[key])
         return {k: out.get(k) for k in keys}
+
+    def _apply_postgres_sentinels(self, out: dict[CheckpointKey, str | None], redis_up: bool) -> None:
+        """One rule for every backend: a sentinel in ``checkpoint_sentinels`` counts, whoever wrote it (a
+        ``SHARD_END`` there ends the shard here as it does for the postgres backend). It is copied to Redis's
+        sentinel key, so that the next saves (which read Redis only) see it too. Asked at most every
+        ``SENTINEL_CHECK_EVERY_S`` per key (a run loads its shard's checkpoint at every batch: not a Postgres
+        query per ack)."""
+        now = time.monotonic()
+        due = [k for k in out if now - self._sentinels_checked.get(k, -SENTINEL_CHECK_EVERY_S) >= SENTINEL_CHECK_EVERY_S]
+        if not due:
+            return
+        try:
+            sentinels = self.postgres.load_sentinels(due)
+        except StoreUnavailableError as exc:
+            self._degrade("postgres", exc)
+            return
+        if len(self._sentinels_checked) >= 65_536:
+            self._sentinels_checked.clear()
+        self._sentinels_checked.update(dict.fromkeys(due, now))
+        for key, sentinel in sentinels.items():
+            position = effective(out[key], sentinel)
+            if position == out[key]:
+                continue
+            out[key] = position
+            if redis_up:
+                try:
+                    self.redis.save(key, sentinel, context=SaveContext(writer="hybrid-rewarm",
+                                                                       reason="sentinel from postgres"))
+                except (StoreUnavailableError, InvalidSequenceError, redis.RedisError) as exc:
+                    log.warning("could not copy the sentinel of %s to Redis: %s", key, exc)
 
     def _rewarm(self, key: CheckpointKey, value: str, garbage: bytes | WrongType | None) -> None:
         if isinstance(garbage, WrongType):

@@ -21,6 +21,7 @@ import redis
 from durability_pipelines.checkpoints.errors import InvalidSequenceError
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
 from durability_pipelines.checkpoints.ordering import (
+    SHARD_END,
     fast_sequence,
     is_number,
     normalize_sequence,
@@ -46,7 +47,27 @@ def external_store(reason: str | None) -> str | None:
         if reason == external_reason(store):
             return store
     return None
+
+
 _CHUNK = 1000
+
+
+def recorded_number(sequence: str | None, previous: str | None = None) -> str | None:
+    """The number a recorded write left in the *shared* value (key or row), canonical; None when it left none.
+
+    The shared value holds numbers only: a write of a number left that number; a write of ``SHARD_END`` left
+    the number before it (the shared value keeps the shard's last number, the sentinel lives beside it); a
+    ``TRIM_HORIZON`` / ``LATEST`` (an operator's rewind) left no number. A shared value is compared with this,
+    never with the sentinel the history also records: an ended shard is no regression.
+    """
+    value = previous if sequence == SHARD_END else sequence
+    if value is None:
+        return None
+    try:
+        canonical = normalize_sequence(value)
+    except InvalidSequenceError:
+        return None
+    return canonical if is_number(canonical) else None
 
 
 def _dec(v: Any) -> str | None:
@@ -177,17 +198,15 @@ class KeyState:
 
     @property
     def external_regressions(self) -> list[ExternalRegression]:
-        """Stores whose value is behind their own last recorded write (a foreign, unrecorded write)."""
+        """Stores whose shared value is behind the number their own last recorded write left there (a foreign,
+        unrecorded write). ``SHARD_END`` is compared as what it left in the shared value: the shard's last number."""
         out = []
         for name, value, last in (("redis", self.redis, self.redis_last_write),
                                   ("postgres", self.postgres, self.postgres_last_write)):
             if value is None or value.sequence is None or last is None:
                 continue
-            try:
-                recorded = normalize_sequence(last.sequence)
-            except InvalidSequenceError:
-                continue
-            if sort_key(value.sequence) < sort_key(recorded):
+            recorded = recorded_number(last.sequence, last.previous)
+            if recorded is not None and sort_key(value.sequence) < sort_key(recorded):
                 out.append(ExternalRegression(name, recorded, value.sequence))
         return out
 
@@ -229,10 +248,15 @@ def _redis_part(client: redis.Redis, states: dict[str, KeyState], redis_keys: li
             companions = key.companions(cluster=cluster)
             pipe.xrevrange(companions.history, count=1)
             pipe.hmget(companions.hybrid_state, "acks", "flushed_ms")
+            pipe.type(companions.sentinel)
         replies = pipe.execute()
-        for n, (rkey, _) in enumerate(keyed):
-            head, (acks, flushed_ms) = replies[2 * n], replies[2 * n + 1]
+        for n, (rkey, key) in enumerate(keyed):
+            head, (acks, flushed_ms), sentinel_kind = replies[3 * n], replies[3 * n + 1], _dec(replies[3 * n + 2])
             st = states[rkey]
+            if sentinel_kind not in ("none", "string", None):  # another program's key where the sentinel goes
+                assert key is not None
+                st.redis = Stored(f"<redis {sentinel_kind} at {key.companions(cluster=cluster).sentinel}>", None,
+                                  "wrong-type")
             if head:
                 entry_id, fields = head[0]
                 f = {_dec(k): _dec(v) for k, v in fields.items()}

@@ -32,10 +32,16 @@ import psycopg
 import redis
 
 from durability_pipelines.checkpoints.errors import InvalidSequenceError
-from durability_pipelines.checkpoints.inspect import EXTERNAL_WRITER, external_reason, redis_key_of_row
+from durability_pipelines.checkpoints.inspect import (
+    EXTERNAL_WRITER,
+    external_reason,
+    recorded_number,
+    redis_key_of_row,
+)
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
 from durability_pipelines.checkpoints.ordering import (
     fast_sequence,
+    is_number,
     normalize_sequence,
     sequence_gap,
     sort_key,
@@ -93,13 +99,14 @@ SELECT count(*) FROM hist
 # The same guarded upsert without history rows (``record_history=False``): half the writes.
 _BULK_UPSERT_NO_HISTORY_SQL = _UPSERT_CTES + "\nSELECT count(*) FROM up\n"
 
-# Every row, its value's rank (NULL: not a position) and the newest write its history recorded.
+# Every row, its value's rank (NULL: not a position) and the newest write its history recorded (what that write
+# left in the shared row is ``inspect.recorded_number`` of it: a SHARD_END left the number before it).
 _POSTGRES_SQL = """
 SELECT c.adapter, c.stream, c.grp, c.consumer, c.shard, c.sequence,
-       durability_sequence_rank_or_null(c.sequence) IS NOT NULL AS valid, h.new_sequence
+       durability_sequence_rank_or_null(c.sequence) IS NOT NULL AS valid, h.new_sequence, h.previous_sequence
 FROM checkpoints c
 LEFT JOIN LATERAL (
-  SELECT new_sequence FROM checkpoint_history x
+  SELECT new_sequence, previous_sequence FROM checkpoint_history x
   WHERE x.adapter = c.adapter AND x.stream = c.stream AND x.grp = c.grp AND x.consumer = c.consumer
     AND x.shard = c.shard
   ORDER BY x.id DESC LIMIT 1) h ON true
@@ -184,7 +191,8 @@ def _canonical(raw: bytes | str) -> str | None:
 
 @dataclass(frozen=True)
 class _Row:
-    """A usable Postgres row: its key, value and the newest write its history recorded."""
+    """A usable Postgres row: its key, value and the number the newest write its history recorded left in the
+    shared row (``inspect.recorded_number``; None: none, e.g. a rewind to TRIM_HORIZON)."""
 
     key: CheckpointKey
     sequence: str
@@ -224,7 +232,7 @@ class CheckpointMirror:
         report.postgres_keys = len(rows)
         values: dict[str, _Row] = {}
         bad: set[str] = set()
-        for adapter, stream, grp, consumer, shard, sequence, valid, recorded in rows:
+        for adapter, stream, grp, consumer, shard, sequence, valid, recorded, recorded_prev in rows:
             rkey = redis_key_of_row(adapter, stream, grp, consumer, shard)
             try:
                 key = CheckpointKey.from_row(adapter, stream, grp, consumer, shard)
@@ -238,7 +246,7 @@ class CheckpointMirror:
                             "`durability-pipelines checkpoints set ... --force`")
                 bad.add(rkey)
                 continue
-            values[rkey] = _Row(key, value, _canonical(recorded) if recorded else None)
+            values[rkey] = _Row(key, value, recorded_number(recorded, recorded_prev))
         self._postgres_regressions(values, report)
         return values, bad
 
@@ -301,6 +309,10 @@ class CheckpointMirror:
                 value = _canonical(raw_value)
                 if value is None:
                     report.skip("redis", rkey, "invalid", f"Redis holds {_decode(raw_value)[:80]!r}")
+                    continue
+                if not is_number(value):  # never copied into the shared row other workers read
+                    report.skip("redis", rkey, "invalid", f"Redis holds {value} in the shared key, which holds numbers "
+                                "only: `durability-pipelines migrate` moves it to the sentinel key")
                     continue
                 seen[rkey] = value
                 if rkey in bad_rows:
@@ -423,7 +435,9 @@ class CheckpointMirror:
         record = self.client.pipeline(transaction=False)
         recorded_in_postgres: list[tuple[str, ...]] = []  # the audit trail (and its summary) lives in Postgres
         for (rkey, row), head in zip(behind, heads, strict=True):
-            recorded = _canonical(_decode(head[0][1].get(b"seq", b""))) if head else None
+            fields = head[0][1] if head else {}
+            recorded = recorded_number(_decode(fields.get(b"seq", b"")) or None,
+                                       _decode(fields.get(b"prev", b"")) or None) if head else None
             current = redis_values[rkey]
             if recorded is None or sort_key(current) >= sort_key(recorded):
                 if sort_key(current) < sort_key(row.sequence):  # Redis lost acks (a restart, an old snapshot)
@@ -436,15 +450,45 @@ class CheckpointMirror:
                         maxlen=1000, approximate=True)
             recorded_in_postgres.append((*row.key.as_row().values(), recorded, current, EXTERNAL_WRITER,
                                          external_reason("redis")))
-            if self.repair:
+            if self.repair:  # the shared key gets a number back, even beside a SHARD_END (the monotonic save
+                # would call that stale: the position is the sentinel's), never the sentinel itself
                 target = max(recorded, row.sequence, key=sort_key)
-                restore.append((row.key, target, "repair: undo a foreign regression"))
-                report.repaired += 1
+                if is_number(target) and advance_shared(self.client, row.key, target, writer=MIRROR_WRITER,
+                                                        reason="repair: undo a foreign regression"):
+                    report.repaired += 1
         if recorded_in_postgres:
             record.execute()
             with self.db.connection() as conn, conn.cursor() as cur:
                 cur.executemany(_RECORD_EXTERNAL_SQL, recorded_in_postgres)
         return restore
+
+
+def advance_shared(client: redis.Redis, key: CheckpointKey, number: str, *, writer: str, reason: str) -> bool:
+    """Put ``number`` in the shared key when it holds nothing or a lower number, whatever sentinel is beside it,
+    with a history entry (repairs: the monotonic save compares with the position, and a ``SHARD_END`` beside the
+    key would make any number stale). A key holding something else (garbage, a sentinel, another type) is left
+    as it is. Returns whether it wrote. The comparison is ``ordering.sort_key``, under ``WATCH``."""
+    if not is_number(number):
+        raise ValueError(f"the shared key holds numbers only, not {number!r}")
+    history = key.companions(cluster=is_cluster(client)).history
+
+    def attempt(pipe: Any) -> bool:
+        found = pipe.get(key.redis_key)
+        current = _canonical(found) if found is not None else None
+        if found is not None and (current is None or not is_number(current) or sort_key(current) >= sort_key(number)):
+            return False
+        pipe.multi()
+        pipe.set(key.redis_key, number, keepttl=True)
+        pipe.xadd(history, {"prev": _decode(found) if found is not None else "", "seq": number, "writer": writer,
+                            "epoch": "", "run": "", "reason": reason}, maxlen=1000, approximate=True)
+        return True
+
+    try:
+        return bool(client.transaction(attempt, key.redis_key, value_from_callable=True))
+    except redis.ResponseError as exc:
+        if "WRONGTYPE" in str(exc):
+            return False
+        raise
 
 
 @dataclass(frozen=True)
@@ -464,18 +508,21 @@ def repair_key(client: redis.Redis, db: PostgresConnection, key: CheckpointKey, 
     from durability_pipelines.checkpoints.inspect import for_keys
 
     state = for_keys(client, db, [key])[key]
-    candidates = [v.sequence for v in (state.redis, state.postgres) if v is not None and v.sequence]
+    candidates = [v.sequence for v in (state.redis, state.postgres)
+                  if v is not None and v.sequence and is_number(v.sequence)]
     for last in (state.redis_last_write, state.postgres_last_write, *state.external_writes):
         if last is None:
             continue
-        value = last.previous if last.writer == EXTERNAL_WRITER else last.sequence
-        if value and (canonical := _canonical(value)) is not None:
-            candidates.append(canonical)
+        # what the shared value held: an external row's previous value, else what the write left there
+        number = recorded_number(last.previous) if last.writer == EXTERNAL_WRITER else recorded_number(
+            last.sequence, last.previous)
+        if number is not None:
+            candidates.append(number)
     before = {"redis": state.redis.raw if state.redis else None,
               "postgres": state.postgres.raw if state.postgres else None}
     if not candidates:
         return RepairResult(key, None, before, before)
-    target = max(candidates, key=sort_key)
+    target = max(candidates, key=sort_key)  # a number: shared keys and rows hold nothing else
     reason = f"repair: undo a foreign regression (by {by})"
     with db.connection() as conn, conn.transaction():
         row = conn.execute(
@@ -488,8 +535,7 @@ def repair_key(client: redis.Redis, db: PostgresConnection, key: CheckpointKey, 
                 "VALUES (%s, %s, %s, %s, %s, %s, NOW()) ON CONFLICT (adapter, stream, grp, consumer, shard) "
                 "DO UPDATE SET sequence = EXCLUDED.sequence, ts = NOW()", (*key.as_row().values(), target))
             conn.execute(_RECORD_EXTERNAL_SQL, (*key.as_row().values(), row[0] if row else None, target, by, reason))
-    client.register_script(SAVE_LUA)(
-        keys=list(save_script_keys(key, cluster=is_cluster(client))), args=[target, by, "", "", "", reason, "1000"])
+    advance_shared(client, key, target, writer=by, reason=reason)
     after_state = for_keys(client, db, [key])[key]
     after = {"redis": after_state.redis.raw if after_state.redis else None,
              "postgres": after_state.postgres.raw if after_state.postgres else None}

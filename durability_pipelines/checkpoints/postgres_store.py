@@ -63,6 +63,12 @@ LEFT JOIN checkpoint_sentinels x
   ON x.adapter = k.a AND x.stream = k.s AND x.grp = k.g AND x.consumer = k.co AND x.shard = k.sh
 WHERE c.sequence IS NOT NULL OR x.sentinel IS NOT NULL
 """
+_SENTINELS_SQL = """
+SELECT x.adapter, x.stream, x.grp, x.consumer, x.shard, x.sentinel
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS k(a, s, g, co, sh)
+JOIN checkpoint_sentinels x
+  ON x.adapter = k.a AND x.stream = k.s AND x.grp = k.g AND x.consumer = k.co AND x.shard = k.sh
+"""
 _LOAD_SQL = """
 SELECT (SELECT sequence FROM checkpoints WHERE {w}), (SELECT sentinel FROM checkpoint_sentinels WHERE {w})
 """
@@ -436,6 +442,15 @@ class PostgresCheckpointStore(CheckpointStore):
 
     def keys(self) -> list[CheckpointKey]:
         return sorted(k for k, _, _ in self.raw_rows())
+
+    def load_sentinels(self, keys: Sequence[CheckpointKey]) -> dict[CheckpointKey, str]:
+        """The ``checkpoint_sentinels`` value of each of ``keys`` that has one (whoever wrote it)."""
+        if not keys:
+            return {}
+        cols = [list(c) for c in zip(*(k.sort_tuple for k in keys), strict=True)]
+        with self.db.connection() as conn:
+            rows = conn.execute(_SENTINELS_SQL, cols).fetchall()
+        return {CheckpointKey.from_row(*r[:5]): r[5] for r in rows if is_sentinel(r[5])}
 
     def _save_on(self, conn: psycopg.Connection, key: CheckpointKey, sequence: str, lease: Lease | None,
                  context: SaveContext | None) -> SaveResult:

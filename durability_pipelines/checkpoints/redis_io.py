@@ -29,12 +29,23 @@ class WrongType:
     """What ``load_raw_many`` returns for a key of another Redis type than a string (``MGET`` says nil)."""
 
     kind: str  # hash, list, set, zset, stream
+    key: str | None = None  # the Redis key of that type, when it is not the checkpoint key (its sentinel key)
 
     def __str__(self) -> str:
-        return f"<redis {self.kind}>"
+        return f"<redis {self.kind}>" if self.key is None else f"<redis {self.kind} at {self.key}>"
 
 
 def wrong_type_error(redis_key: str, kind: str) -> WrongTypeKeyError:
+    from durability_pipelines.checkpoints.keys import SENTINEL_PREFIX
+
+    if redis_key.startswith(SENTINEL_PREFIX + ":"):
+        return WrongTypeKeyError(
+            f"Redis key {redis_key!r} holds a {kind}, not the SHARD_END / TRIM_HORIZON / LATEST string the project "
+            "keeps beside the checkpoint (another program wrote it?); nothing was written. Replace it: "
+            "`durability-pipelines checkpoints set <adapter> <stream> <group> <consumer> [<shard>] --sequence "
+            "<position> --force` (hybrid consumers replace it themselves at their next ack, from Postgres).",
+            key=redis_key, kind=kind,
+        )
     return WrongTypeKeyError(
         f"Redis key {redis_key!r} holds a {kind}, not the checkpoint string the shared layout puts there "
         f"(another program wrote it?); nothing was read or written there. Look at it (`redis-cli TYPE {redis_key}`), "
@@ -51,7 +62,7 @@ def parse_stored(key: CheckpointKey, raw: Any) -> str | None:
     if raw is None:
         return None
     if isinstance(raw, WrongType):
-        raise wrong_type_error(key.redis_key, raw.kind)
+        raise wrong_type_error(raw.key or key.redis_key, raw.kind)
     fast = fast_sequence(raw)
     return fast if fast is not None else normalize_sequence(raw, key=key.redis_key)
 

@@ -186,7 +186,18 @@ class RedisCheckpointStore(CheckpointStore):
                     kind = as_text(kind)
                     if kind not in ("none", "string"):
                         values[i] = WrongType(kind or "?")
-        return [effective(v, s) for v, s in zip(values, both[1::2], strict=True)]
+            sentinels = both[1::2]
+            # A sentinel key of another type reads as nil too: one EXISTS says whether any nil one exists at all.
+            nil = [i for i, s in enumerate(sentinels) if s is None]
+            if nil and self.client.exists(*(redis_keys[2 * i + 1] for i in nil)):
+                pipe = self.client.pipeline(transaction=False)
+                for i in nil:
+                    pipe.type(redis_keys[2 * i + 1])
+                for i, kind in zip(nil, pipe.execute(), strict=True):
+                    kind = as_text(kind)
+                    if kind not in ("none", "string") and not isinstance(values[i], WrongType):
+                        values[i] = WrongType(kind or "?", redis_keys[2 * i + 1])
+        return [v if isinstance(v, WrongType) else effective(v, s) for v, s in zip(values, sentinels, strict=True)]
 
     def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
         keys = list(keys)
@@ -274,25 +285,25 @@ class RedisCheckpointStore(CheckpointStore):
         with redis_errors(self.client):
             pipe = self.client.pipeline(transaction=False)
             for k in redis_keys:
-                pipe.type(k)
+                pipe.type(k) if k else pipe.echo("none")
             kinds = [as_text(t) for t in pipe.execute()]
         for k, kind, want in zip(redis_keys, kinds, expected, strict=False):
-            if kind not in ("none", want):
+            if k and kind not in ("none", want):
                 return wrong_type_error(k, kind or "?")
         return wrong_type_error(redis_keys[0], "value of another type")
 
     def replace_unusable(self, key: CheckpointKey, sequence: str, *, lease: Lease | None,
-                         context: SaveContext) -> bool:
+                         context: SaveContext, at_sentinel: bool = False) -> bool:
         """Replace a checkpoint key that holds no position (garbage, or another Redis type) by ``sequence``,
         under the lease. For the hybrid store, which has the truth in Postgres: a Redis-only store has
         nothing to replace it with. False if the key changed meanwhile; ``LeaseLostError`` if fenced out."""
         redis_key, lease_key, history_key, sentinel_key, _ = self._redis_keys(key)
         with redis_errors(self.client):
-            kind = as_text(self.client.type(redis_key)) or "none"
-            found = as_text(self.client.get(redis_key)) if kind == "string" else ""
+            kind = as_text(self.client.type(sentinel_key if at_sentinel else redis_key)) or "none"
+            found = as_text(self.client.get(redis_key)) if kind == "string" and not at_sentinel else ""
             args = [kind, sequence, lease.owner if lease else context.writer,
                     "" if lease is None else str(lease.epoch), context.run_id or "", context.reason or "",
-                    self.history_maxlen, self.ttl_ms, found or ""]
+                    self.history_maxlen, self.ttl_ms, found or "", "sentinel" if at_sentinel else ""]
             outcome, owner, epoch = self._replace_unusable(keys=[redis_key, lease_key, history_key, sentinel_key],
                                                            args=args)
             if self.cluster and lease is not None and as_text(outcome) == "lease_lost":
@@ -303,6 +314,15 @@ class RedisCheckpointStore(CheckpointStore):
             raise lease_lost(lease, as_text(owner), int(epoch) if epoch else None)  # type: ignore[arg-type]
         return as_text(outcome) == "replaced"
 
+    def check_force_set(self, key: CheckpointKey) -> None:
+        """Raise ``WrongTypeKeyError`` if ``force_set`` would refuse ``key`` (its history key is of another type):
+        for a caller that must not write another store first (hybrid). Other types it replaces itself."""
+        history_key = self._redis_keys(key)[2]
+        with redis_errors(self.client):
+            kind = as_text(self.client.type(history_key)) or "none"
+        if kind not in ("none", "stream"):
+            raise wrong_type_error(history_key, kind)
+
     def force_set(self, key: CheckpointKey, sequence: str, *, context: SaveContext) -> ForceSetResult:
         """Unconditional operator write plus a history entry, atomically (one Lua call).
 
@@ -312,9 +332,14 @@ class RedisCheckpointStore(CheckpointStore):
         sequence = normalize_sequence(sequence, key=key.redis_key)
         ctx = require_force_context(context)
         args = [sequence, ctx.writer, self.ttl_ms, ctx.run_id or "", ctx.reason or "", self.history_maxlen]
-        with redis_errors(self.client):
-            redis_key, _, history_key, sentinel_key, _ = self._redis_keys(key)
-            prev = self._force_set(keys=[redis_key, history_key, sentinel_key], args=args)
+        redis_key, _, history_key, sentinel_key, _ = self._redis_keys(key)
+        try:
+            with redis_errors(self.client):
+                prev = self._force_set(keys=[redis_key, history_key, sentinel_key], args=args)
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" in str(exc):  # only the history stream can be (the script replaces the others)
+                raise self._wrong_type([redis_key, "", history_key]) from exc
+            raise
         previous = as_text(prev)
         return ForceSetResult(key, previous, sequence, {self.backend: previous})
 

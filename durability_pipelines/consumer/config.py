@@ -39,6 +39,8 @@ CONSUMERS_DIR_ENV = "DURABILITY_CONSUMERS_DIR"
 COMPONENT_TYPE = "durability_pipelines.components.StreamConsumer"
 INSTANCE_FILE = "defs.yaml"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: The shortest lease a consumer may ask for: renewed every third of it, between batches.
+MIN_LEASE_S = 10.0
 _DOTTED = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
 
 
@@ -163,8 +165,10 @@ class EventFilterConfig(_Strict):
 
 
 class RetryConfig(_Strict):
-    max_retries: int = Field(default=3, ge=0, le=100, description="op retries before the batch is dead-lettered")
-    delay_s: float = Field(default=1.0, ge=0, description="first retry delay; doubles each retry, with jitter")
+    max_retries: int = Field(default=3, ge=0, le=100, strict=True,
+                             description="op retries before the batch is dead-lettered")
+    delay_s: float = Field(default=1.0, ge=0, le=3600, allow_inf_nan=False,
+                           description="first retry delay; doubles each retry, with jitter (at most an hour)")
 
 
 class DeadLetterConfig(_Strict):
@@ -193,64 +197,77 @@ class ConsumerConfig(_Strict):
     )
     checkpoint: StoreConfig = Field(default_factory=StoreConfig)
     max_events: int = Field(
-        default=1000, ge=1, le=10_000,
+        default=1000, ge=1, le=10_000, strict=True,
         description="events per batch (Lambda's BatchSize); above 1,000 a batch takes several GetRecords calls",
     )
     batch_window_s: float = Field(
-        default=0.0, ge=0, le=300,
+        default=0.0, ge=0, le=300, allow_inf_nan=False,
         description="wait up to this long to fill a batch when the stream is quiet (Lambda's "
         "MaximumBatchingWindowInSeconds); 0 = hand over what one read returns",
     )
     max_batches_per_run: int = Field(
-        default=1_000_000, ge=1, le=10_000_000,
+        default=1_000_000, ge=1, le=10_000_000, strict=True,
         description="a run drains at most this many batches, then hands its shard over (a bound for tests and "
         "for handlers that leak; max_run_seconds is the budget that matters)",
     )
     max_run_seconds: float = Field(
-        default=600.0, gt=0, le=3600,
+        default=600.0, gt=0, le=3600, allow_inf_nan=False,
         description="a run's budget: the sensor starts its successor successor_lead_s before it ends, and the run "
         "hands its shard over to it after the batch in hand (docs/performance.md says why 10 minutes)",
     )
     max_idle_s: float = Field(
-        default=5.0, ge=0, le=600,
+        default=5.0, ge=0, le=600, allow_inf_nan=False,
         description="a caught-up run keeps polling this long for new records before it ends; 0 = end at once",
     )
     retry: RetryConfig = Field(default_factory=RetryConfig)
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     sensor_interval_s: int = Field(
-        default=4, ge=1, le=3600,
+        default=4, ge=1, le=3600, strict=True,
         description="the sensor's minimum interval. The sensor daemon wakes every 5 s: below 5 every wake-up "
         "ticks (a steady 5 s); exactly 5 or 10 alternates between two cadences (5/10 s, 10/15 s)",
     )
     sensor_running_by_default: bool = True
     lease_duration_s: float = Field(
-        default=120, gt=0,
+        default=120, ge=MIN_LEASE_S, le=86400, allow_inf_nan=False,
         description="the shard lease; a run renews it every third of it. A run that stops renewing it (its "
         "process or node died) is declared dead by the sensor about one lease later, and the shard re-dispatched",
     )
 
     max_lag_s: float = Field(
-        default=300.0, gt=0,
+        default=300.0, gt=0, le=30 * 86400, allow_inf_nan=False,
         description="the lag objective: the sink's check lag_within_objective fails while a shard's oldest "
         "unprocessed record is older than this (seconds)",
     )
     successor_lead_s: float = Field(
-        default=30.0, ge=0, le=3600,
+        default=30.0, ge=0, le=3600, allow_inf_nan=False,
         description="graceful hand-off: the sensor starts a shard's next run this long before the current "
         "run's max_run_seconds, so that it has started and opened its clients when it asks for the shard "
         "(run start + one sensor interval; more on a run launcher that starts pods or containers)",
     )
     handoff_timeout_s: float = Field(
-        default=60.0, ge=1, le=3600,
+        default=60.0, ge=1, le=3600, allow_inf_nan=False,
         description="graceful hand-off: a run past its budget reads on this long while it waits for its "
         "successor to ask for the shard; a successor waits this long for a live owner to hand over",
     )
     keep_owned: bool = Field(
-        default=False,
+        default=False, strict=True,
         description="never end a run because its stream is quiet (max_idle_s is ignored): every shard is "
         "always owned by a run, handed from run to run, so the first event after a quiet period is read within "
         "a poll interval; costs one run process per shard at all times",
     )
+
+    @field_validator("lease_duration_s")
+    @classmethod
+    def _lease(cls, v: float, info: ValidationInfo) -> float:
+        """The lease is renewed between batches, every third of it: a batch (its batching window included) must
+        fit comfortably in that third, or every save is fenced out as the lease runs out under it."""
+        window = info.data.get("batch_window_s") or 0.0
+        if v < 3 * window + MIN_LEASE_S:
+            raise ValueError(
+                f"{v:g} s is too short for batch_window_s {window:g} s: a run renews the lease every third of it, "
+                f"between batches, so it must be at least 3 x batch_window_s + {MIN_LEASE_S:g} s "
+                f"({3 * window + MIN_LEASE_S:g} s) and comfortably longer than the slowest batch (handler included)")
+        return v
 
     @field_validator("name")
     @classmethod

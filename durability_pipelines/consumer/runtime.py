@@ -103,6 +103,8 @@ class ProcessOutput:
     failed: list[str] = field(default_factory=list)
     dead_letter_ids: list[int] = field(default_factory=list)
     attempts: int = 1
+    #: the save a transactional handler's transaction already committed (Postgres store): the ack reports it
+    saved: SaveResult | None = None
 
 
 class ConsumerRuntime:
@@ -120,6 +122,8 @@ class ConsumerRuntime:
     ) -> None:
         self.config = config
         self.store = store
+        #: per shard, the save the last transactional handler call committed (see ``ProcessOutput.saved``)
+        self._saved_in_transaction: dict[str | None, SaveResult] = {}
         self.source = source
         self.handler = handler
         self.storage = storage
@@ -195,6 +199,7 @@ class ConsumerRuntime:
         attempts = retry_number + 1
         last_attempt = retry_number >= self.config.retry.max_retries
         # Filtered-out events never reach the handler but are acked with the batch (consumer/filters.py).
+        self._saved_in_transaction.pop(read.shard, None)
         events = matching(self.config.filter, self.pending_events(read))
         if not events:
             return ProcessOutput(ack_to=read.batch.next_checkpoint, attempts=attempts)
@@ -207,7 +212,8 @@ class ConsumerRuntime:
                 raise
             return self._exhausted(read, events, exc, attempts)
         if not failed:
-            return ProcessOutput(ack_to=read.batch.next_checkpoint, processed=len(events), attempts=attempts)
+            return ProcessOutput(ack_to=read.batch.next_checkpoint, processed=len(events), attempts=attempts,
+                                 saved=self._saved_in_transaction.pop(read.shard, None))
         lowest = min(failed, key=sort_key)
         done = [e for e in events if sort_key(e.sequence) < sort_key(lowest)]
         if not last_attempt:
@@ -242,6 +248,7 @@ class ConsumerRuntime:
             self._ack_prefix(read, failed, ctx_save)
             return failed
         if isinstance(self.store, TransactionalStore):  # a capability (Protocol), not a concrete class
+            saved: SaveResult | None = None
             with self.store.transaction() as tx:
                 with self.metrics.timed("handler", "handler", read.shard):
                     result = self.handler(list(events), self._context(read, tx.connection))
@@ -249,7 +256,9 @@ class ConsumerRuntime:
                 target = read.batch.checkpoint_before(min(failed, key=sort_key)) if failed else ack_to
                 if target is not None:
                     for position in self._positions_to_save(read, target):
-                        tx.save(key, position, lease=read.lease, context=ctx_save)
+                        saved = tx.save(key, position, lease=read.lease, context=ctx_save)
+            if saved is not None and target == ack_to:
+                self._saved_in_transaction[read.shard] = saved  # committed: the ack reports this save
             return failed
         if not self.postgres_url:
             raise DurabilityError(f"handler {self.config.handler} is transactional but no Postgres URL is configured")
@@ -399,7 +408,9 @@ class ConsumerRuntime:
         """Save the checkpoint under the lease (kept: the drain loop reads the next batch under it)."""
         key = self.key(read.shard)
         result = None
-        if processed.ack_to is not None:
+        if processed.saved is not None and processed.saved.current == processed.ack_to:
+            result = processed.saved  # saved in the handler's transaction: saving again would report "unchanged"
+        elif processed.ack_to is not None:
             context = SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack")
             with self.metrics.timed(f"{self.store.backend}.save", self.store.backend, read.shard):
                 for position in self._positions_to_save(read, processed.ack_to):

@@ -119,3 +119,62 @@ def test_redis_consumer_dead_letters_the_shard_naming_the_key_and_the_fix(stream
     assert report.events == 10 and rt.store.load(key) == source.shards_events["shard-0"][-1].sequence
     rt.close()
     client.close()
+
+
+# --------------------------------------------------------------------------- a wrong-type key at the sentinel place
+
+
+def _sentinel_key(key) -> str:  # noqa: ANN001
+    return key.companions(cluster=False).sentinel
+
+
+def test_a_wrong_type_sentinel_key_is_named_on_load_and_save_and_replaced_by_a_forced_set(
+        redis_url: str, postgres_url: str) -> None:
+    store = build_store("redis", redis_url, "")
+    key = unique_key()
+    client = redis.Redis.from_url(redis_url)
+    assert store.save(key, "100").advanced
+    client.hset(_sentinel_key(key), "x", "1")  # another program
+    with pytest.raises(WrongTypeKeyError, match="durability:sentinel:") as caught:
+        store.load(key)
+    assert "checkpoints set" in str(caught.value)
+    with pytest.raises(WrongTypeKeyError, match="durability:sentinel:"):
+        store.save(key, "200")
+    # the remedy the message names, on the CLI's default (hybrid) backend: nothing half-done, nothing raw
+    hybrid = build_store("hybrid", redis_url, postgres_url)
+    forced = hybrid.force_set(key, "150", context=SaveContext(writer="op", reason="fix the sentinel key"))
+    assert forced.current == "150"
+    assert client.type(_sentinel_key(key)) == b"none" and client.get(key.redis_key) == b"150"
+    assert store.load(key) == "150" and store.save(key, "200").advanced
+    hybrid.close()
+    client.close()
+
+
+def test_a_hybrid_store_goes_on_from_postgres_past_a_wrong_type_sentinel_key(redis_url: str, postgres_url: str) -> None:
+    store = build_store("hybrid", redis_url, postgres_url, flush_every_n=1)
+    key = unique_key()
+    lease = store.leases.acquire(key.lease_key, "run-1", 60)
+    assert store.save(key, "100", lease=lease, context=SaveContext(writer="run-1")).advanced
+    client = redis.Redis.from_url(redis_url)
+    client.hset(_sentinel_key(key), "x", "1")
+    assert store.load(key) == "100"  # from Postgres
+    assert store.save(key, "200", lease=lease, context=SaveContext(writer="run-1")).advanced
+    assert client.type(_sentinel_key(key)) == b"none" and client.get(key.redis_key) == b"200"
+    assert any("sentinel key" in (h.reason or "") for h in store.redis.history(key))  # type: ignore[attr-defined]
+    store.close()
+    client.close()
+
+
+def test_checkpoints_list_names_a_wrong_type_sentinel_key(shared) -> None:  # noqa: ANN001
+    from durability_pipelines.audit.tables import build_checkpoint_audit
+    from durability_pipelines.checkpoints.inspect import snapshot
+
+    key = unique_key()
+    store = build_store("hybrid", shared.redis_url, shared.postgres_url, flush_every_n=1)
+    store.save(key, "100")
+    store.close()
+    shared.client.hset(_sentinel_key(key), "x", "1")
+    (state,) = snapshot(shared.client, shared.db())
+    assert state.drift[0].value == "wrong-type-redis" and "durability:sentinel:" in state.redis.raw
+    audit = build_checkpoint_audit(shared.client, shared.db(), [])
+    assert list(audit["status"]) == ["wrong-type"] and "durability:sentinel:" in audit["detail"][0]

@@ -605,6 +605,33 @@ class PrivateSentinelSet:
         _wait(promoted, timeout, f"the sentinels to promote a new master (old one at port {old.port})")
         return self.master()
 
+    def wait_for_replica_in_sync(self, node: PrivateRedis, timeout: float = 60.0) -> None:
+        """Wait until ``node`` (e.g. an old master that was started again) is a replica of the current master,
+        its link is up, and it has acknowledged everything the master wrote: only then does it count for the
+        master's ``WAIT`` (a rejoining node resynchronises first, and acks nothing meanwhile)."""
+
+        def in_sync() -> bool:
+            master = self.master()
+            if master is node:
+                return False
+            replica = node.client(socket_connect_timeout=1, socket_timeout=2)
+            primary = master.client(socket_connect_timeout=1, socket_timeout=2)
+            try:
+                mine = replica.info("replication")
+                if mine.get("role") != "slave" or mine.get("master_port") != master.port \
+                        or mine.get("master_link_status") != "up" or mine.get("master_sync_in_progress"):
+                    return False
+                theirs = primary.info("replication")
+                offset = theirs.get("master_repl_offset")
+                acked = [v for k, v in theirs.items() if k.startswith("slave") and isinstance(v, dict)
+                         and v.get("port") == node.port and v.get("state") == "online"]
+                return bool(acked) and acked[0].get("offset") == offset
+            finally:
+                replica.close()
+                primary.close()
+
+        _wait(in_sync, timeout, f"the node at port {node.port} to resynchronise as a replica of the master")
+
     def close(self) -> None:
         self.resume_replica()
         for proc in [*self.sentinels, *self.nodes]:
