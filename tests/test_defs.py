@@ -137,9 +137,41 @@ def test_dg_check_defs_names_every_broken_file_and_field_at_once(tmp_path: Path)
     out = _dg(["check", "defs"], ROOT, DURABILITY_CONSUMERS_DIR=str(consumers))
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "3 problem(s)" in text, text[-3000:]
-    assert f"{typo}: invalid field(s):\n  attributes.max_evnts: Extra inputs are not permitted" in text
-    assert f"{wrong}: invalid field(s):\n  attributes.sensor_interval_s: Input should be a valid integer" in text
+    assert (f"{typo}: invalid field(s):\n  {typo}:{_line(typo, 'max_evnts:')}: attributes.max_evnts: "
+            "Extra inputs are not permitted") in text
+    assert (f"{wrong}: invalid field(s):\n  {wrong}:{_line(wrong, 'sensor_interval_s:')}: "
+            "attributes.sensor_interval_s: Input should be a valid integer") in text
     assert f"{stray}: not loaded" in text
+
+
+def _line(path: Path, text: str) -> int:
+    """The 1-based line of ``path`` holding ``text``."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_dg_check_defs_names_the_file_and_line_of_a_typo_in_the_project_defs_folder(tmp_path: Path) -> None:
+    # A dg project like this one, its defs folder holding the starters, one with a misspelt attribute.
+    # dg 1.13's YAML check validates one instance per component type (the last it finds), so the typo
+    # may pass it ("All component YAML validated successfully."); loading the code location must fail
+    # then, naming the file and the line.
+    import shutil
+
+    consumers = tmp_path / "durability_pipelines" / "defs" / "consumers"
+    shutil.copytree(ROOT / "durability_pipelines" / "defs" / "consumers", consumers)
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    for name in ("orders_to_realtime", "orders_worker", "supabase_orders_worker"):
+        typo = consumers / name / "defs.yaml"
+        original = typo.read_text()
+        typo.write_text(original.replace("  max_lag_s:", "  max_lag_sec:"))
+        out = _dg(["check", "defs"], tmp_path, DURABILITY_CONSUMERS_DIR=str(consumers))
+        text = out.stdout + out.stderr
+        assert out.returncode != 0, text[-3000:]
+        line = _line(typo, "max_lag_sec:")
+        # the code location's check, or dg's own YAML check where it looked at this file
+        assert (f"{typo}:{line}: attributes.max_lag_sec: Extra inputs are not permitted" in text
+                or f"{typo}:{line} - durability_pipelines.components.StreamConsumer attributes.max_lag_sec" in text
+                ), text[-3000:]
+        typo.write_text(original)
 
 
 def test_dg_scaffold_defs_gives_a_working_consumer_to_edit(tmp_path: Path) -> None:
