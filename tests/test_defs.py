@@ -91,6 +91,25 @@ def test_every_job_runs_its_steps_in_one_process_and_consumers_go_first_in_the_q
     assert {"key": "durability/role", "value": "maintenance", "limit": 1} in config["tag_concurrency_limits"]
 
 
+def test_the_instance_purges_old_sensor_and_schedule_ticks(tmp_path: Path) -> None:
+    # dagster.yaml's retention section, read by Dagster itself (on a sqlite instance in tmp_path).
+    import yaml
+    from dagster import DagsterInstance
+    from dagster._core.definitions.run_request import InstigatorType
+
+    retention = yaml.safe_load((ROOT / "dagster_home" / "dagster.yaml").read_text())["retention"]
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"retention": retention}))
+    instance = DagsterInstance.from_config(str(tmp_path))
+    try:
+        sensor = {s.value: days for s, days in instance.get_tick_retention_settings(InstigatorType.SENSOR).items()}
+        schedule = {s.value: days for s, days in
+                    instance.get_tick_retention_settings(InstigatorType.SCHEDULE).items()}
+    finally:
+        instance.dispose()
+    assert sensor == {"STARTED": -1, "SKIPPED": 1, "SUCCESS": 7, "FAILURE": 30}
+    assert schedule == {"STARTED": -1, "SKIPPED": 7, "SUCCESS": 7, "FAILURE": 30}
+
+
 def test_dagster_definitions_validate_passes_on_the_workspace_and_leaves_nothing_in_the_tree(
     tmp_path: Path,
 ) -> None:
