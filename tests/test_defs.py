@@ -25,7 +25,13 @@ def test_definitions_load_with_every_job_sensor_asset_and_schedule() -> None:
     assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == {
         "checkpoint_mirror", "checkpoint_audit", "checkpoint_history_summary",
         "streams/dynamodb/orders", "streams/supabase/orders-changes",
-        "orders_worker/stream_events", "supabase_orders_worker/stream_events", "orders_to_realtime/realtime_orders"}
+        "orders_worker/orders_worker_stream_events",
+        "supabase_orders_worker/supabase_orders_worker_stream_events",
+        "orders_to_realtime/orders_to_realtime_realtime_orders"}
+    # the graph labels a node with its key's last part: every sink's label is its own
+    sinks = [k for k in repo.asset_graph.get_all_asset_keys() if k.path[0] in {"orders_worker",
+             "supabase_orders_worker", "orders_to_realtime"}]
+    assert len({k.path[-1] for k in sinks}) == len(sinks) == 3
     job = defs.resolve_job_def("orders_worker_job")
     assert [n.name for n in job.graph.node_defs] == ["drain_shard"]  # a run drains its shard, batch by batch
 
@@ -51,9 +57,10 @@ def test_streams_are_external_assets_upstream_of_each_consumers_sink_and_its_lag
     assert "table 'orders'" in stream.description and "us-east-1" in stream.description
     feed = graph.get(AssetKey(["streams", "supabase", "orders-changes"]))
     assert feed.kinds == {"supabase"} and "public.orders" in feed.description
-    sinks = {"orders_worker/stream_events": ("streams/dynamodb/orders", {"postgres"}),
-             "orders_to_realtime/realtime_orders": ("streams/dynamodb/orders", {"supabase"}),
-             "supabase_orders_worker/stream_events": ("streams/supabase/orders-changes", {"postgres"})}
+    sinks = {"orders_worker/orders_worker_stream_events": ("streams/dynamodb/orders", {"postgres"}),
+             "orders_to_realtime/orders_to_realtime_realtime_orders": ("streams/dynamodb/orders", {"supabase"}),
+             "supabase_orders_worker/supabase_orders_worker_stream_events": ("streams/supabase/orders-changes",
+                                                                             {"postgres"})}
     for key, (upstream, kinds) in sinks.items():
         node = graph.get(AssetKey.from_user_string(key))
         assert {p.to_user_string() for p in node.parent_keys} == {upstream}
@@ -139,7 +146,7 @@ def test_dg_check_defs_passes_on_the_shipped_defs_and_dg_list_defs_lists_them() 
     assert "All definitions loaded successfully" in out.stdout + out.stderr
     listed = _dg(["list", "defs", "--json"], ROOT)
     assert listed.returncode == 0, listed.stderr[-3000:]
-    assert "orders_worker_job" in listed.stdout and "orders_worker/stream_events" in listed.stdout
+    assert "orders_worker_job" in listed.stdout and "orders_worker/orders_worker_stream_events" in listed.stdout
 
 
 def test_dg_check_defs_names_every_broken_file_and_field_at_once(tmp_path: Path) -> None:
