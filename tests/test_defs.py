@@ -43,7 +43,7 @@ def test_consumers_are_stream_consumer_components_of_the_defs_folder() -> None:
     components = component_tree().get_all_components(of_type=StreamConsumer)
     assert {c.config.name for c in components} == {"orders_worker", "supabase_orders_worker", "orders_to_realtime"}
     assert defs.component_tree is not None
-    assert "StreamConsumer" in str(defs.metadata["plugin_component_types_json"])  # the UI's Docs tab
+    assert "StreamConsumer" in str(defs.metadata["plugin_component_types_json"])  # the UI: Deployment > the code location > Components
 
 
 def test_streams_are_external_assets_upstream_of_each_consumers_sink_and_its_lag_check() -> None:

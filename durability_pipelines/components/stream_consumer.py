@@ -10,7 +10,7 @@ One ``defs.yaml`` per consumer (``durability_pipelines/defs/consumers/<name>/def
       consumer: consumer-a
 
 Its attributes are the consumer config (``consumer/config.py``: one schema, which ``dg check defs``,
-``dg scaffold defs`` and the UI's Docs tab show); the component builds the consumer's sensor, its job
+``dg scaffold defs`` and the UI (Deployment > the code location > Components) show); the component builds the consumer's sensor, its job
 (whose runs drain a shard batch by batch), its sink asset (downstream of the stream's asset, with a
 materialization per run carrying lag and throughput) and the sink's lag check.
 """
@@ -51,7 +51,7 @@ class StreamConsumerScaffolder(Scaffolder):
         body = body.replace('description: "DynamoDB stream of the `orders` table', f'description: "{name}: DynamoDB stream of the `orders` table')
         text = (f"# Consumer {name}, scaffolded from the orders_worker starter: set source.table (the stream), group\n"
                 "# and consumer (with the stream, they are the checkpoint key), and the handler.\n"
-                "# Every attribute is documented in docs/configuration.md and in the UI (the code location's Docs).\n"
+                "# Every attribute is documented in docs/configuration.md and in the UI (Deployment > the code location > Components).\n"
                 + body)
         target.mkdir(parents=True, exist_ok=True)
         (target / "defs.yaml").write_text(text, encoding="utf-8")
