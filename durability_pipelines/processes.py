@@ -1,8 +1,8 @@
 """Child processes in their own process group, stopped as a whole.
 
 ``dagster dev`` / ``dagster-daemon`` spawn code servers and run workers; a
-detached Dagster ignored SIGTERM on this machine (DESIGN.md §4), so stopping
-means: SIGTERM the group, wait, SIGKILL what is left, and check nothing stays.
+detached Dagster process has been seen to ignore SIGTERM (a daemon kept running
+after it), so stopping means: SIGTERM the group, wait, SIGKILL what is left, and check nothing stays.
 """
 
 from __future__ import annotations

@@ -111,8 +111,9 @@ def test_every_bad_file_is_reported_at_once(tmp_path: Path) -> None:
         load_consumer_configs(tmp_path)
     text = str(err.value)
     assert "2 problem(s)" in text
-    assert f"{first}: invalid field(s):\n  attributes.max_events" in text
-    assert f"{second}: invalid field(s):\n  attributes.retry.max_retries" in text
+    # each error names its file and line (line 7: after type, attributes and the four lines of GOOD)
+    assert f"{first}: invalid field(s):\n  {first}:7: attributes.max_events" in text
+    assert f"{second}: invalid field(s):\n  {second}:7: attributes.retry.max_retries" in text
 
 
 @pytest.mark.parametrize("name,hint", [("orders.yml", "orders/defs.yaml"), ("orders.yaml", "orders/defs.yaml"),

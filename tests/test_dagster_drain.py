@@ -270,7 +270,7 @@ def evaluation(record: Any) -> Any:
 def test_a_consumer_reports_lag_and_throughput_on_its_sink_and_its_lag_check_fails_while_it_is_stopped(
         e2e: E2E) -> None:
     c = e2e.consumers["lag"]
-    sink = AssetKey([c.name, "output"])  # record_deliveries describes no sink of its own
+    sink = AssetKey([c.name, f"{c.name}_output"])  # record_deliveries describes no sink of its own
     check = AssetCheckKey(sink, "lag_within_objective")
     with e2e.dump_on_failure():
         e2e.produce_new(c, 300)

@@ -20,7 +20,7 @@ The handlers (``tests.support.dagster_daemon``) write through the real default s
 has no unique key, so it shows a batch committed twice, which ``stream_events`` (``ON CONFLICT DO
 NOTHING``) would hide.
 
-The sensor daemon loops at most every ~5 s here (DESIGN.md §4), so batches are 100 events and the
+The sensor daemon evaluates a sensor at most about every 5 s, whatever its minimum interval, so batches are 100 events and the
 tests share one daemon (test 3 replaces it twice; tests 4-5 run on the third node). Redis is the test
 server on a logical db no session flushes. Every wait is a deadline loop (a hang guard).
 """

@@ -36,3 +36,32 @@ def test_bounded_demo_loses_and_duplicates_nothing() -> None:
     assert worker["redis"] is not None  # hybrid: Redis always holds the latest ack
     realtime = next(c for k, c in stores.items() if k.startswith("checkpoint:dynamodb:orders:realtime:"))
     assert realtime["postgres"] is not None and realtime["redis"] is None  # postgres backend
+
+
+def test_a_port_in_use_is_named_before_anything_starts(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "durability-pipelines"), "demo", "--port", str(port)],
+            cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+        )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"port {port} on 127.0.0.1 is not free" in out.stderr and "--port N" in out.stderr
+    assert "[1/6]" not in out.stderr  # nothing was started
+
+
+def test_ctrl_c_is_a_stop_not_a_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    from durability_pipelines.demo import Progress
+
+    progress = Progress(2)
+    with pytest.raises(KeyboardInterrupt), progress.step("pipelines processing; Ctrl-C stops"):
+        raise KeyboardInterrupt
+    with pytest.raises(RuntimeError), progress.step("something else"):
+        raise RuntimeError("boom")
+    err = capsys.readouterr().err
+    assert "[1/2] pipelines processing; Ctrl-C stops ... stopped\n" in err
+    assert "[2/2] something else ... failed\n" in err

@@ -12,7 +12,7 @@ tests/support/browser.py) checks what the UI shows:
 * Catalog: the audit asset ``checkpoint_audit`` with its description, checks and lineage, and its
   preview showing a 23-digit change-feed position in full (never a float);
 * the asset graph: the stream ``streams/dynamodb/orders`` upstream of the sink
-  ``orders_to_realtime/realtime_orders``, whose Plots tab draws the runs' lag figure, and its lag check;
+  ``orders_to_realtime/orders_to_realtime_realtime_orders``, whose Plots tab draws the runs' lag figure, and its lag check;
 * the code location's Docs tab, documenting the ``StreamConsumer`` component.
 
 The runs page is saved as a screenshot in the test's temporary directory, or as the tracked
@@ -130,7 +130,7 @@ def _check_ui(demo: DemoProcess, tmp_path: Path, run: dict[str, Any]) -> None:
         page.keyboard.press("Escape")
 
         # 4. The asset graph: stream -> sink; the sink's plots and lag check
-        sink = "orders_to_realtime/realtime_orders"
+        sink = "orders_to_realtime/orders_to_realtime_realtime_orders"
         page.goto(f"{base}/assets/{sink}")
         body = page.locator("body")
         expect(body).to_contain_text("Supabase Realtime broadcast topic 'orders'")
@@ -140,7 +140,7 @@ def _check_ui(demo: DemoProcess, tmp_path: Path, run: dict[str, Any]) -> None:
         expect(page.locator("body")).to_contain_text("lag_within_objective")
         page.goto(f"{base}/assets/streams/dynamodb/orders")
         expect(page.locator("body")).to_contain_text("DynamoDB Streams stream of table 'orders' in us-east-1")
-        expect(page.locator("body")).to_contain_text("orders_to_realtime / realtime_orders")  # downstream
+        expect(page.locator("body")).to_contain_text("orders_to_realtime / orders_to_realtime_realtime_orders")  # downstream
         page.goto(f"{base}/assets/{sink}")
         page.get_by_text("Plots", exact=True).click()  # the overview's metadata: Table | Plots
         plots = page.locator("body")

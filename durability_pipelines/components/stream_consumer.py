@@ -10,7 +10,7 @@ One ``defs.yaml`` per consumer (``durability_pipelines/defs/consumers/<name>/def
       consumer: consumer-a
 
 Its attributes are the consumer config (``consumer/config.py``: one schema, which ``dg check defs``,
-``dg scaffold defs`` and the UI's Docs tab show); the component builds the consumer's sensor, its job
+``dg scaffold defs`` and the UI (Deployment > the code location > Components) show); the component builds the consumer's sensor, its job
 (whose runs drain a shard batch by batch), its sink asset (downstream of the stream's asset, with a
 materialization per run carrying lag and throughput) and the sink's lag check.
 """
@@ -19,11 +19,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dagster import Component, ComponentLoadContext, Definitions
-from dagster.components.scaffold.scaffold import Scaffolder, ScaffoldRequest, scaffold_with
+from dagster import (
+    Component,
+    ComponentLoadContext,
+    Definitions,
+    ResolutionContext,
+    Resolvable,
+    Scaffolder,
+    ScaffoldRequest,
+    scaffold_with,
+)
 from pydantic import BaseModel
 
-from durability_pipelines.consumer.config import ConsumerConfig, config_error
+from durability_pipelines.checkpoints.errors import ConfigError
+from durability_pipelines.consumer.config import ConsumerConfig
 
 STARTER = Path(__file__).resolve().parent.parent / "defs" / "consumers" / "orders_worker" / "defs.yaml"
 TYPE_NAME = "durability_pipelines.components.StreamConsumer"
@@ -42,40 +51,40 @@ class StreamConsumerScaffolder(Scaffolder):
         body = body.replace('description: "DynamoDB stream of the `orders` table', f'description: "{name}: DynamoDB stream of the `orders` table')
         text = (f"# Consumer {name}, scaffolded from the orders_worker starter: set source.table (the stream), group\n"
                 "# and consumer (with the stream, they are the checkpoint key), and the handler.\n"
-                "# Every attribute is documented in docs/configuration.md and in the UI (the code location's Docs).\n"
+                "# Every attribute is documented in docs/configuration.md and in the UI (Deployment > the code location > Components).\n"
                 + body)
         target.mkdir(parents=True, exist_ok=True)
         (target / "defs.yaml").write_text(text, encoding="utf-8")
 
 
 @scaffold_with(StreamConsumerScaffolder)
-class StreamConsumer(Component):
+class StreamConsumer(Component, Resolvable):
     """A change-stream consumer with durable, fenced checkpoints: a sensor polling the stream from the acked
     checkpoints, a job whose runs drain a shard batch by batch (read -> process -> ack), the sink it writes
-    as an asset, and a lag check on it. Attributes: see docs/configuration.md."""
+    as an asset, and a lag check on it. Attributes: see docs/configuration.md.
 
-    def __init__(self, config: ConsumerConfig, path: Path | None = None) -> None:
+    A ``Resolvable`` component whose model is ``ConsumerConfig`` itself (``Component.get_model_cls`` and
+    ``Component.load`` are Dagster's own). Not a model derived from the fields (``Resolvable, Model``):
+    a derived model admits a string for every field (a template to render), so ``dg check defs`` would
+    pass ``max_events: soon``, and it needs every nested model (the checkpoint store's ``StoreConfig``
+    among them) to be ``Resolvable``. The attributes are plain values, no templates."""
+
+    def __init__(self, config: ConsumerConfig | None = None) -> None:
+        if config is None:  # a defs.yaml without attributes (Dagster then calls cls())
+            raise ConfigError("a StreamConsumer needs its attributes: name, source, group and consumer at least")
         self.config = config
-        self.path = path
 
     @classmethod
-    def get_model_cls(cls) -> type[BaseModel]:
+    def model(cls) -> type[BaseModel]:
         return ConsumerConfig
 
     @classmethod
-    def load(cls, attributes: BaseModel | None, context: ComponentLoadContext) -> StreamConsumer:
-        path = Path(context.path) / "defs.yaml" if context.path else None
-        if attributes is None:
-            raise config_error(path, "the consumer has no attributes (name, source, group, consumer at least)")
-        config = attributes if isinstance(attributes, ConsumerConfig) else ConsumerConfig.model_validate(
-            attributes.model_dump())
-        from durability_pipelines.orchestration.consumers import validate_for_dagster
+    def resolve_from_model(cls, context: ResolutionContext, model: BaseModel) -> StreamConsumer:
+        config = model if isinstance(model, ConsumerConfig) else ConsumerConfig.model_validate(model.model_dump())
+        return cls(config)
 
-        validate_for_dagster(config, path)
-        return cls(config, path)
+    def build_defs(self, context: ComponentLoadContext) -> Definitions:
+        from durability_pipelines.orchestration.consumers import build_consumer_defs, validate_for_dagster
 
-    def build_defs(self, context: ComponentLoadContext | None = None) -> Definitions:
-        from durability_pipelines.orchestration.consumers import build_consumer_defs
-
+        validate_for_dagster(self.config, Path(context.path) / "defs.yaml")
         return build_consumer_defs(self.config)
-

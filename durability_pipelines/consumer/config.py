@@ -316,18 +316,41 @@ def config_error(path: Path | None, message: str) -> ConfigError:
     return ConfigError(f"consumer config {path or '(no file)'}: {message}")
 
 
-def _format_validation_error(path: Path, exc: ValidationError) -> str:
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of ``attributes.<loc>`` in the composed document: the key of the deepest part of
+    ``loc`` that the file has (a missing field: its mapping's; a union's tag in ``loc``: skipped)."""
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    node: yaml.Node = root
+    line = None
+    for part in ("attributes", *loc):
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)),
+                         None)
+            if found is not None:
+                line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+    return line
+
+
+def _format_validation_error(path: Path, exc: ValidationError, document: yaml.Node | None = None) -> str:
+    """One line per error, ``<file>:<line>: attributes.<field>: <message>`` (the form editors open)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  attributes.{loc}: {err['msg']}")
+        line = _line_of(document, tuple(err["loc"]))
+        where = f"{path}:{line}: " if line else ""
+        lines.append(f"  {where}attributes.{loc}: {err['msg']}")
     return f"consumer config {path}: invalid field(s):\n" + "\n".join(lines)
 
 
 def load_consumer_config(path: Path) -> ConsumerConfig:
     """One ``defs.yaml`` (``type: durability_pipelines.components.StreamConsumer`` + ``attributes``)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise config_error(path, f"not valid YAML: {exc}") from None
     except OSError as exc:
@@ -342,7 +365,7 @@ def load_consumer_config(path: Path) -> ConsumerConfig:
     try:
         return ConsumerConfig.model_validate(raw["attributes"])
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(path, exc)) from None
+        raise ConfigError(_format_validation_error(path, exc, yaml.compose(text, Loader=yaml.SafeLoader))) from None
 
 
 def instance_document(attributes: dict[str, Any]) -> dict[str, Any]:

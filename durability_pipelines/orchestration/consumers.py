@@ -407,7 +407,9 @@ def stream_asset_spec(cfg: ConsumerConfig) -> AssetSpec:
 
 
 def sink_asset_key(cfg: ConsumerConfig) -> AssetKey:
-    return AssetKey([cfg.name, describe_sink(cfg.handler, cfg.handler_options, cfg.stream).name])
+    """``<consumer>/<consumer>_<sink>``. The asset graph labels a node with its key's last part only:
+    consumers writing the same sink (``stream_events``) would be identical boxes side by side."""
+    return AssetKey([cfg.name, f"{cfg.name}_{describe_sink(cfg.handler, cfg.handler_options, cfg.stream).name}"])
 
 
 def sink_asset_spec(cfg: ConsumerConfig) -> AssetSpec:

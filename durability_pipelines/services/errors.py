@@ -12,7 +12,8 @@ ENV_PG_OS_USER = "DURABILITY_PG_OS_USER"
 
 DAGSTER_DATABASE = "dagster"
 # dagster-postgres goes through SQLAlchemy; with SQLAlchemy 2.1 a bare postgresql:// picks psycopg 3,
-# whose server-side binding breaks dagster's `NOTIFY run_events, $1` (DESIGN.md §4).
+# whose server-side binding breaks dagster's `NOTIFY run_events, $1` and leaves runs NOT_STARTED
+# (docs/configuration.md, "Storage and the psycopg2 scheme").
 DAGSTER_URL_SCHEME = "postgresql+psycopg2"
 
 _MASK = "***"

