@@ -319,6 +319,14 @@ def test_leases_list_and_release(capsys: pytest.CaptureFixture[str], hybrid: Hyb
     assert {(d["store"], d["owner"], d["state"]) for d in listed} == {
         ("postgres", "worker-a", "held"), ("redis", "worker-a", "held")}
 
+    hybrid.leases.request_handoff(key.lease_key, "worker-next", duration_s=300)  # a successor waits for it
+    (granted,) = [d for d in run_json(capsys, "leases", "list")
+                  if d["lease"] == str(key.lease_key) and d["store"] == "postgres"]  # hybrid: Postgres grants
+    assert granted["requested_by"] == "worker-next" and granted["handoff"].startswith("requested by worker-next")
+    code, out, _ = run(capsys, "leases", "list")
+    assert code == 0 and "HAND-OFF" in out and "requested by worker-next" in out
+    hybrid.leases.withdraw_request(key.lease_key, "worker-next")
+
     lease_parts = [key.adapter, key.stream, key.group, key.shard or ""]
     code, _, err = run(capsys, "leases", "release", *lease_parts)
     assert code == EXIT_REFUSED and "worker-a" in err and "--force" in err

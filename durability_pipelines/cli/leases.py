@@ -21,10 +21,21 @@ def lease_state(lease: Lease, now: datetime) -> str:
     return "held" if lease.expires_at is not None and lease.expires_at > now else "expired"
 
 
+def handoff_state(lease: Lease) -> str:
+    """The graceful hand-off, as an operator reads it: who waits for the lease, or who handed it over."""
+    if lease.requested_by:
+        return f"requested by {lease.requested_by} (asked {iso(lease.requested_at)})"
+    if lease.handed_from:
+        return f"handed over by {lease.handed_from} at {iso(lease.handed_at)}"
+    return ""
+
+
 def _lease_dict(store: str, lease: Lease, now: datetime) -> dict[str, Any]:
     return {"store": store, "lease": str(lease.key), "adapter": lease.key.adapter, "stream": lease.key.stream,
             "group": lease.key.group, "shard": lease.key.shard, "owner": lease.owner, "epoch": lease.epoch,
-            "expires_at": iso(lease.expires_at), "state": lease_state(lease, now)}
+            "expires_at": iso(lease.expires_at), "state": lease_state(lease, now),
+            "requested_by": lease.requested_by, "requested_at": iso(lease.requested_at),
+            "handed_from": lease.handed_from, "handed_at": iso(lease.handed_at), "handoff": handoff_state(lease)}
 
 
 def cmd_leases_list(session: Session, args: argparse.Namespace) -> int:
@@ -35,8 +46,9 @@ def cmd_leases_list(session: Session, args: argparse.Namespace) -> int:
     def text() -> str:
         if not data:
             return "no leases"
-        return table(["lease", "store", "owner", "epoch", "state", "expires at"],
-                     [[d["lease"], d["store"], d["owner"], d["epoch"], d["state"], d["expires_at"]] for d in data])
+        return table(["lease", "store", "owner", "epoch", "state", "expires at", "hand-off"],
+                     [[d["lease"], d["store"], d["owner"], d["epoch"], d["state"], d["expires_at"], d["handoff"]]
+                      for d in data])
 
     session.emit(data, text)
     return EXIT_OK
