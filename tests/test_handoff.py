@@ -8,13 +8,15 @@ from __future__ import annotations
 import time
 import uuid
 
+import psycopg
 import pytest
 
-from durability_pipelines.checkpoints import LeaseLostError
+from durability_pipelines.checkpoints import Lease, LeaseLostError
 from durability_pipelines.consumer.drain import DrainBudget, ShardDrainer, StopReason
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.handoff import claim_shard
 from durability_pipelines.consumer.runtime import ConsumerRuntime
+from durability_pipelines.sinks.realtime import install_realtime_fixture
 from tests.support.runtime_handlers import DELIVERED
 from tests.support.sources import ListSource
 from tests.test_consumer_drain import SHARD, FakeClock, budget, drainer, open_rt
@@ -214,4 +216,43 @@ def test_keep_owned_never_ends_a_run_because_the_stream_is_quiet(stream, redis_u
                           clock=clock).run()
     assert report.stop_reason is StopReason.TIME_BUDGET  # quiet for 40 s, ended only by budget + wait
     assert report.events == 5 and sum(clock.slept) >= 40
+    rt.close()
+
+
+def test_the_postgres_backend_broadcaster_publishes_every_message_once_across_hand_offs(
+        stream, redis_url, postgres_url) -> None:
+    """Realtime broadcasts are not idempotent: a hand-off must neither skip nor repeat one. With the
+    postgres backend each batch's realtime.send calls commit with its checkpoint, under the lease; a
+    fenced-out owner's batch rolls back whole."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        install_realtime_fixture(conn)
+    room = "room-" + uuid.uuid4().hex[:8]
+    source = ListSource.with_events(stream, 70)
+    seqs = [e.sequence for e in source.shards_events[SHARD]]
+    rt = open_rt(stream, redis_url, postgres_url, source, backend="postgres",
+                 handler="durability_pipelines.sinks.realtime:broadcast_handler", handler_options={"topic": room})
+    key = rt.key(SHARD).lease_key
+    runs = ["run-1", "run-2", "run-3", "run-4"]
+    reports = []
+    for me, nxt in zip(runs, runs[1:] + [None], strict=True):
+        def ask(record, nxt=nxt) -> None:
+            if nxt is not None and record.index == 2:  # the successor asks during this run's 2nd batch
+                rt.store.leases.request_handoff(key, nxt, rt.config.lease_duration_s)
+        reports.append(drainer(rt, FakeClock(), budget(max_idle_s=0.0), run_id=me, on_batch=ask).run())
+    assert [r.stop_reason for r in reports] == [StopReason.HANDED_OVER] * 3 + [StopReason.CAUGHT_UP]
+    assert [r.handed_to for r in reports[:3]] == runs[1:]
+    # the first run's lease, kept by a zombie: its batch (broadcasts and checkpoint) is refused whole
+    events = source.shards_events[SHARD]
+    for i in range(5):  # new records, which the zombie reads and tries to publish under its old lease
+        nxt = str(int(events[-1].sequence) + 17)
+        events.append(ChangeEvent("dynamodb", stream, SHARD, nxt, "INSERT", {"pk": nxt}, {"pk": nxt, "i": i}))
+    zombie = Lease(key, "run-1", reports[0].lease_epoch or 0)
+    read = rt.read_after(SHARD, "run-1", zombie, seqs[-1])
+    assert len(read.batch.events) == 5
+    with pytest.raises(LeaseLostError):
+        rt.process(read)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        sent = [r[0] for r in conn.execute(
+            "SELECT payload->>'sequence' FROM realtime.messages WHERE topic = %s", (room,)).fetchall()]
+    assert sorted(sent, key=int) == seqs and len(sent) == len(set(sent))  # every message once
     rt.close()
