@@ -14,11 +14,20 @@ the same idempotent INSERT -> Redis SET per batch.
   the same stream (their own checkpoints); every 2 s the records each is behind and its lag (age of the
   oldest record it has not acked) are sampled. Target: at every rate the hand loop keeps up with, the
   pipeline's lag does not grow over the last two minutes either.
+* **steady-state burst**: the consumer is already running and so is the hand loop (``--follow-until``,
+  its own checkpoint and sink database), both caught up; then ``N`` records (``--burst-sizes``) are
+  written as fast as one writer can, and the clock runs from the burst's first write until each one's
+  checkpoint reaches the last record. "Already running" with the starter as shipped (``max_idle_s`` 5):
+  a few seed records make the sensor start a run; the burst starts as soon as that run has acked them,
+  i.e. while it polls in its idle window, a few seconds into its ``max_run_seconds``. A burst that
+  outlasts the rest of the run's budget pays the run boundary, as it would in production. Both consume
+  the same burst concurrently; the order of the sizes alternates between rounds. Target: pipeline time
+  <= 1.1x hand.
 
 Prints one JSON document on stdout (progress on stderr).
 
     .venv/bin/python benchmarks/drain.py [--events 50000] [--rounds 2] [--live-rates 100,300,1000]
-                                         [--live-seconds 180] [--no-mirror]
+                                         [--live-seconds 180] [--burst-sizes 20000,50000] [--no-mirror]
 """
 
 from __future__ import annotations
@@ -49,13 +58,17 @@ from common import (  # noqa: E402
     fill,
     hand_loop,
     load,
+    put_batch,
     say,
     set_label,
+    stop_process,
 )
 
 from durability_pipelines import services  # noqa: E402
 
 TARGET_DRAIN_RATIO = 1.5
+TARGET_BURST_RATIO = 1.1
+BURST_SEED = 10
 SAMPLE_EVERY_S = 2.0
 
 
@@ -247,6 +260,82 @@ def live_phase(bench: Bench, args: argparse.Namespace, rate: int, table: str, co
     }
 
 
+def _burst_round(bench: Bench, consumer: str, keys: dict[str, str], first: int, written: int, n: int,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """One burst of ``n`` records (the shard holds ``written`` records before it) against a run that is
+    alive and caught up, and the hand loop, caught up too."""
+    job = f"{consumer}_job"
+    if bench.runs_of(job):
+        bench.wait_runs_finished(job, 300)  # each burst meets a fresh run
+    put_batch(bench.ddb, keys["table"], written, BURST_SEED)
+    written += BURST_SEED
+    seed_last = str(first + written - 1)
+    _wait(lambda: all(bench.checkpoint(k) == seed_last for k in (keys["hand_loop"], keys["pipeline"])),
+          "a run and the hand loop to ack the seed records", 300, every=0.02)
+    alive = [r for r in bench.runs_of(job) if r.dagster_run.status.value == "STARTED"]
+    before = load()
+    t0 = time.time()
+    fill(bench, keys["table"], n, written)
+    write_s = time.time() - t0
+    last = str(first + written + n - 1)
+    done: dict[str, float] = {}
+
+    def finished() -> bool:
+        for variant in ("hand_loop", "pipeline"):
+            if variant not in done and bench.checkpoint(keys[variant]) == last:
+                done[variant] = time.time() - t0
+        return len(done) == 2
+
+    _wait(finished, "both to reach the burst's last record", args.catch_up_s, every=0.02)
+    used = [r for r in bench.runs_of(job) if (r.start_time or 0) <= t0 + done["pipeline"]
+            and (r.end_time is None or r.end_time >= t0)]
+    return {"events": n, "write_seconds": round(write_s, 3), "hand_loop_seconds": round(done["hand_loop"], 3),
+            "pipeline_seconds": round(done["pipeline"], 3),
+            "ratio": round(done["pipeline"] / done["hand_loop"], 3),
+            "run_alive_at_burst": bool(alive),
+            "run_age_at_burst_s": round(t0 - alive[0].start_time, 2) if alive and alive[0].start_time else None,
+            "pipeline_runs_used": len(used), "load_before": before, "load_after": load()}
+
+
+def burst_phase(bench: Bench, args: argparse.Namespace, sizes: list[int], table: str, consumer: str,
+                group: str) -> dict[str, Any]:
+    put_batch(bench.ddb, table, 0, BURST_SEED)
+    written = BURST_SEED
+    shard, first = bench.shard(table)
+    keys = {"table": table, "hand_loop": f"bench:hand:{table}:burst",
+            "pipeline": bench.consumer_key(table, group, shard).redis_key}
+    hand = hand_loop(bench, table, keys["hand_loop"], follow_until=time.time() + 24 * 3600,
+                     postgres_url=bench.hand_postgres_url)
+    bench.start_sensor(f"{consumer}_sensor")
+    rounds: list[dict[str, Any]] = []
+    try:
+        for r in range(args.rounds):
+            for n in sizes if r % 2 == 0 else sizes[::-1]:
+                say(f"steady-state burst, round {r + 1}: {n} records")
+                rounds.append({"round": r, **_burst_round(bench, consumer, keys, first, written, n, args)})
+                written += BURST_SEED + n
+                say(f"  hand loop {rounds[-1]['hand_loop_seconds']} s, pipeline {rounds[-1]['pipeline_seconds']} s "
+                    f"({rounds[-1]['pipeline_runs_used']} run(s))")
+    finally:
+        bench.stop_sensor(f"{consumer}_sensor")
+        stop_process(hand)
+    by_size = {}
+    for n in sizes:
+        mine = [x for x in rounds if x["events"] == n]
+        by_size[str(n)] = {"hand_loop_median_s": statistics.median(x["hand_loop_seconds"] for x in mine),
+                           "pipeline_median_s": statistics.median(x["pipeline_seconds"] for x in mine),
+                           "ratio_median": statistics.median(x["ratio"] for x in mine)}
+    ratio = round(statistics.median(x["ratio"] for x in rounds), 3)
+    return {
+        "measures": "time from a burst's first write until each variant's checkpoint reaches its last record; "
+                    "the consumer's run alive and caught up (in its max_idle_s window, starter as shipped) "
+                    "and the hand loop following, both caught up, when the burst starts",
+        "interleaving": "concurrent: both consume the same burst; the order of sizes alternates between rounds",
+        "sizes": sizes, "rounds": rounds, "by_size": by_size, "ratio_pipeline_vs_hand": ratio,
+        "target_max": TARGET_BURST_RATIO, "met": ratio <= TARGET_BURST_RATIO,
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -261,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--live-seconds", type=float, default=180.0)
     ap.add_argument("--batch-sizes", default="250,500,1000,2000,5000",
                     help="max_events values for the core-loop phase (no Dagster); '' = skip")
+    ap.add_argument("--burst-sizes", default="20000,50000",
+                    help="steady-state burst sizes (consumer and hand loop already running); '' = skip")
     ap.add_argument("--catch-up-s", type=float, default=300.0,
-                    help="live: how long to wait for the pipeline to catch up after the producer stops")
+                    help="live, burst: how long to wait for the pipeline to catch up after the producer stops")
     ap.add_argument("--no-mirror", action="store_true", help="switch the every-minute mirror schedule off")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
@@ -272,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     consumers = {f"bench_drain_r{r}": (drain_table, f"bench-r{r}") for r in range(args.rounds)}
     live = {rate: (f"bench_live_{rate}_{tag}", f"bench_live_{rate}", f"bench-live-{rate}") for rate in rates}
     consumers.update({name: (table, group) for table, name, group in live.values()})
+    bursts = [int(x) for x in args.burst_sizes.split(",") if x.strip()] if args.rounds else []
+    burst = (f"bench_burst_{tag}", "bench_burst", "bench-burst")
+    if bursts:
+        consumers[burst[1]] = (burst[0], burst[2])
     started = time.time()
     with bench_environment(args, consumers) as bench:
         report: dict[str, Any] = {"benchmark": "drain", "drain": drain_phase(bench, args, drain_table) if args.rounds
@@ -281,10 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         for rate in rates:
             table, name, group = live[rate]
             report["live"].append(live_phase(bench, args, rate, table, name, group))
+        report["steady_burst"] = burst_phase(bench, args, bursts, *burst) if bursts else None
     report["targets"] = {
         "drain_ratio_max": TARGET_DRAIN_RATIO,
         "drain_met": report["drain"]["met"] if report["drain"] else None,
         "live_met": all(x["met"] for x in report["live"]) if report["live"] else None,
+        "burst_ratio_max": TARGET_BURST_RATIO,
+        "burst_met": report["steady_burst"]["met"] if report["steady_burst"] else None,
     }
     report["environment"] = {
         "python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_end": load(),
