@@ -292,6 +292,9 @@ def _burst_round(bench: Bench, consumer: str, keys: dict[str, str], first: int, 
     return {"events": n, "write_seconds": round(write_s, 3), "hand_loop_seconds": round(done["hand_loop"], 3),
             "pipeline_seconds": round(done["pipeline"], 3),
             "ratio": round(done["pipeline"] / done["hand_loop"], 3),
+            # after the last write: what is left when the burst is write-bound (one writer on moto)
+            "hand_loop_after_last_write_s": round(done["hand_loop"] - write_s, 3),
+            "pipeline_after_last_write_s": round(done["pipeline"] - write_s, 3),
             "run_alive_at_burst": bool(alive),
             "run_age_at_burst_s": round(t0 - alive[0].start_time, 2) if alive and alive[0].start_time else None,
             "pipeline_runs_used": len(used), "load_before": before, "load_after": load()}
