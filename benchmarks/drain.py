@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
@@ -69,6 +71,8 @@ from durability_pipelines import services  # noqa: E402
 TARGET_DRAIN_RATIO = 1.5
 TARGET_BURST_RATIO = 1.1
 BURST_SEED = 10
+#: the starter's max_run_seconds + max_idle_s: how long the previous burst's run may still go on
+RUN_BUDGET_S = sum(float(yaml.safe_load(STARTER.read_text())["attributes"][k]) for k in ("max_run_seconds", "max_idle_s"))
 SAMPLE_EVERY_S = 2.0
 
 
@@ -265,8 +269,12 @@ def _burst_round(bench: Bench, consumer: str, keys: dict[str, str], first: int, 
     """One burst of ``n`` records (the shard holds ``written`` records before it) against a run that is
     alive and caught up, and the hand loop, caught up too."""
     job = f"{consumer}_job"
-    if bench.runs_of(job):
-        bench.wait_runs_finished(job, 300)  # each burst meets a fresh run
+    fresh = True
+    if bench.runs_of(job):  # each burst meets a fresh run, unless the consumer never lets a run end
+        try:
+            bench.wait_runs_finished(job, RUN_BUDGET_S + 30)
+        except TimeoutError:
+            fresh = False
     put_batch(bench.ddb, keys["table"], written, BURST_SEED)
     written += BURST_SEED
     seed_last = str(first + written - 1)
@@ -297,7 +305,7 @@ def _burst_round(bench: Bench, consumer: str, keys: dict[str, str], first: int, 
             "pipeline_after_last_write_s": round(done["pipeline"] - write_s, 3),
             "run_alive_at_burst": bool(alive),
             "run_age_at_burst_s": round(t0 - alive[0].start_time, 2) if alive and alive[0].start_time else None,
-            "pipeline_runs_used": len(used), "load_before": before, "load_after": load()}
+            "pipeline_runs_used": len(used), "waited_for_previous_run_to_end": fresh, "load_before": before, "load_after": load()}
 
 
 def burst_phase(bench: Bench, args: argparse.Namespace, sizes: list[int], table: str, consumer: str,

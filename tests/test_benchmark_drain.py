@@ -52,7 +52,8 @@ def test_drain_benchmark_reports_both_variants_the_ratio_live_lag_and_the_steady
     (one,) = burst["rounds"]
     assert one["events"] == 200 and one["write_seconds"] > 0
     assert one["hand_loop_seconds"] > 0 and one["pipeline_seconds"] > 0 and one["ratio"] > 0
-    assert isinstance(one["run_alive_at_burst"], bool) and one["pipeline_runs_used"] >= 1
+    assert isinstance(one["run_alive_at_burst"], bool) and isinstance(one["waited_for_previous_run_to_end"], bool)
+    assert one["pipeline_runs_used"] >= 1
     assert isinstance(one["hand_loop_after_last_write_s"], float) and isinstance(one["pipeline_after_last_write_s"], float)
     assert set(burst["by_size"]) == {"200"} and burst["ratio_pipeline_vs_hand"] > 0
     assert burst["target_max"] == 1.1 and isinstance(burst["met"], bool)
