@@ -372,7 +372,7 @@ DRAINED_LINE = re.compile(r"^drained (\d+) events in (\d+) batches .*; stopped: 
 #: stop reasons of a run that ended by plan (budget used, or handed to its successor)
 PLANNED_STOPS = ("max_run_seconds reached", "max_batches_per_run reached", "handed over")
 #: op output metadata a hand-off adds (optional: absent before the graceful hand-off exists)
-HANDOFF_KEYS = ("handed_to", "handed_from", "handoff_unread_s")
+HANDOFF_KEYS = ("handed_to", "handed_from", "claimed", "handoff_after_last_read_s", "handoff_gap_s")
 
 
 def run_timeline(bench: Bench, job: str) -> list[dict[str, Any]]:
@@ -419,16 +419,20 @@ def run_boundaries(runs: list[dict[str, Any]], cycle_s: float | None) -> list[di
 
     Unread = the successor's first read minus the predecessor's last read: the start of its last batch
     when it stopped by plan (budget, hand-over: it reads no more after that batch), else its end (a
-    caught-up run polls until it ends). ``reported_unread_s`` is the run's own ``handoff_unread_s`` when
-    it reports one. A planned boundary meets the target when unread <= one batch cycle."""
+    caught-up run polls until it ends). ``reported_unread_s`` is what the two runs report of a hand-off
+    (the owner's last read -> the hand-off, plus the hand-off -> the successor's first read). A planned
+    boundary meets the target when unread <= one batch cycle. Runs that read nothing (a successor that
+    was not granted the shard) are no boundary: the chain is the runs that read, in the order they did."""
     out = []
-    for a, b in pairwise(runs):
+    readers = sorted((r for r in runs if r["batches"]), key=lambda r: r["batches"][0]["read_at"])
+    for a, b in pairwise(readers):
         planned = a["stop_reason"] in PLANNED_STOPS
         a_end = a["drained_at"] or a["ended_at"]
         a_last = a["batches"][-1]["read_at"] if planned and a["batches"] else a_end
         b_first = b["batches"][0]["read_at"] if b["batches"] else None
         unread = round(b_first - a_last, 3) if b_first is not None and a_last is not None else None
-        reported = b.get("handoff_unread_s", a.get("handoff_unread_s"))
+        parts = (a.get("handoff_after_last_read_s"), b.get("handoff_gap_s"))
+        reported = sum(parts) if all(x is not None and x >= 0 for x in parts) else None
         out.append({
             "from_run": a["run_id"], "to_run": b["run_id"], "from_stop_reason": a["stop_reason"], "planned": planned,
             "handed_to": a.get("handed_to"), "handed_from": b.get("handed_from"),

@@ -44,7 +44,8 @@ def test_latency_benchmark_reports_percentiles_runs_and_boundaries(postgres_url:
 
     # the first run ends by its budget before the producer stops: at least one run boundary
     runs, boundaries = phase["runs"], phase["boundaries"]
-    assert len(runs) >= 2 and len(boundaries) == len(runs) - 1
+    readers = [r for r in runs if r["batches"]]  # a successor that was not granted the shard read nothing
+    assert len(readers) >= 2 and len(boundaries) == len(readers) - 1
     assert sum(r["events"] for r in runs) >= phase["records_written"]
     for r in runs:
         assert {"run_id", "status", "stop_reason", "batches", "first_read_s", "last_read_s", "started_s",
