@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import math
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -44,7 +45,7 @@ from durability_pipelines.checkpoints.keys import CheckpointKey  # noqa: E402
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection  # noqa: E402
 from durability_pipelines.consumer.config import write_consumer_instance  # noqa: E402
 from durability_pipelines.consumer.storage import ensure  # noqa: E402
-from durability_pipelines.processes import ProcessGroup  # noqa: E402
+from durability_pipelines.processes import ProcessGroup, temporary_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
 STARTER = ROOT / "durability_pipelines" / "defs" / "consumers" / "orders_worker" / "defs.yaml"
@@ -123,7 +124,7 @@ class Bench:
         if self._instance is None:
             from dagster import DagsterInstance
 
-            with _env(DAGSTER_HOME=str(self.home), DAGSTER_POSTGRES_URL=self.daemon_env["DAGSTER_POSTGRES_URL"]):
+            with temporary_env(DAGSTER_HOME=str(self.home), DAGSTER_POSTGRES_URL=self.daemon_env["DAGSTER_POSTGRES_URL"]):
                 self._instance = DagsterInstance.get()
         return self._instance
 
@@ -137,18 +138,13 @@ class Bench:
                      f"{job}'s runs to finish", timeout, every=0.5)
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def environment(started: float, *, mirror: bool) -> dict[str, Any]:
+    """Where and how a benchmark ran: its JSON's ``environment``."""
+    return {
+        "python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_end": load(),
+        "wall_seconds": round(time.time() - started, 1), "mirror_schedule": mirror,
+        "starter": str(STARTER.relative_to(ROOT)), "postgres": services.mask_url(services.resolve_postgres_url()),
+    }
 
 
 def _redis_binary() -> str:

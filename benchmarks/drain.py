@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import secrets
 import signal
 import statistics
@@ -49,14 +47,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    ROOT,
     STARTER,
     Bench,
     Producer,
-    _env,
     _wait,
     bench_environment,
     consumer_yaml,
+    environment,
     fill,
     hand_loop,
     load,
@@ -66,7 +63,7 @@ from common import (  # noqa: E402
     stop_process,
 )
 
-from durability_pipelines import services  # noqa: E402
+from durability_pipelines.processes import temporary_env  # noqa: E402
 
 TARGET_DRAIN_RATIO = 1.5
 TARGET_BURST_RATIO = 1.1
@@ -165,7 +162,7 @@ def batch_size_phase(bench: Bench, args: argparse.Namespace, table: str, sizes: 
 
     shard, _ = bench.shard(table)
     out = []
-    with _env(**{k: v for k, v in bench.daemon_env.items() if k.startswith(("AWS_", "DURABILITY_"))}):
+    with temporary_env(**{k: v for k, v in bench.daemon_env.items() if k.startswith(("AWS_", "DURABILITY_"))}):
         for size in sizes:
             cfg = consumer_yaml(f"core_{size}", table, f"bench-core-{size}", bench.endpoint)
             cfg["max_events"] = size
@@ -395,11 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "burst_ratio_max": TARGET_BURST_RATIO,
         "burst_met": report["steady_burst"]["met"] if report["steady_burst"] else None,
     }
-    report["environment"] = {
-        "python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_end": load(),
-        "wall_seconds": round(time.time() - started, 1), "mirror_schedule": not args.no_mirror,
-        "starter": str(STARTER.relative_to(ROOT)), "postgres": services.mask_url(services.resolve_postgres_url()),
-    }
+    report["environment"] = environment(started, mirror=not args.no_mirror)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import secrets
 import signal
 import sys
@@ -41,14 +39,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    ROOT,
-    STARTER,
     Bench,
     Producer,
     SinkObserver,
     _wait,
     batch_cycle_s,
     bench_environment,
+    environment,
     hand_loop,
     load,
     percentiles,
@@ -58,8 +55,6 @@ from common import (  # noqa: E402
     set_label,
     stop_process,
 )
-
-from durability_pipelines import services  # noqa: E402
 
 TARGET_P99_S = 1.0
 TARGET_MAX_S = 3.0
@@ -204,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "handoff_met": (None if all(r["targets"]["handoff_met"] is None for r in results) else
                             all(r["targets"]["handoff_met"] is not False for r in results)),
         },
-        "environment": {
-            "python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_end": load(),
-            "wall_seconds": round(time.time() - started, 1), "mirror_schedule": not args.no_mirror,
-            "starter": str(STARTER.relative_to(ROOT)), "postgres": services.mask_url(services.resolve_postgres_url()),
-        },
+        "environment": environment(started, mirror=not args.no_mirror),
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -12,10 +12,26 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+
+@contextlib.contextmanager
+def temporary_env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block (a Dagster instance or client built in it
+    reads them), then put back what was there."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def group_members(pgid: int) -> list[int]:

@@ -38,6 +38,14 @@ def recording_rt(stream: str, redis_url: str, postgres_url: str, source: ListSou
     return rt, flag
 
 
+def more_records(source: ListSource, n: int) -> None:
+    """The stream goes on: ``n`` more records on the shard."""
+    events = source.shards_events[SHARD]
+    for _ in range(n):
+        nxt = str(int(events[-1].sequence) + 17)
+        events.append(ChangeEvent("dynamodb", source.stream, SHARD, nxt, "INSERT", {"pk": nxt}, {"pk": nxt}))
+
+
 def delivered(flag: str) -> list[str]:
     return [seq for call in DELIVERED.get(flag, []) for seq in call]
 
@@ -94,9 +102,7 @@ def test_an_owner_past_its_budget_reads_on_until_its_successor_asks(stream, redi
     started = clock.now
 
     def stream_goes_on(record) -> None:
-        events = source.shards_events[SHARD]
-        nxt = str(int(events[-1].sequence) + 17)  # one more record arrives during each batch
-        events.append(ChangeEvent("dynamodb", stream, SHARD, nxt, "INSERT", {"pk": nxt}, {"pk": nxt}))
+        more_records(source, 1)  # one more record arrives during each batch
         clock.now += 1.0  # and each batch takes a second
         if clock.now - started >= 45 and not rt.store.leases.get(key).requested_by:  # type: ignore[union-attr]
             rt.store.leases.request_handoff(key, "run-late", 120)  # the successor arrives, 35 s late
@@ -242,10 +248,7 @@ def test_the_postgres_backend_broadcaster_publishes_every_message_once_across_ha
     assert [r.stop_reason for r in reports] == [StopReason.HANDED_OVER] * 3 + [StopReason.CAUGHT_UP]
     assert [r.handed_to for r in reports[:3]] == runs[1:]
     # the first run's lease, kept by a zombie: its batch (broadcasts and checkpoint) is refused whole
-    events = source.shards_events[SHARD]
-    for i in range(5):  # new records, which the zombie reads and tries to publish under its old lease
-        nxt = str(int(events[-1].sequence) + 17)
-        events.append(ChangeEvent("dynamodb", stream, SHARD, nxt, "INSERT", {"pk": nxt}, {"pk": nxt, "i": i}))
+    more_records(source, 5)  # new records, which the zombie reads and tries to publish under its old lease
     zombie = Lease(key, "run-1", reports[0].lease_epoch or 0)
     read = rt.read_after(SHARD, "run-1", zombie, seqs[-1])
     assert len(read.batch.events) == 5

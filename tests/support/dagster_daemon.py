@@ -31,7 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,7 +43,7 @@ from psycopg import sql
 from durability_pipelines import services
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.handlers import HandlerContext, transactional
-from durability_pipelines.processes import ProcessGroup, group_members
+from durability_pipelines.processes import ProcessGroup, group_members, temporary_env
 from durability_pipelines.sinks.postgres_events import handle as sink_handle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,20 +88,6 @@ def wait_until(
 # --------------------------------------------------------------------------- DAGSTER_HOME
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @dataclass
 class DagsterHome:
     """A ``DAGSTER_HOME`` with the repository's ``dagster.yaml`` and a fresh storage database."""
@@ -130,7 +116,7 @@ class DagsterHome:
         if self._instance is None:
             from dagster import DagsterInstance
 
-            with _env(DAGSTER_HOME=str(self.path), **{DAGSTER_POSTGRES_URL: self.storage_url}):
+            with temporary_env(DAGSTER_HOME=str(self.path), **{DAGSTER_POSTGRES_URL: self.storage_url}):
                 instance = DagsterInstance.from_config(str(self.path))
                 instance.get_runs(limit=1)  # touch the storage: schema created before any daemon starts
             self._instance = instance
