@@ -99,7 +99,7 @@ def test_a_malformed_filter_fails_loading_naming_the_file_and_the_field(tmp_path
     with pytest.raises(ConfigError) as err:
         load_consumer_config(path)
     message = str(err.value)
-    assert str(path) in message and f"  attributes.{field}: " in message and hint in message
+    assert str(path) in message and f": attributes.{field}: " in message and hint in message
 
 
 def test_a_malformed_filter_fails_definition_loading(tmp_path: Path) -> None:

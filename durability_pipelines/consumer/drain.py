@@ -341,7 +341,8 @@ class ShardDrainer:
                     break
                 self._renew_if_due()
                 read = ahead.take(acked) if ahead is not None else None
-                read = read or self._timed_read(acked)
+                read = read or self._read_now(acked)
+                self._last_read_at = read.read_started  # the owner's last read, when it hands over
                 batch = read.batch
                 if not batch.events and batch.next_checkpoint is None and batch.gap is None:
                     # Nothing new: poll until max_idle_s has passed without a record.
@@ -393,10 +394,10 @@ class ShardDrainer:
             self._handed_at = claim.lease.handed_at
         return claim
 
-    def _timed_read(self, acked: str | None) -> ReadOutput:
-        started_wall, self._last_read_at = time.time(), self.clock()
+    def _read_now(self, acked: str | None) -> ReadOutput:
+        """A read in the loop (not one read ahead); the first one after a hand-off ends the shard's unread time."""
         if self._handed_at is not None and self.report.handoff_gap_s is None:
-            self.report.handoff_gap_s = max(0.0, started_wall - self._handed_at.timestamp())
+            self.report.handoff_gap_s = max(0.0, time.time() - self._handed_at.timestamp())
         return self._read(acked)
 
     def _another_batch_fits(self) -> bool:
@@ -488,8 +489,9 @@ class ShardDrainer:
     def _read(self, acked: str | None) -> ReadOutput:
         """One batch; with a batching window, keep reading after it until it is full or the window closes.
         (A gap is audited when the batch is processed: a batch read ahead may be discarded.)"""
-        rt, want = self.rt, self.rt.config.max_events
+        rt, want, started = self.rt, self.rt.config.max_events, self.clock()
         read = rt.read_after(self.shard, self.run_id, self._lease, acked, record_gap=False)
+        read.read_started = started
         window = self.budget.batch_window_s
         if window <= 0:
             return read
@@ -502,7 +504,7 @@ class ShardDrainer:
             if more.gap is not None:
                 break  # leave the gap to the next batch, which reports it
             batch = batch.extended(more)
-        return ReadOutput(read.consumer, read.shard, read.run_id, batch, read.lease)
+        return ReadOutput(read.consumer, read.shard, read.run_id, batch, read.lease, started)
 
     def _process(self, read: ReadOutput, acked: str | None) -> BatchRecord:
         """Process and ack one batch, retrying a failing handler in place; returns its record."""

@@ -94,6 +94,7 @@ class ReadOutput:
     run_id: str
     batch: SourceBatch
     lease: Lease | None
+    read_started: float | None = None  # the drain loop's clock when the read began (hand-off accounting)
 
 
 @dataclass
