@@ -157,7 +157,7 @@ def test_dg_check_defs_names_every_broken_file_and_field_at_once(tmp_path: Path)
     typo = consumers / "orders_worker" / "defs.yaml"
     typo.write_text(typo.read_text().replace("  max_events: 1000", "  max_evnts: 1000"))
     wrong = consumers / "supabase_orders_worker" / "defs.yaml"
-    wrong.write_text(wrong.read_text().replace("  sensor_interval_s: 5", "  sensor_interval_s: soon"))
+    wrong.write_text(wrong.read_text().replace("  sensor_interval_s: 4 ", "  sensor_interval_s: soon "))
     stray = consumers / "billing.yml"
     stray.write_text((consumers / "orders_to_realtime" / "defs.yaml").read_text())
     out = _dg(["check", "defs"], ROOT, DURABILITY_CONSUMERS_DIR=str(consumers))

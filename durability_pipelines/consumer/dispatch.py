@@ -118,7 +118,7 @@ def dead_run_reason(run: InFlightRun, lease: LeaseView | None, *, now: float, le
     if not (held and lease is not None and lease.expires_at > now) and (
             now - run.started_at > run_budget_s + lease_duration_s + DEAD_RUN_GRACE_S):
         return (f"run {run.run_id} has been executing for {now - run.started_at:.0f} s, longer than a live run can "
-                "(max_run_seconds + max_idle_s + lease_duration_s), without holding the shard's lease")
+                "(max_run_seconds + 2 x handoff_timeout_s + max_idle_s + lease_duration_s), without holding the shard's lease")
     return None
 
 
