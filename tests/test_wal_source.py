@@ -325,3 +325,33 @@ def test_positions_and_config(channel) -> None:
     assert slot_target(5 * INDEX_SPAN + 3, {5: 3}) == 6 and slot_target(5 * INDEX_SPAN + 2, {5: 3}) == 5
     with pytest.raises(ValueError):
         config(channel, source={"slot": "Bad-Name"})
+
+
+def test_cli_installs_inspects_and_drops_the_slot_and_publication(wal_pg, db, channel, capsys) -> None:
+    import json
+
+    from durability_pipelines.cli.main import main
+    from durability_pipelines.sources.wal_changes import default_publication_name, default_slot_name
+
+    def cli(*argv: str) -> dict[str, Any]:
+        capsys.readouterr()
+        code = main(["--json", "wal", *argv, "--channel", channel, "--group", "ops", "--db-url", wal_pg.url])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out)
+
+    slot, pub = default_slot_name(channel, "ops"), default_publication_name(channel)
+    cfg = config(channel, source={"install": False})
+    assert (cfg.source.slot_name("ops"), cfg.source.publication_name) == (slot, pub)  # config and CLI agree
+    installed = cli("install", f"{channel}_a", f"{channel}_b")
+    assert installed["slot"] == slot and installed["plugin"] == "pgoutput"
+    assert cli("install", f"{channel}_a", f"{channel}_b")["confirmed_flush_lsn"] == installed["confirmed_flush_lsn"]
+    with wal_pg.connect() as conn:
+        conn.execute(f"INSERT INTO {channel}_a VALUES (1, 'x', null)")
+    status = cli("status")
+    assert status["slot"]["wal_status"] in ("reserved", "extended") and status["slot"]["retained_bytes"] > 0
+    assert status["tables"] == [f"public.{channel}_a", f"public.{channel}_b"]
+    assert status["replica_identity"][f"public.{channel}_b"] == "full"
+    assert cli("drop", "--publication-too")["dropped"] == {"slot": True, "publication": True}
+    status = cli("status")
+    assert status["slot"] is None and not status["publication_exists"]
