@@ -24,7 +24,7 @@ from durability_pipelines.cli.dead_letters import (
 )
 from durability_pipelines.cli.exit_codes import EXIT_USAGE
 from durability_pipelines.cli.leases import cmd_leases_list, cmd_leases_release
-from durability_pipelines.cli.schema import cmd_change_feed, cmd_migrate
+from durability_pipelines.cli.schema import cmd_change_feed, cmd_migrate, cmd_wal
 from durability_pipelines.cli.secrets import ENV_SUPABASE_DB_URL, scrub
 from durability_pipelines.cli.session import BACKENDS, ENV_BACKEND
 
@@ -205,6 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
                            help="comma-separated consumer groups that must all have acked (a group that never "
                            "checkpointed must be named, or its unread changes could be purged)")
             p.add_argument("--keep-last", type=int, default=0, help="keep the newest N rows anyway (default 0)")
+
+    wp = sub.add_parser("wal", help="install / inspect / drop the publication and replication slot (WAL source)",
+                        description="The WAL source (source.kind supabase_wal): a publication over the tables and "
+                        "one logical replication slot per consumer group, read with the built-in pgoutput plugin.")
+    wps = wp.add_subparsers(dest="wal_command", metavar="ACTION", parser_class=_Parser)
+    wps.required = True
+    for name, help_text in (("install", "create the publication over TABLES and the slot (idempotent)"),
+                            ("status", "the slot's position, the WAL it retains, whether it was invalidated"),
+                            ("drop", "drop the slot (the server frees its WAL) and, with --publication-too, "
+                                     "the publication")):
+        p = add(wps, name, help_text, cmd_wal)
+        p.add_argument("--channel", required=True, help="the consumer's channel (names the defaults)")
+        p.add_argument("--group", default=None, help="the consumer group (default slot durability_<channel>_<group>)")
+        p.add_argument("--slot", default=None, help="slot name (default durability_<channel>_<group>)")
+        p.add_argument("--publication", default=None, help="publication name (default durability_<channel>)")
+        p.add_argument("--db-url", metavar="URL",
+                       help=f"database to replicate from (default: ${ENV_SUPABASE_DB_URL}, else the project Postgres)")
+        if name == "install":
+            p.add_argument("tables", nargs="+", help="tables of the publication (table or schema.table)")
+        if name == "drop":
+            p.add_argument("--publication-too", action="store_true",
+                           help="also drop the publication (other groups' slots of the channel use it)")
 
     from durability_pipelines.demo import build_parser as build_demo_parser
 

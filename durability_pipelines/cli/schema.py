@@ -1,4 +1,4 @@
-"""``migrate``, ``change-feed`` and ``demo``."""
+"""``migrate``, ``change-feed``, ``wal`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -129,6 +129,51 @@ def cmd_change_feed(session: Session, args: argparse.Namespace) -> int:
                     "change_log": args.change_log, "dropped_change_log": args.drop_change_log}
             text = f"uninstalled: {args.table} is no longer captured" + (
                 f"; dropped the change log {args.change_log}" if args.drop_change_log else "")
+    session.emit(data, text)
+    return EXIT_OK
+
+
+def _wal_names(args: argparse.Namespace) -> tuple[str, str]:
+    from durability_pipelines.sources.wal_changes import default_publication_name, default_slot_name
+
+    if args.slot is None and args.group is None:
+        from durability_pipelines.checkpoints.errors import ConfigError
+
+        raise ConfigError("name the slot: --group (slot durability_<channel>_<group>) or --slot")
+    slot = args.slot or default_slot_name(args.channel, args.group)
+    return slot, args.publication or default_publication_name(args.channel)
+
+
+def cmd_wal(session: Session, args: argparse.Namespace) -> int:
+    import psycopg
+
+    from durability_pipelines.sources import wal_changes as module
+
+    slot, publication = _wal_names(args)
+    url = _change_feed_url(session, args)
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        if args.wal_command == "install":
+            info = module.install_wal_source(conn, publication=publication, slot=slot, tables=args.tables)
+            data = {"action": "installed", "publication": publication, "tables": args.tables, **info.as_dict()}
+            text = (f"installed: publication {publication} over {', '.join(args.tables)}; slot {slot} at "
+                    f"{data['confirmed_flush_lsn']} (it retains WAL from now until consumers ack)")
+        elif args.wal_command == "drop":
+            dropped = module.drop_wal_source(conn, slot=slot,
+                                             publication=publication if args.publication_too else None)
+            data = {"action": "dropped", "slot": slot, "publication": publication, "dropped": dropped}
+            text = (f"slot {slot}: {'dropped' if dropped['slot'] else 'not there'}"
+                    + (f"; publication {publication}: {'dropped' if dropped['publication'] else 'not there'}"
+                       if args.publication_too else ""))
+        else:
+            data = module.wal_source_status(conn, slot=slot, publication=publication)
+            info = data["slot"]
+            text = (f"slot {slot}: " + ("missing" if info is None else
+                    f"confirmed {info['confirmed_flush_lsn']}, restart {info['restart_lsn']}, wal_status "
+                    f"{info['wal_status']}, retains {info['retained_bytes']} bytes of WAL, "
+                    f"{'active (pid ' + str(info['active_pid']) + ')' if info['active_pid'] else 'inactive'}")
+                    + f"; publication {publication}: "
+                    + (", ".join(data["tables"]) or "no tables" if data["publication_exists"] else "missing")
+                    + f"; wal_level {data['wal_level']}")
     session.emit(data, text)
     return EXIT_OK
 

@@ -95,13 +95,78 @@ class SupabaseSourceConfig(_Strict):
         return self.channel
 
 
-SourceConfig = Annotated[DynamoDBSourceConfig | SupabaseSourceConfig, Field(discriminator="kind")]
+class SupabaseWalSourceConfig(_Strict):
+    """Postgres changes read from the WAL through a logical replication slot (``sources/wal_changes.py``)."""
+
+    kind: Literal["supabase_wal"] = "supabase_wal"
+    channel: str = Field(description="Logical channel name; the checkpoint key's stream (adapter supabase)")
+    tables: tuple[str, ...] = Field(min_length=1, description="Tables of the publication (schema.table or table)")
+    publication: str | None = Field(
+        default=None, description="Publication name; durability_<channel> when unset")
+    slot: str | None = Field(
+        default=None, description="Logical replication slot (one per consumer group); "
+        "durability_<channel>_<group> when unset")
+    replay_from: Literal["stored", "earliest", "latest"] = "stored"
+    trim_policy: Literal["fail", "skip"] = Field(
+        default="fail", description="a checkpoint behind the slot (the slot was dropped, recreated or invalidated): "
+        "fail = stop and name the gap; skip = record the gap (audited) and go on from the slot")
+    db_url_env: str = Field(
+        default="DURABILITY_SUPABASE_DB_URL",
+        description="Env var with the Postgres URL of the database to replicate from; "
+        "DURABILITY_POSTGRES_URL (the project's Postgres) when unset",
+    )
+    install: bool = Field(
+        default=False,
+        description="Create the publication and the slot when the source opens (needs REPLICATION and ownership)",
+    )
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _tables(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("publication", "slot")
+    @classmethod
+    def _pg_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9_]{1,63}", v):
+            raise ValueError("must be 1-63 lower-case letters, digits and underscores")
+        return v
+
+    @property
+    def publication_name(self) -> str:
+        return self.publication or re.sub(r"[^a-z0-9_]", "_", f"durability_{self.channel}".lower())[:63]
+
+    def slot_name(self, group: str) -> str:
+        return self.slot or re.sub(r"[^a-z0-9_]", "_", f"durability_{self.channel}_{group}".lower())[:63]
+
+    @property
+    def table(self) -> str:
+        """The tables, for descriptions shared with the trigger feed's (the stream asset's)."""
+        return ", ".join(self.tables)
+
+    @property
+    def change_log(self) -> str:
+        """Where the changes are captured, for descriptions shared with the trigger feed's."""
+        return f"the WAL (publication {self.publication_name})"
+
+    @property
+    def adapter(self) -> str:
+        return "supabase"
+
+    @property
+    def stream(self) -> str:
+        return self.channel
+
+
+SourceConfig = Annotated[DynamoDBSourceConfig | SupabaseSourceConfig | SupabaseWalSourceConfig,
+                         Field(discriminator="kind")]
 
 
 #: Event names each source emits (``ChangeEvent.event_name``), for ``filter.event_names``.
 EVENT_NAMES: dict[str, tuple[str, ...]] = {
     "dynamodb": ("INSERT", "MODIFY", "REMOVE"),
     "supabase": ("INSERT", "UPDATE", "DELETE"),
+    "supabase_wal": ("INSERT", "UPDATE", "DELETE"),
 }
 FilterScalar = str | int | float | bool | None
 

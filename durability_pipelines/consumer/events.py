@@ -45,8 +45,17 @@ class ChangeEvent:
     old_image: dict[str, Any] | None = None
     created_at: datetime | None = None
     event_id: str | None = None
+    #: the changed table (``schema.table``) and the writing transaction's id, where the source has them
+    #: (the WAL source); left out of ``to_json_dict`` when None
+    table: str | None = None
+    txid: int | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.table is not None:
+            extra["table"] = self.table
+        if self.txid is not None:
+            extra["txid"] = self.txid
         return {
             "adapter": self.adapter,
             "stream": self.stream,
@@ -58,4 +67,5 @@ class ChangeEvent:
             "old_image": json_safe(self.old_image),
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "event_id": self.event_id,
+            **extra,
         }

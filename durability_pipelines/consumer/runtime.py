@@ -44,7 +44,7 @@ from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.filters import count_filtered, matching
 from durability_pipelines.consumer.handlers import Handler, HandlerContext, is_transactional
-from durability_pipelines.consumer.source import Gap, SourceBatch, StreamSource
+from durability_pipelines.consumer.source import Gap, ReleasingSource, SourceBatch, StreamSource
 from durability_pipelines.consumer.storage import ConsumerStorage
 from durability_pipelines.observability import (
     ACK_SUCCESS_RATE,
@@ -131,6 +131,7 @@ class ConsumerRuntime:
         self.postgres_url = postgres_url
         self.metrics = metrics or Metrics(Labels(config.adapter, config.stream, config.group, config.consumer))
         self.is_owner_dead = is_owner_dead or (lambda owner: False)
+        self._released: set[str | None] = set()  # shards acked through a ReleasingSource (released once more at close)
 
     def key(self, shard: str | None) -> CheckpointKey:
         c = self.config
@@ -417,7 +418,26 @@ class ConsumerRuntime:
                 for position in self._positions_to_save(read, processed.ack_to):
                     result = self.store.save(key, position, lease=read.lease, context=context)
         self._batch_metrics(read, processed, result)
+        self._release_source(read.shard)
         return result
+
+    def durable_checkpoint(self, shard: str | None) -> str | None:
+        """The shard's checkpoint as the store's most durable part holds it: Postgres's when the store has a
+        Postgres part (hybrid: what was flushed), else the store's own (redis); None for a process-local
+        store (memory), which no restart survives. Read through ``parts()``, a capability of every store."""
+        parts = dict(self.store.parts())
+        key = self.key(shard)
+        if "postgres" in parts:
+            return parts["postgres"].load(key)
+        if "memory" in parts:
+            return None
+        return self.store.load(key)
+
+    def _release_source(self, shard: str | None, *, final: bool = False) -> None:
+        """Ack = checkpoint, then source: let a ``ReleasingSource`` free what the durable checkpoint covers."""
+        if isinstance(self.source, ReleasingSource):  # a capability (Protocol), not a concrete class
+            self._released.add(shard)
+            self.source.release(shard, lambda: self.durable_checkpoint(shard), final=final)
 
     @staticmethod
     def _positions_to_save(read: ReadOutput, target: str) -> list[str]:
@@ -463,6 +483,11 @@ class ConsumerRuntime:
     def close(self) -> None:
         # A run process is short-lived: buffered hybrid acks stay in Redis for the flush bound or the
         # mirror to carry, so hybrid does not degrade into "both stores on every ack".
+        for shard in sorted(self._released, key=lambda s: s or ""):
+            try:
+                self._release_source(shard, final=True)
+            except DurabilityError as exc:  # the next run releases it: the server only keeps more meanwhile
+                log.warning("consumer %s: could not release shard %s at the source: %s", self.config.name, shard, exc)
         self.store.close(flush=False)
         if self.source is not None:
             self.source.close()

@@ -10,14 +10,14 @@ them, so the runtime depends on the contract only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.sources.hooks import CallHook
 
-__all__ = ["CallHook", "Gap", "SourceBatch", "StreamSource"]
+__all__ = ["CallHook", "Gap", "ReleasingSource", "SourceBatch", "StreamSource"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,15 @@ class StreamSource(Protocol):
     def read(self, shard: str | None, after: str | None, max_events: int) -> SourceBatch: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReleasingSource(Protocol):
+    """A capability: a source whose server keeps what a consumer has not released (a Postgres replication
+    slot keeps the WAL). The runtime calls ``release`` after each ack (and once more when it closes,
+    ``final``), with ``durable``: the shard's checkpoint as the store's durable part holds it (hybrid: the
+    position flushed to Postgres, never a Redis-only one; None: nothing durable, e.g. the memory store).
+    The source calls ``durable`` only when it means to release (it may throttle), and never releases past
+    what it returns, so that no loss of a checkpoint store leaves the checkpoint behind the server."""
+
+    def release(self, shard: str | None, durable: Callable[[], str | None], *, final: bool = False) -> None: ...

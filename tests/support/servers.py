@@ -251,6 +251,7 @@ class PrivatePostgres(_ServerProcess):
         port: int | None = None,
         bin_dir: Path | None = None,
         password: str | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         base = base_dir or Path(tempfile.mkdtemp(prefix="dp-private-pg-"))
         base.mkdir(parents=True, exist_ok=True)
@@ -259,6 +260,8 @@ class PrivatePostgres(_ServerProcess):
         self.bin_dir = bin_dir or system_postgres_bin_dir() or services.postgres_bin_dir()
         self.os_user = services.postgres_os_user(self.data_dir)
         self.password = password
+        #: extra server settings (``-c key=value``), e.g. ``{"wal_level": "logical"}`` for the WAL source's tests
+        self.settings = dict(settings or {})
         if self.os_user is not None:
             os.chown(base, self.os_user.pw_uid, self.os_user.pw_gid)
 
@@ -320,6 +323,7 @@ class PrivatePostgres(_ServerProcess):
             "fsync": "off",
             "full_page_writes": "off",
             "max_connections": "50",
+            **self.settings,
         }
         cmd = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
         for key, value in settings.items():

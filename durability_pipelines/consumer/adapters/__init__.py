@@ -7,7 +7,7 @@ config model in ``consumer.config`` and a branch in ``build_source``. Adapters i
 
 from __future__ import annotations
 
-from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig
+from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig, SupabaseWalSourceConfig
 from durability_pipelines.consumer.source import CallHook, StreamSource
 
 __all__ = ["build_source"]
@@ -25,6 +25,10 @@ def build_source(config: ConsumerConfig, *, postgres_url: str | None = None,
         from durability_pipelines.consumer.adapters.dynamodb import DynamoDBSource
 
         return DynamoDBSource(config.source, on_call=on_call)
+    if isinstance(config.source, SupabaseWalSourceConfig):
+        from durability_pipelines.consumer.adapters.wal import build_wal_source
+
+        return build_wal_source(config, postgres_url=postgres_url, on_call=on_call)
     from durability_pipelines.consumer.adapters.supabase import build_supabase_source
 
     return build_supabase_source(config, postgres_url=postgres_url, on_call=on_call)
