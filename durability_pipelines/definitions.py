@@ -4,7 +4,7 @@ Each consumer is an instance of the ``StreamConsumer`` component, a folder with 
 shipped ones in ``durability_pipelines/defs/consumers/``, or those under ``$DURABILITY_CONSUMERS_DIR``
 (a folder of the same layout, which then replaces them). Adding a consumer is adding a folder.
 Around them: each consumed stream once (an external asset), the mirror and audit assets with their
-checks, run retention, and the ``durability`` resource.
+checks, run retention, the alert sensors (``orchestration/alerts.py``), and the ``durability`` resource.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from durability_pipelines.consumer.config import (
     configured_consumers_dir,
     load_consumer_instances,
 )
+from durability_pipelines.orchestration.alerts import build_alert_defs
 from durability_pipelines.orchestration.assets import build_audit_defs
 from durability_pipelines.orchestration.consumers import stream_asset_spec, validate_for_dagster
 from durability_pipelines.orchestration.resources import durability_resource_from_env
@@ -65,6 +66,7 @@ def build_definitions(consumers_dir: Path | None = None) -> Definitions:
         tree.build_defs(),  # the instances' defs, the tree itself and the component types (the UI's docs)
         build_audit_defs(consumers),
         build_retention_defs(),
+        build_alert_defs(consumers),  # failed runs and missed lag objectives, posted to a webhook
         Definitions(assets=list(streams.values()), resources={"durability": durability_resource_from_env()}),
     )
 

@@ -48,6 +48,7 @@ from durability_pipelines.consumer.source import Gap, ReleasingSource, SourceBat
 from durability_pipelines.consumer.storage import ConsumerStorage
 from durability_pipelines.observability import (
     ACK_SUCCESS_RATE,
+    EVENTS_FAILED,
     EVENTS_FILTERED,
     EVENTS_PER_BATCH,
     LAG_SECONDS,
@@ -173,6 +174,7 @@ class ConsumerRuntime:
         batch read ahead of time may be discarded, so the drain loop audits it when it processes it.
         """
         assert self.source is not None
+        self.metrics.start_pushing(shard)  # a run reading its shard (sensors never read): its metrics are pushed
         with self.metrics.timed("read_batch", self.config.adapter, shard):
             batch = self.source.read(shard, acked, max_events or self.config.max_events)
         if batch.gap is not None and record_gap:
@@ -470,6 +472,7 @@ class ConsumerRuntime:
             filtered = count_filtered(self.config.filter, read.batch.events)
             self.metrics.record(EVENTS_FILTERED, filtered, labels=labels)
         ok = total - len(processed.failed)
+        self.metrics.count(EVENTS_FAILED, len(processed.failed), labels=labels)
         self.metrics.record(ACK_SUCCESS_RATE, round(ok / total, 4) if total else 1.0, labels=labels)
         acked = result.current if result else None
         gap = sequence_gap(acked, read.batch.newest_sequence) if acked else None
@@ -488,6 +491,7 @@ class ConsumerRuntime:
                 self._release_source(shard, final=True)
             except DurabilityError as exc:  # the next run releases it: the server only keeps more meanwhile
                 log.warning("consumer %s: could not release shard %s at the source: %s", self.config.name, shard, exc)
+        self.metrics.close()  # a run's last push to the Pushgateway (when one is configured)
         self.store.close(flush=False)
         if self.source is not None:
             self.source.close()
