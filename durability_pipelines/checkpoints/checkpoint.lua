@@ -10,7 +10,11 @@
 --         last Postgres flush across every process, so "every N acks or T seconds" holds
 --         for short-lived run processes too.
 -- ARGV[1] sequence (canonical), ARGV[2] writer (the lease owner when fenced), ARGV[3] lease epoch ('' = unfenced),
--- ARGV[4] ttl in ms ('' = keep the key's TTL, if any), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen ('0' = off)
+-- ARGV[4] ttl in ms ('' = keep the key's TTL, if any), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen ('0' = off),
+-- ARGV[8] (optional) with no ttl of our own: the length in ms a TTL found on the shared key is renewed to
+--         (another worker's `SET key seq EX 86400`: kept, and renewed as that worker's own SET would; never shortened)
+-- The history entry records `ttl`: the shared key's TTL in ms after the write ('-1' none, '' not known), so that a
+-- load that finds the key gone can say whether it expired (redis_store.py restores it from this history).
 -- Returns {outcome, previous|false, acks_since_flush|false, ms_since_flush|false}
 -- (or {'lease_lost', false, lease_owner|false, lease_epoch|false})
 
@@ -79,12 +83,27 @@ if prev then
   local c = cmp(rp, tp, rs, ts)
   if c == 0 then outcome = 'unchanged' elseif c > 0 then outcome = 'stale' end
 end
+local renew = ARGV[8] or ''
+local ttl = ''
 if outcome == 'advanced' then
   if rs == 2 then
     if ARGV[4] ~= '' then
       redis.call('SET', KEYS[1], seq, 'PX', ARGV[4])
+      ttl = ARGV[4]
+    elseif renew ~= '' then
+      -- No TTL of our own: a TTL the key has (another worker's `SET key seq EX 86400`) is kept and renewed, as
+      -- that worker's own SET renews it: a TTL counting down under the project's saves would expire its position.
+      local left = shared and redis.call('PTTL', KEYS[1]) or -1
+      if left > 0 then
+        local want = tonumber(renew)
+        if left > want then want = left end
+        redis.call('SET', KEYS[1], seq, 'PX', want)
+        ttl = tostring(want)
+      else
+        redis.call('SET', KEYS[1], seq)
+        ttl = '-1'
+      end
     else
-      -- No TTL of our own: keep the one the key has (another worker's `SET key seq EX 86400`), if any.
       redis.call('SET', KEYS[1], seq, 'KEEPTTL')
     end
     if sentinel then redis.call('DEL', KEYS[4]) end  -- a TRIM_HORIZON / LATEST now behind the number
@@ -95,10 +114,15 @@ if outcome == 'advanced' then
   end
   if ARGV[7] ~= '0' then
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'prev', prev or '', 'seq', seq,
-      'writer', ARGV[2], 'epoch', ARGV[3], 'run', ARGV[5], 'reason', ARGV[6])
+      'writer', ARGV[2], 'epoch', ARGV[3], 'run', ARGV[5], 'reason', ARGV[6], 'ttl', ttl)
   end
-elseif outcome == 'unchanged' and ARGV[4] ~= '' then
-  redis.call('PEXPIRE', rs == 2 and KEYS[1] or KEYS[4], ARGV[4])
+elseif outcome == 'unchanged' then
+  if ARGV[4] ~= '' then
+    redis.call('PEXPIRE', rs == 2 and KEYS[1] or KEYS[4], ARGV[4])
+  elseif renew ~= '' and rs == 2 then
+    local left = redis.call('PTTL', KEYS[1])
+    if left > 0 and left < tonumber(renew) then redis.call('PEXPIRE', KEYS[1], renew) end
+  end
 end
 if KEYS[5] then
   local acks = redis.call('HINCRBY', KEYS[5], 'acks', 1)
