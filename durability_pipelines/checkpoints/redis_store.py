@@ -13,7 +13,8 @@ a *lease copy* beside the checkpoint, which :class:`RedisLeaseManager` keeps in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -40,7 +41,7 @@ from durability_pipelines.checkpoints.errors import (
     lease_lost,
 )
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
-from durability_pipelines.checkpoints.ordering import fast_sequence, normalize_sequence
+from durability_pipelines.checkpoints.ordering import fast_sequence, is_number, normalize_sequence
 from durability_pipelines.checkpoints.redis_io import (
     WrongType,
     as_text,
@@ -150,7 +151,10 @@ class RedisCheckpointStore(CheckpointStore):
         self.history_maxlen = str(int(history_maxlen))
         # A TTL another worker put on a key is renewed to this at each save (ttl_s=None only; None: kept as is)
         self.renew_ms = "" if inherited_ttl_s is None else str(int(inherited_ttl_s * 1000))
-        self.restores: list[Restore] = []  # checkpoints loads put back from the history (see _restore_missing)
+        self.restores: deque[Restore] = deque(maxlen=100)  # keys loads put back from the history (_restore_missing)
+        self.foreign_moves: deque[SaveResult] = deque(maxlen=100)  # saves that found a foreign rewind (REWOUND)
+        #: called with each such save (the factory records it in Postgres's ``checkpoint_history`` when it can)
+        self.on_foreign_move: Callable[[SaveResult, SaveContext], None] | None = None
         self._restore_missing_script = client.register_script(RESTORE_MISSING_LUA)
         self._save = client.register_script(SAVE_LUA)
         self._mark_flushed = client.register_script(MARK_FLUSHED_LUA)
@@ -158,6 +162,9 @@ class RedisCheckpointStore(CheckpointStore):
         self._replace_unusable = client.register_script(REPLACE_UNUSABLE_LUA)
         self._leases = RedisLeaseManager(client)
         self._key_cache: dict[CheckpointKey, tuple[str, str, str, str, str]] = {}
+        #: per key, (value, ttl) this store's last save left in the shared key: while it still holds that value,
+        #: nobody wrote it since, and the save script skips the foreign-rewind check (one XREVRANGE)
+        self._left: dict[CheckpointKey, tuple[str, str]] = {}
 
     def _redis_keys(self, key: CheckpointKey) -> tuple[str, str, str, str, str]:
         """(checkpoint, lease, history, sentinel, hybrid flush-state) Redis keys of ``key``, cached.
@@ -318,17 +325,19 @@ class RedisCheckpointStore(CheckpointStore):
         ctx = context or SaveContext()
         writer = lease.owner if lease else ctx.writer
         args = [sequence, writer, "" if lease is None else str(lease.epoch), self.ttl_ms,
-                ctx.run_id or "", ctx.reason or "", self.history_maxlen, self.renew_ms]
+                ctx.run_id or "", ctx.reason or "", self.history_maxlen, self.renew_ms,
+                *self._left.get(key, ())]
         keys = [redis_key, lease_key, history_key, sentinel_key]
         if flush_state:
             keys.append(state_key)
         try:  # what redis_errors() does, inline: this is the hot path
-            outcome, prev, third, fourth = self._run_save_script(keys, args)
-            if self.cluster and lease is not None and as_text(outcome) == "lease_lost":
+            reply = self._run_save_script(keys, args)
+            if self.cluster and lease is not None and as_text(reply[0]) == "lease_lost":
                 # The copy beside the checkpoint is missing or expired (first save, or after a renewal):
                 # refresh it from the lease, if still ours (else LeaseLostError), and save again.
                 self._leases.refresh_copy(lease, lease_key)
-                outcome, prev, third, fourth = self._run_save_script(keys, args)
+                reply = self._run_save_script(keys, args)
+            outcome, prev, third, fourth = reply[:4]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise unavailable_error(self.client, exc) from exc
         except redis.ResponseError as exc:
@@ -352,7 +361,34 @@ class RedisCheckpointStore(CheckpointStore):
         current = sequence if result is SaveOutcome.ADVANCED else (previous or sequence)
         acks = int(third) if flush_state and third is not None else None
         since = int(fourth) if flush_state and fourth is not None else None
+        ttl = as_text(reply[5]) if len(reply) > 5 else ""
+        if ttl and result in (SaveOutcome.ADVANCED, SaveOutcome.UNCHANGED) and is_number(current):
+            if len(self._left) >= KEY_CACHE_MAX:
+                self._left.clear()
+            self._left[key] = (current, ttl)  # what this save left in the shared key (see checkpoint.lua ARGV[9])
+        else:
+            self._left.pop(key, None)
+        if len(reply) > 4 and reply[4]:
+            return self._moved_back(SaveResult(key, result, previous, current, as_text(reply[4])), ctx), acks, since
         return SaveResult(key, result, previous, current), acks, since
+
+    def _moved_back(self, result: SaveResult, ctx: SaveContext) -> SaveResult:
+        """The save found the shared number below the project's last recorded write: another worker moved it back.
+        The script recorded it in the history and wrote nothing over it; say so, and report it to Postgres's
+        history (``on_foreign_move``) where the audit's check reads it."""
+        log.warning(
+            "checkpoint %s: another worker moved it back from %s (the project's last recorded write) to %s. "
+            "Recorded as a foreign move and honoured: nothing was written over it, and the consumer goes on from "
+            "%s (it replays what that worker asked for; the sinks are idempotent). If that write was a mistake, "
+            "`durability-pipelines checkpoints repair %s` puts the recorded position back.",
+            result.key.redis_key, result.moved_back_from, result.previous, result.current, result.key.redis_key)
+        self.foreign_moves.append(result)
+        if self.on_foreign_move is not None:
+            try:
+                self.on_foreign_move(result, ctx)
+            except Exception as exc:  # noqa: BLE001 - the Redis history has it; the audit reads that too
+                log.warning("could not record the foreign move of %s in Postgres: %s", result.key.redis_key, exc)
+        return result
 
     def _wrong_type(self, redis_keys: list[str]) -> WrongTypeKeyError:
         """Which of a save's keys is of the wrong type (the script only says WRONGTYPE)."""
@@ -373,6 +409,7 @@ class RedisCheckpointStore(CheckpointStore):
         under the lease. For the hybrid store, which has the truth in Postgres: a Redis-only store has
         nothing to replace it with. False if the key changed meanwhile; ``LeaseLostError`` if fenced out."""
         redis_key, lease_key, history_key, sentinel_key, _ = self._redis_keys(key)
+        self._left.pop(key, None)
         with redis_errors(self.client):
             kind = as_text(self.client.type(sentinel_key if at_sentinel else redis_key)) or "none"
             found = as_text(self.client.get(redis_key)) if kind == "string" and not at_sentinel else ""
@@ -408,6 +445,7 @@ class RedisCheckpointStore(CheckpointStore):
         ctx = require_force_context(context)
         args = [sequence, ctx.writer, self.ttl_ms, ctx.run_id or "", ctx.reason or "", self.history_maxlen]
         redis_key, _, history_key, sentinel_key, _ = self._redis_keys(key)
+        self._left.pop(key, None)
         try:
             with redis_errors(self.client):
                 prev = self._force_set(keys=[redis_key, history_key, sentinel_key], args=args)

@@ -130,7 +130,7 @@ def test_a_deliberate_reset_is_not_undone_and_a_new_key_stays_new(redis_url: str
     store.force_set(key, "TRIM_HORIZON", context=SaveContext(writer="ops", reason="start over"))
     assert store.load(key) == "TRIM_HORIZON" and not client.exists(key.redis_key)
     client.delete(key.companions(cluster=False).sentinel)  # even with the sentinel gone: the history says "none"
-    assert store.load(key) is None and store.restores == []
+    assert store.load(key) is None and not store.restores
     # a key deleted outright (no TTL at the last write) comes back too, saying it was deleted
     assert store.save(key, "600").advanced
     client.delete(key.redis_key)
