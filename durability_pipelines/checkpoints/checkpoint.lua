@@ -13,9 +13,8 @@
 -- ARGV[4] ttl in ms ('' = keep the key's TTL, if any), ARGV[5] run id, ARGV[6] reason, ARGV[7] history maxlen ('0' = off),
 -- ARGV[8] (optional) with no ttl of our own: the length in ms a TTL found on the shared key is renewed to
 --         (another worker's `SET key seq EX 86400`: kept, and renewed as that worker's own SET would; never shortened)
--- ARGV[9] (optional) the value this writer's previous save left in the shared key, ARGV[10] the TTL it left ('-1'
---         none): while the shared key still holds exactly that, nobody wrote it since, so the save skips the history
---         read (the foreign-rewind check) and, for a key without a TTL, the PTTL: the hot path stays GET, GET, SET, XADD.
+-- ARGV[9] (optional) the value this writer's previous save left in the shared key: while the shared key still holds
+--         exactly that, nobody lowered it since, so the save skips the history read (the foreign-rewind check).
 -- The history entry records `ttl`: the shared key's TTL in ms after the write ('-1' none, '' not known), so that a
 -- load that finds the key gone can say whether it expired (redis_store.py restores it from this history).
 -- Returns {outcome, previous|false, acks_since_flush|false, ms_since_flush|false, moved_back_from|false, ttl}
@@ -123,9 +122,6 @@ if outcome == 'advanced' then
     if ARGV[4] ~= '' then
       redis.call('SET', KEYS[1], seq, 'PX', ARGV[4])
       ttl = ARGV[4]
-    elseif renew ~= '' and quiet and ARGV[10] == '-1' then
-      redis.call('SET', KEYS[1], seq, 'KEEPTTL')  -- it had none after this writer's previous save, and nobody wrote since
-      ttl = '-1'
     elseif renew ~= '' then
       -- No TTL of our own: a TTL the key has (another worker's `SET key seq EX 86400`) is kept and renewed, as
       -- that worker's own SET renews it: a TTL counting down under the project's saves would expire its position.
@@ -156,8 +152,6 @@ elseif outcome == 'unchanged' then
   if ARGV[4] ~= '' then
     redis.call('PEXPIRE', rs == 2 and KEYS[1] or KEYS[4], ARGV[4])
     if rs == 2 then ttl = ARGV[4] end
-  elseif renew ~= '' and rs == 2 and quiet and ARGV[10] == '-1' then
-    ttl = '-1'
   elseif renew ~= '' and rs == 2 then
     local left = redis.call('PTTL', KEYS[1])
     if left > 0 and left < tonumber(renew) then redis.call('PEXPIRE', KEYS[1], renew) left = tonumber(renew) end

@@ -162,9 +162,9 @@ class RedisCheckpointStore(CheckpointStore):
         self._replace_unusable = client.register_script(REPLACE_UNUSABLE_LUA)
         self._leases = RedisLeaseManager(client)
         self._key_cache: dict[CheckpointKey, tuple[str, str, str, str, str]] = {}
-        #: per key, (value, ttl) this store's last save left in the shared key: while it still holds that value,
-        #: nobody wrote it since, and the save script skips the foreign-rewind check (one XREVRANGE)
-        self._left: dict[CheckpointKey, tuple[str, str]] = {}
+        #: per key, the value this store's last save left in the shared key: while it still holds that value,
+        #: nobody lowered it since, and the save script skips the foreign-rewind check (one XREVRANGE)
+        self._left: dict[CheckpointKey, tuple[str]] = {}
 
     def _redis_keys(self, key: CheckpointKey) -> tuple[str, str, str, str, str]:
         """(checkpoint, lease, history, sentinel, hybrid flush-state) Redis keys of ``key``, cached.
@@ -326,7 +326,7 @@ class RedisCheckpointStore(CheckpointStore):
         writer = lease.owner if lease else ctx.writer
         args = [sequence, writer, "" if lease is None else str(lease.epoch), self.ttl_ms,
                 ctx.run_id or "", ctx.reason or "", self.history_maxlen, self.renew_ms,
-                *self._left.get(key, ())]
+                *self._left.get(key, ())]  # ARGV[9]: what this store's previous save left in the shared key
         keys = [redis_key, lease_key, history_key, sentinel_key]
         if flush_state:
             keys.append(state_key)
@@ -361,11 +361,10 @@ class RedisCheckpointStore(CheckpointStore):
         current = sequence if result is SaveOutcome.ADVANCED else (previous or sequence)
         acks = int(third) if flush_state and third is not None else None
         since = int(fourth) if flush_state and fourth is not None else None
-        ttl = as_text(reply[5]) if len(reply) > 5 else ""
-        if ttl and result in (SaveOutcome.ADVANCED, SaveOutcome.UNCHANGED) and is_number(current):
+        if result in (SaveOutcome.ADVANCED, SaveOutcome.UNCHANGED) and is_number(current):
             if len(self._left) >= KEY_CACHE_MAX:
                 self._left.clear()
-            self._left[key] = (current, ttl)  # what this save left in the shared key (see checkpoint.lua ARGV[9])
+            self._left[key] = (current,)  # what this save left in the shared key (checkpoint.lua's ARGV[9])
         else:
             self._left.pop(key, None)
         if len(reply) > 4 and reply[4]:

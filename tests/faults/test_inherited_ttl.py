@@ -75,6 +75,11 @@ def test_a_save_renews_a_ttl_another_worker_set(redis_url: str) -> None:
     client.pexpire(key.redis_key, 3000)
     assert store.save(key, "300").outcome.value == "unchanged"  # a repeated ack renews it too
     assert client.ttl(key.redis_key) > DAY_S - 60
+    client.persist(key.redis_key)
+    assert store.save(key, "310").advanced and client.ttl(key.redis_key) == -1  # none left: none made up
+    client.set(key.redis_key, "310", ex=DAY_S)  # the other worker writes the very value this store left, with EX
+    client.pexpire(key.redis_key, 3000)
+    assert store.save(key, "320").advanced and client.ttl(key.redis_key) > DAY_S - 60
     # a configured TTL still wins, and a key without a TTL gets none
     assert RedisCheckpointStore(client, ttl_s=3600).save(key, "400").advanced
     assert 3500 < client.ttl(key.redis_key) <= 3600
