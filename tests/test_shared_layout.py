@@ -168,13 +168,16 @@ def test_the_operator_can_have_the_mirror_repair_a_foreign_regression(shared: Sh
 
 
 def test_a_project_save_after_an_unseen_foreign_write_is_not_the_projects_regression(shared: Shared) -> None:
-    """The other worker lowers both stores and the project saves again before any mirror runs."""
+    """The other worker lowers both stores and the project saves again before any mirror runs: the save reports
+    the foreign move and honours it (issue 21 item 6); the next save goes on from it."""
     k, store = foreign_setup(shared)
     shared.other_set(k.redis_key, "700")
     shared.other_upsert(k, "700")
+    result = store.save(k, "1040", context=SaveContext(writer="run-2"))
+    assert result.outcome.value == "rewound" and result.current == "700" and shared.client.get(k.redis_key) == b"700"
     assert store.save(k, "800", context=SaveContext(writer="run-2")).advanced
     summary = build_history_summary(shared.db())
-    assert int(summary["regressions"].sum()) == 0 and int(summary["external_regressions"].sum()) == 1
+    assert int(summary["regressions"].sum()) == 0 and int(summary["external_regressions"].sum()) >= 1
     store.close()
 
 

@@ -24,7 +24,13 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import redis
 
-from durability_pipelines.checkpoints.inspect import KeyState, external_store, history_summary, snapshot
+from durability_pipelines.checkpoints.inspect import (
+    EXTERNAL_WRITER,
+    KeyState,
+    external_store,
+    history_summary,
+    snapshot,
+)
 from durability_pipelines.checkpoints.keys import CheckpointKey
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.consumer.config import ConsumerConfig
@@ -93,18 +99,27 @@ def _cursors(client: redis.Redis, db: PostgresConnection) -> dict[str, SensorCur
     return {name: SensorCursor.from_json(c) for name, c in raw.items()}
 
 
-def _foreign(st: KeyState) -> str | None:
+def _foreign(st: KeyState, since: datetime) -> str | None:
     """Why this key is flagged as moved back by another writer, or None."""
     found = [r.describe() for r in st.external_regressions]  # not recorded yet (the mirror records them)
-    for w in st.external_writes:  # recorded within the audit window
+    recorded = list(st.external_writes)  # recorded in Postgres within the audit window
+    head = st.redis_last_write  # recorded in Redis by a save (or the mirror) and not moved past yet
+    if head is not None and head.writer == EXTERNAL_WRITER and head.at is not None and head.at >= since:
+        recorded.append(head)
+    seen: set[tuple[str, str | None, str]] = set()
+    for w in recorded:
         name = (external_store(w.reason) or "a store").capitalize()
+        if (name, w.previous, w.sequence) in seen or w.at is None:
+            continue
+        seen.add((name, w.previous, w.sequence))
         line = (f"{name} moved back from {w.previous} to {w.sequence} by a write the project did not make "
-                f"(seen {w.at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}Z)" if w.at else "")
-        if line and line not in found:
+                f"(seen {w.at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}Z)")
+        if line not in found:
             found.append(line)
     if not found:
         return None
-    return ("; ".join(found) + ". The mirror leaves the key as found. If that write was wrong, put the position "
+    return ("; ".join(found) + ". The project leaves the key as found (its consumer goes on from the lower "
+            "position, replaying what that write asked for). If that write was wrong, put the position "
             f"back with `durability-pipelines checkpoints repair {st.redis_key}`; if it was deliberate (another "
             "worker rewound it), nothing to do: the flag clears after the audit window.")
 
@@ -122,7 +137,7 @@ def _status(st: KeyState, cfg: ConsumerConfig | None, sc: object, lag: float | N
     if invalid:
         return "invalid", (f"not a position in {', '.join(invalid)}: set a valid one with `durability-pipelines "
                            "checkpoints set ... --force`")
-    foreign = _foreign(st)
+    foreign = _foreign(st, now - timedelta(seconds=thresholds.external_window_s))
     if foreign:
         return "regressed-externally", foreign
     if n_dead:

@@ -27,6 +27,10 @@ class SaveOutcome(str, enum.Enum):
     ADVANCED = "advanced"  # the checkpoint moved forward (or was created)
     UNCHANGED = "unchanged"  # equal to the stored value: a no-op
     STALE = "stale"  # behind the stored value: rejected, nothing written
+    #: the stored value is below what the project itself last recorded there: another worker moved it back (a
+    #: rewind). Recorded as a foreign move and honoured: nothing written, ``current`` is the value found, so the
+    #: consumer goes on from there (it replays what the other worker asked for). Redis stores only.
+    REWOUND = "rewound"
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class SaveResult:
     outcome: SaveOutcome
     previous: str | None
     current: str
+    #: with ``REWOUND``: the position the project had recorded, which the value found is below
+    moved_back_from: str | None = None
 
     @property
     def advanced(self) -> bool:

@@ -72,7 +72,10 @@ def open_store(config: StoreConfig, *, redis_url: str | None = None, postgres_ur
     if config.backend == "memory":
         return memory_store or MemoryCheckpointStore()
     if config.backend == "redis":
-        return RedisCheckpointStore.from_url(need(redis_url, "DURABILITY_REDIS_URL"), **config.redis_options())
+        store = RedisCheckpointStore.from_url(need(redis_url, "DURABILITY_REDIS_URL"), **config.redis_options())
+        if postgres_url:  # a foreign move a save finds goes to checkpoint_history too, where the audit's check reads it
+            store.on_foreign_move = _postgres_reporter(postgres_url)
+        return store
     if config.backend == "postgres":
         return PostgresCheckpointStore(need(postgres_url, "DURABILITY_POSTGRES_URL"), migrate_schema=migrate_schema)
     return HybridCheckpointStore(
@@ -81,3 +84,21 @@ def open_store(config: StoreConfig, *, redis_url: str | None = None, postgres_ur
         flush_every_n=config.flush_every_n,
         flush_every_s=config.flush_every_s,
     )
+
+
+def _postgres_reporter(postgres_url: str) -> Any:
+    """Record a Redis save's foreign move (``SaveOutcome.REWOUND``) in Postgres's ``checkpoint_history``; the
+    connection is opened on the first one (they are rare) and closed after it."""
+    from durability_pipelines.checkpoints.base import SaveContext, SaveResult
+    from durability_pipelines.checkpoints.inspect import record_external
+    from durability_pipelines.checkpoints.postgres_store import PostgresConnection
+
+    def report(result: SaveResult, ctx: SaveContext) -> None:
+        db = PostgresConnection(postgres_url)
+        try:
+            record_external(db, result.key, result.moved_back_from or "", result.current, store="redis",
+                            run_id=ctx.run_id)
+        finally:
+            db.close()
+
+    return report

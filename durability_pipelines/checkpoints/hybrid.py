@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import psycopg
 import redis
 
 from durability_pipelines.checkpoints.base import (
@@ -45,6 +46,7 @@ from durability_pipelines.checkpoints.errors import (
     WrongTypeKeyError,
     lease_lost,
 )
+from durability_pipelines.checkpoints.inspect import record_external
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, max_sequence, normalize_sequence
 from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
@@ -297,6 +299,13 @@ class HybridCheckpointStore(CheckpointStore):
             return result
         result, acks, ms_since_flush = result
         self._recover("redis")
+        if result.outcome is SaveOutcome.REWOUND:  # another worker rewound Redis: Postgres's history says so too
+            try:
+                record_external(self.postgres.db, key, result.moved_back_from or "", result.current, store="redis",
+                                run_id=ctx.run_id)
+            except (StoreUnavailableError, psycopg.Error) as exc:
+                log.warning("could not record the foreign move of %s in Postgres (%s); Redis's history has it",
+                            key, exc)
         ends = result.advanced and is_sentinel(sequence)
         if ends:
             # The last number goes to Postgres's shared row before the sentinel replaces it in the buffer

@@ -11,6 +11,7 @@ recorded write explains (``KeyState.external_regressions``), so that every repor
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,12 +42,37 @@ def external_reason(store: str) -> str:
     return _EXTERNAL_REASON.format(store=store)
 
 
+#: What a save writes when it finds the shared value below the project's last recorded write (checkpoint.lua).
+_SAVE_EXTERNAL_REASON = "foreign write seen by a save in {store}: moved back from {frm} to {to}"
+_EXTERNAL_REASON_RE = re.compile(r"^foreign write seen by (?:the mirror|a save) in (redis|postgres):")
+
+
+def save_external_reason(store: str, frm: str, to: str) -> str:
+    """The reason of the ``external`` history entry a save records (the Lua script writes the same text)."""
+    return _SAVE_EXTERNAL_REASON.format(store=store, frm=frm, to=to)
+
+
 def external_store(reason: str | None) -> str | None:
-    """Which store an ``external`` history entry says was moved back (None if it is not one)."""
-    for store in ("redis", "postgres"):
-        if reason == external_reason(store):
-            return store
-    return None
+    """Which store an ``external`` history entry says was moved back (None if it is not one): recorded by the
+    mirror or by a save."""
+    m = _EXTERNAL_REASON_RE.match(reason or "")
+    return m.group(1) if m else None
+
+
+_RECORD_EXTERNAL_SQL = """
+INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence, new_sequence, writer,
+                                run_id, reason)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+
+
+def record_external(db: PostgresConnection, key: CheckpointKey, frm: str, to: str, *, store: str,
+                    run_id: str | None = None) -> None:
+    """One ``checkpoint_history`` row (writer ``external``) for a foreign move a save found in ``store``: what
+    the history summary (``no_checkpoint_regression``) and the audit read."""
+    with db.connection() as conn:
+        conn.execute(_RECORD_EXTERNAL_SQL, (*key.as_row().values(), frm, to, EXTERNAL_WRITER, run_id,
+                                            save_external_reason(store, frm, to)))
 
 
 _CHUNK = 1000

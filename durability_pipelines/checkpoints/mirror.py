@@ -440,7 +440,10 @@ class CheckpointMirror:
                                        _decode(fields.get(b"prev", b"")) or None) if head else None
             current = redis_values[rkey]
             if recorded is None or sort_key(current) >= sort_key(recorded):
-                if sort_key(current) < sort_key(row.sequence):  # Redis lost acks (a restart, an old snapshot)
+                # A foreign move already recorded (by a save, or an earlier mirror run) and not moved past yet is
+                # honoured: the consumer replays from it, so Postgres being ahead is no lost ack to restore.
+                honoured = bool(head) and _decode(fields.get(b"writer", b"")) == EXTERNAL_WRITER and not self.repair
+                if sort_key(current) < sort_key(row.sequence) and not honoured:  # Redis lost acks (restart, snapshot)
                     restore.append((row.key, row.sequence, "mirror postgres->redis"))
                 continue
             report.skip("redis", rkey, "external-regression",

@@ -12,7 +12,9 @@ a *lease copy* beside the checkpoint, which :class:`RedisLeaseManager` keeps in 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -39,7 +41,7 @@ from durability_pipelines.checkpoints.errors import (
     lease_lost,
 )
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
-from durability_pipelines.checkpoints.ordering import fast_sequence, normalize_sequence
+from durability_pipelines.checkpoints.ordering import fast_sequence, is_number, normalize_sequence
 from durability_pipelines.checkpoints.redis_io import (
     WrongType,
     as_text,
@@ -54,6 +56,11 @@ from durability_pipelines.checkpoints.sentinels import effective
 from durability_pipelines.redis_client import is_cluster, mget_all, redis_client
 
 _SCRIPT_DIR = resources.files("durability_pipelines.checkpoints")
+log = logging.getLogger(__name__)
+
+#: The length a TTL found on a shared key (another worker's ``SET key seq EX 86400``) is renewed to at each save
+#: of a store with no TTL of its own: the original pattern's. Never shortens a longer one.
+INHERITED_TTL_S = 86400.0
 
 
 def _script(name: str) -> str:
@@ -71,6 +78,16 @@ FORCE_SET_LUA = _script("force_set.lua")
 
 
 REPLACE_UNUSABLE_LUA = _script("replace_unusable.lua")
+RESTORE_MISSING_LUA = _script("restore_missing.lua")
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A checkpoint a load found missing in Redis although the project's history recorded it, put back."""
+
+    key: CheckpointKey
+    sequence: str
+    why: str  # what happened to the key (its TTL ran out, or it was deleted), from the history entry
 
 
 def save_script_keys(key: CheckpointKey, *, cluster: bool) -> tuple[str, str, str, str]:
@@ -103,6 +120,12 @@ class RedisCheckpointStore(CheckpointStore):
     ``ttl_s=None`` (default) keeps keys forever: strict durability.  A TTL
     (the original examples use 86400) lets abandoned consumers expire.
     ``history_maxlen`` caps the per-key history stream (0 disables it).
+    A key that has a TTL the store did not set (another worker's ``SET key seq EX 86400``) keeps one: each save
+    renews it to ``inherited_ttl_s`` (the original pattern's 86400 s), as that worker's own ``SET`` does, so a
+    TTL never runs out under a consumer that keeps acking. A load that finds a key gone (its TTL ran out while
+    the consumer was idle, or it was deleted) although the key's history recorded a position puts that position
+    back (``_restore_missing``) instead of answering "no checkpoint", which would send the consumer to its
+    initial position (``LATEST``: everything in between skipped).
     ``wait_replicas`` > 0 makes every save wait (Redis ``WAIT``, up to ``wait_timeout_s``) until that
     many replicas have it, so that an acked checkpoint survives a failover; fewer in time raises
     ``ReplicationTimeoutError`` (the ack fails and the batch is retried).
@@ -111,7 +134,8 @@ class RedisCheckpointStore(CheckpointStore):
     backend = "redis"
 
     def __init__(self, client: redis.Redis, *, ttl_s: float | None = None, history_maxlen: int = 1000,
-                 wait_replicas: int = 0, wait_timeout_s: float = 1.0) -> None:
+                 wait_replicas: int = 0, wait_timeout_s: float = 1.0,
+                 inherited_ttl_s: float | None = INHERITED_TTL_S) -> None:
         if wait_replicas < 0 or wait_timeout_s <= 0:
             raise ValueError("wait_replicas must be >= 0 and wait_timeout_s > 0")
         self.cluster = is_cluster(client)
@@ -125,12 +149,22 @@ class RedisCheckpointStore(CheckpointStore):
         self.wait_timeout_ms = max(1, int(wait_timeout_s * 1000))
         self.ttl_ms = "" if ttl_s is None else str(int(ttl_s * 1000))
         self.history_maxlen = str(int(history_maxlen))
+        # A TTL another worker put on a key is renewed to this at each save (ttl_s=None only; None: kept as is)
+        self.renew_ms = "" if inherited_ttl_s is None else str(int(inherited_ttl_s * 1000))
+        self.restores: deque[Restore] = deque(maxlen=100)  # keys loads put back from the history (_restore_missing)
+        self.foreign_moves: deque[SaveResult] = deque(maxlen=100)  # saves that found a foreign rewind (REWOUND)
+        #: called with each such save (the factory records it in Postgres's ``checkpoint_history`` when it can)
+        self.on_foreign_move: Callable[[SaveResult, SaveContext], None] | None = None
+        self._restore_missing_script = client.register_script(RESTORE_MISSING_LUA)
         self._save = client.register_script(SAVE_LUA)
         self._mark_flushed = client.register_script(MARK_FLUSHED_LUA)
         self._force_set = client.register_script(FORCE_SET_LUA)
         self._replace_unusable = client.register_script(REPLACE_UNUSABLE_LUA)
         self._leases = RedisLeaseManager(client)
         self._key_cache: dict[CheckpointKey, tuple[str, str, str, str, str]] = {}
+        #: per key, the value this store's last save left in the shared key: while it still holds that value,
+        #: nobody lowered it since, and the save script skips the foreign-rewind check (one XREVRANGE)
+        self._left: dict[CheckpointKey, tuple[str]] = {}
 
     def _redis_keys(self, key: CheckpointKey) -> tuple[str, str, str, str, str]:
         """(checkpoint, lease, history, sentinel, hybrid flush-state) Redis keys of ``key``, cached.
@@ -177,16 +211,25 @@ class RedisCheckpointStore(CheckpointStore):
         with redis_errors(self.client):
             both = mget_all(self.client, redis_keys)  # per slot on a cluster (a key and its sentinel share one)
             values = both[0::2]
+            sentinels = both[1::2]
             absent = [i for i, v in enumerate(values) if v is None]
-            if absent:  # rare (new shards): tell a missing key from one of another type
+            if absent:  # rare (new shards): tell a missing key from one of another type, and from a lost one
                 pipe = self.client.pipeline(transaction=False)
                 for i in absent:
                     pipe.type(redis_keys[2 * i])
-                for i, kind in zip(absent, pipe.execute(), strict=True):
+                    pipe.xrevrange(self._redis_keys(keys[i])[2], count=1)  # what the project last recorded
+                replies = pipe.execute(raise_on_error=False)
+                for n, i in enumerate(absent):
+                    kind, head = replies[2 * n], replies[2 * n + 1]
+                    if isinstance(kind, Exception):
+                        raise kind
                     kind = as_text(kind)
+                    if isinstance(head, Exception):  # a history key of another type: nothing recorded to go by
+                        head = None
                     if kind not in ("none", "string"):
                         values[i] = WrongType(kind or "?")
-            sentinels = both[1::2]
+                    elif head and sentinels[i] is None:
+                        values[i], sentinels[i] = self._restore_missing(keys[i], head[0])
             # A sentinel key of another type reads as nil too: one EXISTS says whether any nil one exists at all.
             nil = [i for i, s in enumerate(sentinels) if s is None]
             if nil and self.client.exists(*(redis_keys[2 * i + 1] for i in nil)):
@@ -198,6 +241,45 @@ class RedisCheckpointStore(CheckpointStore):
                     if kind not in ("none", "string") and not isinstance(values[i], WrongType):
                         values[i] = WrongType(kind or "?", redis_keys[2 * i + 1])
         return [v if isinstance(v, WrongType) else effective(v, s) for v, s in zip(values, sentinels, strict=True)]
+
+    def _restore_missing(self, key: CheckpointKey, head: tuple[Any, dict[Any, Any]]) -> tuple[Any, Any]:
+        """The key holds nothing, yet its history's newest entry ``head`` recorded a position: its TTL ran out
+        (while the consumer was idle) or it was deleted. Put the recorded number back (only if the key is still
+        missing and the history unchanged: one Lua call), with a history entry and a warning that name the key
+        and what happened, and return ``(shared, sentinel)`` as now stored. A history that recorded no number
+        (a forced rewind to ``TRIM_HORIZON`` / ``LATEST``: "start over" on purpose) restores nothing."""
+        from durability_pipelines.checkpoints.inspect import recorded_number
+
+        entry_id, fields = head
+        f = {as_text(k): as_text(v) for k, v in fields.items()}
+        number = recorded_number(f.get("seq") or None, f.get("prev") or None)
+        if number is None:
+            return None, None
+        at = datetime.fromtimestamp(int(as_text(entry_id).split("-")[0]) / 1000, timezone.utc)
+        ttl = f.get("ttl")
+        if ttl and ttl.lstrip("-").isdigit() and int(ttl) > 0:
+            why = (f"its TTL ran out: the key had a TTL of {int(ttl) / 1000:g} s after that write (a TTL the "
+                   "project keeps: another worker's `SET ... EX`, or redis_ttl_s), and no save renewed it since")
+        elif ttl == "-1":
+            why = "it had no TTL: it was deleted (by another program, an operator, or a Redis that lost data)"
+        else:
+            why = "its TTL ran out or it was deleted"
+        reason = f"restored from history: the key was missing ({why[:60]}), last recorded {number} at {at:%Y-%m-%dT%H:%M:%SZ}"
+        redis_key, _, history_key, sentinel_key, _ = self._redis_keys(key)
+        restored = self._restore_missing_script(
+            keys=[redis_key, history_key, sentinel_key],
+            args=[number, self.ttl_ms, reason, self.history_maxlen if self.history_maxlen != "0" else "1000",
+                  as_text(entry_id)])
+        if not restored:  # someone wrote meanwhile: what is stored now
+            shared, sentinel = mget_all(self.client, [redis_key, sentinel_key])
+            return shared, sentinel
+        log.warning(
+            "checkpoint %s was missing from Redis although the project recorded %s there at %s: %s. Restored it "
+            "from the key's history (%s) instead of starting from the initial position. To start over on purpose, "
+            "use `durability-pipelines checkpoints set ... --sequence TRIM_HORIZON --force`.",
+            redis_key, number, at.isoformat(), why, history_key)
+        self.restores.append(Restore(key, number, why))
+        return number, None
 
     def load_many(self, keys: Iterable[CheckpointKey]) -> dict[CheckpointKey, str | None]:
         keys = list(keys)
@@ -243,17 +325,19 @@ class RedisCheckpointStore(CheckpointStore):
         ctx = context or SaveContext()
         writer = lease.owner if lease else ctx.writer
         args = [sequence, writer, "" if lease is None else str(lease.epoch), self.ttl_ms,
-                ctx.run_id or "", ctx.reason or "", self.history_maxlen]
+                ctx.run_id or "", ctx.reason or "", self.history_maxlen, self.renew_ms,
+                *self._left.get(key, ())]  # ARGV[9]: what this store's previous save left in the shared key
         keys = [redis_key, lease_key, history_key, sentinel_key]
         if flush_state:
             keys.append(state_key)
         try:  # what redis_errors() does, inline: this is the hot path
-            outcome, prev, third, fourth = self._run_save_script(keys, args)
-            if self.cluster and lease is not None and as_text(outcome) == "lease_lost":
+            reply = self._run_save_script(keys, args)
+            if self.cluster and lease is not None and as_text(reply[0]) == "lease_lost":
                 # The copy beside the checkpoint is missing or expired (first save, or after a renewal):
                 # refresh it from the lease, if still ours (else LeaseLostError), and save again.
                 self._leases.refresh_copy(lease, lease_key)
-                outcome, prev, third, fourth = self._run_save_script(keys, args)
+                reply = self._run_save_script(keys, args)
+            outcome, prev, third, fourth = reply[:4]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise unavailable_error(self.client, exc) from exc
         except redis.ResponseError as exc:
@@ -277,7 +361,33 @@ class RedisCheckpointStore(CheckpointStore):
         current = sequence if result is SaveOutcome.ADVANCED else (previous or sequence)
         acks = int(third) if flush_state and third is not None else None
         since = int(fourth) if flush_state and fourth is not None else None
+        if result in (SaveOutcome.ADVANCED, SaveOutcome.UNCHANGED) and is_number(current):
+            if len(self._left) >= KEY_CACHE_MAX:
+                self._left.clear()
+            self._left[key] = (current,)  # what this save left in the shared key (checkpoint.lua's ARGV[9])
+        else:
+            self._left.pop(key, None)
+        if len(reply) > 4 and reply[4]:
+            return self._moved_back(SaveResult(key, result, previous, current, as_text(reply[4])), ctx), acks, since
         return SaveResult(key, result, previous, current), acks, since
+
+    def _moved_back(self, result: SaveResult, ctx: SaveContext) -> SaveResult:
+        """The save found the shared number below the project's last recorded write: another worker moved it back.
+        The script recorded it in the history and wrote nothing over it; say so, and report it to Postgres's
+        history (``on_foreign_move``) where the audit's check reads it."""
+        log.warning(
+            "checkpoint %s: another worker moved it back from %s (the project's last recorded write) to %s. "
+            "Recorded as a foreign move and honoured: nothing was written over it, and the consumer goes on from "
+            "%s (it replays what that worker asked for; the sinks are idempotent). If that write was a mistake, "
+            "`durability-pipelines checkpoints repair %s` puts the recorded position back.",
+            result.key.redis_key, result.moved_back_from, result.previous, result.current, result.key.redis_key)
+        self.foreign_moves.append(result)
+        if self.on_foreign_move is not None:
+            try:
+                self.on_foreign_move(result, ctx)
+            except Exception as exc:  # noqa: BLE001 - the Redis history has it; the audit reads that too
+                log.warning("could not record the foreign move of %s in Postgres: %s", result.key.redis_key, exc)
+        return result
 
     def _wrong_type(self, redis_keys: list[str]) -> WrongTypeKeyError:
         """Which of a save's keys is of the wrong type (the script only says WRONGTYPE)."""
@@ -298,6 +408,7 @@ class RedisCheckpointStore(CheckpointStore):
         under the lease. For the hybrid store, which has the truth in Postgres: a Redis-only store has
         nothing to replace it with. False if the key changed meanwhile; ``LeaseLostError`` if fenced out."""
         redis_key, lease_key, history_key, sentinel_key, _ = self._redis_keys(key)
+        self._left.pop(key, None)
         with redis_errors(self.client):
             kind = as_text(self.client.type(sentinel_key if at_sentinel else redis_key)) or "none"
             found = as_text(self.client.get(redis_key)) if kind == "string" and not at_sentinel else ""
@@ -333,6 +444,7 @@ class RedisCheckpointStore(CheckpointStore):
         ctx = require_force_context(context)
         args = [sequence, ctx.writer, self.ttl_ms, ctx.run_id or "", ctx.reason or "", self.history_maxlen]
         redis_key, _, history_key, sentinel_key, _ = self._redis_keys(key)
+        self._left.pop(key, None)
         try:
             with redis_errors(self.client):
                 prev = self._force_set(keys=[redis_key, history_key, sentinel_key], args=args)

@@ -18,8 +18,10 @@ if ARGV[10] == 'sentinel' then
   if redis.call('TYPE', KEYS[4]).ok ~= ARGV[1] then return {'changed', false, false} end
   redis.call('DEL', KEYS[4])
   if ARGV[7] ~= '0' then
+    -- `seq` is what the shared key holds (untouched here): the history's newest entry always says what the shared
+    -- key was left with (checkpoint.lua compares it, to tell a foreign rewind); the save that follows records ARGV[2].
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'prev', '<redis ' .. ARGV[1] .. ' at the sentinel key>',
-      'seq', ARGV[2], 'writer', ARGV[3], 'epoch', ARGV[4], 'run', ARGV[5], 'reason', ARGV[6])
+      'seq', redis.call('GET', KEYS[1]) or '', 'writer', ARGV[3], 'epoch', ARGV[4], 'run', ARGV[5], 'reason', ARGV[6])
   end
   return {'replaced', false, false}
 end

@@ -30,6 +30,7 @@ from durability_pipelines.checkpoints import (
     Lease,
     PostgresConnection,
     SaveContext,
+    SaveOutcome,
     SaveResult,
     StoreUnavailableError,
     TransactionalStore,
@@ -419,6 +420,8 @@ class ConsumerRuntime:
             with self.metrics.timed(f"{self.store.backend}.save", self.store.backend, read.shard):
                 for position in self._positions_to_save(read, processed.ack_to):
                     result = self.store.save(key, position, lease=read.lease, context=context)
+                    if result.outcome is SaveOutcome.REWOUND:
+                        break  # another worker rewound the checkpoint: go on from there (no SHARD_END over it)
         self._batch_metrics(read, processed, result)
         self._release_source(read.shard)
         return result
