@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.ordering import LATEST, SHARD_END, TRIM_HORIZON, normalize_sequence
-from durability_pipelines.consumer.config import ConsumerConfig, SupabaseSourceConfig
+from durability_pipelines.consumer.config import ConsumerConfig, SupabaseSourceConfig, SupabaseWalSourceConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.source import CallHook, SourceBatch
 from durability_pipelines.sources.supabase_changes import (
@@ -69,7 +69,34 @@ def to_event(channel: str, row: ChangeRow) -> ChangeEvent:
     )
 
 
-class SupabaseChangeFeedSource:
+class UnshardedFeed:
+    """What the Postgres change feeds (trigger log, WAL) share: one unsharded stream, and where a read
+    starts from a stored position (or, without one, from ``replay_from``)."""
+
+    cfg: SupabaseSourceConfig | SupabaseWalSourceConfig
+    stream: str
+
+    def list_shards(self) -> list[str | None]:
+        return [None]
+
+    def readable(self, acked: Mapping[str | None, str | None]) -> list[str | None]:
+        return [None]
+
+    def _start(self, after: str | None) -> tuple[str, int | None]:
+        """('read', position or None = from the beginning) | ('pin', None) | ('end', None) | ('none', None)."""
+        if after is None:
+            return {"stored": ("none", None), "earliest": ("read", None), "latest": ("pin", None)}[self.cfg.replay_from]
+        after = normalize_sequence(after, key=f"checkpoint:supabase:{self.stream}")
+        if after == TRIM_HORIZON:
+            return ("read", None)
+        if after == LATEST:
+            return ("pin", None)
+        if after == SHARD_END:
+            return ("end", None)
+        return ("read", int(after))
+
+
+class SupabaseChangeFeedSource(UnshardedFeed):
     """One channel = one source table's changes in one change log."""
 
     adapter = ADAPTER
@@ -91,25 +118,6 @@ class SupabaseChangeFeedSource:
         self.reader = reader or ChangeFeedReader(
             db_url, change_log=cfg.change_log, table=str(self.table), on_call=on_call,
         )
-
-    def list_shards(self) -> list[str | None]:
-        return [None]
-
-    def readable(self, acked: Mapping[str | None, str | None]) -> list[str | None]:
-        return [None]
-
-    def _start(self, after: str | None) -> tuple[str, int | None]:
-        """('read', position) | ('pin', None) | ('end', None) | ('none', None)."""
-        if after is None:
-            return {"stored": ("none", None), "earliest": ("read", None), "latest": ("pin", None)}[self.cfg.replay_from]
-        after = normalize_sequence(after, key=f"checkpoint:supabase:{self.stream}")
-        if after == TRIM_HORIZON:
-            return ("read", None)
-        if after == LATEST:
-            return ("pin", None)
-        if after == SHARD_END:
-            return ("end", None)
-        return ("read", int(after))
 
     def has_new(self, shard: str | None, after: str | None) -> bool:
         mode, position = self._start(after)

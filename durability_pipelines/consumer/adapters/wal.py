@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from durability_pipelines.checkpoints.errors import ConfigError, DurabilityError
 from durability_pipelines.checkpoints.ordering import LATEST, SHARD_END, TRIM_HORIZON, normalize_sequence
-from durability_pipelines.consumer.adapters.supabase import FALLBACK_DB_URL_ENV, NoCheckpointError
+from durability_pipelines.consumer.adapters.supabase import (
+    FALLBACK_DB_URL_ENV,
+    NoCheckpointError,
+    UnshardedFeed,
+)
 from durability_pipelines.consumer.config import ConsumerConfig, SupabaseWalSourceConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.source import CallHook, Gap, SourceBatch
@@ -70,7 +74,7 @@ def to_event(channel: str, change: WalChange) -> ChangeEvent:
     )
 
 
-class WalSource:
+class WalSource(UnshardedFeed):  # a read from None starts at the slot
     """One channel = one publication's changes, read through the consumer group's slot."""
 
     adapter = ADAPTER
@@ -101,25 +105,6 @@ class WalSource:
         self._released_at: float | None = None
 
     # -- the contract --------------------------------------------------------------------
-    def list_shards(self) -> list[str | None]:
-        return [None]
-
-    def readable(self, acked: Mapping[str | None, str | None]) -> list[str | None]:
-        return [None]
-
-    def _start(self, after: str | None) -> tuple[str, int | None]:
-        """('read', position or None = from the slot) | ('pin', None) | ('end', None) | ('none', None)."""
-        if after is None:
-            return {"stored": ("none", None), "earliest": ("read", None), "latest": ("pin", None)}[self.cfg.replay_from]
-        after = normalize_sequence(after, key=f"checkpoint:supabase:{self.stream}")
-        if after == TRIM_HORIZON:
-            return ("read", None)
-        if after == LATEST:
-            return ("pin", None)
-        if after == SHARD_END:
-            return ("end", None)
-        return ("read", int(after))
-
     def has_new(self, shard: str | None, after: str | None) -> bool:
         mode, position = self._start(after)
         if mode in ("pin", "none"):
