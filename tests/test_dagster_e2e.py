@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -81,7 +82,9 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_ad
         handler = "tests.support.dagster_daemon:record_deliveries"
         return {
             "main": Consumer(f"e2e_main_{suffix}", create_stream_table(ddb)[0], handler),
-            "retry": Consumer(f"e2e_retry_{suffix}", create_stream_table(ddb)[0], handler),
+            # a run that finds a live foreign owner asks it for the shard and gives up after handoff_timeout_s
+            "retry": Consumer(f"e2e_retry_{suffix}", create_stream_table(ddb)[0], handler,
+                              overrides={"handoff_timeout_s": 5}),
             "poison": Consumer(
                 f"e2e_poison_{suffix}", create_stream_table(ddb)[0], "tests.support.dagster_daemon:poison_until_fixed",
                 handler_options={"poison_pk": "poison", "fixed_flag": f"e2e:{suffix}:poison_fixed"},
@@ -263,16 +266,29 @@ def test_failed_batch_is_redispatched_not_skipped(e2e: E2E) -> None:
             StreamArn=e2e.ddb.describe_table(TableName=c.table)["Table"]["LatestStreamArn"]
         )["StreamDescription"]["Shards"]
         shard = shard_desc["ShardId"]
-        # A live foreign worker holds the shard's lease: the run's drain_shard cannot take it.
+        # A live foreign worker holds the shard's lease (it renews it) and never hands it over: the run's
+        # drain_shard asks for it, waits handoff_timeout_s, and fails naming the holder.
         store = HybridCheckpointStore(RedisCheckpointStore.from_url(e2e.redis_url),
                                       PostgresCheckpointStore(e2e.postgres_url))
         lease = store.leases.acquire(c.key(shard).lease_key, FOREIGN_OWNER, 300)
         assert lease is not None
+        alive = threading.Event()
+        alive.set()
+
+        def renew() -> None:
+            while alive.is_set():
+                store.leases.renew(lease, 300)
+                time.sleep(0.5)
+
+        renewer = threading.Thread(target=renew, daemon=True)
+        renewer.start()
         try:
             e2e.produce_new(c, 80)  # one batch
             failed = e2e.wait(lambda: [r for r in e2e.runs(c) if r.dagster_run.status.value == "FAILURE"],
                               "a run failing on the leased shard")[0]
         finally:
+            alive.clear()
+            renewer.join(timeout=10)
             store.leases.release(lease)
             store.close(flush=False)
         failure_text = " ".join(

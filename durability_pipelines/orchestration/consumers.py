@@ -209,7 +209,10 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
         rt.close()
     checkpoint_key = rt.key(report.shard).redis_key
     if report.stop_reason is StopReason.NOT_GRANTED:
-        context.log.info(f"shard {shard_id(shard)} not taken: {report.not_granted}")
+        if SUCCESSOR_OF_TAG not in context.run.tags:  # a run the sensor dispatched for a free shard: an anomaly
+            raise Failure(f"shard {shard_id(shard)} not taken: {report.not_granted}. This run changed nothing; the "
+                          "sensor dispatches the shard again.", metadata=_report_metadata(report), allow_retries=False)
+        context.log.info(f"shard {shard_id(shard)} not taken: {report.not_granted}")  # a successor: a normal end
         context.add_output_metadata({**_report_metadata(report), "checkpoint_key": checkpoint_key})
         return
     context.log.info(
