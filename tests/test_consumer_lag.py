@@ -12,9 +12,10 @@ from dagster import AssetMaterialization, AssetObservation
 from durability_pipelines.checkpoints.keys import CheckpointKey
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.lag import measure_lag
-from durability_pipelines.orchestration.consumers import sink_asset_key, sink_event
+from durability_pipelines.observability import LAG_SECONDS
+from durability_pipelines.orchestration.consumers import SinkReporter, sink_asset_key, sink_event
 from tests.support.sources import ListSource
-from tests.test_consumer_drain import SHARD, FakeClock, drainer, open_rt
+from tests.test_consumer_drain import SHARD, FakeClock, budget, drainer, open_rt
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
 
@@ -83,4 +84,29 @@ def test_a_run_that_wrote_materializes_the_sink_and_one_that_did_not_observes_it
     assert figures["reactive.records_behind"] == 0 and figures["checkpoint"] == report.checkpoint
     idle = sink_event(cfg, drainer(rt, FakeClock()).run(), rt.key(SHARD).redis_key)
     assert isinstance(idle, AssetObservation) and idle.metadata["events"].value == 0
+    rt.close()
+
+
+def test_a_draining_run_materializes_its_sink_as_it_goes_not_only_when_it_ends(redis_url, postgres_url) -> None:
+    """A run lives ten minutes: its sink is materialized at its first batch with events, then every
+    MATERIALIZE_EVERY_S, then for the rest at its end; each event covers its own batches, with the lag of then."""
+    stream = "lag-" + uuid.uuid4().hex[:10]
+    rt = open_rt(stream, redis_url, postgres_url, ListSource(stream, {SHARD: dated(stream, 45, oldest_age_s=100)}))
+    clock = FakeClock()
+    events: list = []
+    sink = SinkReporter(rt.config, SHARD, rt.key(SHARD).redis_key, events.append, clock=clock)
+
+    def batch_takes_a_while(record) -> None:
+        clock.now += 25.0  # each batch of 10 takes 25 s: a materialization every third batch or so
+        sink.batch(record)
+
+    report = drainer(rt, clock, budget(max_seconds=3600.0), on_batch=batch_takes_a_while).run()
+    sink.finish(report)
+    figures = [{k: v.value for k, v in e.metadata.items()} for e in events]
+    assert all(isinstance(e, AssetMaterialization) for e in events) and len(events) >= 3
+    assert figures[0]["events"] == 10 and figures[0]["stop_reason"] == "draining"  # at the first batch
+    assert sum(f["events"] for f in figures) == 45  # each batch counted once
+    assert figures[-1]["stop_reason"] == report.as_metadata()["stop_reason"]
+    assert figures[-1]["checkpoint"] == report.checkpoint
+    assert figures[0][LAG_SECONDS] > 0  # the lag while it was behind, not 0 after the fact
     rt.close()

@@ -49,10 +49,11 @@ NOT_INHERITED = ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL", "DURABILITY_DYNAMODB_EN
                  "DURABILITY_CONSUMERS_DIR", "DURABILITY_OBSERVABILITY_JSONL")
 
 
-def _successful_runs(demo: DemoProcess) -> dict[str, dict[str, Any]]:
-    """Newest successful run per consumer job, as the webserver reports them."""
+def _draining_runs(demo: DemoProcess) -> dict[str, dict[str, Any]]:
+    """Newest draining or finished run per consumer job, as the webserver reports them: a consumer's run
+    drains for ten minutes and hands its shard on, so on a busy demo the first ones are still running."""
     newest: dict[str, dict[str, Any]] = {}
-    for run in demo.runs(["SUCCESS"]):
+    for run in demo.runs(["STARTED", "SUCCESS"]):
         if run["jobName"] in JOBS:
             newest.setdefault(run["jobName"], run)
     return newest
@@ -83,14 +84,13 @@ def _check_ui(demo: DemoProcess, tmp_path: Path, run: dict[str, Any]) -> None:
             expect(row.locator("input[type=checkbox]").last).to_be_checked()  # the on/off switch
         expect(page.locator("body")).to_contain_text("Standard sensor")
 
-        # 2. Runs, filtered to successes: every consumer job, each launched by its sensor
+        # 2. Runs: every consumer job draining (or done), each launched by its sensor
         short = run["runId"][:8]
-        page.goto(f"{base}/runs?q%5B%5D=status%3ASUCCESS")
-        expect(page.locator("body")).to_contain_text("Status is")
+        page.goto(f"{base}/runs")
         rows = page.locator("[data-index]")
         for job in sorted(JOBS):  # (not preceded by a name character: orders_worker_job vs supabase_...)
-            expect(rows.filter(has_text=re.compile(rf"(^|[^a-z_]){job}")).first).to_contain_text("Success")
-        expect(rows.filter(has_text="Queued")).to_have_count(0)  # the filter applied
+            expect(rows.filter(has_text=re.compile(rf"(^|[^a-z_]){job}")).first).to_contain_text(
+                re.compile("Started|Success"))
         row = rows.filter(has_text=short)
         expect(row).to_have_count(1)
         expect(row).to_contain_text(run["jobName"])
@@ -101,13 +101,12 @@ def _check_ui(demo: DemoProcess, tmp_path: Path, run: dict[str, Any]) -> None:
         shot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot))
 
-        # ... and its run page: the three ops, all succeeded
+        # ... and its run page: its op draining the shard, batch after batch
         page.goto(f"{base}/runs/{run['runId']}")
         body = page.locator("body")
         expect(body).to_contain_text(f"Run of {run['jobName']}")
         expect(body).to_contain_text("drain_shard")
-        expect(body).to_contain_text("Succeeded (1)")
-        expect(body).to_contain_text("RUN_SUCCESS")
+        expect(body).to_contain_text(re.compile(r"batch \d+ shard"))  # a batch's record in the event log
 
         # 3. Catalog: the audit asset, then its own page (description, checks, upstream mirror)
         page.goto(f"{base}/assets")
@@ -187,8 +186,8 @@ def test_dagster_ui_shows_the_running_demo(tmp_path: Path) -> None:
         try:
             demo.wait_until(demo.http_ok, timeout=120, what="answer from dagster-webserver")
             # every consumer job has run successfully through the real daemon -> sensor -> run path
-            runs = demo.wait_until(lambda: (r := _successful_runs(demo)) and set(r) == JOBS and r,
-                                   timeout=150, what="successful run of every consumer job", every=2)
+            runs = demo.wait_until(lambda: (r := _draining_runs(demo)) and set(r) == JOBS and r,
+                                   timeout=150, what="a draining run of every consumer job", every=2)
             ready_s = time.monotonic() - started
             _check_ui(demo, tmp_path, runs["orders_to_realtime_job"])
         finally:

@@ -65,7 +65,13 @@ from durability_pipelines.consumer.dispatch import (
     plan_tick,
     shard_id,
 )
-from durability_pipelines.consumer.drain import DrainBudget, DrainReport, ShardDrainer, StopReason
+from durability_pipelines.consumer.drain import (
+    BatchRecord,
+    DrainBudget,
+    DrainReport,
+    ShardDrainer,
+    StopReason,
+)
 from durability_pipelines.consumer.handlers import describe_sink, load_handler
 from durability_pipelines.consumer.lag import measure_lag
 from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, ShardBusyError
@@ -136,27 +142,73 @@ def _report_metadata(report: DrainReport) -> dict:
 
 def sink_event(cfg: ConsumerConfig, report: DrainReport, checkpoint_key: str
                ) -> AssetMaterialization | AssetObservation:
-    """What the run did to the consumer's sink, per shard (the partition-like ``shard`` figure is text):
+    """What the whole run did to the consumer's sink, per shard (the partition-like ``shard`` figure is text):
     a materialization when it wrote events, an observation when it wrote nothing (the lag still plots)."""
     figures = report.as_metadata()
+    return _sink_event(cfg, checkpoint_key, shard=figures["shard"], events=report.events,
+                       seconds=report.duration_s, batches=report.batch_count, last=report.last,
+                       caught_up=report.behind == 0, stop_reason=figures["stop_reason"], checkpoint=report.checkpoint)
+
+
+def _sink_event(cfg: ConsumerConfig, checkpoint_key: str, *, shard: str, events: int, seconds: float, batches: int,
+                last: BatchRecord | None, caught_up: bool, stop_reason: str, checkpoint: str | None
+                ) -> AssetMaterialization | AssetObservation:
     metadata = {
-        "shard": figures["shard"],
-        "events": figures["events"],
-        "events_per_s": figures["events_per_s"],
-        # 0 once the run caught up: nothing is waiting, however old the newest record is.
-        LAG_SECONDS: 0.0 if report.behind == 0 else figures["lag_seconds"],
-        RECORDS_BEHIND: figures["records_behind"],
-        "batches": figures["batches"],
-        "stop_reason": figures["stop_reason"],
-        "checkpoint": figures["checkpoint"],
+        "shard": shard,
+        "events": events,
+        "events_per_s": round(events / seconds, 1) if seconds > 0 else 0.0,
+        # 0 once caught up: nothing is waiting, however old the newest record is.
+        LAG_SECONDS: 0.0 if caught_up or last is None or last.lag_s is None else last.lag_s,
+        RECORDS_BEHIND: 0 if caught_up else (last.behind if last is not None and last.behind is not None else -1),
+        "batches": batches,
+        "stop_reason": stop_reason,
+        "checkpoint": checkpoint or "",
         "checkpoint_key": checkpoint_key,
     }
     key = sink_asset_key(cfg)
-    if report.events:
-        return AssetMaterialization(asset_key=key, metadata=metadata,
-                                    description=f"{report.events} events from shard {figures['shard']}")
-    return AssetObservation(asset_key=key, metadata=metadata,
-                            description=f"shard {figures['shard']}: nothing new to write")
+    if events:
+        return AssetMaterialization(asset_key=key, metadata=metadata, description=f"{events} events from shard {shard}")
+    return AssetObservation(asset_key=key, metadata=metadata, description=f"shard {shard}: nothing new to write")
+
+
+#: A draining run materializes its sink this often (when it wrote events), not only when it ends.
+MATERIALIZE_EVERY_S = 60.0
+
+
+class SinkReporter:
+    """Materializes the consumer's sink as a run drains: at its first batch with events, then every
+    ``MATERIALIZE_EVERY_S``, then once more for the rest when the run ends. A run lives ten minutes and
+    hands its shard on; freshness, declarative automation and the plots must follow the stream, not the
+    run's length. Each event covers the batches since the previous one (its lag is the lag right then)."""
+
+    def __init__(self, cfg: ConsumerConfig, shard: str | None, checkpoint_key: str, emit, *,
+                 clock=time.monotonic) -> None:
+        self.cfg, self.shard, self.checkpoint_key, self.emit, self.clock = cfg, shard_id(shard), checkpoint_key, emit, clock
+        self._start = clock()
+        self._events = self._batches = 0
+        self._last: BatchRecord | None = None
+        self._emitted = False
+
+    def batch(self, record: BatchRecord) -> None:
+        self._events += record.events
+        self._batches += 1
+        self._last = record
+        if self._events and (not self._emitted or self.clock() - self._start >= MATERIALIZE_EVERY_S):
+            self._emit("draining", caught_up=record.behind == 0)
+
+    def finish(self, report: DrainReport) -> None:
+        """The rest of the run (or, for a run that wrote nothing at all, an observation of its lag)."""
+        if self._events or not self._emitted:
+            self._emit(report.as_metadata()["stop_reason"], caught_up=report.behind == 0, checkpoint=report.checkpoint)
+
+    def _emit(self, stop_reason: str, *, caught_up: bool, checkpoint: str | None = None) -> None:
+        last = self._last
+        self.emit(_sink_event(
+            self.cfg, self.checkpoint_key, shard=self.shard,
+            events=self._events, seconds=self.clock() - self._start, batches=self._batches, last=last,
+            caught_up=caught_up, stop_reason=stop_reason, checkpoint=checkpoint or (last.checkpoint if last else None)))
+        self._emitted = True
+        self._start, self._events, self._batches = self.clock(), 0, 0
 
 
 def job_consumer_config(context: OpExecutionContext) -> ConsumerConfig:
@@ -184,10 +236,16 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
             f"consumer {cfg.name} reads a sharded stream: set ops.drain_shard.config.shard to a shard id "
             f"(the sensor {cfg.name}_sensor does this; its cursor lists the shards)", allow_retries=False)
     rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
+    sink = SinkReporter(cfg, shard, rt.key(shard).redis_key, context.log_event)
+
+    def on_batch(record: BatchRecord) -> None:
+        context.log.info(record.describe())
+        sink.batch(record)
+
     drainer = ShardDrainer(
         rt, shard, context.run_id, DrainBudget.from_config(cfg),
         on_start=lambda report: context.log.info(describe_claim(report)),
-        on_batch=lambda record: context.log.info(record.describe()),
+        on_batch=on_batch,
         on_retry=lambda attempt, exc, delay: context.log.warning(
             f"batch attempt {attempt} failed ({type(exc).__name__}: {exc}); retrying in {delay:.2f} s"),
     )
@@ -220,7 +278,7 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
         f"stopped: {report.stop_reason.value if report.stop_reason else '?'}; checkpoint {report.checkpoint}")
     if report.handed_to:
         context.log.info(describe_hand_over(report))
-    context.log_event(sink_event(cfg, report, checkpoint_key))
+    sink.finish(report)
     context.add_output_metadata({**_report_metadata(report), "backend": cfg.checkpoint.backend,
                                  "checkpoint_key": checkpoint_key, **rt.metrics.summary()})
 
