@@ -368,7 +368,8 @@ DRAINED_LINE = re.compile(r"^drained (\d+) events in (\d+) batches .*; stopped: 
 #: stop reasons of a run that ended by plan (budget used, or handed to its successor)
 PLANNED_STOPS = ("max_run_seconds reached", "max_batches_per_run reached", "handed over")
 #: op output metadata a hand-off adds (optional: absent before the graceful hand-off exists)
-HANDOFF_KEYS = ("handed_to", "handed_from", "claimed", "handoff_after_last_read_s", "handoff_gap_s")
+HANDOFF_KEYS = ("handed_to", "handed_from", "claimed", "handoff_after_last_read_s", "handoff_gap_s",
+                "handoff_flush_s", "handoff_write_s")
 
 
 def run_timeline(bench: Bench, job: str) -> list[dict[str, Any]]:

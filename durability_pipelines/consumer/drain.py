@@ -174,6 +174,8 @@ class DrainReport:
     #: The run that took the shard over by hand-off, and how long after this run's last read it did.
     handed_to: str = ""
     handoff_after_last_read_s: float | None = None
+    handoff_flush_s: float | None = None  # making the checkpoint durable (hybrid: Postgres) before handing over
+    handoff_write_s: float | None = None  # the hand-over's conditional write
     not_granted: str = ""
 
     def add(self, record: BatchRecord) -> None:
@@ -235,6 +237,8 @@ class DrainReport:
             "handoff_after_last_read_s": _rounded(self.handoff_after_last_read_s),
             "handoff_gap_s": _rounded(self.handoff_gap_s),
             "handoff_waited_s": _rounded(self.handoff_waited_s),
+            "handoff_flush_s": _rounded(self.handoff_flush_s),
+            "handoff_write_s": _rounded(self.handoff_write_s),
         }
 
 
@@ -441,16 +445,19 @@ class ShardDrainer:
         """Make the checkpoint durable, then give the lease to the successor that asked (True), or keep
         reading if the request was withdrawn meanwhile (False)."""
         assert self._lease is not None
-        rt = self.rt
+        rt, started = self.rt, self.clock()
         try:
             rt.store.flush()  # hybrid: the successor must not depend on this process's buffer
         except StoreUnavailableError as exc:  # Redis holds every ack; the mirror carries it to Postgres
             log.warning("consumer %s shard %s: could not flush the checkpoint to Postgres before the hand-off "
                         "(%s); it is in Redis, where the successor reads it first", rt.config.name,
                         shard_id(self.shard), exc)
+        flushed = self.clock()
         successor = rt.store.leases.hand_over(self._lease, rt.config.lease_duration_s)
         if successor is None:
             return False
+        self.report.handoff_flush_s = round(flushed - started, 3)
+        self.report.handoff_write_s = round(self.clock() - flushed, 3)
         last_read = self._last_read_at
         self.report.handoff_after_last_read_s = None if last_read is None else self.clock() - last_read
         self.report.handed_to = successor.owner

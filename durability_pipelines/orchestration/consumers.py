@@ -132,7 +132,9 @@ def describe_hand_over(report: DrainReport) -> str:
     after = report.handoff_after_last_read_s
     return (f"handed shard {shard_id(report.shard)} over to run {report.handed_to} at checkpoint {report.checkpoint} "
             f"(lease epoch {(report.lease_epoch or 0) + 1})"
-            + (f", {after:.3f} s after this run's last read" if after is not None else ""))
+            + (f", {after:.3f} s after this run's last read" if after is not None else "")
+            + (f" (flush {report.handoff_flush_s:.3f} s, hand-over write {report.handoff_write_s:.3f} s)"
+               if report.handoff_flush_s is not None and report.handoff_write_s is not None else ""))
 
 
 def _report_metadata(report: DrainReport) -> dict:
