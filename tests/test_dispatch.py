@@ -17,12 +17,12 @@ from durability_pipelines.consumer.dispatch import (
 
 
 def plan(cursor: SensorCursor, acked: dict, states: dict | None = None, *, new=True, blocked=frozenset(),
-         shards=None, max_dispatches=100, due=frozenset()):
+         shards=None, max_dispatches=100, due=frozenset(), per_run=1):
     states = states or {}
     return plan_tick(
         "c", cursor, shards=shards or list(acked), acked=acked, has_new=lambda s, a: new,
         run_state=lambda k, _shard: states.get(k, RunState.MISSING), blocked=set(blocked),
-        max_dispatches=max_dispatches, successor_due=lambda k, _shard: k in due,
+        max_dispatches=max_dispatches, successor_due=lambda k, _shard: k in due, max_shards_per_run=per_run,
     )
 
 
@@ -184,3 +184,52 @@ def test_a_cursor_written_before_hand_offs_still_parses() -> None:
     old = '{"v":1,"stream_identity":null,"shards":{"s1":{"dispatched":"100","run_key":"c:s1:100:a0","attempt":0,' \
           '"backlog":true}}}'
     assert SensorCursor.from_json(old).shards["s1"] == ShardCursor("100", "c:s1:100:a0", 0, True, None)
+
+
+# -- a run owns several shards (max_shards_per_run) ----------------------------------------------------
+
+def test_shards_that_need_a_run_are_packed_into_runs_of_at_most_max_shards_per_run() -> None:
+    acked = {f"s{i}": str(100 + i) for i in range(5)}
+    p = plan(SensorCursor(), acked, per_run=2)
+    assert [d.shards for d in p.dispatches] == [("s0", "s1"), ("s2", "s3"), ("s4",)]
+    assert p.dispatches[0].members == (("s0", "100"), ("s1", "101"))
+    assert p.dispatches[2].run_key == make_run_key("c", "s4", "104", 0)  # a run of one keeps its plain key
+    for d in p.dispatches:
+        for shard, start in d.members:
+            assert p.cursor.shards[shard] == ShardCursor(start, d.run_key, 0, True)
+    assert plan(SensorCursor(), acked, per_run=2).dispatches == p.dispatches  # a repeated tick: same keys (dedup)
+    assert len({d.run_key for d in p.dispatches}) == 3
+
+
+def test_a_run_of_several_shards_in_flight_holds_them_all_and_a_failed_one_is_redispatched_with_a_new_key() -> None:
+    acked = {"s0": "100", "s1": "200"}
+    first = plan(SensorCursor(), acked, per_run=4)
+    (run,) = first.dispatches
+    flying = plan(first.cursor, acked, {run.run_key: RunState.IN_PROGRESS}, per_run=4)
+    assert flying.dispatches == [] and all("in flight" in flying.skipped[s] for s in acked)
+    retry = plan(first.cursor, acked, {run.run_key: RunState.FAILURE}, per_run=4)
+    (again,) = retry.dispatches
+    assert again.shards == ("s0", "s1") and again.run_key != run.run_key and again.attempt == 1
+
+
+def test_a_run_of_several_shards_gets_one_successor_for_all_of_them_and_a_new_shard_joins_it() -> None:
+    acked = {"s0": "100", "s1": "200"}
+    first = plan(SensorCursor(), acked, per_run=3)
+    owner = first.dispatches[0].run_key
+    grown = {**acked, "s2": "300"}  # a new shard (a split's child) appears while the owner is due to be replaced
+    due = plan(first.cursor, grown, {owner: RunState.IN_PROGRESS}, due={owner}, per_run=3)
+    (successor,) = due.dispatches
+    assert successor.successor_of == owner and successor.shards == ("s0", "s1", "s2")
+    assert [due.cursor.shards[s].successor_key for s in ("s0", "s1")] == [successor.run_key] * 2
+    assert due.cursor.shards["s2"].run_key == successor.run_key  # the new shard's run is the successor
+    handed = plan(due.cursor, grown, {owner: RunState.SUCCESS, successor.run_key: RunState.IN_PROGRESS}, per_run=3)
+    assert handed.dispatches == [] and {handed.cursor.shards[s].run_key for s in grown} == {successor.run_key}
+    nxt = plan(handed.cursor, grown, {successor.run_key: RunState.IN_PROGRESS}, due={successor.run_key}, per_run=3)
+    assert nxt.dispatches[0].successor_of == successor.run_key and len(nxt.dispatches[0].run_key) < 80
+
+
+def test_the_dispatch_budget_counts_runs_not_shards() -> None:
+    acked = {f"s{i}": "1" for i in range(10)}
+    p = plan(SensorCursor(), acked, per_run=4, max_dispatches=2)
+    assert [len(d.shards) for d in p.dispatches] == [4, 4]
+    assert sum("budget" in why for why in p.skipped.values()) == 2

@@ -284,6 +284,11 @@ class ConsumerConfig(_Strict):
         default=5.0, ge=0, le=600, allow_inf_nan=False,
         description="a caught-up run keeps polling this long for new records before it ends; 0 = end at once",
     )
+    max_shards_per_run: int = Field(
+        default=32, ge=1, le=1024, strict=True,
+        description="a run owns up to this many shards and drains each on its own thread, as a KCL worker owns "
+        "several leases: the cost grows with the work, not with the number of shards (docs/scaling.md)",
+    )
     retry: RetryConfig = Field(default_factory=RetryConfig)
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     sensor_interval_s: int = Field(

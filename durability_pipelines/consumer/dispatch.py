@@ -11,6 +11,9 @@ submitted).  Each tick reconciles them:
   checkpoint with the next attempt number — Dagster blocks a failed run's key
   forever, so without the suffix the batch would be silently skipped;
 * a shard with an open dead letter is not dispatched (policy ``stop``);
+* a run may own several shards (``max_shards_per_run``, as a KCL worker owns several leases): the shards
+  that need a run this tick are packed into runs of up to that many; a shard that needs one while a
+  successor is being dispatched joins the successor when it has room;
 * graceful hand-off: once an in-flight run is due to be replaced (``successor_due``: its budget ends
   soon), a *successor* run is dispatched beside it; it asks for the shard's lease and the owner hands
   it over after its batch (``consumer/handoff.py``). When the owner ends, the successor becomes the
@@ -138,11 +141,38 @@ def _digest(run_key: str) -> str:
 
 @dataclass(frozen=True)
 class Dispatch:
+    """One run to launch: a shard (``shard``/``start_after``) and, in a run that owns several (up to
+    ``max_shards_per_run``), the others in ``more``."""
+
     shard: str | None
     start_after: str | None
     run_key: str
     attempt: int
-    successor_of: str | None = None  # the run key of the run this one takes the shard over from
+    successor_of: str | None = None  # the run key of the run this one takes the shards over from
+    more: tuple[tuple[str | None, str | None], ...] = ()  # further (shard, start_after) of a multi-shard run
+
+    @property
+    def shards(self) -> tuple[str | None, ...]:
+        return (self.shard, *(s for s, _ in self.more))
+
+    @property
+    def members(self) -> tuple[tuple[str | None, str | None], ...]:
+        return ((self.shard, self.start_after), *self.more)
+
+
+def make_group_key(consumer: str, members: list[tuple[str | None, str | None, int]]) -> str:
+    """The run key of a run that owns several shards: a digest of its (shard, start, attempt) members, so that
+    a repeated tick dedups it and a re-dispatch after a failure (next attempt) gets a new one."""
+    spelled = ";".join(f"{shard_id(s)}@{start or 'INITIAL'}:a{a}" for s, start, a in members)
+    return f"{consumer}:{shard_id(members[0][0])}+{len(members) - 1}:{_digest(spelled)}"
+
+
+def shard_set_tag(consumer: str, shards: tuple[str | None, ...] | list[str | None]) -> str:
+    """The run queue's per-shard-set tag value: one shard is ``<consumer>:<shard>``; a set is named by a
+    digest of its sorted ids, so an owner and its successor (the same set) share one concurrency limit."""
+    if len(shards) == 1:
+        return f"{consumer}:{shard_id(shards[0])}"
+    return f"{consumer}:set-{_digest(','.join(sorted(shard_id(s) for s in shards)))}"
 
 
 @dataclass
@@ -150,6 +180,15 @@ class TickPlan:
     cursor: SensorCursor
     dispatches: list[Dispatch]
     skipped: dict[str, str]  # shard -> why nothing was dispatched
+
+
+@dataclass
+class _Wants:
+    """What the per-shard pass of a tick decided; packed into runs afterwards."""
+
+    new: list[tuple[str | None, str | None, int]] = field(default_factory=list)  # (shard, start, attempt)
+    #: owner run key -> its shards due a successor: [(shard, start, successor number)]
+    successors: dict[str, list[tuple[str | None, str | None, int]]] = field(default_factory=dict)
 
 
 def plan_tick(
@@ -163,10 +202,18 @@ def plan_tick(
     blocked: set[str],
     max_dispatches: int = 100,
     successor_due: Callable[[str, str | None], bool] = lambda run_key, shard: False,
+    max_shards_per_run: int = 1,
 ) -> TickPlan:
+    """Decide each shard (per-shard pass), then pack the shards that need a run into runs of up to
+    ``max_shards_per_run`` (``_pack``). ``max_dispatches`` bounds the runs launched per tick."""
     new = SensorCursor(shards=dict(cursor.shards), stream_identity=cursor.stream_identity)
-    dispatches: list[Dispatch] = []
     skipped: dict[str, str] = {}
+    wants = _Wants()
+    room = max_dispatches * max_shards_per_run  # shards this tick may hand to new runs
+
+    def wanted() -> int:
+        return len(wants.new) + sum(len(v) for v in wants.successors.values())
+
     for shard in shards:
         sid = shard_id(shard)
         start = acked.get(shard)
@@ -180,12 +227,9 @@ def plan_tick(
                     skipped[sid] = f"run {sc.run_key} in flight; {sc.successor_key} waiting to take over"
                     new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, sc.successor_key)
                     continue
-                if (shard or "") not in blocked and len(dispatches) < max_dispatches and successor_due(
-                        sc.run_key, shard):
-                    key = make_successor_key(consumer, shard, start, sc.run_key, _successor_number(sc))
-                    dispatches.append(Dispatch(shard, start, key, sc.attempt, successor_of=sc.run_key))
-                    skipped[sid] = f"run {sc.run_key} in flight; dispatched {key} to take over by hand-off"
-                    new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, key)
+                if (shard or "") not in blocked and wanted() < room and successor_due(sc.run_key, shard):
+                    wants.successors.setdefault(sc.run_key, []).append((shard, start, _successor_number(sc)))
+                    new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, sc.successor_key)
                 else:
                     skipped[sid] = f"run {sc.run_key} in flight"
                     new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, sc.successor_key)
@@ -207,17 +251,52 @@ def plan_tick(
             skipped[sid] = "open dead letter: stopped until an operator acts"
             new.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, backlog=True)
             continue
-        if len(dispatches) >= max_dispatches:
+        if wanted() >= room:
             skipped[sid] = "dispatch budget of this tick used"
             continue
         if not has_new(shard, start):
             skipped[sid] = "caught up"
             new.shards[sid] = ShardCursor(sc.dispatched, None, sc.attempt, backlog=False)
             continue
-        key = make_run_key(consumer, shard, start, attempt)
-        dispatches.append(Dispatch(shard, start, key, attempt))
-        new.shards[sid] = ShardCursor(dispatched=start, run_key=key, attempt=attempt, backlog=True)
+        wants.new.append((shard, start, attempt))
+    dispatches = _pack(consumer, wants, new, skipped, max_shards_per_run)
     return TickPlan(new, dispatches, skipped)
+
+
+def _pack(consumer: str, wants: _Wants, cursor: SensorCursor, skipped: dict[str, str],
+          max_shards_per_run: int) -> list[Dispatch]:
+    """Runs for the shards that want one: a successor per owner run (its shards, plus shards that need a run
+    while it has room: a new shard joins a run that is starting anyway), then new runs of up to
+    ``max_shards_per_run`` shards each. Writes each member's cursor entry."""
+    dispatches: list[Dispatch] = []
+    fresh = list(wants.new)
+    for owner, members in wants.successors.items():
+        joining = []
+        while fresh and len(members) + len(joining) < max_shards_per_run:
+            joining.append(fresh.pop(0))
+        first, start, number = members[0]
+        all_members = [(s, a) for s, a, _ in members] + [(s, a) for s, a, _ in joining]
+        key = (make_successor_key(consumer, first, start, owner, number) if len(all_members) == 1
+               else f"{make_group_key(consumer, [(s, a, 0) for s, a in all_members])}:from-{_digest(owner)}:{number}")
+        dispatches.append(Dispatch(first, start, key, 0, successor_of=owner, more=tuple(all_members[1:])))
+        for shard, _, _ in members:
+            sid = shard_id(shard)
+            skipped[sid] = f"run {owner} in flight; dispatched {key} to take over by hand-off"
+            sc = cursor.shards[sid]
+            cursor.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, key)
+        for shard, start_after, attempt in joining:
+            cursor.shards[shard_id(shard)] = ShardCursor(dispatched=start_after, run_key=key, attempt=attempt,
+                                                         backlog=True)
+    for i in range(0, len(fresh), max_shards_per_run):
+        group = fresh[i:i + max_shards_per_run]
+        shard, start, attempt = group[0]
+        key = make_run_key(consumer, shard, start, attempt) if len(group) == 1 else make_group_key(consumer, group)
+        dispatches.append(Dispatch(shard, start, key, max(a for _, _, a in group),
+                                   more=tuple((s, a) for s, a, _ in group[1:])))
+        for member, start_after, member_attempt in group:
+            cursor.shards[shard_id(member)] = ShardCursor(dispatched=start_after, run_key=key,
+                                                          attempt=member_attempt, backlog=True)
+    return dispatches
 
 
 def _successor_number(sc: ShardCursor) -> int:

@@ -32,6 +32,7 @@ import contextlib
 import enum
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,6 +79,7 @@ class StopReason(str, enum.Enum):
     SHARD_ENDED = "shard ended"
     BATCH_BUDGET = "max_batches_per_run reached"
     TIME_BUDGET = "max_run_seconds reached"
+    STOPPED = "run stopped"  # canceled or terminated: the batch in hand was finished and acked
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,30 @@ class ReadAhead:
         self._pool.shutdown(wait=True)
 
 
+class IdleQuorum:
+    """The shards of one run end "caught up" together: a shard idle for ``max_idle_s`` keeps polling until
+    every other shard of the run is idle too (or has ended). A run that released a quiet shard while it
+    drains the others would leave that shard unread, and unowned, until the run ends."""
+
+    def __init__(self, shards: list[str | None]) -> None:
+        self._lock = threading.Lock()
+        self._busy = set(shards)
+
+    def idle(self, shard: str | None) -> bool:
+        """``shard`` is idle; True when the whole run is (the caller may end)."""
+        with self._lock:
+            self._busy.discard(shard)
+            return not self._busy
+
+    def busy(self, shard: str | None) -> None:
+        with self._lock:
+            self._busy.add(shard)
+
+    def leave(self, shard: str | None) -> None:
+        """``shard``'s drain ended (for whatever reason): it no longer holds the others up."""
+        self.idle(shard)
+
+
 class ShardDrainer:
     """Drains one shard for one run. ``report`` is readable after ``run()`` returns or raises."""
 
@@ -292,9 +318,11 @@ class ShardDrainer:
                  on_start: Callable[[DrainReport], None] | None = None,
                  on_batch: Callable[[BatchRecord], None] | None = None,
                  on_retry: Callable[[int, BaseException, float], None] | None = None,
-                 prefetch: bool = True,
+                 prefetch: bool = True, quorum: IdleQuorum | None = None, stop: threading.Event | None = None,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self.rt = runtime
+        self.quorum = quorum
+        self.stop = stop  # set: end after the batch in hand (the lease is released, the checkpoint kept)
         self.shard = shard
         self.run_id = run_id
         self.budget = budget
@@ -322,6 +350,8 @@ class ShardDrainer:
         if claim.lease is None:
             report.stop_reason, report.not_granted = StopReason.NOT_GRANTED, claim.why_not
             report.ended = self.clock()
+            if self.quorum is not None:
+                self.quorum.leave(self.shard)
             return report
         self._lease = claim.lease
         self._renewed_at = self.clock()
@@ -337,6 +367,9 @@ class ShardDrainer:
                 self.on_start(report)
             idle_since: float | None = None
             while True:
+                if self.stop is not None and self.stop.is_set():
+                    report.stop_reason = StopReason.STOPPED
+                    break
                 if self._successor_asked() and self._hand_over():
                     break
                 stop = self._budget_used()
@@ -351,11 +384,14 @@ class ShardDrainer:
                 if not batch.events and batch.next_checkpoint is None and batch.gap is None:
                     # Nothing new: poll until max_idle_s has passed without a record.
                     idle_since = self.clock() if idle_since is None else idle_since
-                    if self.clock() - idle_since >= self.budget.max_idle_s:
+                    if self.clock() - idle_since >= self.budget.max_idle_s and (
+                            self.quorum is None or self.quorum.idle(self.shard)):
                         report.stop_reason = StopReason.CAUGHT_UP
                         break
                     self.sleep(self.budget.poll_interval_s)
                     continue
+                if idle_since is not None and self.quorum is not None:
+                    self.quorum.busy(self.shard)
                 idle_since = None
                 full = len(batch.events) >= rt.config.max_events and batch.behind != 0
                 if ahead is not None and full and batch.extendable and self._another_batch_fits():
@@ -383,6 +419,8 @@ class ShardDrainer:
                 ahead.close()
             report.ended = self.clock()
             self._release()
+            if self.quorum is not None:
+                self.quorum.leave(self.shard)
         return report
 
     def _claim(self) -> Claim:
@@ -390,7 +428,7 @@ class ShardDrainer:
         claim = claim_shard(
             rt.store.leases, rt.key(self.shard).lease_key, self.run_id, duration_s=rt.config.lease_duration_s,
             timeout_s=self.budget.handoff_timeout_s, is_owner_dead=rt.is_owner_dead, sleep=self.sleep,
-            clock=self.clock)
+            clock=self.clock, should_stop=self.stop.is_set if self.stop is not None else lambda: False)
         report = self.report
         report.claimed, report.handoff_waited_s = claim.how, round(claim.waited_s, 3)
         if claim.how == "handed over" and claim.lease is not None:

@@ -44,7 +44,8 @@ class Claim:
 
 def claim_shard(leases: LeaseManager, key: LeaseKey, me: str, *, duration_s: float, timeout_s: float,
                 is_owner_dead: Callable[[str], bool], sleep: Callable[[float], None] = time.sleep,
-                clock: Callable[[], float] = time.monotonic, poll_s: float = HANDOFF_POLL_S) -> Claim:
+                clock: Callable[[], float] = time.monotonic, poll_s: float = HANDOFF_POLL_S,
+                should_stop: Callable[[], bool] = lambda: False) -> Claim:
     """Take ``key`` for ``me``: free -> at once; held by a live owner -> ask and wait for the hand-off;
     held by a dead owner -> steal; held by a frozen one -> take it when it expires.
 
@@ -79,4 +80,9 @@ def claim_shard(leases: LeaseManager, key: LeaseKey, me: str, *, duration_s: flo
                          f"run {lease.owner} holds shard {key} and renews its lease, but did not hand it over "
                          f"within handoff_timeout_s ({timeout_s:g} s; it is probably retrying a batch). It keeps "
                          "the shard; this run withdrew its request and ends without touching it")
+        if should_stop():  # the run is being stopped: it takes nothing it would have to give back
+            after = leases.withdraw_request(key, me)
+            if after is not None and after.owner == me:
+                return Claim(after, clock() - started, "handed over")
+            return Claim(None, clock() - started, "not granted", "the run was stopped while it waited for the shard")
         sleep(poll_s)

@@ -57,6 +57,7 @@ from durability_pipelines.checkpoints.errors import (
 from durability_pipelines.checkpoints.keys import NO_SHARD, shard_from_tag
 from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig
 from durability_pipelines.consumer.dispatch import (
+    Dispatch,
     InFlightRun,
     LeaseView,
     RunState,
@@ -64,17 +65,18 @@ from durability_pipelines.consumer.dispatch import (
     dead_run_reason,
     plan_tick,
     shard_id,
+    shard_set_tag,
 )
 from durability_pipelines.consumer.drain import (
     BatchRecord,
     DrainBudget,
     DrainReport,
-    ShardDrainer,
     StopReason,
 )
 from durability_pipelines.consumer.handlers import describe_sink, load_handler
 from durability_pipelines.consumer.lag import measure_lag
 from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, ShardBusyError
+from durability_pipelines.consumer.shard_set import ShardOutcome, ShardSetDrainer
 from durability_pipelines.observability import LAG_SECONDS, RECORDS_BEHIND
 from durability_pipelines.orchestration.resources import DurabilityResource
 from durability_pipelines.orchestration.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
@@ -90,6 +92,8 @@ SHARD_TAG = "durability/shard"
 CONSUMER_TAG = "durability/consumer"
 #: On a successor run: the run key of the run it takes the shard over from by graceful hand-off.
 SUCCESSOR_OF_TAG = "durability/successor_of"
+#: On a run that owns several shards: their ids, comma-separated (the run's config has them too).
+SHARDS_TAG = "durability/shards"
 STREAMS_GROUP = "streams"
 CONSUMERS_GROUP = "consumers"
 LAG_CHECK = "lag_within_objective"
@@ -105,6 +109,8 @@ class DrainShardConfig(Config):
     consumer: str = Field(description="the consumer's name (must be this job's consumer)")
     shard: str = Field(default=NO_SHARD, description=f"the shard id; {NO_SHARD!r} = the unsharded change feed "
                        "('' is accepted too)")
+    shards: list[str] = Field(default_factory=list, description="the shards of a run that owns several (the sensor "
+                              "sets this when max_shards_per_run > 1); when given, `shard` is ignored")
 
 
 def _run_finished(context: OpExecutionContext):
@@ -191,12 +197,15 @@ class SinkReporter:
         self._last: BatchRecord | None = None
         self._emitted = False
 
-    def batch(self, record: BatchRecord) -> None:
+    def batch(self, record: BatchRecord) -> bool:
+        """Count a batch; True when it reported the sink."""
         self._events += record.events
         self._batches += 1
         self._last = record
         if self._events and (not self._emitted or self.clock() - self._start >= MATERIALIZE_EVERY_S):
             self._emit("draining", caught_up=record.behind == 0)
+            return True
+        return False
 
     def finish(self, report: DrainReport) -> None:
         """The rest of the run (or, for a run that wrote nothing at all, an observation of its lag)."""
@@ -223,66 +232,168 @@ def job_consumer_config(context: OpExecutionContext) -> ConsumerConfig:
     return ConsumerConfig.model_validate(raw.value)
 
 
+#: A shard's first batches of a run are logged one by one; after that a line per shard each time its sink is
+#: reported (``MATERIALIZE_EVERY_S``) sums them, so the event log grows with time, not with batches.
+LOGGED_BATCHES_PER_SHARD = 20
+
+
+class BatchLog:
+    """Which batch records the op logs one by one (a shard's first ``LOGGED_BATCHES_PER_SHARD``, and every batch
+    that retried, failed, dead-lettered or skipped trimmed data), and the sum of the others per shard."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self._logged: dict = {}
+        self._quiet: dict = {}  # shard -> [batches, events, first record, last record] not logged one by one
+
+    def batch(self, record: BatchRecord) -> None:
+        n = self._logged.get(record.shard, 0)
+        if n < LOGGED_BATCHES_PER_SHARD or record.attempts > 1 or record.failed or record.dead_letter_ids:
+            self._logged[record.shard] = n + 1
+            self.log.info(record.describe())
+            return
+        quiet = self._quiet.setdefault(record.shard, [0, 0, record, record])
+        quiet[0] += 1
+        quiet[1] += record.events
+        quiet[3] = record
+
+    def summarize(self, shard) -> None:
+        quiet = self._quiet.pop(shard, None)
+        if quiet is None:
+            return
+        batches, events, first, last = quiet
+        lag = f"{last.lag_s:.1f} s" if last.lag_s is not None else "unknown"
+        self.log.info(f"batches {first.index}-{last.index} shard {shard_id(shard)}: {batches} batches, {events} events "
+                      f"(not logged one by one; see batch_log); checkpoint at {last.checkpoint}; lag {lag}, "
+                      f"behind {last.behind if last.behind is not None else 'unknown'}")
+
+
+def _restartable(exc: BaseException) -> bool:
+    """Errors after which a shard of a multi-shard run is restarted in place: the infrastructure (what the op's
+    RetryPolicy retries for a run of one shard), or a bug/crash outside the project's errors."""
+    return isinstance(exc, TRANSIENT_ERRORS) or not isinstance(exc, DurabilityError)
+
+
+def _raise_for(exc: BaseException, metadata: dict) -> None:
+    """A run of one shard fails as it always has: retried by the op's RetryPolicy for the infrastructure,
+    not for the data, the config or a lost lease."""
+    if isinstance(exc, (ShardBusyError, LeaseLostError)):
+        raise Failure(str(exc), metadata=metadata, allow_retries=False) from exc
+    if isinstance(exc, BatchDeadLettered):
+        raise Failure(str(exc), metadata={**metadata, "dead_letter_id": exc.dead_letter_id},
+                      allow_retries=False) from exc
+    if isinstance(exc, DurabilityError) and not isinstance(exc, TRANSIENT_ERRORS):
+        # A wrong config, trimmed data under trim_policy 'fail', a changed stream: retrying would fail again.
+        raise Failure(str(exc), metadata=metadata, allow_retries=False) from exc
+    raise exc
+
+
+def run_metadata(outcomes: list[ShardOutcome]) -> dict:
+    """The op's output metadata: a run of one shard reports its drain; a run of several sums them (numbers
+    Dagster plots) and lists each shard (which shard is behind stays visible)."""
+    reports = [o.report for o in outcomes]
+    if len(reports) == 1:
+        return _report_metadata(reports[0])
+    figures = [r.as_metadata() for r in reports]
+    total = {k: sum(f[k] for f in figures) for k in (
+        "batches", "events", "processed", "failed_items", "events_filtered", "retried_batches", "dead_letters")}
+    duration = max(r.duration_s for r in reports)
+    behind = [f["records_behind"] for f in figures]
+    reasons = sorted({f["stop_reason"] for f in figures})
+    per_shard = ["| shard | stop | batches | events | checkpoint | lag (s) | behind | claimed | handed to |",
+                 "|---|---|---|---|---|---|---|---|---|"] + [
+        f"| {f['shard']} | {f['stop_reason']} | {f['batches']} | {f['events']} | {f['checkpoint']} | "
+        f"{f['lag_seconds']} | {f['records_behind']} | {f['claimed']} | {f['handed_to']} |" for f in figures]
+    per = max(1, BATCH_LOG_LIMIT // len(reports))
+    return {
+        "consumer": figures[0]["consumer"], "shard": ", ".join(f["shard"] for f in figures), "shards": len(reports),
+        **total, "stop_reason": reasons[0] if len(reasons) == 1 else ", ".join(reasons),
+        "events_per_s": round(total["events"] / duration, 1) if duration > 0 else 0.0,
+        "duration_s": round(duration, 3),
+        "lag_seconds": max(f["lag_seconds"] for f in figures),
+        "records_behind": -1 if -1 in behind else sum(behind),
+        "shards_handed_over": sum(bool(r.handed_to) for r in reports),
+        "per_shard": MetadataValue.md("\n".join(per_shard)),
+        "batch_log": MetadataValue.json([b.as_dict() for r in reports for b in r.batches[-per:]]),
+    }
+
+
 @op(tags={"kind": "consumer"})
 def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durability: DurabilityResource) -> None:
-    """Take the shard's lease and drain it: read -> process -> ack, batch after batch, the checkpoint
-    saved after each, until caught up or the run's budget (max_batches_per_run, max_run_seconds) is used;
-    then report what it did to the consumer's sink (a materialization, or an observation)."""
+    """Take the shards' leases and drain them, each on its own thread: read -> process -> ack, batch after
+    batch, the checkpoint saved after each, until caught up or the run's budget (max_batches_per_run,
+    max_run_seconds) is used and a successor has taken over; then report what the run did to the consumer's
+    sink (a materialization per shard, or an observation)."""
     cfg = job_consumer_config(context)
     if config.consumer != cfg.name:
         raise Failure(f"this is the job of consumer {cfg.name}; ops.drain_shard.config.consumer is "
                       f"{config.consumer!r}: launch {config.consumer}_job instead", allow_retries=False)
-    shard = shard_from_tag(config.shard)
-    if cfg.adapter == "dynamodb" and shard is None:
+    shards = [shard_from_tag(s) for s in config.shards] or [shard_from_tag(config.shard)]
+    if cfg.adapter == "dynamodb" and None in shards:
         raise Failure(
             f"consumer {cfg.name} reads a sharded stream: set ops.drain_shard.config.shard to a shard id "
             f"(the sensor {cfg.name}_sensor does this; its cursor lists the shards)", allow_retries=False)
+    several = len(shards) > 1
     rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
-    sink = SinkReporter(cfg, shard, rt.key(shard).redis_key, context.log_event)
+    sinks = {s: SinkReporter(cfg, s, rt.key(s).redis_key, context.log_event) for s in shards}
+    batch_log = BatchLog(context.log)
 
     def on_batch(record: BatchRecord) -> None:
-        context.log.info(record.describe())
-        sink.batch(record)
+        batch_log.batch(record)
+        if sinks[record.shard].batch(record):
+            batch_log.summarize(record.shard)
 
-    drainer = ShardDrainer(
-        rt, shard, context.run_id, DrainBudget.from_config(cfg),
+    def on_retry(shard, attempt: int, exc: BaseException, delay: float) -> None:
+        context.log.warning(f"batch attempt {attempt} failed ({type(exc).__name__}: {exc}); retrying in {delay:.2f} s"
+                            + (f" (shard {shard_id(shard)})" if several else ""))
+
+    def on_restart(shard, restarts: int, exc: BaseException, delay: float) -> None:
+        context.log.warning(f"shard {shard_id(shard)}: its drain failed ({type(exc).__name__}: {exc}); restarting it "
+                            f"in {delay:.1f} s (restart {restarts} of {cfg.retry.max_retries}); the run's other shards "
+                            "go on")
+
+    drainer = ShardSetDrainer(
+        rt, shards, context.run_id, DrainBudget.from_config(cfg),
         on_start=lambda report: context.log.info(describe_claim(report)),
-        on_batch=on_batch,
-        on_retry=lambda attempt, exc, delay: context.log.warning(
-            f"batch attempt {attempt} failed ({type(exc).__name__}: {exc}); retrying in {delay:.2f} s"),
-    )
+        on_batch=on_batch, on_retry=on_retry, on_restart=on_restart, restartable=_restartable)
     try:
-        report = drainer.run()
-    except (ShardBusyError, LeaseLostError) as exc:
-        raise Failure(str(exc), metadata=_report_metadata(drainer.report), allow_retries=False) from exc
-    except BatchDeadLettered as exc:
-        raise Failure(str(exc), metadata={**_report_metadata(drainer.report),
-                                          "dead_letter_id": exc.dead_letter_id}, allow_retries=False) from exc
-    except DurabilityError as exc:
-        # A store or the stream down is retried by the op's RetryPolicy (from the acked checkpoint);
-        # a wrong config, trimmed data under trim_policy 'fail', a changed stream are not: retrying
-        # would only fail again later.
-        if isinstance(exc, TRANSIENT_ERRORS):
-            raise
-        raise Failure(str(exc), metadata=_report_metadata(drainer.report), allow_retries=False) from exc
+        outcomes = drainer.run()
     finally:
         rt.close()
-    checkpoint_key = rt.key(report.shard).redis_key
-    if report.stop_reason is StopReason.NOT_GRANTED:
-        if SUCCESSOR_OF_TAG not in context.run.tags:  # a run the sensor dispatched for a free shard: an anomaly
-            raise Failure(f"shard {shard_id(shard)} not taken: {report.not_granted}. This run changed nothing; the "
-                          "sensor dispatches the shard again.", metadata=_report_metadata(report), allow_retries=False)
-        context.log.info(f"shard {shard_id(shard)} not taken: {report.not_granted}")  # a successor: a normal end
-        context.add_output_metadata({**_report_metadata(report), "checkpoint_key": checkpoint_key})
-        return
-    context.log.info(
-        f"drained {report.events} events in {report.batch_count} batches ({report.events_per_s} events/s); "
-        f"stopped: {report.stop_reason.value if report.stop_reason else '?'}; checkpoint {report.checkpoint}")
-    if report.handed_to:
-        context.log.info(describe_hand_over(report))
-    sink.finish(report)
-    context.add_output_metadata({**_report_metadata(report), "backend": cfg.checkpoint.backend,
-                                 "checkpoint_key": checkpoint_key, **rt.metrics.summary()})
+    metadata = run_metadata(outcomes)
+    if not several and outcomes[0].error is not None:
+        _raise_for(outcomes[0].error, metadata)
+    is_successor = SUCCESSOR_OF_TAG in context.run.tags
+    problems = []
+    for outcome in outcomes:
+        report, sid = outcome.report, shard_id(outcome.shard)
+        if outcome.error is not None:
+            problems.append(f"shard {sid}: {type(outcome.error).__name__}: {outcome.error}")
+            continue
+        if report.stop_reason is StopReason.NOT_GRANTED:
+            if not is_successor:  # a run the sensor dispatched for a free shard: an anomaly
+                problems.append(f"shard {sid} not taken: {report.not_granted}. This run changed nothing on it; the "
+                                "sensor dispatches the shard again.")
+            else:
+                context.log.info(f"shard {sid} not taken: {report.not_granted}")  # a successor: a normal end
+            continue
+        batch_log.summarize(outcome.shard)
+        context.log.info(
+            f"{'shard ' + sid + ': ' if several else ''}drained {report.events} events in {report.batch_count} "
+            f"batches ({report.events_per_s} events/s); stopped: {report.stop_reason.value if report.stop_reason else '?'}"
+            f"; checkpoint {report.checkpoint}")
+        if report.handed_to:
+            context.log.info(describe_hand_over(report))
+        sinks[outcome.shard].finish(report)
+    checkpoint_keys = (rt.key(shards[0]).redis_key if not several
+                       else MetadataValue.json([rt.key(s).redis_key for s in shards]))
+    if problems:
+        raise Failure(f"{len(problems)} of {len(outcomes)} shard(s) of this run failed"
+                      + (" (the others drained normally)" if several and len(problems) < len(outcomes) else "")
+                      + ": " + "; ".join(problems),
+                      metadata={**metadata, "checkpoint_key": checkpoint_keys}, allow_retries=False)
+    context.add_output_metadata({**metadata, "backend": cfg.checkpoint.backend,
+                                 "checkpoint_key": checkpoint_keys, **rt.metrics.summary()})
 
 
 def build_consumer_job(cfg: ConsumerConfig) -> JobDefinition:
@@ -360,6 +471,21 @@ def _run_state(context: SensorEvaluationContext, run_key: str, cfg: ConsumerConf
     return RunState.SUCCESS if run.status == DagsterRunStatus.SUCCESS else RunState.FAILURE
 
 
+def run_request(cfg: ConsumerConfig, d: Dispatch) -> RunRequest:
+    """The run of a dispatch: one shard (``shard``) or several (``shards``); the queue's per-shard limit is
+    per shard set (``SHARD_TAG``), so an owner and its successor may run side by side."""
+    ids = [shard_id(s) for s in d.shards]
+    op_config = {"consumer": cfg.name, "shard": ids[0]} if len(ids) == 1 else {"consumer": cfg.name, "shards": ids}
+    return RunRequest(
+        run_key=d.run_key,
+        run_config={"ops": {"drain_shard": {"config": op_config}}},
+        tags={SHARD_TAG: shard_set_tag(cfg.name, d.shards), CONSUMER_TAG: cfg.name, **CONSUMER_RUN_TAGS,
+              "durability/start_after": d.start_after or "INITIAL", "durability/attempt": str(d.attempt),
+              **({SHARDS_TAG: ",".join(ids)} if len(ids) > 1 else {}),
+              **({SUCCESSOR_OF_TAG: d.successor_of} if d.successor_of else {})},
+    )
+
+
 def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> SensorDefinition:
     sensor_name = f"{cfg.name}_sensor"
 
@@ -411,23 +537,14 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
                 run_state=lambda key, shard: _run_state(context, key, cfg, rt, shard, seen),
                 blocked=blocked,
                 successor_due=lambda key, shard: _successor_due(context, key, cfg, seen),
+                max_shards_per_run=cfg.max_shards_per_run,
             )
         finally:
             rt.close()
         plan.skipped.update({sid: f"STOPPED: {why}" for sid, why in stopped.items()})
         new_cursor = plan.cursor.to_json()
         mirror.save(sensor_name, new_cursor)
-        requests = [
-            RunRequest(
-                run_key=d.run_key,
-                run_config={"ops": {"drain_shard": {"config": {"consumer": cfg.name, "shard": shard_id(d.shard)}}}},
-                tags={SHARD_TAG: f"{cfg.name}:{shard_id(d.shard)}", CONSUMER_TAG: cfg.name,
-                      **CONSUMER_RUN_TAGS,
-                      "durability/start_after": d.start_after or "INITIAL", "durability/attempt": str(d.attempt),
-                      **({SUCCESSOR_OF_TAG: d.successor_of} if d.successor_of else {})},
-            )
-            for d in plan.dispatches
-        ]
+        requests = [run_request(cfg, d) for d in plan.dispatches]
         skip = None if requests else "; ".join(f"{k}: {v}" for k, v in plan.skipped.items()) or "no shards"
         return SensorResult(run_requests=requests, cursor=new_cursor, skip_reason=skip)
 
