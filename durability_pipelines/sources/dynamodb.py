@@ -17,11 +17,12 @@ Decisions that matter for durability (see ``docs/sources-dynamodb.md``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -284,6 +285,28 @@ def make_clients(region: str | None, endpoint_url: str | None = None) -> tuple[A
     )
 
 
+def client_region(client: Any) -> str:
+    return getattr(getattr(client, "meta", None), "region_name", None) or "the configured region"
+
+
+@contextlib.contextmanager
+def lookup_errors(what: str, region: str, operation: str, *, attempts: int, not_found: str) -> Iterator[None]:
+    """A start-up lookup's failures as the source errors an operator can act on (``not_found``: the message)."""
+    try:
+        yield
+    except ClientError as exc:
+        if _error_code(exc) == "ResourceNotFoundException":
+            raise StreamNotFoundError(not_found) from exc
+        raise
+    except NoCredentialsError as exc:
+        raise SourceAccessError(
+            f"no AWS credentials to describe {what} in {region}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/pod role (any values do for moto)."
+        ) from exc
+    except (BotoConnectionError, HTTPClientError) as exc:
+        raise StreamUnavailableError(operation=operation, attempts=attempts, detail=str(exc)) from exc
+
+
 def resolve_stream(
     dynamodb_client: Any, table_name: str, *, expected_label: str | None = None
 ) -> StreamDescription:
@@ -294,23 +317,13 @@ def resolve_stream(
     silently. A DISABLED status is returned, not raised: the old stream stays readable for 24 h so
     it can be drained.
     """
-    region = getattr(getattr(dynamodb_client, "meta", None), "region_name", None) or "the configured region"
-    try:
+    region = client_region(dynamodb_client)
+    with lookup_errors(
+        f"table {table_name!r}", region, "DescribeTable", attempts=3,
+        not_found=f"table {table_name!r} does not exist in {region} (or these credentials cannot see it). "
+        f"Check the table name, the region and {ENDPOINT_ENV}.",
+    ):
         table = dynamodb_client.describe_table(TableName=table_name)["Table"]
-    except ClientError as exc:
-        if _error_code(exc) == "ResourceNotFoundException":
-            raise StreamNotFoundError(
-                f"table {table_name!r} does not exist in {region} (or these credentials cannot see it). "
-                f"Check the table name, the region and {ENDPOINT_ENV}."
-            ) from exc
-        raise
-    except NoCredentialsError as exc:
-        raise SourceAccessError(
-            f"no AWS credentials to describe table {table_name!r} in {region}: set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/pod role (any values do for moto)."
-        ) from exc
-    except (BotoConnectionError, HTTPClientError) as exc:
-        raise StreamUnavailableError(operation="DescribeTable", attempts=3, detail=str(exc)) from exc
     arn = table.get("LatestStreamArn")
     label = table.get("LatestStreamLabel") or (stream_label_from_arn(arn) if arn else None)
     if not arn or not label:

@@ -26,8 +26,7 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import ClientError
 
 from durability_pipelines.checkpoints.ordering import normalize_sequence
 from durability_pipelines.sources.dynamodb import (
@@ -39,14 +38,10 @@ from durability_pipelines.sources.dynamodb import (
     _deserialize,
     _error_code,
     _Position,
+    client_region,
+    lookup_errors,
 )
-from durability_pipelines.sources.errors import (
-    SequenceNotInShardError,
-    SourceAccessError,
-    SourceError,
-    StreamNotFoundError,
-    StreamUnavailableError,
-)
+from durability_pipelines.sources.errors import SequenceNotInShardError, SourceError, StreamNotFoundError
 
 __all__ = [
     "EVENT_NAMES",
@@ -101,24 +96,14 @@ def make_client(region: str | None, endpoint_url: str | None = None) -> Any:
 
 def describe_stream(client: Any, stream_name: str) -> KinesisStream:
     """The stream's ARN and creation time (DescribeStreamSummary), with errors that say what to check."""
-    region = getattr(getattr(client, "meta", None), "region_name", None) or "the configured region"
-    try:
+    region = client_region(client)
+    with lookup_errors(
+        f"Kinesis stream {stream_name!r}", region, "DescribeStreamSummary", attempts=1,
+        not_found=f"Kinesis stream {stream_name!r} does not exist in {region} (or these credentials "
+        f"cannot see it). Check source.stream_name, the region and {ENDPOINT_ENV}; the table's destination is "
+        "listed by `aws dynamodb describe-kinesis-streaming-destination --table-name <table>`.",
+    ):
         summary = client.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]
-    except ClientError as exc:
-        if _error_code(exc) == "ResourceNotFoundException":
-            raise StreamNotFoundError(
-                f"Kinesis stream {stream_name!r} does not exist in {region} (or these credentials cannot see it). "
-                f"Check source.stream_name, the region and {ENDPOINT_ENV}; the table's destination is listed by "
-                "`aws dynamodb describe-kinesis-streaming-destination --table-name <table>`."
-            ) from exc
-        raise
-    except NoCredentialsError as exc:
-        raise SourceAccessError(
-            f"no AWS credentials to describe Kinesis stream {stream_name!r} in {region}: set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/pod role (any values do for moto)."
-        ) from exc
-    except (BotoConnectionError, HTTPClientError) as exc:
-        raise StreamUnavailableError(operation="DescribeStreamSummary", attempts=1, detail=str(exc)) from exc
     return KinesisStream(
         name=summary.get("StreamName", stream_name),
         arn=summary["StreamARN"],
