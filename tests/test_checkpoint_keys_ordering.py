@@ -16,9 +16,10 @@ from durability_pipelines.checkpoints import (
     compare_sequences,
     normalize_sequence,
 )
-from durability_pipelines.checkpoints.ordering import max_sequence, sequence_gap
+from durability_pipelines.checkpoints.ordering import MAX_DIGITS, fast_sequence, max_sequence, sequence_gap
 
-digits = st.integers(min_value=0, max_value=10**40 - 1).map(str)
+# Kinesis sequence numbers: up to 129 digits (DynamoDB's: 21-40)
+digits = st.integers(min_value=0, max_value=10**MAX_DIGITS - 1).map(str)
 
 
 def test_redis_key_is_the_original_layout_byte_for_byte() -> None:
@@ -52,11 +53,28 @@ def test_parse_rejects_foreign_keys() -> None:
             CheckpointKey.parse(bad)
 
 
-@pytest.mark.parametrize("bad", ["", "-1", "1.5", "1e21", " 12", "12 ", "abc", "0x1f", "1" * 41, None, 1.0, True,
+@pytest.mark.parametrize("bad", ["", "-1", "1.5", "1e21", " 12", "12 ", "abc", "0x1f", "1" * 130, None, 1.0, True,
                                  "shard_end", "٣"])
 def test_garbage_sequences_are_rejected_with_the_key_named(bad: object) -> None:
     with pytest.raises(InvalidSequenceError, match="checkpoint:x"):
         normalize_sequence(bad, key="checkpoint:x")
+
+
+def test_kinesis_sequence_numbers_up_to_129_digits_are_positions() -> None:
+    longest = "9" * 129
+    assert MAX_DIGITS == 129
+    assert normalize_sequence(longest) == longest
+    assert compare_sequences(longest, SHARD_END) == -1
+    assert compare_sequences("1" + "0" * 56, "9" * 56) == 1  # 57 digits "1..." above 56 digits "9..."
+
+
+@given(st.integers(min_value=0, max_value=10**MAX_DIGITS - 1))
+def test_fast_sequence_agrees_with_normalize_for_every_width(n: int) -> None:
+    text = str(n)
+    assert fast_sequence(text) == normalize_sequence(text)
+    assert fast_sequence(text.encode()) == normalize_sequence(text)
+    assert fast_sequence("0" + text) is None  # not canonical: the long way
+    assert fast_sequence("1" * 130) is None
 
 
 def test_leading_zeros_are_one_spelling() -> None:

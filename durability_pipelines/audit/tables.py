@@ -12,7 +12,7 @@ through ``checkpoints.inspect``: one picture, one definition of drift.
 (moves back no recorded write explains), dead letters and trimmed-data gaps.
 
 Both are persisted to Postgres tables of the same name (replaced on every materialization, in one
-transaction) and returned as DataFrames. Positions are text (21-40 digits do not survive a float).
+transaction) and returned as DataFrames. Positions are text (21-129 digits do not survive a float).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 -- durability_pipelines: monotonic, fenced checkpoint save in one round trip.
 -- Ordering (same as ordering.py and durability_sequence_rank in SQL):
 -- TRIM_HORIZON < LATEST < numbers < SHARD_END; numbers compare by length, then
--- text, after stripping leading zeros (tonumber would be a lossy double).
+-- text, after stripping leading zeros (tonumber would be a lossy double). Numbers have 1-129 digits
+-- (ordering.MAX_DIGITS: Kinesis sequence numbers).
 --
 -- KEYS[1] checkpoint key (the shared layout: numbers only), KEYS[2] lease key, KEYS[3] history stream key,
 -- KEYS[4] sentinel key (SHARD_END / TRIM_HORIZON / LATEST: positions other workers cannot feed to
@@ -31,7 +32,7 @@ local find, byte, gsub = string.find, string.byte, string.gsub
 
 local function rank(s)
   local n = #s
-  if n >= 1 and n <= 40 and not find(s, '[^0-9]') then
+  if n >= 1 and n <= 129 and not find(s, '[^0-9]') then
     if n == 1 or byte(s, 1) ~= 48 then return 2, s end
     local t = gsub(s, '^0+', '')
     if t == '' then t = '0' end

@@ -3,8 +3,9 @@
 Positions are strings:
 
 * ``TRIM_HORIZON`` < ``LATEST`` < every number < ``SHARD_END``
-* numbers are decimal digit strings of 1-40 digits: DynamoDB sequence numbers
-  (21-40 digits, not contiguous) and bigint change-log ids alike.
+* numbers are decimal digit strings of 1-129 digits: Kinesis sequence numbers
+  (``0|([1-9]\\d{0,128})``), DynamoDB Streams' (21-40 digits, not contiguous) and
+  bigint change-log ids alike.
 
 Numbers are compared as integers of arbitrary size, never as text (lexically
 ``"8"`` > ``"11"``) and never as floats (a double holds ~16 digits).  Lua and
@@ -20,7 +21,8 @@ TRIM_HORIZON = "TRIM_HORIZON"
 LATEST = "LATEST"
 SHARD_END = "SHARD_END"
 
-MAX_DIGITS = 40
+#: Kinesis Data Streams' limit (its API pattern ``0|([1-9][0-9]{0,128})``); Lua and SQL repeat it.
+MAX_DIGITS = 129
 _DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
 _SENTINEL_RANK = {TRIM_HORIZON: 0, LATEST: 1, SHARD_END: 3}
 _NUMBER_RANK = 2
@@ -30,7 +32,7 @@ def normalize_sequence(value: object, *, key: str | None = None) -> str:
     """Return the canonical form of a position or raise ``InvalidSequenceError``.
 
     Leading zeros are stripped so that one number has one spelling; whitespace,
-    signs, decimals, exponents and anything longer than 40 digits are rejected.
+    signs, decimals, exponents and anything longer than ``MAX_DIGITS`` digits are rejected.
     """
     from durability_pipelines.checkpoints.errors import InvalidSequenceError
 
@@ -58,16 +60,16 @@ def normalize_sequence(value: object, *, key: str | None = None) -> str:
 
 
 def fast_sequence(value: object) -> str | None:
-    """``value`` as a str if it already is a canonical number (1-40 ASCII digits, no leading zero), else None.
+    """``value`` as a str if it already is a canonical number (1-``MAX_DIGITS`` ASCII digits, no leading zero), else None.
 
     The hot-path shortcut of ``normalize_sequence``: for such values it returns exactly what
     ``normalize_sequence`` would; anything else (sentinels, leading zeros, garbage) goes the long way.
     """
     cls = value.__class__
     if cls is bytes:
-        if value.isdigit() and len(value) <= 40 and (value[0] != 48 or len(value) == 1):
+        if value.isdigit() and len(value) <= MAX_DIGITS and (value[0] != 48 or len(value) == 1):
             return value.decode("ascii")
-    elif (cls is str and value.isdigit() and value.isascii() and len(value) <= 40
+    elif (cls is str and value.isdigit() and value.isascii() and len(value) <= MAX_DIGITS
           and (value[0] != "0" or len(value) == 1)):
         return value
     return None

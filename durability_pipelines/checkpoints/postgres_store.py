@@ -35,14 +35,15 @@ from durability_pipelines.checkpoints.base import (
 )
 from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError, lease_lost
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
-from durability_pipelines.checkpoints.ordering import SHARD_END, max_sequence, normalize_sequence
+from durability_pipelines.checkpoints.ordering import MAX_DIGITS, SHARD_END, max_sequence, normalize_sequence
 from durability_pipelines.checkpoints.sentinels import effective, is_sentinel
 
 SCHEMA_SQL = (resources.files("durability_pipelines.checkpoints") / "schema.sql").read_text()
 # 2: durability_sequence_rank became an inlinable SQL function; 3: leaner save function;
 # 4: a fenced save also needs an unexpired lease; durability_sequence_rank_or_null
-# 5: sentinels in checkpoint_sentinels, never in checkpoints (see sentinels.py); 6: lease hand-off columns
-SCHEMA_VERSION = 6
+# 5: sentinels in checkpoint_sentinels, never in checkpoints (see sentinels.py); 6: lease hand-off columns;
+# 7: numbers of up to 129 digits (Kinesis sequence numbers), SHARD_END ranks 1e129
+SCHEMA_VERSION = 7
 _MIGRATION_LOCK = 72_190_311  # pg_advisory_xact_lock id: one migrator at a time
 
 _SAVE_SQL = "SELECT outcome, previous, lease_owner, lease_epoch FROM durability_save_checkpoint(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -530,7 +531,7 @@ class PostgresCheckpointStore(CheckpointStore):
                 )
                 # A closed shard keeps its last number for other workers; a rewind to TRIM_HORIZON /
                 # LATEST (or an older version's sentinel in the row) leaves no number behind.
-                if sequence != SHARD_END or shared is None or not (shared.isdigit() and len(shared) <= 40):
+                if sequence != SHARD_END or shared is None or not (shared.isdigit() and len(shared) <= MAX_DIGITS):
                     conn.execute(f"DELETE FROM checkpoints WHERE {_KEY_WHERE}", params)
             else:
                 conn.execute(f"DELETE FROM checkpoint_sentinels WHERE {_KEY_WHERE}", params)

@@ -39,12 +39,13 @@ CREATE TABLE IF NOT EXISTS durability_schema_version (
   applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW());
 
 -- The one ordering (see ordering.py): TRIM_HORIZON < LATEST < numbers < SHARD_END.
--- Numbers compare as NUMERIC (exact, arbitrary size), never as text.
+-- Numbers compare as NUMERIC (exact, arbitrary size), never as text. Numbers have 1-129 digits
+-- (ordering.MAX_DIGITS, Kinesis sequence numbers), so every one ranks below SHARD_END's 1e129 (v7).
 CREATE OR REPLACE FUNCTION durability_invalid_sequence(s TEXT) RETURNS NUMERIC
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
   RAISE EXCEPTION 'durability: invalid sequence %', quote_literal(left(s, 80))
-    USING ERRCODE = '22P02', HINT = 'expected 1-40 digits, TRIM_HORIZON, LATEST or SHARD_END';
+    USING ERRCODE = '22P02', HINT = 'expected 1-129 digits, TRIM_HORIZON, LATEST or SHARD_END';
 END $$;
 
 -- The rank of a position, NULL for a value that is not one (reports must not fail on one bad row).
@@ -53,10 +54,10 @@ END $$;
 CREATE OR REPLACE FUNCTION durability_sequence_rank_or_null(s TEXT) RETURNS NUMERIC
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT CASE
-    WHEN s ~ '^[0-9]{1,40}$' THEN s::NUMERIC
+    WHEN s ~ '^[0-9]{1,129}$' THEN s::NUMERIC
     WHEN s = 'TRIM_HORIZON' THEN -2
     WHEN s = 'LATEST' THEN -1
-    WHEN s = 'SHARD_END' THEN 1e41
+    WHEN s = 'SHARD_END' THEN 1e129
   END
 $$;
 
@@ -112,7 +113,7 @@ BEGIN
    WHERE s.adapter = p_adapter AND s.stream = p_stream AND s.grp = p_grp
      AND s.consumer = p_consumer AND s.shard = p_shard;
   v_sent_rank := durability_sequence_rank_or_null(v_sent);
-  IF v_rank < 0 OR v_rank >= 1e41 THEN
+  IF v_rank < 0 OR v_rank >= 1e129 THEN
     -- A sentinel: compared against both places, written to checkpoint_sentinels only.
     SELECT c.sequence INTO v_prev FROM checkpoints c
      WHERE c.adapter = p_adapter AND c.stream = p_stream AND c.grp = p_grp
@@ -140,8 +141,8 @@ BEGIN
     RETURN NEXT;
     RETURN;
   END IF;
-  IF v_sent_rank >= 1e41 THEN  -- the shard ended: no number moves it
-    outcome := CASE WHEN v_rank >= 1e41 THEN 'unchanged' ELSE 'stale' END; previous := v_sent;
+  IF v_sent_rank >= 1e129 THEN  -- the shard ended: no number moves it
+    outcome := CASE WHEN v_rank >= 1e129 THEN 'unchanged' ELSE 'stale' END; previous := v_sent;
     RETURN NEXT;
     RETURN;
   END IF;

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, companion_keys
-from durability_pipelines.checkpoints.ordering import LATEST, SHARD_END, TRIM_HORIZON
+from durability_pipelines.checkpoints.ordering import LATEST, MAX_DIGITS, SHARD_END, TRIM_HORIZON
 
 SENTINELS = (TRIM_HORIZON, LATEST, SHARD_END)
 _SENTINEL_BYTES = {s.encode() for s in SENTINELS}
@@ -129,7 +129,7 @@ WITH old AS (
   SELECT c.adapter, c.stream, c.grp, c.consumer, c.shard, c.sequence,
          CASE WHEN c.sequence = 'SHARD_END' THEN
            (SELECT h.new_sequence FROM checkpoint_history h
-             WHERE {_KEY_MATCH.format(a="h", b="c")} AND h.new_sequence ~ '^[0-9]{{1,40}}$'
+             WHERE {_KEY_MATCH.format(a="h", b="c")} AND h.new_sequence ~ '^[0-9]{{1,{MAX_DIGITS}}}$'
              ORDER BY h.id DESC LIMIT 1) END AS last_number
   FROM checkpoints c WHERE c.sequence IN ('SHARD_END', 'TRIM_HORIZON', 'LATEST') FOR UPDATE
 ), kept_number AS (

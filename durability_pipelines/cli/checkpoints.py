@@ -24,7 +24,7 @@ from durability_pipelines.checkpoints.errors import (
 )
 from durability_pipelines.checkpoints.inspect import Drift, Stored, drift
 from durability_pipelines.checkpoints.keys import CheckpointKey
-from durability_pipelines.checkpoints.ordering import normalize_sequence, sort_key
+from durability_pipelines.checkpoints.ordering import MAX_DIGITS, normalize_sequence, sort_key
 from durability_pipelines.cli.exit_codes import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, CliError
 from durability_pipelines.cli.leases import lease_state
 from durability_pipelines.cli.session import Session, default_who, iso, table
@@ -193,8 +193,8 @@ def _sequence_arg(text: str, flag: str, key: CheckpointKey) -> str:
         return normalize_sequence(text, key=key.redis_key)
     except InvalidSequenceError:
         raise CliError(
-            f"{flag} {text[:80]!r} is not a stream position: give 1-40 decimal digits (a DynamoDB sequence number "
-            "or a change-log position), TRIM_HORIZON, LATEST or SHARD_END",
+            f"{flag} {text[:80]!r} is not a stream position: give 1-{MAX_DIGITS} decimal digits (a DynamoDB or "
+            "Kinesis sequence number or a change-log position), TRIM_HORIZON, LATEST or SHARD_END",
             EXIT_USAGE,
         ) from None
 

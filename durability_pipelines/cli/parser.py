@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from durability_pipelines import services
+from durability_pipelines.checkpoints.ordering import MAX_DIGITS
 from durability_pipelines.cli.checkpoints import (
     cmd_checkpoints_export,
     cmd_checkpoints_get,
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
             "in the checkpoint history. Stop the consumer's sensor first: a running worker keeps its own position.")
     _key_args(p)
     p.add_argument("--sequence", required=True, metavar="S",
-                   help="1-40 decimal digits, TRIM_HORIZON, LATEST or SHARD_END")
+                   help=f"1-{MAX_DIGITS} decimal digits, TRIM_HORIZON, LATEST or SHARD_END")
     p.add_argument("--force", action="store_true", help="write even if it moves backwards (requires --reason)")
     p.add_argument("--reason", metavar="TEXT", help="why; required with --force, recorded in the history")
     _who_arg(p)

@@ -67,6 +67,25 @@ class DynamoDBSourceConfig(_Strict):
         return self.table
 
 
+class KinesisSourceConfig(DynamoDBSourceConfig):
+    """A table's changes read from its Kinesis Data Streams destination (``sources/kinesis.py``).
+
+    A subclass of the DynamoDB source on purpose: the consumed thing is still the table (adapter ``dynamodb``,
+    checkpoint key ``checkpoint:dynamodb:<table>:...``, the same stream asset), only the change stream differs.
+    """
+
+    kind: Literal["dynamodb_kinesis"] = "dynamodb_kinesis"  # type: ignore[assignment]
+    stream_name: str = Field(
+        min_length=1, max_length=128,
+        description="The Kinesis data stream the table's Kinesis streaming destination writes to",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="Local emulator URL for Kinesis; DURABILITY_DYNAMODB_ENDPOINT_URL overrides it when set "
+        "(moto serves DynamoDB and Kinesis on one port)",
+    )
+
+
 class SupabaseSourceConfig(_Strict):
     kind: Literal["supabase"] = "supabase"
     channel: str = Field(description="Logical channel name; the checkpoint key's stream")
@@ -158,13 +177,15 @@ class SupabaseWalSourceConfig(_Strict):
         return self.channel
 
 
-SourceConfig = Annotated[DynamoDBSourceConfig | SupabaseSourceConfig | SupabaseWalSourceConfig,
+SourceConfig = Annotated[DynamoDBSourceConfig | KinesisSourceConfig | SupabaseSourceConfig | SupabaseWalSourceConfig,
                          Field(discriminator="kind")]
 
 
 #: Event names each source emits (``ChangeEvent.event_name``), for ``filter.event_names``.
 EVENT_NAMES: dict[str, tuple[str, ...]] = {
     "dynamodb": ("INSERT", "MODIFY", "REMOVE"),
+    # UNDECODABLE: a record of the Kinesis stream that is not a change of the destination's format
+    "dynamodb_kinesis": ("INSERT", "MODIFY", "REMOVE", "UNDECODABLE"),
     "supabase": ("INSERT", "UPDATE", "DELETE"),
     "supabase_wal": ("INSERT", "UPDATE", "DELETE"),
 }

@@ -17,11 +17,12 @@ Decisions that matter for durability (see ``docs/sources-dynamodb.md``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -168,6 +169,13 @@ class ShardInfo:
     starting_sequence: str | None = None
     ending_sequence: str | None = None
     in_stream: bool = True
+    #: a merge's second parent (Kinesis Data Streams); DynamoDB Streams shards have one parent at most
+    adjacent_parent_shard_id: str | None = None
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        """Every shard that must be read to its end before this one (KCL's lineage rule)."""
+        return tuple(p for p in (self.parent_shard_id, self.adjacent_parent_shard_id) if p)
 
     @property
     def closed(self) -> bool:
@@ -182,6 +190,7 @@ class ShardInfo:
         return cls(
             shard_id=shard_id,
             parent_shard_id=shard.get("ParentShardId") or None,
+            adjacent_parent_shard_id=shard.get("AdjacentParentShardId") or None,
             starting_sequence=normalize_sequence(start, key=shard_id) if start is not None else None,
             ending_sequence=normalize_sequence(end, key=shard_id) if end is not None else None,
         )
@@ -226,6 +235,7 @@ class ShardBatch:
     expired_iterators: int = 0
     duplicates_dropped: int = 0  # re-delivered records (at or below what was already read) left out
     size_bytes: int = 0
+    millis_behind_latest: int | None = None  # Kinesis: how far the last GetRecords was behind the tip
 
     @property
     def newest_sequence(self) -> str | None:
@@ -275,6 +285,28 @@ def make_clients(region: str | None, endpoint_url: str | None = None) -> tuple[A
     )
 
 
+def client_region(client: Any) -> str:
+    return getattr(getattr(client, "meta", None), "region_name", None) or "the configured region"
+
+
+@contextlib.contextmanager
+def lookup_errors(what: str, region: str, operation: str, *, attempts: int, not_found: str) -> Iterator[None]:
+    """A start-up lookup's failures as the source errors an operator can act on (``not_found``: the message)."""
+    try:
+        yield
+    except ClientError as exc:
+        if _error_code(exc) == "ResourceNotFoundException":
+            raise StreamNotFoundError(not_found) from exc
+        raise
+    except NoCredentialsError as exc:
+        raise SourceAccessError(
+            f"no AWS credentials to describe {what} in {region}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/pod role (any values do for moto)."
+        ) from exc
+    except (BotoConnectionError, HTTPClientError) as exc:
+        raise StreamUnavailableError(operation=operation, attempts=attempts, detail=str(exc)) from exc
+
+
 def resolve_stream(
     dynamodb_client: Any, table_name: str, *, expected_label: str | None = None
 ) -> StreamDescription:
@@ -285,23 +317,13 @@ def resolve_stream(
     silently. A DISABLED status is returned, not raised: the old stream stays readable for 24 h so
     it can be drained.
     """
-    region = getattr(getattr(dynamodb_client, "meta", None), "region_name", None) or "the configured region"
-    try:
+    region = client_region(dynamodb_client)
+    with lookup_errors(
+        f"table {table_name!r}", region, "DescribeTable", attempts=3,
+        not_found=f"table {table_name!r} does not exist in {region} (or these credentials cannot see it). "
+        f"Check the table name, the region and {ENDPOINT_ENV}.",
+    ):
         table = dynamodb_client.describe_table(TableName=table_name)["Table"]
-    except ClientError as exc:
-        if _error_code(exc) == "ResourceNotFoundException":
-            raise StreamNotFoundError(
-                f"table {table_name!r} does not exist in {region} (or these credentials cannot see it). "
-                f"Check the table name, the region and {ENDPOINT_ENV}."
-            ) from exc
-        raise
-    except NoCredentialsError as exc:
-        raise SourceAccessError(
-            f"no AWS credentials to describe table {table_name!r} in {region}: set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/pod role (any values do for moto)."
-        ) from exc
-    except (BotoConnectionError, HTTPClientError) as exc:
-        raise StreamUnavailableError(operation="DescribeTable", attempts=3, detail=str(exc)) from exc
     arn = table.get("LatestStreamArn")
     label = table.get("LatestStreamLabel") or (stream_label_from_arn(arn) if arn else None)
     if not arn or not label:
@@ -353,6 +375,13 @@ class DynamoDBStreamReader:
     another label raises ``StreamChangedError``.
     """
 
+    #: GetRecords' own ceiling on ``Limit``
+    records_per_call_limit = MAX_RECORDS_PER_CALL
+    #: why a shard that left the stream was lost (the reason of its TrimGap / TrimmedDataError)
+    gone_reason = "the shard is no longer in the stream (aged out of the 24 h retention)"
+    #: what to look at when throttling outlasts the backoff (ThrottledError's advice)
+    throttle_advice: str | None = None
+
     def __init__(
         self,
         streams_client: Any,
@@ -372,9 +401,10 @@ class DynamoDBStreamReader:
             raise ConfigError(
                 f"initial_position must be 'TRIM_HORIZON' or 'LATEST', got {initial_position!r}"
             )
-        if not isinstance(max_records_per_call, int) or not 1 <= max_records_per_call <= MAX_RECORDS_PER_CALL:
+        if (not isinstance(max_records_per_call, int)
+                or not 1 <= max_records_per_call <= self.records_per_call_limit):
             raise ConfigError(
-                f"max_records_per_call must be 1..{MAX_RECORDS_PER_CALL} (the GetRecords limit), "
+                f"max_records_per_call must be 1..{self.records_per_call_limit} (the GetRecords limit), "
                 f"got {max_records_per_call!r}"
             )
         if not isinstance(max_calls_per_batch, int) or max_calls_per_batch < 1:
@@ -437,6 +467,7 @@ class DynamoDBStreamReader:
                     attempts=self.backoff.max_attempts,
                     code=_error_code(exc),
                     shard_id=shard_id,
+                    advice=self.throttle_advice,
                 ) from exc
             if kind == "server":
                 raise StreamUnavailableError(
@@ -532,7 +563,7 @@ class DynamoDBStreamReader:
             s
             for s in shards
             if not finished(s.shard_id)
-            and (s.parent_shard_id is None or s.parent_shard_id not in present or finished(s.parent_shard_id))
+            and all(p not in present or finished(p) for p in s.parents)
         ]
         return orphans + ready
 
@@ -658,7 +689,7 @@ class DynamoDBStreamReader:
                     batch.expired_iterators += 1
                     iterator = None
                     continue
-                if code == "TrimmedDataAccessException":
+                if self._is_trimmed(exc):
                     if batch.gap is not None and len(records) > read_at_skip:
                         break  # a second trim after progress: return what we have; the next batch reports it
                     skips += 1
@@ -687,7 +718,7 @@ class DynamoDBStreamReader:
                 raise
 
             raw_records = resp.get("Records") or []
-            page = [StreamRecord.from_raw(shard_id, raw) for raw in raw_records]
+            page = [self._decode(shard_id, raw) for raw in raw_records]
             # Sequence numbers only grow within a shard, so anything at or below what this batch (or the
             # acked checkpoint) already covers is a re-delivery from a re-positioned iterator, e.g. a
             # TRIM_HORIZON that had not actually moved past us. Never hand it out twice or backwards.
@@ -714,7 +745,7 @@ class DynamoDBStreamReader:
                 iterator = None
                 break
             iterator = nxt
-            if not raw_records:
+            if self._caught_up(resp, raw_records, batch, limit):
                 batch.caught_up = True
                 break
 
@@ -726,6 +757,22 @@ class DynamoDBStreamReader:
         if iterator is not None and end is not None and batch.gap is None and end != SHARD_END:
             self._continue[shard_id] = (end, iterator)
         return batch
+
+    # ----------------------------------------------------------------- what differs between change streams
+
+    def _decode(self, shard_id: str, raw: Mapping[str, Any]) -> StreamRecord:
+        """One GetRecords record as a ``StreamRecord``."""
+        return StreamRecord.from_raw(shard_id, raw)
+
+    def _caught_up(
+        self, resp: Mapping[str, Any], raw_records: Sequence[Any], batch: ShardBatch, limit: int
+    ) -> bool:
+        """Did this page (asked for ``limit`` records) reach the shard's tip? DynamoDB Streams: an empty page."""
+        return not raw_records
+
+    def _is_trimmed(self, exc: ClientError) -> bool:
+        """Does this error say the position's records are gone (so ``trim_policy`` decides)?"""
+        return _error_code(exc) == "TrimmedDataAccessException"
 
     def _get_iterator(self, shard_id: str, position: _Position, batch: ShardBatch) -> str | None:
         kind, sequence = position
@@ -775,7 +822,7 @@ class DynamoDBStreamReader:
             batch,
             from_sequence=requested,
             earliest=None,
-            reason="the shard is no longer in the stream (aged out of the 24 h retention)",
+            reason=self.gone_reason,
         )
         batch.shard_ended = True
         batch.next_checkpoint = SHARD_END

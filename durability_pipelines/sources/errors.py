@@ -95,17 +95,21 @@ class ThrottledError(SourceError):
     the orchestrator's retry policy decides when to try again.
     """
 
-    def __init__(self, *, operation: str, attempts: int, code: str, shard_id: str | None = None) -> None:
+    def __init__(
+        self, *, operation: str, attempts: int, code: str, shard_id: str | None = None, advice: str | None = None
+    ) -> None:
         self.operation = operation
         self.attempts = attempts
         self.code = code
         self.shard_id = shard_id
         on = f" on shard {shard_id}" if shard_id else ""
+        advice = advice or (
+            "more than 2 readers per shard get throttled, so look for other consumers of this stream (Lambda "
+            "triggers, KCL apps, a second deployment of this code location), poll less often"
+        )
         super().__init__(
             f"{operation}{on} was throttled {attempts} times in a row ({code}); backoff exhausted. "
-            "Nothing was checkpointed, so the batch can simply be retried. If it persists: more than "
-            "2 readers per shard get throttled, so look for other consumers of this stream (Lambda "
-            "triggers, KCL apps, a second deployment of this code location), poll less often, or "
+            f"Nothing was checkpointed, so the batch can simply be retried. If it persists: {advice}, or "
             "raise BackoffPolicy.max_attempts / max_delay_s."
         )
 
@@ -161,4 +165,23 @@ class SequenceOutOfRangeError(SourceError):
             f"EndingSequenceNumber {ending_sequence}: it was not produced by this shard (a checkpoint "
             "copied from another shard or stream?). Inspect the checkpoint history, then set the right "
             f"checkpoint with `{_SET_CHECKPOINT}` (SHARD_END if the shard was fully processed)."
+        )
+
+
+class SequenceNotInShardError(SourceError):
+    """Kinesis says a checkpoint was not produced by this shard (or this stream): it belongs elsewhere.
+
+    Reading from it would skip or repeat records of this shard, so the consumer stops instead.
+    """
+
+    def __init__(self, *, shard_id: str, sequence: str, stream_arn: str, detail: str = "") -> None:
+        self.shard_id = shard_id
+        self.sequence = sequence
+        self.stream_arn = stream_arn
+        said = f" ({detail})" if detail else ""
+        super().__init__(
+            f"position {sequence} for shard {shard_id} of {stream_arn} was not produced by this shard{said}: a "
+            "checkpoint copied from another shard or stream, or the stream was deleted and recreated under the same "
+            "name (a new stream: its checkpoints start over). Inspect the checkpoint history, then set the right "
+            f"checkpoint with `{_SET_CHECKPOINT}`."
         )

@@ -42,6 +42,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from durability_pipelines.checkpoints.errors import ConfigError
+from durability_pipelines.checkpoints.ordering import MAX_DIGITS
 from durability_pipelines.sources.errors import SourceError
 from durability_pipelines.sources.hooks import CallHook
 
@@ -487,7 +488,7 @@ class ChangeFeedReader:
 
 # -- retention ---------------------------------------------------------------------------------
 
-_DIGITS = "^[0-9]{1,40}$"
+_DIGITS = f"^[0-9]{{1,{MAX_DIGITS}}}$"
 
 
 def min_acked_position(conn: psycopg.Connection, channel: str, *, groups: Sequence[str] | None = None,

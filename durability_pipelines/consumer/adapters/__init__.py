@@ -7,7 +7,12 @@ config model in ``consumer.config`` and a branch in ``build_source``. Adapters i
 
 from __future__ import annotations
 
-from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig, SupabaseWalSourceConfig
+from durability_pipelines.consumer.config import (
+    ConsumerConfig,
+    DynamoDBSourceConfig,
+    KinesisSourceConfig,
+    SupabaseWalSourceConfig,
+)
 from durability_pipelines.consumer.source import CallHook, StreamSource
 
 __all__ = ["build_source"]
@@ -21,6 +26,10 @@ def build_source(config: ConsumerConfig, *, postgres_url: str | None = None,
     Each adapter's module is imported only when it is used, so one source's dependencies (boto3,
     psycopg) never load for another.
     """
+    if isinstance(config.source, KinesisSourceConfig):  # before DynamoDB: it is a DynamoDBSourceConfig too
+        from durability_pipelines.consumer.adapters.kinesis import KinesisSource
+
+        return KinesisSource(config.source, on_call=on_call)
     if isinstance(config.source, DynamoDBSourceConfig):
         from durability_pipelines.consumer.adapters.dynamodb import DynamoDBSource
 

@@ -14,6 +14,7 @@ from durability_pipelines.sources.dynamodb import (
     ENDPOINT_ENV,
     DynamoDBStreamReader,
     ShardInfo,
+    StreamRecord,
     make_clients,
     resolve_stream,
 )
@@ -74,18 +75,22 @@ class DynamoDBSource:
         if after is None and self.cfg.initial_position == "LATEST":
             return self._pin_latest(shard)
         b = self.reader.read_batch(shard, after, max_events)
-        events = [
-            ChangeEvent(
-                adapter=ADAPTER, stream=self.stream, shard=shard, sequence=r.sequence,
-                event_name=r.event_name, keys=r.keys, new_image=r.new_image, old_image=r.old_image,
-                created_at=r.approximate_creation_time, event_id=r.event_id,
-            )
-            for r in b.records
-        ]
+        events = [self._event(shard, r) for r in b.records if self._wanted(r)]
         gap = Gap(shard, b.gap.from_sequence, b.gap.to_sequence, b.gap.reason) if b.gap else None
         # DynamoDB Streams cannot count what is left in a shard; it can tell "nothing left" (an empty page).
         behind = 0 if (b.caught_up or b.shard_ended) else None
         return SourceBatch(shard, b.start_after, events, b.next_checkpoint, b.shard_ended, gap, behind)
+
+    def _event(self, shard: str, r: StreamRecord) -> ChangeEvent:
+        return ChangeEvent(
+            adapter=ADAPTER, stream=self.stream, shard=shard, sequence=r.sequence,
+            event_name=r.event_name, keys=r.keys, new_image=r.new_image, old_image=r.old_image,
+            created_at=r.approximate_creation_time, event_id=r.event_id,
+        )
+
+    def _wanted(self, r: StreamRecord) -> bool:
+        """Is this record one of the consumed table's changes? (Every record of a DynamoDB stream is.)"""
+        return True
 
     def _pin_latest(self, shard: str) -> SourceBatch:
         """Start at LATEST: checkpoint the newest existing record without delivering anything."""
