@@ -64,6 +64,7 @@ __all__ = [
     "ChangeRow",
     "CheckpointAheadError",
     "FeedBatch",
+    "FeedHoldup",
     "QualifiedName",
     "Removal",
     "RemovedRange",
@@ -87,6 +88,8 @@ _INSTALL_LOCK = 72_190_320  # pg_advisory_xact_lock id: one installer at a time
 PURGE_MARKER = "durability.purge"
 #: How many adjacent removed ranges one read merges into one gap (a DELETE run in batches).
 MAX_MERGED_REMOVALS = 1000
+#: ``held_back`` counts at most this many waiting rows (a count of millions would cost more than it tells).
+HOLDUP_COUNT_LIMIT = 10_000
 log = logging.getLogger(__name__)
 
 
@@ -359,6 +362,35 @@ class FeedBatch:
     resume: int | None = None
 
 
+@dataclass(frozen=True)
+class FeedHoldup:
+    """Settled-looking changes wait behind the visibility horizon: the oldest open transaction holds it."""
+
+    txid: int
+    waiting: int  # rows after the position that the horizon holds back (capped)
+    oldest_position: int
+    oldest_captured_at: datetime
+    pid: int | None = None
+    application_name: str | None = None
+    state: str | None = None
+    xact_start: datetime | None = None
+    database: str | None = None
+    prepared_gid: str | None = None
+
+    def describe(self) -> str:
+        if self.pid is not None:
+            since = self.xact_start.isoformat(timespec="seconds") if self.xact_start else "?"
+            app = f", {self.application_name}" if self.application_name else ""
+            db = f", database {self.database}" if self.database else ""
+            who = f"transaction {self.txid} (pid {self.pid}{app}{db}, {self.state or '?'}) open since {since}"
+        elif self.prepared_gid is not None:
+            who = f"prepared transaction {self.prepared_gid!r} ({self.txid}): COMMIT PREPARED or ROLLBACK PREPARED it"
+        else:
+            who = f"transaction {self.txid} (it has just ended, or is not visible to this role)"
+        return (f"held back by {who}: {self.waiting}{'+' if self.waiting >= HOLDUP_COUNT_LIMIT else ''} change(s) "
+                f"wait behind it, the oldest captured at {self.oldest_captured_at.isoformat(timespec='seconds')}")
+
+
 def _jsonb(value: Any) -> dict[str, Any] | None:
     if value is None or isinstance(value, dict):
         return value
@@ -503,7 +535,7 @@ class ChangeFeedReader:
         self.close()
 
     # queries ---------------------------------------------------------------------------------
-    def _filters(self, after: int | None, *, safe_only: bool = True,
+    def _filters(self, after: int | None, *, safe_only: bool = True, held_only: bool = False,
                  before: int | None = None) -> tuple[sql.Composable, list[Any]]:
         parts: list[sql.Composable] = []
         params: list[Any] = []
@@ -514,6 +546,8 @@ class ChangeFeedReader:
                 params += [str(txid), change_id]
         if safe_only:
             parts.append(sql.SQL("txid < pg_snapshot_xmin(pg_current_snapshot())"))
+        if held_only:
+            parts.append(sql.SQL("txid >= pg_snapshot_xmin(pg_current_snapshot())"))
         if self.table is not None:
             parts.append(sql.SQL("schema_name = %s AND table_name = %s"))
             params += [self.table.schema, self.table.name]
@@ -643,6 +677,27 @@ class ChangeFeedReader:
             if not found and after is not None:
                 self._check_not_ahead(conn, after)  # else a foreign checkpoint stalls the sensor silently
         return found
+
+    def held_back(self, after: int | None) -> FeedHoldup | None:
+        """Why nothing is readable although rows after ``after`` are in the log: the oldest transaction still
+        open in the cluster (a frozen worker, an idle-in-transaction session, a prepared transaction) holds
+        the visibility horizon, and the rows of every later transaction wait. None when nothing waits."""
+        where, params = self._filters(after, safe_only=False, held_only=True)
+        query = sql.SQL(
+            """WITH waiting AS (SELECT txid, id, captured_at FROM {log}{where} ORDER BY txid, id LIMIT %s),
+                    h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+               SELECT (SELECT count(*) FROM waiting), w.txid::text, w.id, w.captured_at, h.xmin::text,
+                      a.pid, a.application_name, a.state, a.xact_start, a.datname, p.gid
+               FROM (SELECT * FROM waiting ORDER BY txid, id LIMIT 1) w CROSS JOIN h
+               LEFT JOIN pg_stat_activity a ON a.backend_xid = xid(h.xmin)
+               LEFT JOIN pg_prepared_xacts p ON p.transaction = xid(h.xmin)
+               LIMIT 1""").format(log=self.log.ident, where=where)
+        with self._call("held_back") as conn:
+            row = conn.execute(query, [*params, HOLDUP_COUNT_LIMIT]).fetchone()
+        if row is None:
+            return None
+        return FeedHoldup(int(row[4]), int(row[0]), encode_position(int(row[1]), row[2]), row[3], row[5], row[6],
+                          row[7], row[8], row[9], row[10])
 
     def latest_position(self) -> int:
         """A position after every change that is settled now ("start from now").

@@ -32,7 +32,7 @@ from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.ordering import LATEST, SHARD_END, TRIM_HORIZON, normalize_sequence
 from durability_pipelines.consumer.config import ConsumerConfig, SupabaseSourceConfig, SupabaseWalSourceConfig
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.source import CallHook, Gap, SourceBatch
+from durability_pipelines.consumer.source import CallHook, Gap, Holdup, SourceBatch
 from durability_pipelines.sources.supabase_changes import (
     ADAPTER,
     ChangeFeedError,
@@ -136,6 +136,16 @@ class SupabaseChangeFeedSource(UnshardedFeed):
         if mode == "end":
             return False
         return self.reader.has_new(position)
+
+    def held_back(self, shard: str | None, after: str | None) -> Holdup | None:
+        """``ReportsHoldup``: the open transaction that keeps waiting changes from being read, if any."""
+        mode, position = self._start(after)
+        if mode != "read":
+            return None
+        holdup = self.reader.held_back(position)
+        if holdup is None:
+            return None
+        return Holdup(holdup.describe(), str(holdup.oldest_position), holdup.oldest_captured_at)
 
     def read(self, shard: str | None, after: str | None, max_events: int) -> SourceBatch:
         mode, position = self._start(after)
