@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -36,19 +35,11 @@ from durability_pipelines.sources.supabase_changes import (
     purge_channel,
     uninstall_change_feed,
 )
+from tests import test_supabase_change_feed
 from tests.test_supabase_change_feed import Feed, make_table, read_until
 from tests.test_wal_source import drain
 
-
-@pytest.fixture
-def feed(pg_conn: psycopg.Connection, postgres_url: str) -> Iterator[Feed]:
-    suffix = uuid.uuid4().hex[:8]
-    f = Feed(postgres_url, f"orders_{suffix}", f"cl_{suffix}")
-    make_table(pg_conn, f.table)
-    install_change_feed(pg_conn, f.table, change_log=f.log)
-    yield f
-    uninstall_change_feed(pg_conn, f.table, change_log=f.log, drop_change_log=True)
-    pg_conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(f.table)))
+feed = test_supabase_change_feed.feed  # the fixture: its own source table and change log per test
 
 
 def config(feed: Feed, policy: str = "fail", **overrides: Any) -> ConsumerConfig:
