@@ -7,13 +7,14 @@ record after the acked checkpoint, which has no side effect: no lease, no save, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from durability_pipelines.checkpoints.errors import DurabilityError
 from durability_pipelines.consumer.dispatch import shard_id
 from durability_pipelines.consumer.runtime import ConsumerRuntime
-from durability_pipelines.consumer.source import ReportsHoldup
+from durability_pipelines.consumer.source import ReportsHoldup, StreamSource
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,26 @@ def _nothing_readable(rt: ConsumerRuntime, shard: str | None, after: str | None,
     if holdup is None:
         return ShardLag(shard, after, 0.0, last_ack_at=last)
     return ShardLag(shard, after, _age_s(holdup.oldest_at, now), holdup.oldest_sequence, last, held_back=holdup.reason)
+
+
+def explain_caught_up(source: StreamSource | None, skipped: Mapping[str, str],
+                      acked: Mapping[str | None, str | None]) -> dict[str, str]:
+    """For the sensor's skip reasons: a shard skipped as "caught up" whose records wait behind a holdup
+    (``ReportsHoldup``: an open transaction holding the change feed back) says so instead."""
+    if not isinstance(source, ReportsHoldup):  # a capability (Protocol), not a concrete class
+        return {}
+    out: dict[str, str] = {}
+    for shard, after in acked.items():
+        sid = shard_id(shard)
+        if skipped.get(sid) != "caught up":
+            continue
+        try:
+            holdup = source.held_back(shard, after)
+        except DurabilityError:
+            continue  # the peek said nothing is readable; the run or the next tick names the problem
+        if holdup is not None:
+            out[sid] = f"nothing readable: {holdup.reason}"
+    return out
 
 
 def _last_ack_at(rt: ConsumerRuntime, shard: str | None) -> datetime | None:

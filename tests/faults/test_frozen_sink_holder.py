@@ -31,7 +31,7 @@ from durability_pipelines.checkpoints.lock_waits import LockWaitBounds, LockWait
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.consumer.adapters.supabase import build_supabase_source
 from durability_pipelines.consumer.config import ConsumerConfig
-from durability_pipelines.consumer.lag import measure_lag
+from durability_pipelines.consumer.lag import explain_caught_up, measure_lag
 from durability_pipelines.consumer.runtime import open_runtime
 from durability_pipelines.consumer.storage import ConsumerStorage, ensure
 from durability_pipelines.sinks.postgres_events import write_events
@@ -142,6 +142,9 @@ def test_the_change_feed_names_the_transaction_holding_it_back_instead_of_caught
         (lag,) = measure_lag(rt)
         assert lag.held_back == holdup.reason and lag.lag_s is not None and lag.oldest_waiting is not None
         assert "held back by transaction" in lag.describe()
+        # the sensor's skip reason (orchestration calls explain_caught_up after plan_tick)
+        assert explain_caught_up(source, {"-": "caught up"}, {None: first.next_checkpoint}) == {
+            "-": f"nothing readable: {holdup.reason}"}
         holder.rollback()  # the holder is gone: the change is read, nothing holds the feed
         assert [e.keys for e in source.read(None, first.next_checkpoint, 10).events] == [{"id": 2}]
         assert source.held_back(None, first.next_checkpoint) is None
