@@ -35,6 +35,7 @@ from durability_pipelines.checkpoints.base import (
 )
 from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError, lease_lost
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
+from durability_pipelines.checkpoints.lock_waits import lock_wait_error
 from durability_pipelines.checkpoints.ordering import MAX_DIGITS, SHARD_END, max_sequence, normalize_sequence
 from durability_pipelines.checkpoints.sentinels import effective, is_sentinel
 
@@ -110,7 +111,8 @@ def connection_is_stale(exc: BaseException) -> bool:
     (or always was) a standby: every write there fails with "cannot execute ... in a read-only
     transaction" until a reconnect lets ``target_session_attrs=read-write`` find the new primary.
     """
-    if isinstance(exc, psycopg.InterfaceError | pg_errors.ReadOnlySqlTransaction):
+    if isinstance(exc, psycopg.InterfaceError | pg_errors.ReadOnlySqlTransaction
+                  | pg_errors.IdleInTransactionSessionTimeout):
         return True
     if not isinstance(exc, psycopg.OperationalError):
         return False
@@ -173,6 +175,16 @@ class PostgresConnection:
                     "add target_session_attrs=read-write to DURABILITY_POSTGRES_URL so that libpq only connects "
                     "to the primary."
                 ) from None
+            except pg_errors.IdleInTransactionSessionTimeout:
+                self.reset()
+                raise StoreUnavailableError(
+                    f"{self.target} ended this session: its transaction stayed idle longer than "
+                    "idle_in_transaction_session_timeout (one lease: this worker was frozen or stalled inside a "
+                    "batch). Nothing of it was committed; a retry reconnects, and its lease has most likely been "
+                    "taken over."
+                ) from None
+            except pg_errors.LockNotAvailable as exc:  # lock_timeout: the connection is fine, a holder is not
+                raise lock_wait_error(self._connect(), exc, what=f"a transaction on {self.target}") from None
             except psycopg.OperationalError as exc:
                 self.reset()
                 raise StoreUnavailableError(

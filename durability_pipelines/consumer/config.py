@@ -95,6 +95,10 @@ class SupabaseSourceConfig(_Strict):
     # fail loudly (a lost checkpoint is never papered over); 'earliest' = the oldest change still in the
     # log; 'latest' = after every change settled now. See consumer/adapters/supabase.py.
     replay_from: Literal["stored", "earliest", "latest"] = "stored"
+    trim_policy: Literal["fail", "skip_to_trim_horizon"] = Field(
+        default="fail", description="unread change-log rows removed by anything but the project's purge (a DELETE "
+        "by age, a TRUNCATE): fail = stop and name the removed range; skip_to_trim_horizon = record the gap "
+        "(stream_gaps) and go on")
     db_url_env: str = Field(
         default="DURABILITY_SUPABASE_DB_URL",
         description="Env var with the Postgres URL of the database holding the change log; "

@@ -7,12 +7,14 @@ record after the acked checkpoint, which has no side effect: no lease, no save, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from durability_pipelines.checkpoints.errors import DurabilityError
 from durability_pipelines.consumer.dispatch import shard_id
 from durability_pipelines.consumer.runtime import ConsumerRuntime
+from durability_pipelines.consumer.source import ReportsHoldup, StreamSource
 
 
 @dataclass(frozen=True)
@@ -24,13 +26,16 @@ class ShardLag:
     oldest_waiting: str | None = None
     last_ack_at: datetime | None = None
     problem: str | None = None
+    #: why the waiting records cannot be read yet (``ReportsHoldup``), e.g. an open transaction
+    held_back: str | None = None
 
     def describe(self) -> str:
         last = self.last_ack_at.isoformat(timespec="seconds") if self.last_ack_at else "never"
         if self.problem:
             return f"shard {shard_id(self.shard)}: lag unknown ({self.problem}); last ack {last}"
+        held = f", {self.held_back}" if self.held_back else ""
         return (f"shard {shard_id(self.shard)}: lag {self.lag_s:.1f} s (oldest waiting record "
-                f"{self.oldest_waiting or '-'}), acked {self.acked or '(nothing yet)'}, last ack {last}")
+                f"{self.oldest_waiting or '-'}{held}), acked {self.acked or '(nothing yet)'}, last ack {last}")
 
 
 def _age_s(created: datetime | None, now: datetime) -> float | None:
@@ -63,12 +68,46 @@ def measure_lag(rt: ConsumerRuntime, *, now: datetime | None = None) -> list[Sha
             out.append(ShardLag(shard, after, None, last_ack_at=last, problem=f"{type(exc).__name__}: {exc}"))
             continue
         if not batch.events:
-            out.append(ShardLag(shard, after, 0.0, last_ack_at=last))
+            out.append(_nothing_readable(rt, shard, after, last, now))
             continue
         first = batch.events[0]
         age = _age_s(first.created_at, now)
         out.append(ShardLag(shard, after, age, first.sequence, last,
                             problem=None if age is not None else "the source gives no record times"))
+    return out
+
+
+def _nothing_readable(rt: ConsumerRuntime, shard: str | None, after: str | None, last: datetime | None,
+                      now: datetime) -> ShardLag:
+    """0 when nothing waits; when records wait behind something (``ReportsHoldup``), their age and what."""
+    holdup = None
+    if isinstance(rt.source, ReportsHoldup):  # a capability (Protocol), not a concrete class
+        try:
+            holdup = rt.source.held_back(shard, after)
+        except DurabilityError as exc:
+            return ShardLag(shard, after, None, last_ack_at=last, problem=f"{type(exc).__name__}: {exc}")
+    if holdup is None:
+        return ShardLag(shard, after, 0.0, last_ack_at=last)
+    return ShardLag(shard, after, _age_s(holdup.oldest_at, now), holdup.oldest_sequence, last, held_back=holdup.reason)
+
+
+def explain_caught_up(source: StreamSource | None, skipped: Mapping[str, str],
+                      acked: Mapping[str | None, str | None]) -> dict[str, str]:
+    """For the sensor's skip reasons: a shard skipped as "caught up" whose records wait behind a holdup
+    (``ReportsHoldup``: an open transaction holding the change feed back) says so instead."""
+    if not isinstance(source, ReportsHoldup):  # a capability (Protocol), not a concrete class
+        return {}
+    out: dict[str, str] = {}
+    for shard, after in acked.items():
+        sid = shard_id(shard)
+        if skipped.get(sid) != "caught up":
+            continue
+        try:
+            holdup = source.held_back(shard, after)
+        except DurabilityError:
+            continue  # the peek said nothing is readable; the run or the next tick names the problem
+        if holdup is not None:
+            out[sid] = f"nothing readable: {holdup.reason}"
     return out
 
 

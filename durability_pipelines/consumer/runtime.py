@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import psycopg
+from psycopg import errors as pg_errors
 
 from durability_pipelines.checkpoints import (
     SHARD_END,
@@ -40,6 +41,12 @@ from durability_pipelines.checkpoints import (
     sequence_gap,
     shard_to_tag,
     sort_key,
+)
+from durability_pipelines.checkpoints.lock_waits import (
+    LockWaitBounds,
+    LockWaitTimeoutError,
+    bound_lock_waits,
+    lock_wait_error,
 )
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
@@ -252,16 +259,23 @@ class ConsumerRuntime:
             failed = list(result.failed_sequences) if result else []
             self._ack_prefix(read, failed, ctx_save)
             return failed
+        # A lock held by a frozen worker must end neither in an endless wait nor in a dead-looking run.
+        bounds = LockWaitBounds.for_lease(self.config.lease_duration_s)
+        app = f"durability {self.config.name} {read.run_id}"
         if isinstance(self.store, TransactionalStore):  # a capability (Protocol), not a concrete class
             saved: SaveResult | None = None
-            with self.store.transaction() as tx:
-                with self.metrics.timed("handler", "handler", read.shard):
-                    result = self.handler(list(events), self._context(read, tx.connection))
-                failed = list(result.failed_sequences) if result else []
-                target = read.batch.checkpoint_before(min(failed, key=sort_key)) if failed else ack_to
-                if target is not None:
-                    for position in self._positions_to_save(read, target):
-                        saved = tx.save(key, position, lease=read.lease, context=ctx_save)
+            try:
+                with self.store.transaction() as tx:
+                    bound_lock_waits(tx.connection, bounds, application_name=app)
+                    with self.metrics.timed("handler", "handler", read.shard):
+                        result = self.handler(list(events), self._context(read, tx.connection))
+                    failed = list(result.failed_sequences) if result else []
+                    target = read.batch.checkpoint_before(min(failed, key=sort_key)) if failed else ack_to
+                    if target is not None:
+                        for position in self._positions_to_save(read, target):
+                            saved = tx.save(key, position, lease=read.lease, context=ctx_save)
+            except LockWaitTimeoutError as exc:
+                raise self._lock_wait(read, exc, bounds) from exc
             if saved is not None and target == ack_to:
                 self._saved_in_transaction[read.shard] = saved  # committed: the ack reports this save
             return failed
@@ -270,7 +284,15 @@ class ConsumerRuntime:
         # psycopg's connection context commits on a clean exit, before the checkpoint is saved.
         try:
             with psycopg.connect(self.postgres_url) as conn, self.metrics.timed("handler", "handler", read.shard):
-                result = self.handler(list(events), self._context(read, conn))
+                bound_lock_waits(conn, bounds, application_name=app)
+                try:
+                    result = self.handler(list(events), self._context(read, conn))
+                except pg_errors.LockNotAvailable as exc:
+                    conn.rollback()
+                    raise self._lock_wait(read, lock_wait_error(
+                        conn, exc, what="the sink transaction", waited_ms=bounds.lock_timeout_ms), bounds) from None
+        except DurabilityError:
+            raise
         except Exception as exc:
             if connection_is_stale(exc):
                 raise SinkUnavailableError(self._sink_unavailable(read, exc)) from exc
@@ -278,6 +300,14 @@ class ConsumerRuntime:
         failed = list(result.failed_sequences) if result else []
         self._ack_prefix(read, failed, ctx_save)
         return failed
+
+    def _lock_wait(self, read: ReadOutput, exc: LockWaitTimeoutError, bounds: LockWaitBounds) -> LockWaitTimeoutError:
+        """The consumer, the shard and the bound in front of the holder's description."""
+        c = self.config
+        return LockWaitTimeoutError(
+            f"consumer {c.name} shard {shard_to_tag(read.shard)}: the batch's sink transaction gave up a lock wait "
+            f"after {bounds.lock_timeout_ms / 1000:g} s (lock_timeout = lease_duration_s {c.lease_duration_s:g} s / 4, "
+            f"so the run keeps its lease while it waits): {exc}", exc.blockers)
 
     def _sink_unavailable(self, read: ReadOutput, exc: BaseException) -> str:
         from durability_pipelines.services import scrub_secrets

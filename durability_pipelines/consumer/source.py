@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.sources.hooks import CallHook
 
-__all__ = ["CallHook", "Gap", "ReleasingSource", "SourceBatch", "StreamSource"]
+__all__ = ["CallHook", "Gap", "Holdup", "ReleasingSource", "ReportsHoldup", "SourceBatch", "StreamSource"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,15 @@ class Gap:
     from_sequence: str | None
     to_sequence: str | None
     reason: str
+
+
+@dataclass(frozen=True)
+class Holdup:
+    """Records wait in the stream but cannot be read yet, and why: "caught up" would be a lie."""
+
+    reason: str
+    oldest_sequence: str | None = None
+    oldest_at: datetime | None = None
 
 
 @dataclass
@@ -111,3 +121,12 @@ class ReleasingSource(Protocol):
     what it returns, so that no loss of a checkpoint store leaves the checkpoint behind the server."""
 
     def release(self, shard: str | None, durable: Callable[[], str | None], *, final: bool = False) -> None: ...
+
+
+@runtime_checkable
+class ReportsHoldup(Protocol):
+    """A capability: a source that can tell why nothing is readable while records wait (the change feed's
+    horizon held back by an open transaction). The sensor and the lag check ask it when a peek finds
+    nothing, so that they say what holds the shard instead of "caught up"."""
+
+    def held_back(self, shard: str | None, after: str | None) -> Holdup | None: ...

@@ -74,7 +74,7 @@ from durability_pipelines.consumer.drain import (
     StopReason,
 )
 from durability_pipelines.consumer.handlers import describe_sink, load_handler
-from durability_pipelines.consumer.lag import measure_lag
+from durability_pipelines.consumer.lag import explain_caught_up, measure_lag
 from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, ShardBusyError
 from durability_pipelines.consumer.shard_set import ShardOutcome, ShardSetDrainer
 from durability_pipelines.observability import LAG_SECONDS, RECORDS_BEHIND
@@ -539,6 +539,8 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
                 successor_due=lambda key, shard: _successor_due(context, key, cfg, seen),
                 max_shards_per_run=cfg.max_shards_per_run,
             )
+            # "caught up" is not the whole truth when the feed is held back (an open transaction): name it
+            plan.skipped.update(explain_caught_up(rt.source, plan.skipped, acked))
         finally:
             rt.close()
         plan.skipped.update({sid: f"STOPPED: {why}" for sid, why in stopped.items()})

@@ -42,3 +42,56 @@ BEGIN
 END $$;
 
 REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC;
+
+-- Removals: a DELETE or TRUNCATE of log rows that is not the project's purge is recorded here (per
+-- source table: the lowest and highest removed position, how many rows, who, when), so that a reader
+-- whose checkpoint lies below a removed range treats it as trimmed data (trim_policy) instead of
+-- reading on past a hole. Identity ids leave holes on rollback, so a hole in the ids proves nothing:
+-- only a record written by the removing statement itself does. The purge (purge_acked) sets
+-- durability.purge = on for its own statements (SET LOCAL); nothing else should.
+CREATE TABLE IF NOT EXISTS {removals} (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  schema_name text NOT NULL,
+  table_name text NOT NULL,
+  operation text NOT NULL CHECK (operation IN ('DELETE', 'TRUNCATE')),
+  from_position numeric NOT NULL,  -- lowest removed position (txid * 10^19 + id)
+  to_position numeric NOT NULL,    -- highest removed position
+  row_count bigint NOT NULL,
+  removed_by text NOT NULL,        -- session_user of the removing statement
+  application_name text,
+  txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+  removed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS {removals_idx} ON {removals} (to_position);
+ALTER TABLE {removals} ENABLE ROW LEVEL SECURITY;
+
+-- One function for both triggers: AFTER DELETE (statement level, the deleted rows as a transition
+-- table) and BEFORE TRUNCATE (no transition table: the rows are still there to be summarised).
+CREATE OR REPLACE FUNCTION {removal_fn}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF coalesce(current_setting('durability.purge', true), '') = 'on' THEN
+    RETURN NULL;
+  END IF;
+  IF TG_OP = 'TRUNCATE' THEN
+    INSERT INTO {removals} (schema_name, table_name, operation, from_position, to_position, row_count,
+                            removed_by, application_name)
+    SELECT schema_name, table_name, 'TRUNCATE', min(txid::text::numeric * 1e19 + id),
+           max(txid::text::numeric * 1e19 + id), count(*), session_user, current_setting('application_name')
+    FROM {log} GROUP BY schema_name, table_name;
+  ELSE
+    INSERT INTO {removals} (schema_name, table_name, operation, from_position, to_position, row_count,
+                            removed_by, application_name)
+    SELECT schema_name, table_name, 'DELETE', min(txid::text::numeric * 1e19 + id),
+           max(txid::text::numeric * 1e19 + id), count(*), session_user, current_setting('application_name')
+    FROM durability_removed GROUP BY schema_name, table_name;
+  END IF;
+  RETURN NULL;
+END $$;
+
+REVOKE ALL ON FUNCTION {removal_fn}() FROM PUBLIC;
+
+CREATE OR REPLACE TRIGGER {delete_trigger} AFTER DELETE ON {log}
+  REFERENCING OLD TABLE AS durability_removed FOR EACH STATEMENT EXECUTE FUNCTION {removal_fn}();
+CREATE OR REPLACE TRIGGER {truncate_trigger} BEFORE TRUNCATE ON {log}
+  FOR EACH STATEMENT EXECUTE FUNCTION {removal_fn}();

@@ -15,10 +15,16 @@ resumes from it (moving a checkpoint is an operator's act: ``durability-pipeline
 
 A stored sentinel is honoured too: ``TRIM_HORIZON`` = earliest, ``LATEST`` = pin latest,
 ``SHARD_END`` = nothing more to read.
+
+Unread rows removed from the log by anything but the purge (the removal triggers record it) are
+trimmed data: ``trim_policy: fail`` raises ``ChangeLogGapError`` naming the range;
+``skip_to_trim_horizon`` returns the batch with a ``Gap`` (audited in ``stream_gaps``) and goes on
+past the range, delivering the rows still in the log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 
@@ -26,15 +32,19 @@ from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.ordering import LATEST, SHARD_END, TRIM_HORIZON, normalize_sequence
 from durability_pipelines.consumer.config import ConsumerConfig, SupabaseSourceConfig, SupabaseWalSourceConfig
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.source import CallHook, SourceBatch
+from durability_pipelines.consumer.source import CallHook, Gap, Holdup, SourceBatch
 from durability_pipelines.sources.supabase_changes import (
     ADAPTER,
     ChangeFeedError,
     ChangeFeedReader,
+    ChangeLogGapError,
     ChangeRow,
+    FeedBatch,
     QualifiedName,
     install_change_feed,
 )
+
+log = logging.getLogger(__name__)
 
 FALLBACK_DB_URL_ENV = "DURABILITY_POSTGRES_URL"
 
@@ -127,6 +137,16 @@ class SupabaseChangeFeedSource(UnshardedFeed):
             return False
         return self.reader.has_new(position)
 
+    def held_back(self, shard: str | None, after: str | None) -> Holdup | None:
+        """``ReportsHoldup``: the open transaction that keeps waiting changes from being read, if any."""
+        mode, position = self._start(after)
+        if mode != "read":
+            return None
+        holdup = self.reader.held_back(position)
+        if holdup is None:
+            return None
+        return Holdup(holdup.describe(), str(holdup.oldest_position), holdup.oldest_captured_at)
+
     def read(self, shard: str | None, after: str | None, max_events: int) -> SourceBatch:
         mode, position = self._start(after)
         if mode == "none":
@@ -141,11 +161,28 @@ class SupabaseChangeFeedSource(UnshardedFeed):
             return SourceBatch(shard, after, [], None, shard_ended=True)
         if mode == "pin":
             return SourceBatch(shard, after, [], str(self.reader.latest_position()))
-        rows = self.reader.read(position, max_events)
+        got = self.reader.read_batch(position, max_events)
+        rows = got.rows
         events = [to_event(self.stream, r) for r in rows]
         last = events[-1].sequence if events else None
         behind = 0 if len(rows) < max_events else self.reader.pending_count(int(last), limit=BEHIND_COUNT_LIMIT)
-        return SourceBatch(shard, after, events, last, behind=behind)
+        if got.removed is None:
+            return SourceBatch(shard, after, events, last, behind=behind)
+        return self._removed(shard, after, got, events, behind)
+
+    def _removed(self, shard: str | None, after: str | None, got: FeedBatch,
+                 events: list[ChangeEvent], behind: int) -> SourceBatch:
+        """A read reached rows removed outside the purge: trim_policy decides."""
+        removed = got.removed
+        assert removed is not None and after is not None
+        if self.cfg.trim_policy == "fail":
+            raise ChangeLogGapError(change_log=str(self.reader.log), from_sequence=after, removed=removed)
+        if got.resume is None:  # rows still in the log inside the range come first; the gap with the last of them
+            return SourceBatch(shard, after, events, events[-1].sequence if events else None, behind=behind)
+        gap = Gap(shard, after, str(removed.to_position), removed.describe())
+        log.warning("channel %s: skipping removed change-log rows (trim_policy skip_to_trim_horizon): %s",
+                    self.stream, gap.reason)
+        return SourceBatch(shard, after, events, str(got.resume), gap=gap, behind=behind)
 
     def close(self) -> None:
         self.reader.close()
