@@ -78,6 +78,7 @@ from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRun
 from durability_pipelines.observability import LAG_SECONDS, RECORDS_BEHIND
 from durability_pipelines.orchestration.resources import DurabilityResource
 from durability_pipelines.orchestration.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
+from durability_pipelines.orchestration.source_readiness import skip_when_source_not_ready
 from durability_pipelines.sources.errors import (
     SourceError,
     StreamChangedError,
@@ -370,6 +371,7 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         default_status=DefaultSensorStatus.RUNNING if cfg.sensor_running_by_default else DefaultSensorStatus.STOPPED,
         description=f"Polls {cfg.adapter} stream {cfg.stream} from the acked checkpoints; one draining run per shard.",
     )
+    @skip_when_source_not_ready(cfg)
     def _consumer_sensor(context: SensorEvaluationContext, durability: DurabilityResource) -> SensorResult:
         mirror = durability.cursor_mirror()
         raw, origin = context.cursor, "dagster"
