@@ -241,8 +241,9 @@ def test_after_setup_every_starter_sensor_ticks_without_error(
     assert endpoint.startswith("http://127.0.0.1:") and values["AWS_ACCESS_KEY_ID"]
     dev.write_env_file(clone / ".env", values)
     with psycopg.connect(data_db) as conn:  # what the Supabase and the broadcast starters read
-        assert conn.execute("SELECT to_regclass('public.orders'), to_regclass('public.orders_changes'), "
-                            "to_regprocedure('realtime.send(jsonb,text,text,boolean)')").fetchone()[0] is not None
+        found = conn.execute("SELECT to_regclass('public.orders'), to_regclass('public.durability_change_log'), "
+                             "to_regprocedure('realtime.send(jsonb,text,text,boolean)')").fetchone()
+        assert found is not None and None not in found, found
 
     # Setup again: everything is reused (same endpoint, nothing recreated).
     again = dev.provision_starter_sources(clone, Path(sys.executable), resolved, env=shell)
