@@ -79,6 +79,7 @@ from durability_pipelines.observability import LAG_SECONDS, RECORDS_BEHIND
 from durability_pipelines.orchestration.resources import DurabilityResource
 from durability_pipelines.orchestration.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
 from durability_pipelines.orchestration.source_readiness import skip_when_source_not_ready
+from durability_pipelines.orchestration.stream_observations import observe_stream
 from durability_pipelines.sources.errors import (
     SourceError,
     StreamChangedError,
@@ -372,6 +373,7 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         description=f"Polls {cfg.adapter} stream {cfg.stream} from the acked checkpoints; one draining run per shard.",
     )
     @skip_when_source_not_ready(cfg)
+    @observe_stream(cfg, stream_asset_key(cfg), sink_asset_key(cfg))
     def _consumer_sensor(context: SensorEvaluationContext, durability: DurabilityResource) -> SensorResult:
         mirror = durability.cursor_mirror()
         raw, origin = context.cursor, "dagster"
