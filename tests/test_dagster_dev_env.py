@@ -7,7 +7,6 @@ the repository's own .env is never touched.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import stat
 import subprocess
@@ -19,12 +18,12 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 import pytest
 from dotenv import dotenv_values
-from psycopg import sql
 
 import dev
 from durability_pipelines import services
 from durability_pipelines.processes import ProcessGroup
 from durability_pipelines.services.local_dynamodb import stop_local_dynamodb
+from tests.conftest import fresh_database
 from tests.support.dagster_daemon import DagsterHome
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,11 +189,8 @@ TICKS_PER_SENSOR = 3
 @pytest.fixture
 def data_db(postgres_admin_url: str) -> Iterator[str]:
     """A database of its own for the starters' data (their names are fixed: `orders`, `consumer-a`)."""
-    name = f"dp_dotenv_data_{secrets.token_hex(4)}"
-    url = services.ensure_database(postgres_admin_url, name)
-    yield url
-    with psycopg.connect(services.libpq_url(postgres_admin_url), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_database(postgres_admin_url, "dp_dotenv_data") as url:
+        yield url
 
 
 @pytest.fixture

@@ -73,13 +73,12 @@ from durability_pipelines.consumer.drain import (
     StopReason,
 )
 from durability_pipelines.consumer.handlers import describe_sink, load_handler
-from durability_pipelines.consumer.lag import measure_lag
 from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, ShardBusyError
 from durability_pipelines.observability import LAG_SECONDS, RECORDS_BEHIND
 from durability_pipelines.orchestration.resources import DurabilityResource
 from durability_pipelines.orchestration.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
 from durability_pipelines.orchestration.source_readiness import skip_when_source_not_ready
-from durability_pipelines.orchestration.stream_observations import observe_stream
+from durability_pipelines.orchestration.stream_observations import measure_consumer_lag, observe_stream
 from durability_pipelines.sources.errors import (
     SourceError,
     StreamChangedError,
@@ -501,11 +500,7 @@ def build_lag_check(cfg: ConsumerConfig) -> AssetChecksDefinition:
     )
     def _lag_check(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
         try:
-            rt = durability.runtime(cfg)
-            try:
-                lags = measure_lag(rt)
-            finally:
-                rt.close()
+            lags = measure_consumer_lag(durability, cfg)
         except DurabilityError as exc:  # the stream or a store down: unknown is not "within the objective"
             return AssetCheckResult(passed=False, description=f"cannot measure consumer {cfg.name}'s lag: "
                                     f"{type(exc).__name__}: {exc}", metadata={"max_lag_s": cfg.max_lag_s})

@@ -53,6 +53,16 @@ def last_observed_at(context: SensorEvaluationContext, cfg: ConsumerConfig, stre
     return None
 
 
+def measure_consumer_lag(durability: DurabilityResource, cfg: ConsumerConfig) -> list[ShardLag]:
+    """``consumer/lag.measure_lag`` on a runtime of its own (opened and closed here): the sensor's
+    observation and the lag check measure alike."""
+    rt = durability.runtime(cfg)
+    try:
+        return measure_lag(rt)
+    finally:
+        rt.close()
+
+
 def observation_due(context: SensorEvaluationContext, cfg: ConsumerConfig, stream_key: AssetKey, *,
                     now: float | None = None, every_s: float = OBSERVE_EVERY_S) -> bool:
     last = last_observed_at(context, cfg, stream_key)
@@ -99,11 +109,7 @@ def observe_stream(cfg: ConsumerConfig, stream_key: AssetKey, sink_key: AssetKey
             if not isinstance(result, SensorResult) or not observation_due(context, cfg, stream_key, every_s=every_s):
                 return result
             try:
-                rt = durability.runtime(cfg)
-                try:
-                    lags = measure_lag(rt)
-                finally:
-                    rt.close()
+                lags = measure_consumer_lag(durability, cfg)
             except DurabilityError as exc:
                 context.log.warning(f"stream {cfg.stream} not observed: {type(exc).__name__}: {exc}")
                 return result
