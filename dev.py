@@ -4,7 +4,8 @@
     python3 dev.py test [pytest args]   set up .venv if needed, then run pytest; exits with pytest's code
     python3 dev.py lint [ruff args]     ruff check (default: the whole repo)
     python3 dev.py demo [args]          durability-pipelines demo: everything running (UI on :3000); --events N for headless
-    python3 dev.py setup                create/refresh .venv and write .env for `dagster dev` (below)
+    python3 dev.py setup                create/refresh .venv, the starters' sources, and .env for `dagster dev` (below)
+    python3 dev.py setup --no-starter-sources   the same without the starters' sources
 
 The virtualenv is (re)installed with `pip install -e ".[dev]"` when it is missing or when
 pyproject.toml is newer than its stamp file, so a fresh clone and a changed dependency list both work.
@@ -16,6 +17,12 @@ DAGSTER_HOME, DAGSTER_POSTGRES_URL, DURABILITY_POSTGRES_URL and DURABILITY_REDIS
 the git-ignored .env, which `dagster dev`, dagster-webserver and dagster-daemon load from the
 directory they start in. Lines outside that block are yours: setup never changes them, and a key you
 set there is left out of the block. Then: .venv/bin/dagster dev -w workspace.yaml
+
+It also creates what the three starters read, where missing (durability_pipelines/starter_sources.py):
+table `orders` with its stream on a local DynamoDB endpoint (a moto server it starts, which keeps running,
+like the embedded servers; its URL and the credentials moto accepts go into the block), and
+`public.orders` with its change feed and a local `realtime.send` in the project's Postgres. With
+DURABILITY_DYNAMODB_ENDPOINT_URL set (empty = AWS) no moto server is started.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ PYPROJECT = ROOT / "pyproject.toml"
 
 ENV_FILE_NAME = ".env"
 #: The keys `setup` manages in .env, in the order written.
-ENV_KEYS = ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL", "DURABILITY_POSTGRES_URL", "DURABILITY_REDIS_URL")
+ENV_KEYS = ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL", "DURABILITY_POSTGRES_URL", "DURABILITY_REDIS_URL",
+            "DURABILITY_DYNAMODB_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 BLOCK_BEGIN = "# >>> managed by `python3 dev.py setup`: this block is rewritten on every run"
 BLOCK_END = "# <<< end of the block managed by `python3 dev.py setup`"
 BLOCK_HELP = (
@@ -200,16 +208,41 @@ def resolve_env_values(root: Path = ROOT, python: Path = PYTHON, env: Mapping[st
     return values
 
 
-def setup_env_file(root: Path = ROOT, python: Path = PYTHON) -> None:
+def provision_starter_sources(root: Path, python: Path, values: Mapping[str, str],
+                              pinned: Mapping[str, str] | None = None,
+                              env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Create the starters' sources where missing (``python -m durability_pipelines.starter_sources`` in the
+    venv, with the servers just resolved) and return what it needs in .env: the local DynamoDB endpoint it
+    started and the credentials moto accepts (nothing when the endpoint is configured, or pinned in .env)."""
+    child_env = dict(os.environ if env is None else env)
+    child_env.update({k: v for k, v in values.items() if k != "DAGSTER_HOME"})
+    for key, value in (pinned or {}).items():
+        if key != "DAGSTER_HOME" and "${" not in value:
+            child_env[key] = value
+    result = subprocess.run([str(python), "-m", "durability_pipelines.starter_sources"], cwd=root,
+                            env=child_env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise EnvFileError(
+            f"could not create the starters' sources: {result.stderr.strip()[-2000:]}\n"
+            "To skip them: python3 dev.py setup --no-starter-sources (the starters' sensors then skip, "
+            "naming what is missing)")
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def setup_env_file(root: Path = ROOT, python: Path = PYTHON, *, starter_sources: bool = True) -> None:
     path = root / ENV_FILE_NAME
     pinned = user_values(path)
     values = resolve_env_values(root, python, pinned=pinned)
+    if starter_sources:
+        values.update(provision_starter_sources(root, python, values, pinned))
+        _say("starters' sources ready: DynamoDB table `orders` (with its stream), public.orders with its "
+             "change feed, realtime.send")
     kept = write_env_file(path, values)
     dagster_url = pinned.get("DAGSTER_POSTGRES_URL", "")
     if dagster_url and not dagster_url.startswith(("postgresql+psycopg2://", "${")):
         _say(f"warning: your DAGSTER_POSTGRES_URL in {path} must start with postgresql+psycopg2:// "
              "(see dagster_home/dagster.yaml): a bare postgresql:// URL leaves runs NOT_STARTED")
-    written = [k for k in ENV_KEYS if k not in kept]
+    written = [k for k in ENV_KEYS if k in values and k not in kept]
     _say(f"wrote {path}: {', '.join(written)}" + (f" (kept your own {', '.join(kept)})" if kept else ""))
     _say("start Dagster with: .venv/bin/dagster dev -w workspace.yaml")
 
@@ -220,9 +253,13 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
     if command == "setup":
+        unknown = [a for a in args if a != "--no-starter-sources"]
+        if unknown:
+            print(f"unknown option(s) for setup: {' '.join(unknown)}\n{__doc__}", file=sys.stderr)
+            return 2
         ensure_venv()
         try:
-            setup_env_file()
+            setup_env_file(starter_sources="--no-starter-sources" not in args)
         except EnvFileError as exc:
             _say(str(exc))
             return 1

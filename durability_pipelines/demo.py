@@ -38,13 +38,14 @@ from durability_pipelines.chaos import Chaos
 from durability_pipelines.checkpoints.keys import SENSOR_CURSOR_PREFIX, stream_key_patterns
 from durability_pipelines.processes import ProcessGroup
 from durability_pipelines.redis_client import redis_client
+from durability_pipelines.starter_sources import STARTER_TABLE, create_stream_table, prepare_postgres
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DB = "durability_demo"
 DEMO_DAGSTER_DB = "durability_demo_dagster"
-TABLE = "orders"  # the DynamoDB table and the Postgres table
+TABLE = STARTER_TABLE  # the DynamoDB table and the Postgres table
 PIPELINES = ("orders_worker", "orders_to_realtime", "supabase_orders_worker")
 AWS_DEMO_ENV = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -115,19 +116,6 @@ def _clean_redis(url: str) -> None:
     client.close()
 
 
-def _prepare_data_db(url: str) -> None:
-    from durability_pipelines.checkpoints.postgres_store import PostgresConnection
-    from durability_pipelines.consumer.storage import ensure
-    from durability_pipelines.sinks.realtime import install_realtime_fixture
-    from durability_pipelines.sources.supabase_changes import install_change_feed
-
-    ensure(PostgresConnection(url))
-    with psycopg.connect(url, autocommit=True) as conn:
-        install_realtime_fixture(conn)
-        conn.execute(f"CREATE TABLE IF NOT EXISTS public.{TABLE} (id BIGINT PRIMARY KEY, status TEXT, total INT)")
-        install_change_feed(conn, f"public.{TABLE}")
-
-
 def _start_dynamodb(existing: str | None) -> tuple[str, Any]:
     """The configured endpoint, or a moto server of our own; creates the table with a stream."""
     import boto3
@@ -148,13 +136,7 @@ def _start_dynamodb(existing: str | None) -> tuple[str, Any]:
         url = f"http://{host}:{port}"
     ddb = boto3.client("dynamodb", endpoint_url=url, region_name="us-east-1",
                        aws_access_key_id="demo", aws_secret_access_key="demo")
-    if TABLE in ddb.list_tables()["TableNames"]:
-        ddb.delete_table(TableName=TABLE)
-    ddb.create_table(
-        TableName=TABLE, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST",
-        StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
-    )
+    create_stream_table(ddb, TABLE, replace=True)  # the demo starts from an empty table
     return url, server
 
 
@@ -350,7 +332,7 @@ def run_demo(events: int | None, timeout_s: float, *, ui: bool, port: int, rate:
             data_url = _recreate_database(admin, DEMO_DB)
             dagster_url = os.environ.get("DAGSTER_POSTGRES_URL") or _recreate_database(admin, DEMO_DAGSTER_DB)
             _clean_redis(redis_url)
-            _prepare_data_db(data_url)
+            prepare_postgres(data_url)
         with progress.step("local DynamoDB endpoint (moto server) with table `orders` and its stream"):
             dynamodb_url, moto_server = _start_dynamodb(os.environ.get("DURABILITY_DYNAMODB_ENDPOINT_URL"))
             progress.note(f"dynamodb: {dynamodb_url}")

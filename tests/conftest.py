@@ -11,6 +11,7 @@ shared one, never the shared server itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sys
@@ -69,14 +70,23 @@ def postgres_admin_url() -> str:
     return services.resolve_postgres_url()
 
 
+@contextlib.contextmanager
+def fresh_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A new database ``<prefix>_<hex>`` on the server of ``admin_url``, dropped (WITH FORCE) at the end."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    url = services.ensure_database(admin_url, name)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(services.libpq_url(admin_url), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture(scope="session")
 def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     """A fresh database ``dp_test_<hex>`` for this test session, dropped (WITH FORCE) at the end."""
-    name = f"dp_test_{secrets.token_hex(4)}"
-    url = services.ensure_database(postgres_admin_url, name)
-    yield url
-    with psycopg.connect(services.libpq_url(postgres_admin_url), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_database(postgres_admin_url, "dp_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,9 @@ from dotenv import dotenv_values
 
 import dev
 from durability_pipelines import services
+from durability_pipelines.processes import ProcessGroup
+from durability_pipelines.services.local_dynamodb import stop_local_dynamodb
+from tests.conftest import fresh_database
 from tests.support.dagster_daemon import DagsterHome
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,3 +178,96 @@ def test_a_password_with_dotenv_syntax_survives_the_file(
     assert written is not None
     assert unquote(urlsplit(written).password or "") == password  # percent-encoded, decoded by every client
     assert urlsplit(written).hostname == "db"
+
+
+# --------------------------------------------------------------------------- the starters under `dagster dev`
+
+STARTER_SENSORS = ("orders_worker_sensor", "supabase_orders_worker_sensor", "orders_to_realtime_sensor")
+TICKS_PER_SENSOR = 3
+
+
+@pytest.fixture
+def data_db(postgres_admin_url: str) -> Iterator[str]:
+    """A database of its own for the starters' data (their names are fixed: `orders`, `consumer-a`)."""
+    with fresh_database(postgres_admin_url, "dp_dotenv_data") as url:
+        yield url
+
+
+@pytest.fixture
+def durability_home(tmp_path: Path) -> Iterator[Path]:
+    """A $DURABILITY_HOME of its own: the local DynamoDB setup starts is this test's, and stopped after it."""
+    home = tmp_path / "durability_home"
+    yield home
+    stop_local_dynamodb(home)
+
+
+def _run_daemon_until_ticks(clone: Path, storage: DagsterHome, env: dict[str, str]) -> dict[str, list]:
+    """`dagster-daemon run -w workspace.yaml` from the clone's root (so .env applies), until every starter
+    sensor ticked TICKS_PER_SENSOR times; its finished ticks, newest first, by sensor."""
+    from tests.support.dagster_daemon import sensor_ticks, wait_until
+
+    daemon = ProcessGroup("dagster-daemon", [str(DAGSTER.parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+                          env, clone / "daemon.log", cwd=clone).start()
+    instance = storage.instance()
+
+    def enough() -> dict[str, list] | None:
+        ticks = {name: [t for t in sensor_ticks(instance, name) if t.status.value != "STARTED"]
+                 for name in STARTER_SENSORS}
+        return ticks if all(len(t) >= TICKS_PER_SENSOR for t in ticks.values()) else None
+
+    try:
+        return wait_until(
+            enough, what=f"{TICKS_PER_SENSOR} ticks of every starter sensor", timeout=240, interval=2.0,
+            diagnostics=lambda: daemon.log_tail(60))
+    finally:
+        assert daemon.stop() == []
+
+
+def test_after_setup_every_starter_sensor_ticks_without_error(
+    clone: Path, storage: DagsterHome, data_db: str, own_redis_url: str, durability_home: Path
+) -> None:
+    # `python3 dev.py setup` on the copy: the servers, then the starters' sources (a local moto server of
+    # this test's own $DURABILITY_HOME), then .env. Nothing about AWS comes from this environment.
+    shell = {k: v for k, v in _bare_env(DURABILITY_HOME=str(durability_home)).items() if not k.startswith("AWS_")}
+    servers = {"DAGSTER_POSTGRES_URL": storage.storage_url, "DURABILITY_POSTGRES_URL": data_db,
+               "DURABILITY_REDIS_URL": own_redis_url}
+    resolved = dev.resolve_env_values(clone, Path(sys.executable), env={**shell, **servers})
+    values = {**resolved, **dev.provision_starter_sources(clone, Path(sys.executable), resolved, env=shell)}
+    endpoint = values["DURABILITY_DYNAMODB_ENDPOINT_URL"]
+    assert endpoint.startswith("http://127.0.0.1:") and values["AWS_ACCESS_KEY_ID"]
+    dev.write_env_file(clone / ".env", values)
+    with psycopg.connect(data_db) as conn:  # what the Supabase and the broadcast starters read
+        found = conn.execute("SELECT to_regclass('public.orders'), to_regclass('public.durability_change_log'), "
+                             "to_regprocedure('realtime.send(jsonb,text,text,boolean)')").fetchone()
+        assert found is not None and None not in found, found
+
+    # Setup again: everything is reused (same endpoint, nothing recreated).
+    again = dev.provision_starter_sources(clone, Path(sys.executable), resolved, env=shell)
+    assert again["DURABILITY_DYNAMODB_ENDPOINT_URL"] == endpoint
+
+    ticks = _run_daemon_until_ticks(clone, storage, shell)
+    for name, seen in ticks.items():
+        failed = [t for t in seen if t.status.value == "FAILURE"]
+        assert not failed, f"{name}: {failed[0].error}"
+        assert not [t for t in seen if "cannot be read" in (t.skip_reason or "")], (name, seen[0].skip_reason)
+        assert any("caught up" in (t.skip_reason or "") for t in seen), (name, [t.skip_reason for t in seen])
+
+
+def test_without_the_starters_sources_their_sensors_skip_naming_the_command(
+    clone: Path, storage: DagsterHome, data_db: str, own_redis_url: str
+) -> None:
+    # `python3 dev.py setup --no-starter-sources`, no AWS credentials, no endpoint, no public.orders.
+    shell = {k: v for k, v in _bare_env().items() if not k.startswith("AWS_")}
+    shell["DURABILITY_DYNAMODB_ENDPOINT_URL"] = f"http://127.0.0.1:{services.free_port()}"  # nothing listens
+    shell["AWS_EC2_METADATA_DISABLED"] = "true"  # boto3 must not look for an instance role off this machine
+    values = dev.resolve_env_values(clone, Path(sys.executable), env={
+        **shell, "DAGSTER_POSTGRES_URL": storage.storage_url, "DURABILITY_POSTGRES_URL": data_db,
+        "DURABILITY_REDIS_URL": own_redis_url})
+    dev.write_env_file(clone / ".env", values)
+
+    ticks = _run_daemon_until_ticks(clone, storage, shell)
+    for name, seen in ticks.items():
+        assert [t.status.value for t in seen] == ["SKIPPED"] * len(seen), (name, [t.error for t in seen])
+        reason = seen[0].skip_reason or ""
+        assert "cannot be read" in reason and "python3 dev.py setup" in reason, reason
+        assert "Traceback" not in reason and "\n" not in reason

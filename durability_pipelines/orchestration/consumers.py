@@ -55,7 +55,7 @@ from durability_pipelines.checkpoints.errors import (
     StoreUnavailableError,
 )
 from durability_pipelines.checkpoints.keys import NO_SHARD, shard_from_tag
-from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig
+from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig, KinesisSourceConfig
 from durability_pipelines.consumer.dispatch import (
     Dispatch,
     InFlightRun,
@@ -74,12 +74,14 @@ from durability_pipelines.consumer.drain import (
     StopReason,
 )
 from durability_pipelines.consumer.handlers import describe_sink, load_handler
-from durability_pipelines.consumer.lag import explain_caught_up, measure_lag
+from durability_pipelines.consumer.lag import explain_caught_up
 from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, ShardBusyError
 from durability_pipelines.consumer.shard_set import ShardOutcome, ShardSetDrainer
 from durability_pipelines.observability import LAG_SECONDS, RECORDS_BEHIND
 from durability_pipelines.orchestration.resources import DurabilityResource
 from durability_pipelines.orchestration.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
+from durability_pipelines.orchestration.source_readiness import skip_when_source_not_ready
+from durability_pipelines.orchestration.stream_observations import measure_consumer_lag, observe_stream
 from durability_pipelines.sources.errors import (
     SourceError,
     StreamChangedError,
@@ -496,6 +498,8 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         default_status=DefaultSensorStatus.RUNNING if cfg.sensor_running_by_default else DefaultSensorStatus.STOPPED,
         description=f"Polls {cfg.adapter} stream {cfg.stream} from the acked checkpoints; one draining run per shard.",
     )
+    @skip_when_source_not_ready(cfg)
+    @observe_stream(cfg, stream_asset_key(cfg), sink_asset_key(cfg))
     def _consumer_sensor(context: SensorEvaluationContext, durability: DurabilityResource) -> SensorResult:
         mirror = durability.cursor_mirror()
         raw, origin = context.cursor, "dagster"
@@ -577,7 +581,11 @@ def stream_asset_spec(cfg: ConsumerConfig) -> AssetSpec:
     """The stream a consumer reads: an external asset (Dagster observes it, never materializes it).
     Consumers of the same stream share it (``definitions.py`` declares each once)."""
     source = cfg.source
-    if isinstance(source, DynamoDBSourceConfig):
+    if isinstance(source, KinesisSourceConfig):
+        description = (f"Kinesis data stream {source.stream_name!r} (the Kinesis destination of DynamoDB table "
+                       f"{source.table!r}) in {source.region}")
+        metadata = {"table": source.table, "region": source.region, "stream_name": source.stream_name}
+    elif isinstance(source, DynamoDBSourceConfig):
         description = f"DynamoDB Streams stream of table {source.table!r} in {source.region}"
         metadata = {"table": source.table, "region": source.region}
     else:
@@ -616,11 +624,7 @@ def build_lag_check(cfg: ConsumerConfig) -> AssetChecksDefinition:
     )
     def _lag_check(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
         try:
-            rt = durability.runtime(cfg)
-            try:
-                lags = measure_lag(rt)
-            finally:
-                rt.close()
+            lags = measure_consumer_lag(durability, cfg)
         except DurabilityError as exc:  # the stream or a store down: unknown is not "within the objective"
             return AssetCheckResult(passed=False, description=f"cannot measure consumer {cfg.name}'s lag: "
                                     f"{type(exc).__name__}: {exc}", metadata={"max_lag_s": cfg.max_lag_s})

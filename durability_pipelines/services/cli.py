@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from durability_pipelines.services.embedded import stop_embedded
+from durability_pipelines.services.embedded import durability_home, stop_embedded
 from durability_pipelines.services.errors import (
     InvalidServiceURLError,
     ServiceRefusedError,
     ServiceUnavailableError,
 )
+from durability_pipelines.services.local_dynamodb import stop_local_dynamodb
 from durability_pipelines.services.resolve import (
     dagster_environment,
     resolve_dagster_postgres_url,
@@ -45,6 +46,8 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "stop":
         stopped = stop_embedded()
+        if stop_local_dynamodb(durability_home()):  # the local DynamoDB `python3 dev.py setup` started
+            stopped.append("dynamodb")
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         return 0
     print("usage: python -m durability_pipelines.services {urls,stop,env}", file=sys.stderr)
