@@ -233,3 +233,14 @@ def test_the_dispatch_budget_counts_runs_not_shards() -> None:
     p = plan(SensorCursor(), acked, per_run=4, max_dispatches=2)
     assert [len(d.shards) for d in p.dispatches] == [4, 4]
     assert sum("budget" in why for why in p.skipped.values()) == 2
+
+
+def test_an_owner_holding_more_shards_than_max_shards_per_run_hands_them_to_several_successors() -> None:
+    acked = {f"s{i}": str(i) for i in range(6)}
+    first = plan(SensorCursor(), acked, per_run=6)
+    owner = first.dispatches[0].run_key
+    lowered = plan(first.cursor, acked, {owner: RunState.IN_PROGRESS}, due={owner}, per_run=2)
+    assert [d.shards for d in lowered.dispatches] == [("s0", "s1"), ("s2", "s3"), ("s4", "s5")]
+    assert {d.successor_of for d in lowered.dispatches} == {owner} and len({d.run_key for d in lowered.dispatches}) == 3
+    assert [lowered.cursor.shards[f"s{i}"].successor_key for i in range(6)] == [
+        d.run_key for d in lowered.dispatches for _ in range(2)]

@@ -188,3 +188,61 @@ def test_stopping_the_run_ends_every_shard_after_its_batch_and_releases_its_leas
         assert rt.store.load(rt.key(shard)) == source.shards_events[shard][-1].sequence
         assert rt.store.leases.get(rt.key(shard).lease_key).owner == ""
     rt.close()
+
+
+def test_a_second_run_takes_half_of_the_shards_by_hand_off_and_the_first_keeps_the_rest(
+        stream, redis_url, postgres_url) -> None:
+    """Rebalancing: run B asks for two of run A's four shards; A hands each over after its batch in hand and
+    drains on with the other two. Records keep arriving throughout: none lost, none processed twice."""
+    shards = SHARDS[:4]
+    source = ListSource(stream, {s: events(stream, s, 30) for s in shards})
+    rt_a = open_rt(stream, redis_url, postgres_url, source)
+    rt_b = open_rt(stream, redis_url, postgres_url, source)
+    forever = budget(max_idle_s=float("inf"), handoff_timeout_s=30.0)
+    run_a = ShardSetDrainer(rt_a, shards, "run-a", forever)
+    run_b = ShardSetDrainer(rt_b, shards[2:], "run-b", forever)
+    stop = threading.Event()
+
+    def produce() -> None:
+        n = 0
+        while not stop.is_set():
+            for s in shards:
+                ev = source.shards_events[s]
+                ev.append(ChangeEvent("dynamodb", stream, s, str(int(ev[-1].sequence) + 17), "INSERT",
+                                      {"pk": f"{s}-late-{n}"}))
+            n += 1
+            time.sleep(0.02)
+
+    results: dict[str, list] = {}
+    threads = [threading.Thread(target=lambda: results.__setitem__("a", run_a.run())),
+               threading.Thread(target=produce)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    b_thread = threading.Thread(target=lambda: results.__setitem__("b", run_b.run()))
+    b_thread.start()
+    wait_until = time.monotonic() + 30
+    while time.monotonic() < wait_until and not all(
+            rt_a.store.leases.get(rt_a.key(s).lease_key).owner == "run-b" for s in shards[2:]):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    stop.set()
+    threads[1].join()
+    run_a.stop()
+    run_b.stop()
+    threads[0].join()
+    b_thread.join()
+    a = {o.shard: o.report for o in results["a"]}
+    b = {o.shard: o.report for o in results["b"]}
+    for s in shards[2:]:
+        assert a[s].stop_reason is StopReason.HANDED_OVER and a[s].handed_to == "run-b"
+        assert b[s].claimed == "handed over" and b[s].handed_from == "run-a" and b[s].start_after == a[s].checkpoint
+    for s in shards[:2]:
+        assert a[s].stop_reason is StopReason.STOPPED  # kept its other shards to the end
+    stored = rows_by_shard(postgres_url, stream)
+    for s in shards:  # every record once, in order, across the hand-off
+        seqs = [e.sequence for e in source.shards_events[s]]
+        acked = rt_a.store.load(rt_a.key(s))
+        assert stored[s] == seqs[:seqs.index(acked) + 1]
+    rt_a.close()
+    rt_b.close()

@@ -270,23 +270,26 @@ def _pack(consumer: str, wants: _Wants, cursor: SensorCursor, skipped: dict[str,
     ``max_shards_per_run`` shards each. Writes each member's cursor entry."""
     dispatches: list[Dispatch] = []
     fresh = list(wants.new)
-    for owner, members in wants.successors.items():
-        joining = []
-        while fresh and len(members) + len(joining) < max_shards_per_run:
-            joining.append(fresh.pop(0))
-        first, start, number = members[0]
-        all_members = [(s, a) for s, a, _ in members] + [(s, a) for s, a, _ in joining]
-        key = (make_successor_key(consumer, first, start, owner, number) if len(all_members) == 1
-               else f"{make_group_key(consumer, [(s, a, 0) for s, a in all_members])}:from-{_digest(owner)}:{number}")
-        dispatches.append(Dispatch(first, start, key, 0, successor_of=owner, more=tuple(all_members[1:])))
-        for shard, _, _ in members:
-            sid = shard_id(shard)
-            skipped[sid] = f"run {owner} in flight; dispatched {key} to take over by hand-off"
-            sc = cursor.shards[sid]
-            cursor.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, key)
-        for shard, start_after, attempt in joining:
-            cursor.shards[shard_id(shard)] = ShardCursor(dispatched=start_after, run_key=key, attempt=attempt,
-                                                         backlog=True)
+    for owner, owned in wants.successors.items():
+        # An owner holding more than max_shards_per_run (the setting was lowered) hands its shards to several
+        # successors: rebalancing is a hand-off like any other, shard by shard.
+        for members in (owned[i:i + max_shards_per_run] for i in range(0, len(owned), max_shards_per_run)):
+            joining = []
+            while fresh and len(members) + len(joining) < max_shards_per_run:
+                joining.append(fresh.pop(0))
+            first, start, number = members[0]
+            all_members = [(s, a) for s, a, _ in members] + [(s, a) for s, a, _ in joining]
+            key = (make_successor_key(consumer, first, start, owner, number) if len(all_members) == 1 else
+                   f"{make_group_key(consumer, [(s, a, 0) for s, a in all_members])}:from-{_digest(owner)}:{number}")
+            dispatches.append(Dispatch(first, start, key, 0, successor_of=owner, more=tuple(all_members[1:])))
+            for shard, _, _ in members:
+                sid = shard_id(shard)
+                skipped[sid] = f"run {owner} in flight; dispatched {key} to take over by hand-off"
+                sc = cursor.shards[sid]
+                cursor.shards[sid] = ShardCursor(sc.dispatched, sc.run_key, sc.attempt, True, key)
+            for shard, start_after, attempt in joining:
+                cursor.shards[shard_id(shard)] = ShardCursor(dispatched=start_after, run_key=key, attempt=attempt,
+                                                             backlog=True)
     for i in range(0, len(fresh), max_shards_per_run):
         group = fresh[i:i + max_shards_per_run]
         shard, start, attempt = group[0]

@@ -1,11 +1,13 @@
 """One factory: a consumer config -> its Dagster definitions (``build_consumer_defs``), which the
 ``StreamConsumer`` component returns.
 
-* a job of one op, ``drain_shard``: a run drains its shard batch after batch (read -> process -> ack,
-  the checkpoint saved after each) until it is caught up or its budget is used (``consumer/drain.py``),
-  then reports a materialization of the consumer's sink (an observation when it wrote nothing) with
-  the shard's lag and throughput, which Dagster plots;
-* a sensor that polls the stream from the acked checkpoints, one draining run per shard;
+* a job of one op, ``drain_shard``: a run drains its set of shards (up to ``max_shards_per_run``, one
+  thread each: ``consumer/shard_set.py``) batch after batch (read -> process -> ack, the checkpoint saved
+  after each) until caught up or its budget is used and a successor took over (``consumer/drain.py``),
+  and reports materializations of the consumer's sink per shard (an observation when it wrote nothing)
+  with the shard's lag and throughput, which Dagster plots;
+* a sensor that polls the stream from the acked checkpoints and packs the shards that need a run into
+  runs (one run, and one successor, per set of shards);
 * the sink as an asset downstream of the stream's (``stream_asset_spec``), and a check on it that
   fails when a shard's oldest unprocessed record is older than the consumer's ``max_lag_s``.
 """
@@ -496,7 +498,8 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
         job=consumer_job,
         minimum_interval_seconds=cfg.sensor_interval_s,
         default_status=DefaultSensorStatus.RUNNING if cfg.sensor_running_by_default else DefaultSensorStatus.STOPPED,
-        description=f"Polls {cfg.adapter} stream {cfg.stream} from the acked checkpoints; one draining run per shard.",
+        description=f"Polls {cfg.adapter} stream {cfg.stream} from the acked checkpoints; runs of up to "
+                    f"{cfg.max_shards_per_run} shards each drain them.",
     )
     @skip_when_source_not_ready(cfg)
     @observe_stream(cfg, stream_asset_key(cfg), sink_asset_key(cfg))
