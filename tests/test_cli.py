@@ -284,6 +284,33 @@ def test_rewind_to_time_on_redis_backend_uses_the_history_stream(
     assert hybrid.redis.load(key) == "10" and hybrid.postgres.load(key) is None
 
 
+def test_rewind_to_records_the_reason_and_where_replay_is_allowed_from(
+    capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore
+) -> None:
+    from durability_pipelines.checkpoints.replay import replay_mark
+
+    key = unique_key()
+    assert run(capsys, "checkpoints", "set", *parts(key), "--sequence", "500")[0] == 0
+    data = run_json(capsys, "checkpoints", "rewind", *parts(key), "--to", "120", "--reason", "INC-9: re-send",
+                    "--by", "dave")
+    assert (data["previous"], data["sequence"], data["replay_allowed_from"]) == ("500", "120", "120")
+    assert hybrid.redis.load(key) == "120" and hybrid.postgres.load(key) == "120"
+    for part in (hybrid.redis, hybrid.postgres):
+        newest = part.history(key)[0]
+        assert (newest.writer, newest.reason) == ("dave", "force: rewind to sequence 120: INC-9: re-send")
+    mark = replay_mark(hybrid, key)  # what a broadcaster's consumer reads: replay is allowed from here, once
+    assert mark is not None and (mark.sequence, mark.deliberate) == ("120", True)
+    code, out, _ = run(capsys, "checkpoints", "rewind", *parts(key), "--to", "110", "--reason", "again")
+    assert code == 0 and "replay allowed from 110" in out
+
+    code, _, err = run(capsys, "checkpoints", "rewind", *parts(key), "--to", "100")
+    assert code == EXIT_USAGE and "--reason" in err
+    code, _, err = run(capsys, "checkpoints", "rewind", *parts(key), "--to", "100", "--to-time",
+                       "2024-01-01T00:00:00Z", "--reason", "x")
+    assert code == EXIT_USAGE and "not allowed with" in err
+    assert hybrid.load(key) == "110"  # refused commands wrote nothing
+
+
 def test_export_csv_and_json_parse_back(
     capsys: pytest.CaptureFixture[str], hybrid: HybridCheckpointStore, tmp_path: Path
 ) -> None:

@@ -377,8 +377,9 @@ class RedisCheckpointStore(CheckpointStore):
         history (``on_foreign_move``) where the audit's check reads it."""
         log.warning(
             "checkpoint %s: another worker moved it back from %s (the project's last recorded write) to %s. "
-            "Recorded as a foreign move and honoured: nothing was written over it, and the consumer goes on from "
-            "%s (it replays what that worker asked for; the sinks are idempotent). If that write was a mistake, "
+            "Recorded as a foreign move and honoured: nothing was written over it, and a consumer with an "
+            "idempotent sink goes on from %s (it replays what that worker asked for; one whose sink is not "
+            "stops the shard instead). If that write was a mistake, "
             "`durability-pipelines checkpoints repair %s` puts the recorded position back.",
             result.key.redis_key, result.moved_back_from, result.previous, result.current, result.key.redis_key)
         self.foreign_moves.append(result)

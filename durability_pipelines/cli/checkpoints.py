@@ -361,6 +361,10 @@ def cmd_checkpoints_rewind(session: Session, args: argparse.Namespace) -> int:
     data.update(source)
     if source:
         text += f"\n  from the {source['from']} entry at {source['history_ts']} (writer {source['history_writer']})"
+    # The forced history entry is the checkpoint's new replay mark (checkpoints/replay.py): a consumer whose sink
+    # is not idempotent replays from here because of this rewind, once, where it refuses a foreign one.
+    data["replay_allowed_from"] = target
+    text += f"\n  replay allowed from {target}: consumers replay from here once, broadcasters included"
     session.emit(data, text)
     return EXIT_OK
 

@@ -119,13 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     _who_arg(p)
     p = add(cps, "rewind", "move a checkpoint back for a replay (to a sequence or a point in time)",
             cmd_checkpoints_rewind,
-            description="Rewind a checkpoint so the consumer replays from there (downstream writes are "
-            "idempotent by sequence). --to-time uses the last history entry at or before that time (Postgres "
-            "checkpoint_history for postgres/hybrid, the Redis history stream for redis). Recorded like "
-            "set --force.")
+            description="Rewind a checkpoint so the consumer replays from there, on purpose. Recorded like "
+            "set --force (--by, --reason), and the position becomes where replay is allowed from: a consumer "
+            "whose sink is not idempotent (a Realtime broadcast) replays after such a rewind, and only after one "
+            "(a checkpoint another worker moved back stops its shard). --to-time uses the last history entry at "
+            "or before that time (Postgres checkpoint_history for postgres/hybrid, the Redis history stream for "
+            "redis).")
     _key_args(p)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to-sequence", metavar="S", help="the position to resume after")
+    target.add_argument("--to-sequence", "--to", dest="to_sequence", metavar="S",
+                        help="the position to resume after (--to for short)")
     target.add_argument("--to-time", metavar="ISO8601", help="e.g. 2024-05-01T12:30:00Z (naive = UTC)")
     p.add_argument("--reason", required=True, metavar="TEXT", help="why (recorded in the history)")
     p.add_argument("--dry-run", action="store_true", help="show the target without writing")

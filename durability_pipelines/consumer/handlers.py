@@ -18,10 +18,17 @@ checkpoint is saved in that same transaction (exactly-once handoff).
 Decorate it with ``@writes_sink(describe)`` (``describe(options, stream) -> SinkDescription``) to say what it
 writes (a table, a topic): it names the consumer's sink asset in Dagster's asset graph. Without it, the sink is
 "output". Both only set an attribute (``transactional``, ``sink``), so a handler may also set it by hand.
+
+``@writes_sink(describe, idempotent=False)`` declares a sink whose effect a replay repeats (a broadcast, an
+e-mail, a webhook): sequence-keyed rows absorb a replay, a message sent twice reaches its subscribers twice.
+Such a consumer never replays below the highest position it recorded unless an operator rewound it on purpose
+(``checkpoints rewind``); see ``ConsumerRuntime.guard_replay``. Undeclared handlers are idempotent, as the
+contract above requires (attribute ``idempotent``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -63,6 +70,8 @@ class SinkDescription:
     name: str
     kinds: tuple[str, ...] = ()
     description: str = ""
+    #: whether delivering an event again is harmless (filled from the handler by ``describe_sink``)
+    idempotent: bool = True
 
 
 class Handler(Protocol):
@@ -82,11 +91,15 @@ def transactional(handler: H) -> H:
     return handler
 
 
-def writes_sink(describe: SinkDescriber) -> Callable[[H], H]:
-    """Say what ``handler`` writes, from its options and the consumed stream: names its sink asset."""
+def writes_sink(describe: SinkDescriber, *, idempotent: bool = True) -> Callable[[H], H]:
+    """Say what ``handler`` writes, from its options and the consumed stream: names its sink asset.
+
+    ``idempotent=False``: a replay repeats the sink's effect, so the consumer refuses to replay unless told to
+    (the runtime's replay guard); the default keeps the handler contract (replay-safe by sequence)."""
 
     def mark(handler: H) -> H:
         handler.sink = describe  # type: ignore[attr-defined]
+        handler.idempotent = idempotent  # type: ignore[attr-defined]
         return handler
 
     return mark
@@ -107,14 +120,21 @@ def load_handler(dotted: str) -> Handler:
 
 def describe_sink(dotted: str, options: dict[str, Any], stream: str) -> SinkDescription:
     """The handler's own ``sink`` description (from its options and the consumed stream), or a generic one."""
-    describe = getattr(load_handler(dotted), "sink", None)
+    handler = load_handler(dotted)
+    describe = getattr(handler, "sink", None)
     if callable(describe):
-        return describe(options, stream)
-    return SinkDescription("output", (), f"whatever handler {dotted} writes")
+        return dataclasses.replace(describe(options, stream), idempotent=is_idempotent(handler))
+    return SinkDescription("output", (), f"whatever handler {dotted} writes", idempotent=is_idempotent(handler))
 
 
 def is_transactional(handler: Callable[..., Any]) -> bool:
     return bool(getattr(handler, "transactional", False))
+
+
+def is_idempotent(handler: Callable[..., Any]) -> bool:
+    """Whether a replay of ``handler``'s events is harmless: True unless it declared otherwise (the handler
+    contract asks for replay safety; a sink that cannot give it says so with ``writes_sink(..., idempotent=False)``)."""
+    return bool(getattr(handler, "idempotent", True))
 
 
 def noop(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:

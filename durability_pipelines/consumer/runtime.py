@@ -10,6 +10,9 @@
   dead-letter only those and go on).
 * ``ack`` saves the checkpoint under the lease only after side effects
   committed; it is idempotent (saving the same position is a no-op).
+* A consumer whose sink is not idempotent (``writes_sink(..., idempotent=False)``) never reads below the
+  highest position the project recorded for the shard unless an operator rewound it on purpose
+  (``guard_replay``): a foreign rewind stops the shard with ``ReplayRefusedError`` instead of re-publishing.
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ from durability_pipelines.checkpoints.lock_waits import (
     bound_lock_waits,
     lock_wait_error,
 )
+from durability_pipelines.checkpoints.replay import Regression, ReplayMark, below_mark
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.filters import count_filtered, matching
-from durability_pipelines.consumer.handlers import Handler, HandlerContext, is_transactional
+from durability_pipelines.consumer.handlers import Handler, HandlerContext, is_idempotent, is_transactional
 from durability_pipelines.consumer.source import Gap, ReleasingSource, SourceBatch, StreamSource
 from durability_pipelines.consumer.storage import ConsumerStorage
 from durability_pipelines.observability import (
@@ -92,6 +96,19 @@ class BatchDeadLettered(DurabilityError):
     def __init__(self, message: str, dead_letter_id: int) -> None:
         super().__init__(message)
         self.dead_letter_id = dead_letter_id
+
+
+class ReplayRefusedError(DurabilityError):
+    """The shard's checkpoint is below the highest position the project recorded, no operator rewound it on
+    purpose, and the consumer's sink is not idempotent: reading on would publish those events again.
+
+    Not retried (a retry would find the same checkpoint): the shard stops until an operator either restores the
+    checkpoint or rewinds it deliberately; the message names both commands. Other shards go on.
+    """
+
+    def __init__(self, message: str, regression: Regression) -> None:
+        super().__init__(message)
+        self.regression = regression
 
 
 @dataclass
@@ -141,6 +158,11 @@ class ConsumerRuntime:
         self.metrics = metrics or Metrics(Labels(config.adapter, config.stream, config.group, config.consumer))
         self.is_owner_dead = is_owner_dead or (lambda owner: False)
         self._released: set[str | None] = set()  # shards acked through a ReleasingSource (released once more at close)
+        #: False for a sink a replay repeats (a broadcast): ``guard_replay`` then checks every read's start
+        self.replay_safe = is_idempotent(handler)
+        #: per shard, a position known to be at or above its replay mark (checked, or acked by this runtime
+        #: since): a read from at least there needs no history lookup
+        self._replay_cleared: dict[str | None, str] = {}
 
     def key(self, shard: str | None) -> CheckpointKey:
         c = self.config
@@ -182,6 +204,7 @@ class ConsumerRuntime:
         batch read ahead of time may be discarded, so the drain loop audits it when it processes it.
         """
         assert self.source is not None
+        self.guard_replay(shard, acked)
         self.metrics.start_pushing(shard)  # a run reading its shard (sensors never read): its metrics are pushed
         with self.metrics.timed("read_batch", self.config.adapter, shard):
             batch = self.source.read(shard, acked, max_events or self.config.max_events)
@@ -349,24 +372,30 @@ class ConsumerRuntime:
         """Every shard's acked checkpoint in one call, isolating the unusable ones: ``(acked, stopped)``.
 
         A shard whose checkpoint cannot be read (garbage, a key of another type) gets a dead letter once
-        (unless one is open already, ``blocked``) and is left out, so that it never stops the others.
+        (unless one is open already, ``blocked``) and is left out, so that it never stops the others. So is a
+        shard whose checkpoint another worker moved back when the sink is not idempotent (``guard_replay``): no
+        dead letter there, it stays stopped only until an operator rewinds or restores the checkpoint.
         """
         keys = {s: self.key(s) for s in shards}
-        try:
-            found = self.store.load_many(list(keys.values()))
-            return {s: found[k] for s, k in keys.items()}, {}
-        except InvalidSequenceError:
-            pass  # at least one is unusable: find which, one by one
         acked: dict[str | None, str | None] = {}
         stopped: dict[str | None, str] = {}
-        for shard, key in keys.items():
+        try:
+            found = self.store.load_many(list(keys.values()))
+            acked = {s: found[k] for s, k in keys.items()}
+        except InvalidSequenceError:  # at least one is unusable: find which, one by one
+            for shard, key in keys.items():
+                try:
+                    acked[shard] = self.store.load(key)
+                except InvalidSequenceError as exc:
+                    if (shard or "") not in blocked:
+                        stopped[shard] = str(self.unreadable_checkpoint(shard, exc, run_id))
+                    else:
+                        stopped[shard] = f"checkpoint unusable ({exc}); see its open dead letter"
+        for shard in acked:  # a sink that is not idempotent: a foreign rewind stops the shard, not the others
             try:
-                acked[shard] = self.store.load(key)
-            except InvalidSequenceError as exc:
-                if (shard or "") not in blocked:
-                    stopped[shard] = str(self.unreadable_checkpoint(shard, exc, run_id))
-                else:
-                    stopped[shard] = f"checkpoint unusable ({exc}); see its open dead letter"
+                self.guard_replay(shard, acked[shard])
+            except ReplayRefusedError as exc:
+                stopped[shard] = str(exc)
         return acked, stopped
 
     def unreadable_checkpoint(self, shard: str | None, exc: InvalidSequenceError, run_id: str,
@@ -443,6 +472,7 @@ class ConsumerRuntime:
         """Save the checkpoint under the lease (kept: the drain loop reads the next batch under it)."""
         key = self.key(read.shard)
         result = None
+        rewound_at: str | None = None  # the position whose save found another worker's rewind
         if processed.saved is not None and processed.saved.current == processed.ack_to:
             result = processed.saved  # saved in the handler's transaction: saving again would report "unchanged"
         elif processed.ack_to is not None:
@@ -451,10 +481,86 @@ class ConsumerRuntime:
                 for position in self._positions_to_save(read, processed.ack_to):
                     result = self.store.save(key, position, lease=read.lease, context=context)
                     if result.outcome is SaveOutcome.REWOUND:
+                        rewound_at = position
                         break  # another worker rewound the checkpoint: go on from there (no SHARD_END over it)
+        self._cleared_by_ack(read.shard, result)
         self._batch_metrics(read, processed, result)
         self._release_source(read.shard)
+        if rewound_at is not None and result is not None and not self.replay_safe:
+            raise self._rewound_under_batch(read.shard, result, rewound_at)
         return result
+
+    # -- replay guard (sinks that are not idempotent) ------------------------------------
+    def guard_replay(self, shard: str | None, acked: str | None) -> None:
+        """Refuse to read after ``acked`` when that replays what the project already recorded past it and the
+        sink is not idempotent (``ReplayRefusedError``). Idempotent sinks: nothing to check (replay is safe).
+
+        One history lookup per shard and runtime: after it, and after each own ack, the position cleared is
+        remembered, and a read from at least there (every read of a drain, which only moves forward) is fine.
+        A read from below it (a save that found a foreign rewind, a drain restarted on a moved checkpoint)
+        looks the history up again."""
+        if self.replay_safe:
+            return
+        cleared = self._replay_cleared.get(shard)
+        if cleared is not None and acked is not None and sort_key(acked) >= sort_key(cleared):
+            return
+        regression = below_mark(self.store, self.key(shard), acked)
+        if regression is not None:
+            raise self.replay_refused(shard, regression)
+        if acked is not None:
+            self._replay_cleared[shard] = acked
+
+    def _cleared_by_ack(self, shard: str | None, result: SaveResult | None) -> None:
+        """An own ack moves the mark up (a save that found a foreign rewind leaves it where the project was)."""
+        if self.replay_safe or result is None or result.outcome is SaveOutcome.STALE or shard not in self._replay_cleared:
+            return
+        position = result.moved_back_from if result.outcome is SaveOutcome.REWOUND else result.current
+        if position is not None and sort_key(position) > sort_key(self._replay_cleared[shard]):
+            self._replay_cleared[shard] = position
+
+    def _rewound_under_batch(self, shard: str | None, result: SaveResult, position: str) -> ReplayRefusedError:
+        """The ack of a batch already published found another worker's rewind (the save honoured it and wrote
+        nothing): stop here rather than at the next read, naming ``position`` (what was sent) as the one to
+        restore, since the history's mark does not include this batch."""
+        regression = below_mark(self.store, self.key(shard), result.current)
+        if regression is None:  # the history cannot say more than the save did
+            mark = ReplayMark(result.moved_back_from or position, self.store.backend, None, None, None, False)
+            regression = Regression(self.key(shard), result.current, mark)
+        return self.replay_refused(shard, regression, published_to=position)
+
+    def replay_refused(self, shard: str | None, regression: Regression, *,
+                       published_to: str | None = None) -> ReplayRefusedError:
+        """The error that stops the shard: what moved (from -> to, by whom), why replaying is refused, and the two
+        ways on: replay on purpose (``checkpoints rewind``) or restore the checkpoint (``checkpoints repair``, or
+        ``checkpoints set`` to ``published_to`` when a batch past the recorded mark was already published)."""
+        c = self.config
+        key, mark = self.key(shard), regression.mark
+        found = regression.found
+        parts = " ".join([key.adapter, key.stream, key.group, key.consumer, *([key.shard] if key.shard else [])])
+        recorded = f"recorded by {mark.writer or '?'}" + (f" at {mark.at:%Y-%m-%dT%H:%M:%SZ}" if mark.at else "")
+        if mark.deliberate:
+            recorded += " (an operator's deliberate move)"
+        target = found if found is not None else "TRIM_HORIZON"
+        if published_to is None:
+            sent_to, sent = mark.sequence, ""
+            restore = f"`durability-pipelines checkpoints repair {key.redis_key}`"
+        else:  # the batch in hand went out before its ack found the move: the history's mark is behind it
+            sent_to = published_to
+            sent = (f" The batch in hand (up to {published_to}) was published before its ack found the move, and "
+                    "its ack was not written.")
+            restore = (f"`durability-pipelines checkpoints set {parts} --backend hybrid --sequence {published_to} "
+                       "--reason '<why>'`")
+        return ReplayRefusedError(
+            f"consumer {c.name} shard {shard_to_tag(shard)}: its checkpoint {key.redis_key} was moved back from "
+            f"{mark.sequence} (the highest position the project recorded, in {mark.store}: {recorded}) to "
+            f"{found if found is not None else 'nothing (the checkpoint is gone)'}, by {regression.who()}.{sent} "
+            f"Its sink ({c.handler}) is not idempotent: reading on would publish every event after {target} up "
+            f"to {sent_to} again, so the shard is stopped and nothing was re-sent; the other shards go on. To "
+            f"replay them on purpose: `durability-pipelines checkpoints rewind {parts} --backend hybrid --to "
+            f"{target} --reason '<why>'` (recorded; the replay then happens once). To restore the checkpoint "
+            f"instead (nothing is re-sent): {restore}.",
+            regression,
+        )
 
     def durable_checkpoint(self, shard: str | None) -> str | None:
         """The shard's checkpoint as the store's most durable part holds it: Postgres's when the store has a

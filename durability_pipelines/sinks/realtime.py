@@ -12,6 +12,10 @@ Two paths, two guarantees (see ``docs/supabase.md``):
   between the POST and the checkpoint re-sends the batch: at-least-once. Every payload carries
   ``adapter/stream/shard/sequence``; subscribers drop what they have seen.
 
+Neither is idempotent (``writes_sink(..., idempotent=False)``): a message sent again reaches its subscribers
+again. So a consumer of either never replays below the highest position it recorded (another worker moving its
+checkpoint back stops the shard) unless an operator rewinds it on purpose (``checkpoints rewind``).
+
 Payload of every message: ``ChangeEvent.to_json_dict()`` (``event, keys, new_image, old_image,
 sequence, shard, stream, adapter, created_at, event_id``) plus, on the database path, ``id`` (a
 fresh UUID per message, which ``realtime.send`` keeps as the message id).
@@ -223,7 +227,7 @@ def _realtime_sink(how: str) -> SinkDescriber:
 
 
 @transactional
-@writes_sink(_realtime_sink("realtime.send in the checkpoint's transaction: exactly once"))
+@writes_sink(_realtime_sink("realtime.send in the checkpoint's transaction: exactly once"), idempotent=False)
 def broadcast_handler(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """Transactional handler: every event via ``realtime.send`` in the checkpoint's transaction.
 
@@ -349,7 +353,7 @@ def _broadcaster(opts: RestBroadcastOptions, ctx: HandlerContext,
         return found
 
 
-@writes_sink(_realtime_sink("REST API: at least once"))
+@writes_sink(_realtime_sink("REST API: at least once"), idempotent=False)
 def rest_broadcast_handler(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """Non-transactional handler: broadcast every event through the REST API (at-least-once).
 
