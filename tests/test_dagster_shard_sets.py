@@ -33,13 +33,14 @@ COMMON = {"max_events": 100, "lease_duration_s": 30, "max_idle_s": 2, "max_run_s
 
 
 def kinesis_consumer(ddb: Any, name: str, shards: int, per_run: int, handler: str,
-                     handler_options: dict[str, Any] | None = None) -> Consumer:
+                     handler_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+                     ) -> Consumer:
     table = f"{name}_table"
     stream = create_stream(kinesis_client(ddb.meta.endpoint_url), shards, name=f"{name}-stream")
     source = {"kind": "dynamodb_kinesis", "table": table, "stream_name": stream,
               "region": AWS_TEST_ENV["AWS_DEFAULT_REGION"], "initial_position": "TRIM_HORIZON", "trim_policy": "fail"}
     return Consumer(name, table, handler, handler_options=handler_options or {},
-                    overrides={"source": source, "max_shards_per_run": per_run, **COMMON})
+                    overrides={"source": source, "max_shards_per_run": per_run, **COMMON, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,11 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_ad
             "poison": kinesis_consumer(ddb, f"sets_poison_{suffix}", 8, 4,
                                        "tests.support.dagster_daemon:poison_until_fixed",
                                        {"poison_pk": f"poison-{suffix}", "fixed_flag": f"sets:{suffix}:fixed"}),
+            "stop": kinesis_consumer(ddb, f"sets_stop_{suffix}", 4, 4, "tests.support.dagster_daemon:record_deliveries",
+                                     overrides={"keep_owned": True, "max_run_seconds": 600,
+                                                # Postgres only when the run closes: the stop must flush it
+                                                "checkpoint": {"backend": "hybrid", "flush_every_n": 100_000,
+                                                               "flush_every_s": 3600}}),
         }
 
     try:
@@ -178,3 +184,21 @@ def test_one_shard_dead_lettered_stops_alone_while_the_runs_other_shards_drain_o
         poisoned = [seq for seq, pk in written[stopped]]
         acked = e2e.redis_checkpoint(c, stopped)
         assert acked != poisoned[-1]  # the failed batch is never skipped
+
+
+def test_terminating_a_run_stops_every_shard_after_its_batch_releases_the_leases_and_flushes_postgres(
+        e2e: E2E) -> None:
+    c = e2e.consumers["stop"]
+    with e2e.dump_on_failure():
+        written = produce(e2e, c, 300)
+        last = {s: w[-1][0] for s, w in written.items()}
+        wait_checkpoints(e2e, c, last, "every shard drained (the run keeps its shards: keep_owned)")
+        (run,) = [r for r in e2e.runs(c) if not r.dagster_run.is_finished]
+        run_id = run.dagster_run.run_id
+        assert e2e.instance.run_coordinator.cancel_run(run_id)  # what Terminate in the UI does
+        e2e.wait(lambda: e2e.instance.get_run_by_id(run_id).status.value == "CANCELED", "the run to be canceled")
+        for shard, seq in last.items():
+            assert e2e.pg_checkpoint(c, shard) == seq  # flushed as the run closed
+        owners = e2e.query("SELECT shard, owner FROM checkpoint_leases WHERE stream = %s", c.table)
+        assert sorted(s for s, _ in owners) == sorted(last) and {o for _, o in owners} == {""}  # released
+        assert_each_record_once_in_shard_order(e2e, c, written)

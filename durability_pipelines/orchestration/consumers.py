@@ -28,6 +28,7 @@ from dagster import (
     AssetSpec,
     Backoff,
     Config,
+    DagsterExecutionInterruptedError,
     DagsterRunStatus,
     DefaultSensorStatus,
     Definitions,
@@ -362,6 +363,12 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
         on_batch=on_batch, on_retry=on_retry, on_restart=on_restart, restartable=_restartable)
     try:
         outcomes = drainer.run()
+    except (DagsterExecutionInterruptedError, KeyboardInterrupt) as exc:
+        # Terminate in the UI, a SIGTERM: every shard finished and acked its batch in hand and released its
+        # lease (ShardSetDrainer.run); the runtime's close below flushes the hybrid store. Dagster retries an
+        # interrupted op under its RetryPolicy, which would take the shards again: a stop is not retried.
+        raise Failure("run stopped (canceled or terminated): each shard acked its batch in hand and released its "
+                      "lease; the sensor dispatches them again", allow_retries=False) from exc
     finally:
         rt.close()
     metadata = run_metadata(outcomes)
