@@ -221,7 +221,7 @@ def live_phase(bench: Bench, args: argparse.Namespace, rate: int, table: str, co
     t0 = time.time()
     samples: list[dict[str, Any]] = []
     say(f"live {rate}/s for {args.live_seconds} s")
-    while time.time() < follow_until:
+    while True:  # at least one sample, even when starting the sensor took the whole phase (a loaded machine)
         time.sleep(SAMPLE_EVERY_S)
         now, written = time.time(), producer.written
         row: dict[str, Any] = {"t": round(now - t0, 1), "written": written}
@@ -231,6 +231,8 @@ def live_phase(bench: Bench, args: argparse.Namespace, rate: int, table: str, co
             row[f"{name}_behind"] = behind
             row[f"{name}_lag_s"] = round(now - at, 2) if at is not None else 0.0
         samples.append(row)
+        if time.time() >= follow_until:
+            break
     producer.stop_event.set()
     producer.join()
     achieved = producer.written / max(1e-9, producer.stopped_at - producer.started_at)
