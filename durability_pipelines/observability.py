@@ -4,7 +4,8 @@ One vocabulary for sensors, ops and assets so dashboards and audits agree:
 ``reactive.ack.success_rate``, ``reactive.sequence_gap``,
 ``reactive.events_per_batch``, ``reactive.events_filtered``, ``adapter.call.duration_ms``,
 ``reactive.lag_seconds`` and ``reactive.records_behind``, each labelled adapter / stream / group / consumer /
-shard.  JSONL output is enabled by ``DURABILITY_OBSERVABILITY_JSONL=<path>``
+shard; sources whose server keeps a log for the consumer (a replication slot: ``ReportsBacklogBytes``) add
+``reactive.lag_bytes``, ``reactive.slot_lag_bytes`` and ``reactive.retained_wal_bytes``.  JSONL output is enabled by ``DURABILITY_OBSERVABILITY_JSONL=<path>``
 (``AINL_OBSERVABILITY_JSONL``, the original pattern's variable, also works).
 No Dagster import: the Dagster layer converts ``summary()`` into metadata.
 
@@ -39,10 +40,15 @@ EVENTS_FILTERED = "reactive.events_filtered"  # events kept from the handler by 
 CALL_DURATION_MS = "adapter.call.duration_ms"
 LAG_SECONDS = "reactive.lag_seconds"
 RECORDS_BEHIND = "reactive.records_behind"
+#: WAL bytes after the acked checkpoint, after the slot's confirmed position, and kept by the slot (the disk
+#: it costs): the backlog of a source measured in bytes (``consumer.source.ReportsBacklogBytes``).
+LAG_BYTES = "reactive.lag_bytes"
+SLOT_LAG_BYTES = "reactive.slot_lag_bytes"
+RETAINED_WAL_BYTES = "reactive.retained_wal_bytes"
 #: Prometheus only (a counter; not in the JSONL file nor the summary): events of a batch the handler failed.
 EVENTS_FAILED = "reactive.events_failed"
 METRICS = (ACK_SUCCESS_RATE, SEQUENCE_GAP, EVENTS_PER_BATCH, EVENTS_FILTERED, CALL_DURATION_MS, LAG_SECONDS,
-           RECORDS_BEHIND)
+           RECORDS_BEHIND, LAG_BYTES, SLOT_LAG_BYTES, RETAINED_WAL_BYTES)
 
 JSONL_ENV = "DURABILITY_OBSERVABILITY_JSONL"
 LEGACY_JSONL_ENV = "AINL_OBSERVABILITY_JSONL"
@@ -180,6 +186,9 @@ PROMETHEUS_NAMES: dict[str, tuple[str, ...]] = {
     SEQUENCE_GAP: ("reactive_sequence_gap (gauge)",),
     LAG_SECONDS: ("reactive_lag_seconds (gauge)",),
     RECORDS_BEHIND: ("reactive_records_behind (gauge)",),
+    LAG_BYTES: ("reactive_lag_bytes (gauge)",),
+    SLOT_LAG_BYTES: ("reactive_slot_lag_bytes (gauge)",),
+    RETAINED_WAL_BYTES: ("reactive_retained_wal_bytes (gauge)",),
     CALL_DURATION_MS: ("adapter_call_duration_seconds (histogram, + operation label; milliseconds / 1000)",),
 }
 CALL_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -233,6 +242,11 @@ class PushgatewayExporter:
                                registry=r),
             RECORDS_BEHIND: Gauge("reactive_records_behind", "Records still in the stream after the last batch",
                                   names, registry=r),
+            LAG_BYTES: Gauge("reactive_lag_bytes", "WAL bytes written after the acked checkpoint", names, registry=r),
+            SLOT_LAG_BYTES: Gauge("reactive_slot_lag_bytes", "WAL bytes written after the replication slot's "
+                                  "confirmed_flush_lsn", names, registry=r),
+            RETAINED_WAL_BYTES: Gauge("reactive_retained_wal_bytes", "WAL bytes the replication slot keeps the "
+                                      "server from recycling (from restart_lsn)", names, registry=r),
         }
         self._durations = Histogram("adapter_call_duration_seconds", "Duration of a call (AWS, change log, store, "
                                     "handler, mirror)", (*names, "operation"), buckets=CALL_DURATION_BUCKETS_S,

@@ -20,11 +20,22 @@ from durability_pipelines.consumer.adapters.wal import WalSource
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.drain import DrainBudget, ShardDrainer
 from durability_pipelines.consumer.events import ChangeEvent
+from durability_pipelines.consumer.lag import measure_lag
 from durability_pipelines.consumer.runtime import ConsumerRuntime, open_runtime
+from durability_pipelines.observability import (
+    LAG_BYTES,
+    RETAINED_WAL_BYTES,
+    SLOT_LAG_BYTES,
+    Labels,
+    Metrics,
+    PushgatewayExporter,
+    read_jsonl,
+)
 from durability_pipelines.sources.pgoutput import parse_lsn
 from durability_pipelines.sources.wal_changes import (
     INDEX_SPAN,
     WalGapError,
+    WalSlotInvalidatedError,
     decode_position,
     drop_wal_source,
     install_wal_source,
@@ -32,6 +43,7 @@ from durability_pipelines.sources.wal_changes import (
     slot_target,
 )
 from tests.support.servers import PrivatePostgres
+from tests.support.shared_layout import Shared
 from tests.test_consumer_drain import FakeClock
 
 
@@ -302,9 +314,17 @@ def test_a_slot_invalidated_under_a_lagging_consumer_is_a_gap(policy, wal_pg, db
                 conn.execute("SELECT pg_reload_conf()")
             assert slot_info(conn, slot).lost
         if policy == "fail":
-            with pytest.raises(WalGapError) as err:
+            with pytest.raises(WalSlotInvalidatedError) as err:  # a WalGapError: trimmed data under trim_policy
                 src.read(None, checkpoint, 10)
-            assert "invalidated" in str(err.value)
+            message = str(err.value)
+            assert isinstance(err.value, WalGapError) and err.value.from_sequence == checkpoint
+            assert f"replication slot {slot!r} was invalidated" in message and "wal_status 'lost'" in message
+            assert f"wal drop --channel {channel} --slot {slot}" in message and "wal install" in message
+            assert "--force" in message and "trim_policy: skip" in message  # the deliberate checkpoint decision
+            with pytest.raises(WalSlotInvalidatedError):  # it stays stopped: nothing was moved or recreated
+                src.read(None, checkpoint, 10)
+            backlog = src.backlog_bytes(None, checkpoint)
+            assert backlog.lost and "lost" in backlog.lost and backlog.retained_bytes is None
             return
         batch = src.read(None, checkpoint, 10)
         assert batch.gap is not None and batch.gap.from_sequence == checkpoint and not batch.events
@@ -315,6 +335,95 @@ def test_a_slot_invalidated_under_a_lagging_consumer_is_a_gap(policy, wal_pg, db
         assert [e.keys["id"] for e in after.events] == [7]
     finally:
         src.close()
+
+
+def _bulk_insert(wal_pg: PrivatePostgres, table: str, first: int, n: int) -> None:
+    with wal_pg.connect() as conn:
+        conn.execute(f"INSERT INTO {table} SELECT g, repeat('x', 100), null FROM generate_series(%s, %s) g",
+                     (first, first + n - 1))
+
+
+def test_the_backlog_in_bytes_reaches_the_lag_measure_the_run_metrics_jsonl_and_prometheus(
+        wal_pg, db, channel, postgres_url, tmp_path) -> None:
+    cfg = config(channel, max_events=1000)
+    labels = Labels(cfg.adapter, cfg.stream, cfg.group, cfg.consumer)
+    exporter = PushgatewayExporter("http://127.0.0.1:9", interval_s=3600)  # nothing listens: never pushed
+    jsonl = tmp_path / "metrics.jsonl"
+    rt = open_runtime(cfg, redis_url=None, postgres_url=postgres_url, source=source_for(cfg, wal_pg),
+                      metrics=Metrics(labels, jsonl_path=str(jsonl), use_env=False, exporter=exporter))
+    try:
+        _bulk_insert(wal_pg, f"{channel}_a", 1, 2000)  # ~0.3 MB of WAL
+        (before,) = measure_lag(rt)
+        assert before.lag_s is not None and before.lag_s >= 0 and before.acked is None
+        assert before.lag_bytes is not None and before.lag_bytes > 200_000  # the whole insert is behind
+        assert before.retained_bytes is not None and before.retained_bytes >= before.lag_bytes
+        assert "WAL behind" in before.describe()
+        drain(rt, [])
+        acked = rt.store.load(rt.key(None))
+        (after,) = measure_lag(rt)
+        assert after.lag_s == 0.0 and after.acked == acked
+        assert after.lag_bytes is not None and after.lag_bytes < before.lag_bytes // 2  # measured from the checkpoint
+    finally:
+        rt.close()
+    summary = rt.metrics.summary()  # what the run's output metadata carries
+    assert {LAG_BYTES, SLOT_LAG_BYTES, RETAINED_WAL_BYTES} <= set(summary)
+    assert 0 <= summary[LAG_BYTES] < before.lag_bytes // 2
+    # close released the slot to the checkpoint, then measured once more: little is left unreleased
+    assert summary[SLOT_LAG_BYTES] < before.lag_bytes // 2
+    lines = [r for r in read_jsonl(jsonl) if r["metric"] == LAG_BYTES]
+    assert lines and lines[-1]["labels"]["stream"] == channel and lines[-1]["value"] == summary[LAG_BYTES]
+    values = ("supabase", channel, "g", "c", "")
+    names = ("adapter", "stream", "group", "consumer", "shard")
+    sample = exporter.registry.get_sample_value("reactive_lag_bytes", dict(zip(names, values, strict=True)))
+    assert sample == summary[LAG_BYTES]
+    assert exporter.registry.get_sample_value("reactive_retained_wal_bytes",
+                                              dict(zip(names, values, strict=True))) == summary[RETAINED_WAL_BYTES]
+
+
+def test_the_audit_warns_when_a_slot_retains_more_wal_than_its_bound(wal_pg, db, channel, shared: Shared,
+                                                                      capsys) -> None:
+    import json
+
+    from durability_pipelines.audit.tables import build_checkpoint_audit, measure_retained_log
+    from durability_pipelines.cli.main import main
+
+    def audit(cfg: ConsumerConfig):
+        retained = measure_retained_log([cfg], lambda c: open_runtime(
+            c, redis_url=None, postgres_url=shared.postgres_url, source=source_for(c, wal_pg)))
+        df = build_checkpoint_audit(shared.client, shared.db(), [cfg], retained=retained)
+        return df[df["consumer"] == cfg.consumer].iloc[0]
+
+    tight = config(channel, source={"max_retained_wal_mb": 0.05})  # 52 kB
+    roomy = config(channel, source={"max_retained_wal_mb": 64})
+    source_for(tight, wal_pg).close()  # install: the slot retains WAL from now
+    _bulk_insert(wal_pg, f"{channel}_a", 1, 1000)  # ~0.15 MB
+    row = audit(tight)  # no checkpoint yet: the slot still gets a row
+    assert row["status"] == "wal-retained" and row["retained_wal_bytes"] > tight.source.max_retained_bytes
+    assert "max_retained_wal_mb" in row["detail"] and "wal drop" in row["detail"]
+    assert row["checkpoint_key"] == f"checkpoint:supabase:{channel}:g:c"
+    row = audit(roomy)
+    assert row["status"] == "ok" and row["retained_wal_bytes"] > 0
+    # a consumer with a checkpoint: its own row carries the figure
+    save_checkpoint(shared, tight)
+    row = audit(tight)
+    assert row["status"] == "wal-retained" and row["postgres_value"] is not None
+    # `wal status` says it too
+    capsys.readouterr()
+    code = main(["--json", "wal", "status", "--channel", channel, "--group", "g", "--db-url", wal_pg.url,
+                 "--max-retained-wal-mb", "0.05"])
+    status = json.loads(capsys.readouterr().out)
+    assert code == 0 and status["retained_over_bound"] is True and status["slot"]["lag_bytes"] > 0
+    code = main(["wal", "status", "--channel", channel, "--group", "g", "--db-url", wal_pg.url])
+    assert code == 0 and "WARNING" not in capsys.readouterr().out  # the default bound: 1024 MB
+
+
+def save_checkpoint(shared: Shared, cfg: ConsumerConfig) -> None:
+    """The consumer acked something (its checkpoint key exists in the audit's stores)."""
+    from durability_pipelines.checkpoints import CheckpointKey
+    from durability_pipelines.checkpoints.postgres_store import PostgresCheckpointStore
+
+    store = PostgresCheckpointStore(shared.postgres_url)
+    store.save(CheckpointKey(cfg.adapter, cfg.stream, cfg.group, cfg.consumer, None), str(5 * INDEX_SPAN + 1))
 
 
 def test_positions_and_config(channel) -> None:

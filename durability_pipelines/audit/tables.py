@@ -5,7 +5,11 @@ position, last ack time, lag, drift between the stores and a status: ``ok``, ``d
 ``dead-lettered``, ``regressed-externally`` (a store moved back by a write the project did not make),
 ``invalid`` (a value that is no position), ``wrong-type`` (a Redis key of another type) or
 ``unparseable`` (a ``checkpoint:*`` key that cannot be split without guessing). The stores are read
-through ``checkpoints.inspect``: one picture, one definition of drift.
+through ``checkpoints.inspect``: one picture, one definition of drift. For consumers whose server keeps a
+log for them (a replication slot: the source config is ``BoundsRetainedLog``, the source
+``ReportsBacklogBytes``), the row also shows the WAL the slot retains, with two more statuses:
+``slot-lost`` (the slot is invalidated or missing: the consumer stops) and ``wal-retained`` (more than the
+configured ``max_retained_wal_mb``: a warning, the disk fills while the consumer lags).
 
 ``checkpoint_history_summary``: per key, advances over time, regressions of the project's own writes
 (must be 0: history is monotonic except for an operator's recorded ``--force``), foreign regressions
@@ -17,9 +21,10 @@ transaction) and returned as DataFrames. Positions are text (21-129 digits do no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import redis
@@ -34,9 +39,14 @@ from durability_pipelines.checkpoints.inspect import (
 from durability_pipelines.checkpoints.keys import CheckpointKey
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.consumer.config import ConsumerConfig
+from durability_pipelines.checkpoints.errors import DurabilityError
 from durability_pipelines.consumer.cursor_mirror import CursorMirror
 from durability_pipelines.consumer.dispatch import SensorCursor, shard_id
+from durability_pipelines.consumer.source import BacklogBytes, BoundsRetainedLog, ReportsBacklogBytes
 from durability_pipelines.consumer.storage import ConsumerStorage, ensure
+
+if TYPE_CHECKING:
+    from durability_pipelines.consumer.runtime import ConsumerRuntime
 
 #: column -> (Postgres type, description shown in the UI)
 AUDIT_COLUMNS: dict[str, tuple[str, str]] = {
@@ -54,7 +64,9 @@ AUDIT_COLUMNS: dict[str, tuple[str, str]] = {
     "lag_seconds": ("double precision", "Seconds since that write"),
     "drift": ("text", "How far Postgres and Redis differ (positions, as text)"),
     "acks_since_flush": ("bigint", "Hybrid: acks since the last flush to Postgres"),
-    "status": ("text", "ok | drifting | stale | dead-lettered | regressed-externally | invalid | wrong-type | unparseable"),
+    "retained_wal_bytes": ("bigint", "WAL the consumer's replication slot keeps the server from recycling (supabase_wal)"),
+    "status": ("text", "ok | drifting | stale | dead-lettered | regressed-externally | invalid | wrong-type | "
+                       "unparseable | slot-lost | wal-retained"),
     "detail": ("text", "What is wrong and what to do"),
 }
 SUMMARY_COLUMNS: dict[str, tuple[str, str]] = {
@@ -81,6 +93,76 @@ class AuditThresholds:
     default_flush_every_n: int = 100
     default_flush_every_s: float = 5.0
     external_window_s: float = 86_400.0  # a foreign regression keeps its key flagged this long
+
+
+@dataclass(frozen=True)
+class RetainedLog:
+    """What a consumer's server keeps for it (its replication slot), as the audit reports it."""
+
+    consumer: str
+    key: CheckpointKey
+    backlog: BacklogBytes | None
+    #: the slot could not be measured (missing, database down): the consumer cannot read either
+    problem: str | None = None
+
+    @property
+    def lost(self) -> str | None:
+        if self.problem:
+            return self.problem
+        if self.backlog is not None and self.backlog.lost:
+            return f"the slot was invalidated ({self.backlog.lost})"
+        return None
+
+
+def measure_retained_log(consumers: Sequence[ConsumerConfig],
+                         open_runtime: Callable[[ConsumerConfig], ConsumerRuntime]) -> dict[str, RetainedLog]:
+    """Per checkpoint key (Redis form), the log retained for each consumer whose source config bounds it
+    (``BoundsRetainedLog``: only those are opened; opening a DynamoDB source calls AWS). A consumer that
+    cannot be measured is reported with its problem, never skipped, and never stops the others."""
+    out: dict[str, RetainedLog] = {}
+    for cfg in consumers:
+        if not isinstance(cfg.source, BoundsRetainedLog):  # a capability (Protocol), not a concrete class
+            continue
+        key = CheckpointKey(cfg.adapter, cfg.stream, cfg.group, cfg.consumer, None)
+        try:
+            rt = open_runtime(cfg)
+        except DurabilityError as exc:
+            out[key.redis_key] = RetainedLog(cfg.name, key, None, f"{type(exc).__name__}: {exc}")
+            continue
+        try:
+            if not isinstance(rt.source, ReportsBacklogBytes):
+                continue
+            for shard in rt.source.list_shards():
+                key = rt.key(shard)
+                try:
+                    try:
+                        checkpoint = rt.store.load(key)
+                    except DurabilityError:
+                        checkpoint = None  # the audit row names the store's problem; the slot is measured anyway
+                    out[key.redis_key] = RetainedLog(cfg.name, key, rt.source.backlog_bytes(shard, checkpoint))
+                except DurabilityError as exc:
+                    out[key.redis_key] = RetainedLog(cfg.name, key, None, f"{type(exc).__name__}: {exc}")
+        finally:
+            rt.close()
+    return out
+
+
+def _slot_status(slot: RetainedLog | None) -> tuple[str, str] | None:
+    if slot is None:
+        return None
+    if slot.lost:
+        return "slot-lost", (f"consumer {slot.consumer} cannot read its replication slot: {slot.lost}. It stops "
+                             "(trim_policy fail) or records a gap (skip). See `durability-pipelines wal status` and "
+                             "docs/supabase.md, \"Operating it\" (wal drop, wal install, a deliberate checkpoint).")
+    backlog = slot.backlog
+    if backlog is not None and backlog.over_bound:
+        return "wal-retained", (
+            f"the replication slot of consumer {slot.consumer} retains {backlog.retained_bytes} bytes of WAL, above "
+            f"max_retained_wal_mb ({backlog.max_retained_bytes} bytes): the server's disk fills while the consumer "
+            "lags, and beyond max_slot_wal_keep_size the server invalidates the slot (changes lost for the "
+            "consumer). Is the consumer running and acking (its lag check)? Retire it with `durability-pipelines "
+            "wal drop` if it is gone for good.")
+    return None
 
 
 def _consumer_for(configs: Sequence[ConsumerConfig], key: CheckpointKey | None) -> ConsumerConfig | None:
@@ -125,7 +207,7 @@ def _foreign(st: KeyState, since: datetime) -> str | None:
 
 
 def _status(st: KeyState, cfg: ConsumerConfig | None, sc: object, lag: float | None, n_dead: int,
-            thresholds: AuditThresholds, now: datetime) -> tuple[str, str]:
+            thresholds: AuditThresholds, now: datetime, slot: RetainedLog | None = None) -> tuple[str, str]:
     if st.key is None:
         return "unparseable", (f"{st.parse_error}. Nothing copies or reads this key; if it is yours, move it to a key "
                                "of the layout; if another program owns it, ignore it.")
@@ -137,11 +219,16 @@ def _status(st: KeyState, cfg: ConsumerConfig | None, sc: object, lag: float | N
     if invalid:
         return "invalid", (f"not a position in {', '.join(invalid)}: set a valid one with `durability-pipelines "
                            "checkpoints set ... --force`")
+    slot_status = _slot_status(slot)
+    if slot_status is not None and slot_status[0] == "slot-lost":
+        return slot_status
     foreign = _foreign(st, now - timedelta(seconds=thresholds.external_window_s))
     if foreign:
         return "regressed-externally", foreign
     if n_dead:
         return "dead-lettered", f"{n_dead} open dead letter(s): shard stopped (`durability-pipelines dead-letters list`)"
+    if slot_status is not None:
+        return slot_status
     if getattr(sc, "backlog", False) and lag is not None and lag > thresholds.stale_after_s:
         return "stale", f"backlog and no ack for {lag:.0f} s: is the sensor running, are runs failing?"
     n = cfg.checkpoint.flush_every_n if cfg else thresholds.default_flush_every_n
@@ -156,8 +243,12 @@ def _status(st: KeyState, cfg: ConsumerConfig | None, sc: object, lag: float | N
 
 def build_checkpoint_audit(client: redis.Redis, db: PostgresConnection, consumers: Sequence[ConsumerConfig],
                            thresholds: AuditThresholds = AuditThresholds(),
-                           now: datetime | None = None) -> pd.DataFrame:
+                           now: datetime | None = None,
+                           retained: Mapping[str, RetainedLog] | None = None) -> pd.DataFrame:
+    """``retained``: ``measure_retained_log``'s figures (the slots), by checkpoint key; a slot whose consumer
+    has no checkpoint yet gets a row of its own (a new slot retains WAL from its creation)."""
     ensure(db)
+    retained = dict(retained or {})
     now = now or datetime.now(timezone.utc)
     states = snapshot(client, db, external_since=now - timedelta(seconds=thresholds.external_window_s))
     with db.connection() as conn:
@@ -175,7 +266,8 @@ def build_checkpoint_audit(client: redis.Redis, db: PostgresConnection, consumer
         last_ack = st.last_ack_at
         lag = (now - last_ack).total_seconds() if last_ack else None
         n_dead = dead.get((cfg.name, key.shard_column), 0) if cfg and key else 0
-        status, detail = _status(st, cfg, sc, lag, n_dead, thresholds, now)
+        slot = retained.pop(st.redis_key, None)
+        status, detail = _status(st, cfg, sc, lag, n_dead, thresholds, now, slot)
         _, gap = st.drift
         stores = "+".join(n for n, v in (("redis", st.redis), ("postgres", st.postgres)) if v is not None)
         records.append({
@@ -190,11 +282,24 @@ def build_checkpoint_audit(client: redis.Redis, db: PostgresConnection, consumer
             "last_ack_at": last_ack, "lag_seconds": round(lag, 3) if lag is not None else None,
             "drift": str(gap) if gap is not None else "",
             "acks_since_flush": st.acks_since_flush,
+            "retained_wal_bytes": slot.backlog.retained_bytes if slot and slot.backlog else None,
             "status": status, "detail": detail,
+        })
+    for redis_key, slot in retained.items():  # slots whose consumer has no checkpoint in any store
+        k = slot.key
+        cfg = _consumer_for(consumers, k)
+        status, detail = _slot_status(slot) or ("ok", "")
+        records.append({
+            "checkpoint_key": redis_key, "adapter": k.adapter, "stream": k.stream, "grp": k.group,
+            "consumer": k.consumer, "shard": k.shard_column, "backend": cfg.checkpoint.backend if cfg else "",
+            "redis_value": None, "postgres_value": None, "dispatched": None, "last_ack_at": None,
+            "lag_seconds": None, "drift": "", "acks_since_flush": None,
+            "retained_wal_bytes": slot.backlog.retained_bytes if slot.backlog else None,
+            "status": status, "detail": detail or "no checkpoint yet; the slot retains WAL from its creation",
         })
     df = pd.DataFrame.from_records(records, columns=list(AUDIT_COLUMNS))
     return df.astype({"drift": "object", "acks_since_flush": "object", "redis_value": "object",
-                      "postgres_value": "object", "dispatched": "object"})
+                      "postgres_value": "object", "dispatched": "object", "retained_wal_bytes": "object"})
 
 
 def build_history_summary(db: PostgresConnection, *, window_s: float = AuditThresholds.external_window_s

@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"database to replicate from (default: ${ENV_SUPABASE_DB_URL}, else the project Postgres)")
         if name == "install":
             p.add_argument("tables", nargs="+", help="tables of the publication (table or schema.table)")
+        if name == "status":
+            p.add_argument("--max-retained-wal-mb", type=float, default=1024.0, metavar="MB",
+                           help="say WARNING (and retained_over_bound: true) when the slot retains more WAL than "
+                           "this: the consumer's max_retained_wal_mb (default 1024)")
         if name == "drop":
             p.add_argument("--publication-too", action="store_true",
                            help="also drop the publication (other groups' slots of the channel use it)")

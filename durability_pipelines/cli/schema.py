@@ -165,15 +165,24 @@ def cmd_wal(session: Session, args: argparse.Namespace) -> int:
                     + (f"; publication {publication}: {'dropped' if dropped['publication'] else 'not there'}"
                        if args.publication_too else ""))
         else:
-            data = module.wal_source_status(conn, slot=slot, publication=publication)
+            bound = int(args.max_retained_wal_mb * 1024 * 1024)
+            data = module.wal_source_status(conn, slot=slot, publication=publication, max_retained_bytes=bound)
             info = data["slot"]
             text = (f"slot {slot}: " + ("missing" if info is None else
                     f"confirmed {info['confirmed_flush_lsn']}, restart {info['restart_lsn']}, wal_status "
-                    f"{info['wal_status']}, retains {info['retained_bytes']} bytes of WAL, "
-                    f"{'active (pid ' + str(info['active_pid']) + ')' if info['active_pid'] else 'inactive'}")
+                    f"{info['wal_status']}, retains {info['retained_bytes']} bytes of WAL (bound "
+                    f"{args.max_retained_wal_mb:g} MB), {info['lag_bytes']} bytes written since its confirmed "
+                    f"position, {'active (pid ' + str(info['active_pid']) + ')' if info['active_pid'] else 'inactive'}")
                     + f"; publication {publication}: "
                     + (", ".join(data["tables"]) or "no tables" if data["publication_exists"] else "missing")
                     + f"; wal_level {data['wal_level']}")
+            if info is not None and info["lost"]:
+                text += (f"\nWARNING: the slot was invalidated ({info['invalidation_reason'] or info['wal_status']}); "
+                         "its consumer cannot read. `wal drop`, `wal install`, then decide the checkpoint "
+                         "(docs/supabase.md, \"Operating it\").")
+            elif data["retained_over_bound"]:
+                text += (f"\nWARNING: the slot retains more WAL than {args.max_retained_wal_mb:g} MB: is its consumer "
+                         "running and acking? Drop the slot of a consumer you retired.")
     session.emit(data, text)
     return EXIT_OK
 

@@ -142,6 +142,16 @@ class SupabaseWalSourceConfig(_Strict):
         default=False,
         description="Create the publication and the slot when the source opens (needs REPLICATION and ownership)",
     )
+    max_retained_wal_mb: float = Field(
+        default=1024.0, gt=0,
+        description="The audit warns (status wal-retained, check wal_retained_within_bound) when the slot holds "
+        "back more WAL than this; keep it well below the server's max_slot_wal_keep_size and free disk",
+    )
+
+    @property
+    def max_retained_bytes(self) -> int:
+        """``max_retained_wal_mb`` in bytes (``BoundsRetainedLog``)."""
+        return int(self.max_retained_wal_mb * 1024 * 1024)
 
     @field_validator("tables", mode="before")
     @classmethod

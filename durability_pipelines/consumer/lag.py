@@ -3,18 +3,23 @@
 The lag of a shard is the age of its oldest record not yet acked: 0 when nothing is waiting, however
 old the newest acked record is (a quiet stream is not a late consumer). It is measured by reading one
 record after the acked checkpoint, which has no side effect: no lease, no save, no dead letter.
+
+A source whose server keeps a log for the consumer (a replication slot: ``ReportsBacklogBytes``) is also
+measured in bytes: the WAL after the checkpoint and the WAL the slot retains. Seconds say how late the
+consumer is; bytes say what that costs the server (its disk) and how close the slot is to
+``max_slot_wal_keep_size``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from durability_pipelines.checkpoints.errors import DurabilityError
 from durability_pipelines.consumer.dispatch import shard_id
 from durability_pipelines.consumer.runtime import ConsumerRuntime
-from durability_pipelines.consumer.source import ReportsHoldup, StreamSource
+from durability_pipelines.consumer.source import ReportsBacklogBytes, ReportsHoldup, StreamSource
 
 
 @dataclass(frozen=True)
@@ -28,14 +33,27 @@ class ShardLag:
     problem: str | None = None
     #: why the waiting records cannot be read yet (``ReportsHoldup``), e.g. an open transaction
     held_back: str | None = None
+    #: ``ReportsBacklogBytes`` sources: log bytes after the checkpoint / kept by the server (None: not told)
+    lag_bytes: int | None = None
+    retained_bytes: int | None = None
 
     def describe(self) -> str:
         last = self.last_ack_at.isoformat(timespec="seconds") if self.last_ack_at else "never"
+        size = "".join(f", {what} {_size(n)}" for what, n in (("WAL behind", self.lag_bytes),
+                                                               ("retained", self.retained_bytes)) if n is not None)
         if self.problem:
-            return f"shard {shard_id(self.shard)}: lag unknown ({self.problem}); last ack {last}"
+            return f"shard {shard_id(self.shard)}: lag unknown ({self.problem}){size}; last ack {last}"
         held = f", {self.held_back}" if self.held_back else ""
         return (f"shard {shard_id(self.shard)}: lag {self.lag_s:.1f} s (oldest waiting record "
-                f"{self.oldest_waiting or '-'}{held}), acked {self.acked or '(nothing yet)'}, last ack {last}")
+                f"{self.oldest_waiting or '-'}{held}){size}, acked {self.acked or '(nothing yet)'}, last ack {last}")
+
+
+def _size(n: int) -> str:
+    """Bytes for a person: the unit that keeps the number short (binary units, like Postgres's pg_size_pretty)."""
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _age_s(created: datetime | None, now: datetime) -> float | None:
@@ -60,21 +78,36 @@ def measure_lag(rt: ConsumerRuntime, *, now: datetime | None = None) -> list[Sha
             out.append(ShardLag(shard, None, None, problem=f"checkpoint unreadable: {exc}"))
     unreadable = {lag.shard for lag in out}
     for shard in (s for s in rt.source.readable(acked) if s not in unreadable):
-        after = acked.get(shard)
-        last = _last_ack_at(rt, shard)
-        try:
-            batch = rt.source.read(shard, after, 1)
-        except DurabilityError as exc:
-            out.append(ShardLag(shard, after, None, last_ack_at=last, problem=f"{type(exc).__name__}: {exc}"))
-            continue
-        if not batch.events:
-            out.append(_nothing_readable(rt, shard, after, last, now))
-            continue
-        first = batch.events[0]
-        age = _age_s(first.created_at, now)
-        out.append(ShardLag(shard, after, age, first.sequence, last,
-                            problem=None if age is not None else "the source gives no record times"))
+        out.append(_with_bytes(rt.source, _shard_lag(rt, shard, acked.get(shard), now)))
     return out
+
+
+def _shard_lag(rt: ConsumerRuntime, shard: str | None, after: str | None, now: datetime) -> ShardLag:
+    last = _last_ack_at(rt, shard)
+    try:
+        batch = rt.source.read(shard, after, 1)
+    except DurabilityError as exc:
+        return ShardLag(shard, after, None, last_ack_at=last, problem=f"{type(exc).__name__}: {exc}")
+    if not batch.events:
+        return _nothing_readable(rt, shard, after, last, now)
+    first = batch.events[0]
+    age = _age_s(first.created_at, now)
+    return ShardLag(shard, after, age, first.sequence, last,
+                    problem=None if age is not None else "the source gives no record times")
+
+
+def _with_bytes(source: StreamSource, lag: ShardLag) -> ShardLag:
+    """The lag in bytes too, for a ``ReportsBacklogBytes`` source (a failed measurement leaves it unknown:
+    the lag in seconds, or its problem, already says what is wrong)."""
+    if not isinstance(source, ReportsBacklogBytes):  # a capability (Protocol), not a concrete class
+        return lag
+    try:
+        backlog = source.backlog_bytes(lag.shard, lag.acked)
+    except DurabilityError:
+        return lag
+    if backlog is None:
+        return lag
+    return replace(lag, lag_bytes=backlog.lag_bytes, retained_bytes=backlog.retained_bytes)
 
 
 def _nothing_readable(rt: ConsumerRuntime, shard: str | None, after: str | None, last: datetime | None,

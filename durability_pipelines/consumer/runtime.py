@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,21 +57,32 @@ from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.filters import count_filtered, matching
 from durability_pipelines.consumer.handlers import Handler, HandlerContext, is_idempotent, is_transactional
-from durability_pipelines.consumer.source import Gap, ReleasingSource, SourceBatch, StreamSource
+from durability_pipelines.consumer.source import (
+    Gap,
+    ReleasingSource,
+    ReportsBacklogBytes,
+    SourceBatch,
+    StreamSource,
+)
 from durability_pipelines.consumer.storage import ConsumerStorage
 from durability_pipelines.observability import (
     ACK_SUCCESS_RATE,
     EVENTS_FAILED,
     EVENTS_FILTERED,
     EVENTS_PER_BATCH,
+    LAG_BYTES,
     LAG_SECONDS,
     RECORDS_BEHIND,
+    RETAINED_WAL_BYTES,
     SEQUENCE_GAP,
+    SLOT_LAG_BYTES,
     Labels,
     Metrics,
 )
 
 log = logging.getLogger(__name__)
+#: A ``ReportsBacklogBytes`` source's backlog is measured at most this often per shard (one round trip each).
+BACKLOG_EVERY_S = 1.0
 MAX_DEAD_LETTER_PAYLOAD = 100  # events stored with a dead letter (first N), for inspection
 
 
@@ -158,6 +170,8 @@ class ConsumerRuntime:
         self.metrics = metrics or Metrics(Labels(config.adapter, config.stream, config.group, config.consumer))
         self.is_owner_dead = is_owner_dead or (lambda owner: False)
         self._released: set[str | None] = set()  # shards acked through a ReleasingSource (released once more at close)
+        #: shard -> (when its backlog in bytes was last measured, the checkpoint then); measured once more at close
+        self._backlog_at: dict[str | None, tuple[float, str]] = {}
         #: False for a sink a replay repeats (a broadcast): ``guard_replay`` then checks every read's start
         self.replay_safe = is_idempotent(handler)
         #: per shard, a position known to be at or above its replay mark (checked, or acked by this runtime
@@ -486,6 +500,8 @@ class ConsumerRuntime:
         self._cleared_by_ack(read.shard, result)
         self._batch_metrics(read, processed, result)
         self._release_source(read.shard)
+        if result is not None:
+            self._backlog_metrics(read.shard, result.current)
         if rewound_at is not None and result is not None and not self.replay_safe:
             raise self._rewound_under_batch(read.shard, result, rewound_at)
         return result
@@ -580,6 +596,32 @@ class ConsumerRuntime:
             self._released.add(shard)
             self.source.release(shard, lambda: self.durable_checkpoint(shard), final=final)
 
+    def _backlog_metrics(self, shard: str | None, checkpoint: str | None, *, final: bool = False) -> None:
+        """Record a ``ReportsBacklogBytes`` source's backlog in bytes (lag after the checkpoint, unreleased,
+        retained) as gauges: at most every ``BACKLOG_EVERY_S`` per shard, and once more at close, so that the
+        run's metadata (``metrics.summary()``) ends with the figures as the run left them. Monitoring: a
+        failed measurement is logged, never fails the ack."""
+        if not isinstance(self.source, ReportsBacklogBytes) or checkpoint is None:  # a capability (Protocol)
+            return
+        now = time.monotonic()
+        last = self._backlog_at.get(shard)
+        if not final and last is not None and now - last[0] < BACKLOG_EVERY_S:
+            self._backlog_at[shard] = (last[0], checkpoint)
+            return
+        self._backlog_at[shard] = (now, checkpoint)
+        try:
+            backlog = self.source.backlog_bytes(shard, checkpoint)
+        except DurabilityError as exc:
+            log.warning("consumer %s: backlog in bytes of shard %s not measured: %s", self.config.name, shard, exc)
+            return
+        if backlog is None:
+            return
+        labels = self._labels(shard)
+        for metric, value in ((LAG_BYTES, backlog.lag_bytes), (SLOT_LAG_BYTES, backlog.unreleased_bytes),
+                              (RETAINED_WAL_BYTES, backlog.retained_bytes)):
+            if value is not None:
+                self.metrics.record(metric, value, labels=labels)
+
     @staticmethod
     def _positions_to_save(read: ReadOutput, target: str) -> list[str]:
         """``[target]``, or for a shard that ended in this batch its last sequence number first: the
@@ -630,6 +672,8 @@ class ConsumerRuntime:
                 self._release_source(shard, final=True)
             except DurabilityError as exc:  # the next run releases it: the server only keeps more meanwhile
                 log.warning("consumer %s: could not release shard %s at the source: %s", self.config.name, shard, exc)
+        for shard, (_, checkpoint) in sorted(self._backlog_at.items(), key=lambda kv: kv[0] or ""):
+            self._backlog_metrics(shard, checkpoint, final=True)
         self.metrics.close()  # a run's last push to the Pushgateway (when one is configured)
         self.store.close(flush=False)
         if self.source is not None:

@@ -18,7 +18,8 @@ from typing import Protocol, runtime_checkable
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.sources.hooks import CallHook
 
-__all__ = ["CallHook", "Gap", "Holdup", "ReleasingSource", "ReportsHoldup", "SourceBatch", "StreamSource"]
+__all__ = ["BacklogBytes", "BoundsRetainedLog", "CallHook", "Gap", "Holdup", "ReleasingSource", "ReportsBacklogBytes",
+           "ReportsHoldup", "SourceBatch", "StreamSource"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,31 @@ class Holdup:
     reason: str
     oldest_sequence: str | None = None
     oldest_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class BacklogBytes:
+    """How much log a consumer has in front of it and costs the server, in bytes (``ReportsBacklogBytes``).
+
+    Record counts and ages are what DynamoDB users watch; a Postgres replication slot is measured in WAL
+    bytes, and bytes are what fill the server's disk. Each figure is None when the source cannot tell.
+    """
+
+    #: log written after the acked checkpoint (WAL: ``pg_wal_lsn_diff(current, checkpoint's LSN)``)
+    lag_bytes: int | None
+    #: log written after what the server was last allowed to free (WAL: the slot's ``confirmed_flush_lsn``)
+    unreleased_bytes: int | None
+    #: log the server keeps for this consumer: the disk it costs (WAL: from the slot's ``restart_lsn``)
+    retained_bytes: int | None
+    #: the operator's bound on ``retained_bytes`` (None: no bound)
+    max_retained_bytes: int | None = None
+    #: why the server gave the retained log up (an invalidated slot); None while it is usable
+    lost: str | None = None
+
+    @property
+    def over_bound(self) -> bool:
+        return (self.max_retained_bytes is not None and self.retained_bytes is not None
+                and self.retained_bytes > self.max_retained_bytes)
 
 
 @dataclass
@@ -130,3 +156,23 @@ class ReportsHoldup(Protocol):
     nothing, so that they say what holds the shard instead of "caught up"."""
 
     def held_back(self, shard: str | None, after: str | None) -> Holdup | None: ...
+
+
+@runtime_checkable
+class ReportsBacklogBytes(Protocol):
+    """A capability: a source whose server measures the backlog in bytes of log it keeps (a replication
+    slot's WAL). The runtime records it as metrics after acks (at most once a second per shard), the lag
+    check and the sensor's observation report it per shard, the audit compares ``retained_bytes`` with the
+    bound. ``after`` is the acked checkpoint (None: none yet). One round trip, no side effect."""
+
+    def backlog_bytes(self, shard: str | None, after: str | None) -> BacklogBytes | None: ...
+
+
+@runtime_checkable
+class BoundsRetainedLog(Protocol):
+    """A capability of a source's *config*: the server keeps log for the consumer (a replication slot), and
+    the operator bounds how much (``max_retained_wal_mb``). The audit opens only such sources (opening a
+    DynamoDB source calls AWS) to report what they retain."""
+
+    @property
+    def max_retained_bytes(self) -> int: ...

@@ -137,6 +137,9 @@ def lag_state(cfg: ConsumerConfig, durability: DurabilityResource) -> tuple[str,
     worst = max((x.lag_s for x in lags if x.lag_s is not None), default=0.0)
     fields = {"max_lag_s": cfg.max_lag_s, "lag_seconds": worst, "shards": len(lags), "shards_late": len(late),
               "shards_unknown": len(unknown)}
+    in_bytes = [x.lag_bytes for x in lags if x.lag_bytes is not None]
+    if in_bytes:  # a replication slot's source (ReportsBacklogBytes): the WAL behind, for the receiver
+        fields["lag_bytes"] = max(in_bytes)
     if late:
         return "late", "; ".join(x.describe() for x in late[:5]), fields
     if unknown:

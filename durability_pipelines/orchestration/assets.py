@@ -43,6 +43,7 @@ from durability_pipelines.audit.tables import (
     build_checkpoint_audit,
     build_history_summary,
     markdown_preview,
+    measure_retained_log,
     persist,
 )
 from durability_pipelines.checkpoints.mirror import CheckpointMirror
@@ -210,10 +211,21 @@ def no_invalid_checkpoint_values(context: AssetCheckExecutionContext,
         "detail": MetadataValue.md(markdown_preview(bad)) if not bad.empty else "none"})
 
 
+@asset_check(asset="checkpoint_audit", description="No consumer's replication slot is invalidated or missing "
+                                                  "(supabase_wal): such a consumer cannot read.")
+def no_lost_replication_slot(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
+    return _status_check(durability, "slot-lost", what="cannot read their replication slot")
+
+@asset_check(asset="checkpoint_audit", description="No consumer's replication slot retains more WAL than its "
+                                                  "max_retained_wal_mb (warning: the server's disk fills).")
+def wal_retained_within_bound(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
+    return _status_check(durability, "wal-retained", what="have a replication slot retaining more WAL than their "
+                         "max_retained_wal_mb", severity=AssetCheckSeverity.WARN)
+
 
 #: The audit's checks (``checkpoint_audit`` is built per code location, with its consumers).
 AUDIT_CHECKS = [no_checkpoint_regression, drift_within_hybrid_bound, no_stale_consumer, no_dead_letters,
-                no_invalid_checkpoint_values]
+                no_invalid_checkpoint_values, no_lost_replication_slot, wal_retained_within_bound]
 
 
 def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> Definitions:
@@ -225,9 +237,12 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> Definitions:
     def checkpoint_audit(context: AssetExecutionContext, config: AuditConfig,
                          durability: DurabilityResource) -> MaterializeResult:
         db = durability.postgres()
+        # The replication slots of supabase_wal consumers (each opened on a runtime of its own, like the lag check).
+        retained = measure_retained_log(consumers, lambda cfg: durability.runtime(cfg, migrate_schema=False))
         df = build_checkpoint_audit(durability.redis_client(), db, consumers,
                                     AuditThresholds(stale_after_s=config.stale_after_s,
-                                                    external_window_s=config.external_window_s))
+                                                    external_window_s=config.external_window_s),
+                                    retained=retained)
         persist(db, "checkpoint_audit", df, AUDIT_COLUMNS)
         counts = df["status"].value_counts().to_dict() if not df.empty else {}
         return MaterializeResult(metadata={
@@ -235,6 +250,8 @@ def build_audit_defs(consumers: Sequence[ConsumerConfig]) -> Definitions:
             "dagster/row_count": len(df),
             "preview": MetadataValue.md(markdown_preview(df)),
             **_consumer_lag(df, consumers),
+            **{f"retained_wal_bytes/{slot.consumer}": slot.backlog.retained_bytes for slot in retained.values()
+               if slot.backlog is not None and slot.backlog.retained_bytes is not None},
             "largest_drift": MetadataValue.text(max((d for d in df["drift"] if d), key=int, default="0")),
             **{f"status_{k}": int(v) for k, v in counts.items()},
         })

@@ -31,7 +31,7 @@ from durability_pipelines.checkpoints.errors import DurabilityError
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.dispatch import shard_id
 from durability_pipelines.consumer.lag import ShardLag, measure_lag
-from durability_pipelines.observability import LAG_SECONDS
+from durability_pipelines.observability import LAG_BYTES, LAG_SECONDS, RETAINED_WAL_BYTES
 from durability_pipelines.orchestration.resources import DurabilityResource
 
 #: A consumer observes its stream at most this often (seconds).
@@ -69,10 +69,25 @@ def observation_due(context: SensorEvaluationContext, cfg: ConsumerConfig, strea
     return last is None or (time.time() if now is None else now) - last >= every_s
 
 
+def _blank(value: object) -> object:
+    return "" if value is None else value
+
+
 def _per_shard_table(lags: Sequence[ShardLag]) -> str:
-    rows = [f"| {shard_id(x.shard)} | {x.acked or ''} | {'' if x.lag_s is None else x.lag_s} | "
-            f"{x.oldest_waiting or ''} | {x.problem or ''} |" for x in lags[:50]]
-    return "\n".join(["| shard | acked | lag (s) | oldest waiting | problem |", "|---|---|---|---|---|", *rows])
+    rows = [f"| {shard_id(x.shard)} | {x.acked or ''} | {_blank(x.lag_s)} | {_blank(x.lag_bytes)} | "
+            f"{_blank(x.retained_bytes)} | {x.oldest_waiting or ''} | {x.problem or ''} |" for x in lags[:50]]
+    return "\n".join(["| shard | acked | lag (s) | lag (bytes) | retained (bytes) | oldest waiting | problem |",
+                      "|---|---|---|---|---|---|---|", *rows])
+
+
+def _byte_figures(lags: Sequence[ShardLag]) -> dict[str, int]:
+    """The worst lag and retained WAL in bytes, for sources that tell them (``ReportsBacklogBytes``)."""
+    out = {}
+    for metric, values in ((LAG_BYTES, [x.lag_bytes for x in lags]), (RETAINED_WAL_BYTES, [x.retained_bytes for x in lags])):
+        known = [v for v in values if v is not None]
+        if known:
+            out[metric] = max(known)
+    return out
 
 
 def stream_events(cfg: ConsumerConfig, lags: Sequence[ShardLag], stream_key: AssetKey, sink_key: AssetKey
@@ -86,6 +101,7 @@ def stream_events(cfg: ConsumerConfig, lags: Sequence[ShardLag], stream_key: Ass
         "shards_waiting": sum(1 for x in known if x > 0),
         "shards_unknown": len(lags) - len(known),
         LAG_SECONDS: worst,
+        **_byte_figures(lags),
     }
     stream = AssetObservation(
         asset_key=stream_key, description=f"seen by consumer {cfg.name}: {len(lags)} shard(s), "

@@ -58,12 +58,14 @@ __all__ = [
     "WalGapError",
     "WalNotInstalledError",
     "WalRead",
+    "WalSlotInvalidatedError",
     "WalUnavailableError",
     "decode_position",
     "default_slot_name",
     "drop_wal_source",
     "encode_position",
     "install_wal_source",
+    "retained_over_bound",
     "slot_is_past",
     "slot_target",
     "wal_source_status",
@@ -113,6 +115,36 @@ class WalGapError(WalError, TrimmedDataError):
             "`durability-pipelines checkpoints set ... --sequence <S> --force`. Prevent it: alert on the slot's "
             "retained WAL (`durability-pipelines wal status`) and on consumer lag; after a failover recreate "
             "the slot on the new primary (docs/supabase.md)."
+        )
+
+
+class WalSlotInvalidatedError(WalGapError):
+    """The server invalidated the slot (``wal_status = 'lost'``: ``max_slot_wal_keep_size`` exceeded, or a
+    conflict on a standby): it cannot be read again, so the changes after the checkpoint that it held are
+    gone for this consumer. ``trim_policy: fail``; the fix is a new slot and a deliberate checkpoint decision."""
+
+    def __init__(self, *, slot: str, from_sequence: str | None, cause: str, retained_bound: str | None = None,
+                 channel: str | None = None, publication: str | None = None, tables: Sequence[str] = ()) -> None:
+        self.shard_id = "-"
+        self.slot = slot
+        self.from_sequence = from_sequence
+        self.to_sequence = None
+        self.stream_arn = None
+        self.reason = f"the slot was invalidated ({cause})"
+        names = (f"--channel {channel} --slot {slot}" + (f" --publication {publication}" if publication else "")
+                 if channel else f"--slot {slot}")
+        SourceError.__init__(
+            self,
+            f"replication slot {slot!r} was invalidated by the server ({cause}). It cannot be read any more: the "
+            f"changes after checkpoint {from_sequence} that it held are gone for this consumer, which stopped "
+            "(trim_policy: fail); the checkpoint was not moved. To go on: (1) `durability-pipelines wal drop "
+            f"{names}` and `durability-pipelines wal install {names} {' '.join(tables) or '<tables>'}` (the new "
+            "slot starts now); (2) recover the changes committed between the checkpoint and the new slot from the "
+            "tables or a backup if they matter; (3) decide the checkpoint deliberately: run once with trim_policy: "
+            "skip (the gap is recorded in the audit table) or `durability-pipelines checkpoints set ... --sequence "
+            "<S> --force` to the new slot's position. Prevent it: alert on the slot's retained WAL "
+            f"(reactive.retained_wal_bytes, the audit's wal-retained status{retained_bound or ''}) and on lag, "
+            "long before max_slot_wal_keep_size."
         )
 
 
@@ -169,6 +201,14 @@ def slot_is_past(confirmed_flush_lsn: int, checkpoint: int) -> bool:
 
 @dataclass(frozen=True)
 class SlotInfo:
+    """One row of ``pg_replication_slots`` and the server's current WAL position, read in one query.
+
+    The byte figures are ``pg_wal_lsn_diff`` against the current position (the replay position on a
+    standby): ``retained_bytes`` is what the server cannot recycle because of the slot (from
+    ``restart_lsn``: the disk the slot costs), ``lag_bytes`` is what the consumer has not released (from
+    ``confirmed_flush_lsn``). Both count all the WAL the server wrote, not only the published tables'.
+    """
+
     name: str
     plugin: str | None
     database: str | None
@@ -177,35 +217,75 @@ class SlotInfo:
     restart_lsn: int | None
     wal_status: str | None  # reserved | extended | unreserved | lost
     retained_bytes: int | None  # WAL the slot holds back (current LSN - restart_lsn)
+    current_lsn: int | None = None
+    #: why the server invalidated the slot (PostgreSQL 17+: wal_removed, rows_removed, wal_level_insufficient, ...)
+    invalidation_reason: str | None = None
+    #: PostgreSQL 16+: invalidated by a recovery conflict on a standby
+    conflicting: bool | None = None
 
     @property
     def lost(self) -> bool:
         """Invalidated (``max_slot_wal_keep_size`` exceeded, or a conflict on a standby): unreadable."""
-        return self.wal_status == "lost" or self.restart_lsn is None
+        return (self.wal_status == "lost" or self.restart_lsn is None or bool(self.conflicting)
+                or self.invalidation_reason is not None)
+
+    @property
+    def lag_bytes(self) -> int | None:
+        """WAL written since the consumer's last release (``pg_wal_lsn_diff(current, confirmed_flush_lsn)``)."""
+        if self.current_lsn is None or self.confirmed_flush_lsn is None:
+            return None
+        return max(0, self.current_lsn - self.confirmed_flush_lsn)
+
+    def describe_loss(self) -> str:
+        """What invalidated the slot, as far as the server says."""
+        if self.invalidation_reason:
+            return f"invalidation_reason {self.invalidation_reason!r}"
+        if self.conflicting:
+            return "a recovery conflict on this standby (conflicting = true)"
+        return (f"wal_status {self.wal_status!r}: it retained more WAL than max_slot_wal_keep_size allows, and "
+                "the server removed WAL the slot still needed")
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "slot": self.name, "plugin": self.plugin, "database": self.database, "active_pid": self.active_pid,
             "confirmed_flush_lsn": format_lsn(self.confirmed_flush_lsn) if self.confirmed_flush_lsn is not None else None,
             "restart_lsn": format_lsn(self.restart_lsn) if self.restart_lsn is not None else None,
-            "wal_status": self.wal_status, "retained_bytes": self.retained_bytes,
+            "current_lsn": format_lsn(self.current_lsn) if self.current_lsn is not None else None,
+            "wal_status": self.wal_status, "retained_bytes": self.retained_bytes, "lag_bytes": self.lag_bytes,
+            "invalidation_reason": self.invalidation_reason, "conflicting": self.conflicting, "lost": self.lost,
         }
 
 
+# ``to_jsonb(s)``: every column the server has, so that one query serves PostgreSQL 14-17 (``conflicting``
+# came in 16, ``invalidation_reason`` in 17).
 _SLOT_SQL = """
-SELECT slot_name, plugin, database, active_pid, confirmed_flush_lsn::text, restart_lsn::text, wal_status,
-       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END
-        - restart_lsn)::bigint
-  FROM pg_replication_slots WHERE slot_name = %s
+SELECT to_jsonb(s),
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text
+  FROM pg_replication_slots s WHERE slot_name = %s
 """
+
+
+def _lsn(value: object) -> int | None:
+    return parse_lsn(str(value)) if value else None
 
 
 def slot_info(conn: psycopg.Connection, slot: str) -> SlotInfo | None:
     row = conn.execute(_SLOT_SQL, (slot,)).fetchone()
     if row is None:
         return None
-    return SlotInfo(row[0], row[1], row[2], row[3], parse_lsn(row[4]) if row[4] else None,
-                    parse_lsn(row[5]) if row[5] else None, row[6], int(row[7]) if row[7] is not None else None)
+    s, current = row[0], _lsn(row[1])
+    restart = _lsn(s.get("restart_lsn"))
+    return SlotInfo(
+        s["slot_name"], s.get("plugin"), s.get("database"), s.get("active_pid"), _lsn(s.get("confirmed_flush_lsn")),
+        restart, s.get("wal_status"),
+        max(0, current - restart) if current is not None and restart is not None else None,
+        current, s.get("invalidation_reason"), s.get("conflicting"))
+
+
+def retained_over_bound(info: SlotInfo, max_retained_bytes: int | None) -> bool:
+    """True when the slot holds back more WAL than the operator's bound (``max_retained_wal_mb``)."""
+    return (max_retained_bytes is not None and info.retained_bytes is not None
+            and info.retained_bytes > max_retained_bytes)
 
 
 @contextlib.contextmanager
@@ -272,8 +352,10 @@ def drop_wal_source(conn: psycopg.Connection, *, slot: str, publication: str | N
     return dropped
 
 
-def wal_source_status(conn: psycopg.Connection, *, slot: str, publication: str) -> dict[str, Any]:
-    """The slot (position, WAL retained, invalidated?) and the publication's tables, for operators."""
+def wal_source_status(conn: psycopg.Connection, *, slot: str, publication: str,
+                      max_retained_bytes: int | None = None) -> dict[str, Any]:
+    """The slot (position, WAL retained and lag in bytes, invalidated?) and the publication's tables, for
+    operators; ``retained_over_bound`` says whether the slot holds back more than ``max_retained_bytes``."""
     info = slot_info(conn, slot)
     tables = [f"{r[0]}.{r[1]}" for r in conn.execute(
         "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
@@ -286,6 +368,8 @@ def wal_source_status(conn: psycopg.Connection, *, slot: str, publication: str) 
                     "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename WHERE t.pubname = %s",
                     (publication,)).fetchall()}
     return {"slot": info.as_dict() if info else None, "slot_name": slot, "publication": publication,
+            "max_retained_bytes": max_retained_bytes,
+            "retained_over_bound": retained_over_bound(info, max_retained_bytes) if info else False,
             "publication_exists": pub, "tables": tables, "replica_identity": identity,
             "wal_level": conn.execute("SHOW wal_level").fetchone()[0]}
 

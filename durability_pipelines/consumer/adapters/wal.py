@@ -11,7 +11,10 @@ Unsharded like the trigger feed, and sharing its checkpoint layout: adapter ``su
   can leave the checkpoint behind the slot.
 * A checkpoint behind the slot (the slot dropped and recreated, invalidated by
   ``max_slot_wal_keep_size``, moved by someone else) is trimmed data: ``trim_policy: fail`` raises
-  ``WalGapError`` naming it, ``skip`` returns the gap (audited) and goes on from the slot.
+  ``WalGapError`` naming it (``WalSlotInvalidatedError`` for an invalidated slot, with the way out: drop,
+  install, decide the checkpoint), ``skip`` returns the gap (audited) and goes on from a new slot.
+* The backlog in bytes (``ReportsBacklogBytes``): WAL after the checkpoint, after the slot's confirmed
+  position, and retained from its restart position, with the ``max_retained_wal_mb`` bound.
 
 ``replay_from`` as in the trigger feed: ``stored`` (no checkpoint: ``NoCheckpointError``), ``earliest``
 (everything the slot still has), ``latest`` (checkpoint the current WAL position; the first run delivers
@@ -33,7 +36,7 @@ from durability_pipelines.consumer.adapters.supabase import (
 )
 from durability_pipelines.consumer.config import ConsumerConfig, SupabaseWalSourceConfig
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.source import CallHook, Gap, SourceBatch
+from durability_pipelines.consumer.source import BacklogBytes, CallHook, Gap, SourceBatch
 from durability_pipelines.sources.pgoutput import format_lsn
 from durability_pipelines.sources.wal_changes import (
     SlotInfo,
@@ -41,6 +44,8 @@ from durability_pipelines.sources.wal_changes import (
     WalChangeReader,
     WalGapError,
     WalNotInstalledError,
+    WalSlotInvalidatedError,
+    decode_position,
     encode_position,
     install_wal_source,
     slot_is_past,
@@ -154,8 +159,7 @@ class WalSource(UnshardedFeed):  # a read from None starts at the slot
         """None when the slot still has everything after ``position``; else trim_policy decides."""
         info = self._slot()
         if info.lost:
-            reason = ("the slot was invalidated (wal_status 'lost': it retained more WAL than "
-                      "max_slot_wal_keep_size allows)")
+            reason = f"the slot was invalidated ({info.describe_loss()})"
         elif position is not None and info.confirmed_flush_lsn is not None and slot_is_past(
                 info.confirmed_flush_lsn, position):
             reason = (f"the slot is at {format_lsn(info.confirmed_flush_lsn)}, past the checkpoint's transaction: it "
@@ -163,6 +167,11 @@ class WalSource(UnshardedFeed):  # a read from None starts at the slot
         else:
             return None
         if self.cfg.trim_policy == "fail":
+            if info.lost:
+                raise WalSlotInvalidatedError(
+                    slot=self.slot, from_sequence=after, cause=info.describe_loss(), channel=self.stream,
+                    publication=self.publication, tables=self.cfg.tables,
+                    retained_bound=f"; max_retained_wal_mb is {self.cfg.max_retained_wal_mb:g}")
             resume = (str(encode_position(info.confirmed_flush_lsn, 0))
                       if not info.lost and info.confirmed_flush_lsn is not None else None)
             raise WalGapError(slot=self.slot, from_sequence=after, to_sequence=resume, reason=reason)
@@ -173,6 +182,18 @@ class WalSource(UnshardedFeed):  # a read from None starts at the slot
         log.warning("slot %s: skipping the changes after %s up to %s (trim_policy skip): %s",
                     self.slot, after, resume, reason)
         return SourceBatch(shard, after, [], resume, gap=Gap(shard, after, resume, reason))
+
+    def backlog_bytes(self, shard: str | None, after: str | None) -> BacklogBytes:
+        """``ReportsBacklogBytes``: the WAL after the checkpoint ``after`` (after the slot's position when there
+        is no numeric checkpoint: the consumer would start there), not yet released, and retained."""
+        info = self._slot()
+        lag = info.lag_bytes
+        position = normalize_sequence(after) if after is not None else None
+        if position is not None and position not in (TRIM_HORIZON, LATEST, SHARD_END) and info.current_lsn is not None:
+            lag = max(0, info.current_lsn - decode_position(int(position))[0])
+        return BacklogBytes(lag_bytes=lag, unreleased_bytes=info.lag_bytes, retained_bytes=info.retained_bytes,
+                            max_retained_bytes=self.cfg.max_retained_bytes,
+                            lost=info.describe_loss() if info.lost else None)
 
     def release(self, shard: str | None, durable: Callable[[], str | None], *, final: bool = False) -> None:
         """Move the slot to the durable checkpoint (``ReleasingSource``): at most once a second, and at close."""
