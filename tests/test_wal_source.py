@@ -339,7 +339,7 @@ def test_a_slot_invalidated_under_a_lagging_consumer_is_a_gap(policy, wal_pg, db
 
 def _bulk_insert(wal_pg: PrivatePostgres, table: str, first: int, n: int) -> None:
     with wal_pg.connect() as conn:
-        conn.execute(f"INSERT INTO {table} SELECT g, repeat('x', 100), null FROM generate_series(%s, %s) g",
+        conn.execute(f"INSERT INTO {table} SELECT g, repeat('x', 100), null FROM generate_series(%s::int, %s::int) g",
                      (first, first + n - 1))
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import redis
 
+from durability_pipelines.checkpoints.errors import DurabilityError
 from durability_pipelines.checkpoints.inspect import (
     EXTERNAL_WRITER,
     KeyState,
@@ -39,7 +40,6 @@ from durability_pipelines.checkpoints.inspect import (
 from durability_pipelines.checkpoints.keys import CheckpointKey
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.consumer.config import ConsumerConfig
-from durability_pipelines.checkpoints.errors import DurabilityError
 from durability_pipelines.consumer.cursor_mirror import CursorMirror
 from durability_pipelines.consumer.dispatch import SensorCursor, shard_id
 from durability_pipelines.consumer.source import BacklogBytes, BoundsRetainedLog, ReportsBacklogBytes
