@@ -492,7 +492,6 @@ def trickle_phase(bench: Bench, sampler: TreeSampler, args: argparse.Namespace, 
     peaks = sampler.take(run_pids(bench, runs))
     launched = [r for r in runs if t0 <= _created(r) < t1]
     maintenance = [r for r in maintenance_runs(bench) if t0 <= _created(r) < t1]
-    behind = {s: stream.last.get(s) != v for s, v in _acked(bench, pipe_keys).items()}
     if not last:
         bench.stop_sensor(f"{consumer}_sensor")
         try:
@@ -513,7 +512,7 @@ def trickle_phase(bench: Bench, sampler: TreeSampler, args: argparse.Namespace, 
         "dagster_tree_cpu_s": round(cpu1 - cpu0, 2), "dagster_tree_cpu_fraction": cpu_fraction, "hand": hand,
         "dagster_db_mb_before": round(db0, 2), "dagster_db_mb_after": round(db1, 2),
         "dagster_db_growth_mb_per_hour": growth, **peaks,
-        "shards_behind_at_end": sum(behind.values()), "load_end": load(),
+        "load_end": load(),
         "targets": {
             "runs_per_hour": {"value": runs_h, "max": TARGETS["trickle_runs_per_hour_max"],
                               "met": runs_h <= TARGETS["trickle_runs_per_hour_max"]},
