@@ -339,12 +339,16 @@ class Producer(threading.Thread):
 
 
 def hand_loop(bench: Bench, table: str, key: str, *, follow_until: float | None = None,
-              postgres_url: str | None = None) -> subprocess.Popen[str]:
+              postgres_url: str | None = None, kinesis_stream: str | None = None) -> subprocess.Popen[str]:
+    """``benchmarks/hand_consumer.py`` on the table's DynamoDB stream, or with ``kinesis_stream`` on that
+    Kinesis stream (a thread per shard, checkpoint ``<key>:<shard>``)."""
     argv = [sys.executable, str(ROOT / "benchmarks" / "hand_consumer.py"), "--endpoint", bench.endpoint,
             "--table", table, "--postgres-url", postgres_url or bench.postgres_url, "--redis-url", bench.redis_url,
             "--key", key]
     if follow_until is not None:
         argv += ["--follow-until", str(follow_until)]
+    if kinesis_stream is not None:
+        argv += ["--kinesis-stream", kinesis_stream]
     return subprocess.Popen(argv, env={**os.environ, **AWS_ENV}, stdout=subprocess.PIPE, text=True)
 
 
