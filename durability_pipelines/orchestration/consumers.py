@@ -15,6 +15,7 @@
 # No `from __future__ import annotations`: Dagster resolves op parameter annotations at definition time.
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dagster import (
@@ -497,6 +498,26 @@ def run_request(cfg: ConsumerConfig, d: Dispatch) -> RunRequest:
     )
 
 
+#: Shards a sensor tick peeks at in parallel (each peek: a GetShardIterator and a GetRecords, or one query).
+PEEK_THREADS = 16
+
+
+def peek_shards(source, shards: list, acked) -> dict:
+    """shard -> (has new records, the SourceError that stopped it or None), on up to ``PEEK_THREADS`` threads
+    (the sources' clients are thread-safe; their per-shard state is keyed by shard). Logs nothing: the
+    sensor's context belongs to its own thread."""
+    def peek(shard):
+        try:
+            return shard, (source.has_new(shard, acked.get(shard)), None)
+        except SourceError as exc:
+            return shard, (False, exc)
+
+    if len(shards) <= 1:
+        return dict(peek(s) for s in shards)
+    with ThreadPoolExecutor(max_workers=min(PEEK_THREADS, len(shards)), thread_name_prefix="peek") as pool:
+        return dict(pool.map(peek, shards))
+
+
 def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> SensorDefinition:
     sensor_name = f"{cfg.name}_sensor"
 
@@ -534,18 +555,25 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
             for why in unusable.values():
                 context.log.error(why)
 
+            readable = [s for s in rt.source.readable(acked) if s not in unusable]
+            # The shards no run holds are peeked at together, on threads: a consumer with hundreds of shards
+            # must tick well inside Dagster's sensor timeout (a peek is a round trip or two to the stream).
+            unowned = [s for s in readable if not cursor.shards.get(shard_id(s)) or not
+                       cursor.shards[shard_id(s)].run_key]
+            peeked = peek_shards(rt.source, unowned, acked)
+
             def has_new(shard, after):
-                try:
-                    return rt.source.has_new(shard, after)
-                except SourceError as exc:  # e.g. trimmed data under trim_policy 'fail': stop this shard only
-                    stopped[shard_id(shard)] = str(exc)
-                    context.log.error(f"shard {shard_id(shard)} stopped: {exc}")
-                    return False
+                found, error = peeked[shard] if shard in peeked and acked.get(shard) == after else peek_shards(
+                    rt.source, [shard], {shard: after})[shard]
+                if error is not None:  # e.g. trimmed data under trim_policy 'fail': stop this shard only
+                    stopped[shard_id(shard)] = str(error)
+                    context.log.error(f"shard {shard_id(shard)} stopped: {error}")
+                return found
 
             seen: dict = {}  # run records read this tick, by run key
             plan = plan_tick(
                 cfg.name, cursor,
-                shards=[s for s in rt.source.readable(acked) if s not in unusable],
+                shards=readable,
                 acked=acked,
                 has_new=has_new,
                 run_state=lambda key, shard: _run_state(context, key, cfg, rt, shard, seen),

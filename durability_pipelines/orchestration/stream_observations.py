@@ -63,10 +63,18 @@ def measure_consumer_lag(durability: DurabilityResource, cfg: ConsumerConfig) ->
         rt.close()
 
 
+#: consumer -> when this process last tried to observe its stream. A tick that times out records no
+#: observation: without this, every following tick would measure again (a read per shard) and time out too.
+_ATTEMPTED: dict[str, float] = {}
+
+
 def observation_due(context: SensorEvaluationContext, cfg: ConsumerConfig, stream_key: AssetKey, *,
                     now: float | None = None, every_s: float = OBSERVE_EVERY_S) -> bool:
+    now = time.time() if now is None else now
+    if now - _ATTEMPTED.get(cfg.name, float("-inf")) < every_s:
+        return False
     last = last_observed_at(context, cfg, stream_key)
-    return last is None or (time.time() if now is None else now) - last >= every_s
+    return last is None or now - last >= every_s
 
 
 def _blank(value: object) -> object:
@@ -124,6 +132,7 @@ def observe_stream(cfg: ConsumerConfig, stream_key: AssetKey, sink_key: AssetKey
             result = evaluate(context, durability)
             if not isinstance(result, SensorResult) or not observation_due(context, cfg, stream_key, every_s=every_s):
                 return result
+            _ATTEMPTED[cfg.name] = time.time()
             try:
                 lags = measure_consumer_lag(durability, cfg)
             except DurabilityError as exc:
