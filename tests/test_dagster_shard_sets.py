@@ -22,9 +22,8 @@ import pytest
 
 from durability_pipelines.orchestration.consumers import SHARDS_TAG
 from tests.support.dynamodb import AWS_TEST_ENV
-from tests.support.e2e import E2E, Consumer, drain_output, e2e_environment
+from tests.support.e2e import E2E, Consumer, drain_output, e2e_with_private_redis
 from tests.support.kinesis import aws_semantics, change_record, create_stream, kinesis_client, put_changes
-from tests.support.servers import PrivateRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -45,9 +44,6 @@ def kinesis_consumer(ddb: Any, name: str, shards: int, per_run: int, handler: st
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_admin_url: str) -> Iterator[E2E]:
-    redis_server = PrivateRedis(appendonly=False)
-    redis_server.start()
-
     def consumers(ddb: Any, suffix: str) -> dict[str, Consumer]:
         return {
             "wide": kinesis_consumer(ddb, f"sets_wide_{suffix}", 16, 4, "tests.support.dagster_daemon:record_deliveries"),
@@ -63,13 +59,10 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_ad
                                                                "flush_every_s": 3600}}),
         }
 
-    try:
-        with aws_semantics(), e2e_environment(
-                tmp_path_factory.mktemp("dagster_shard_sets"), postgres_url=postgres_url,
-                admin_url=postgres_admin_url, redis_url=redis_server.url, consumers=consumers) as env:
-            yield env
-    finally:
-        redis_server.close()
+    with aws_semantics(), e2e_with_private_redis(
+            tmp_path_factory.mktemp("dagster_shard_sets"), postgres_url=postgres_url, admin_url=postgres_admin_url,
+            consumers=consumers) as env:
+        yield env
 
 
 def produce(e2e: E2E, c: Consumer, n: int, *, extra: list[str] = ()) -> dict[str, list[tuple[str, str]]]:

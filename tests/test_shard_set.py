@@ -14,12 +14,12 @@ import pytest
 from durability_pipelines.checkpoints import StoreUnavailableError
 from durability_pipelines.consumer.drain import DrainBudget, StopReason
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.runtime import BatchDeadLettered, ConsumerRuntime, open_runtime
+from durability_pipelines.consumer.runtime import BatchDeadLettered
 from durability_pipelines.consumer.shard_set import ShardSetDrainer
 from durability_pipelines.consumer.source import SourceBatch
 from durability_pipelines.sources.errors import StreamUnavailableError
 from tests.support.sources import ListSource
-from tests.test_consumer_runtime import make_config
+from tests.test_consumer_drain import open_rt
 
 SHARDS = [f"shardId-{i:05d}" for i in range(6)]
 
@@ -49,12 +49,6 @@ def rows_by_shard(postgres_url: str, stream: str) -> dict[str, list[str]]:
 @pytest.fixture
 def stream() -> str:
     return "set-" + uuid.uuid4().hex[:10]
-
-
-def open_rt(stream: str, redis_url: str, postgres_url: str, source: object, backend: str = "hybrid",
-            **overrides: object) -> ConsumerRuntime:
-    return open_runtime(make_config(stream, backend, **overrides), redis_url=redis_url, postgres_url=postgres_url,
-                        source=source)
 
 
 @pytest.mark.parametrize("backend", ["redis", "postgres", "hybrid"])

@@ -444,3 +444,20 @@ def e2e_environment(tmp: Path, *, postgres_url: str, admin_url: str, redis_url: 
             client.close()
             if errors:
                 raise errors[0]
+
+
+@contextlib.contextmanager
+def e2e_with_private_redis(tmp: Path, *, postgres_url: str, admin_url: str,
+                           consumers: Callable[[Any, str], dict[str, Consumer]], **kwargs: Any) -> Iterator[E2E]:
+    """``e2e_environment`` on a Redis of its own (started here, closed after): what a module's daemon tests
+    share when they may not touch the machine's Redis beyond their keys."""
+    from tests.support.servers import PrivateRedis
+
+    redis_server = PrivateRedis(appendonly=False)
+    redis_server.start()
+    try:
+        with e2e_environment(tmp, postgres_url=postgres_url, admin_url=admin_url, redis_url=redis_server.url,
+                             consumers=consumers, **kwargs) as env:
+            yield env
+    finally:
+        redis_server.close()
