@@ -238,23 +238,26 @@ def job_consumer_config(context: OpExecutionContext) -> ConsumerConfig:
     return ConsumerConfig.model_validate(raw.value)
 
 
-#: A shard's first batches of a run are logged one by one; after that a line per shard each time its sink is
-#: reported (``MATERIALIZE_EVERY_S``) sums them, so the event log grows with time, not with batches.
+#: In a run of several shards, a shard's first batches are logged one by one; after that a line per shard each
+#: time its sink is reported (``MATERIALIZE_EVERY_S``) sums them, so the event log grows with time, not with
+#: shards x batches. A run of one shard logs every batch (the latency benchmark times hand-offs from them).
 LOGGED_BATCHES_PER_SHARD = 20
 
 
 class BatchLog:
-    """Which batch records the op logs one by one (a shard's first ``LOGGED_BATCHES_PER_SHARD``, and every batch
-    that retried, failed, dead-lettered or skipped trimmed data), and the sum of the others per shard."""
+    """Which batch records the op logs one by one (in a run of several shards: a shard's first
+    ``LOGGED_BATCHES_PER_SHARD``, and every batch that retried, failed or dead-lettered), and the sum of the
+    others per shard."""
 
-    def __init__(self, log) -> None:
+    def __init__(self, log, *, per_shard: float = LOGGED_BATCHES_PER_SHARD) -> None:
         self.log = log
+        self.per_shard = per_shard
         self._logged: dict = {}
         self._quiet: dict = {}  # shard -> [batches, events, first record, last record] not logged one by one
 
     def batch(self, record: BatchRecord) -> None:
         n = self._logged.get(record.shard, 0)
-        if n < LOGGED_BATCHES_PER_SHARD or record.attempts > 1 or record.failed or record.dead_letter_ids:
+        if n < self.per_shard or record.attempts > 1 or record.failed or record.dead_letter_ids:
             self._logged[record.shard] = n + 1
             self.log.info(record.describe())
             return
@@ -342,7 +345,7 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
     several = len(shards) > 1
     rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
     sinks = {s: SinkReporter(cfg, s, rt.key(s).redis_key, context.log_event) for s in shards}
-    batch_log = BatchLog(context.log)
+    batch_log = BatchLog(context.log, per_shard=LOGGED_BATCHES_PER_SHARD if several else float("inf"))
 
     def on_batch(record: BatchRecord) -> None:
         batch_log.batch(record)
