@@ -63,15 +63,22 @@ def measure_consumer_lag(durability: DurabilityResource, cfg: ConsumerConfig) ->
         rt.close()
 
 
-#: consumer -> when this process last tried to observe its stream. A tick that times out records no
-#: observation: without this, every following tick would measure again (a read per shard) and time out too.
-_ATTEMPTED: dict[str, float] = {}
+#: (Dagster instance, consumer) -> when this process last tried to observe the stream. A tick that times out
+#: records no observation: without this, every following tick would measure again (a read per shard) and
+#: time out too.
+_ATTEMPTED: dict[tuple[str, str], float] = {}
+
+
+def _attempt_key(context: SensorEvaluationContext, cfg: ConsumerConfig) -> tuple[str, str]:
+    """The instance (its storage, as the code server knows it; an in-process instance by identity) and consumer."""
+    ref = getattr(context, "instance_ref", None)
+    return (repr(ref) if ref is not None else f"instance-{id(context.instance)}", cfg.name)
 
 
 def observation_due(context: SensorEvaluationContext, cfg: ConsumerConfig, stream_key: AssetKey, *,
                     now: float | None = None, every_s: float = OBSERVE_EVERY_S) -> bool:
     now = time.time() if now is None else now
-    if now - _ATTEMPTED.get(cfg.name, float("-inf")) < every_s:
+    if now - _ATTEMPTED.get(_attempt_key(context, cfg), float("-inf")) < every_s:
         return False
     last = last_observed_at(context, cfg, stream_key)
     return last is None or now - last >= every_s
@@ -132,7 +139,7 @@ def observe_stream(cfg: ConsumerConfig, stream_key: AssetKey, sink_key: AssetKey
             result = evaluate(context, durability)
             if not isinstance(result, SensorResult) or not observation_due(context, cfg, stream_key, every_s=every_s):
                 return result
-            _ATTEMPTED[cfg.name] = time.time()
+            _ATTEMPTED[_attempt_key(context, cfg)] = time.time()
             try:
                 lags = measure_consumer_lag(durability, cfg)
             except DurabilityError as exc:
