@@ -304,8 +304,11 @@ def run_metadata(outcomes: list[ShardOutcome]) -> dict:
     if len(reports) == 1:
         return _report_metadata(reports[0])
     figures = [r.as_metadata() for r in reports]
-    total = {k: sum(f[k] for f in figures) for k in (
-        "batches", "events", "processed", "failed_items", "events_filtered", "retried_batches", "dead_letters")}
+    summed = ("batches", "events", "processed", "failed_items", "events_filtered", "retried_batches", "dead_letters")
+    for outcome, f in zip(outcomes, figures, strict=True):  # a restarted shard's earlier drains count too
+        for earlier in (r.as_metadata() for r in outcome.earlier):
+            f.update({k: f[k] + earlier[k] for k in summed})
+    total = {k: sum(f[k] for f in figures) for k in summed}
     duration = max(r.duration_s for r in reports)
     behind = [f["records_behind"] for f in figures]
     reasons = sorted({f["stop_reason"] for f in figures})
@@ -561,8 +564,7 @@ def build_consumer_sensor(cfg: ConsumerConfig, consumer_job: JobDefinition) -> S
             readable = [s for s in rt.source.readable(acked) if s not in unusable]
             # The shards no run holds are peeked at together, on threads: a consumer with hundreds of shards
             # must tick well inside Dagster's sensor timeout (a peek is a round trip or two to the stream).
-            unowned = [s for s in readable if not cursor.shards.get(shard_id(s)) or not
-                       cursor.shards[shard_id(s)].run_key]
+            unowned = [s for s in readable if not getattr(cursor.shards.get(shard_id(s)), "run_key", None)]
             peeked = peek_shards(rt.source, unowned, acked)
 
             def has_new(shard, after):
