@@ -225,8 +225,12 @@ def test_a_slow_mirror_runs_one_at_a_time_and_the_consumers_keep_acking(e2e: E2E
             blocker.execute("LOCK TABLE checkpoint_audit IN ACCESS EXCLUSIVE MODE")
             locked_at = time.time()
             def blocked() -> list[Any]:
-                return [r for r in in_flight()
-                        if r.create_timestamp.timestamp() > locked_at and r.dagster_run.status.value == "STARTED"]
+                # A mirror run is started and some session waits for the lock on the audit table (the run may
+                # have been created just before the lock was taken: it blocks all the same).
+                waiting = e2e.query("SELECT count(*) FROM pg_locks WHERE relation = 'checkpoint_audit'::regclass"
+                                    " AND NOT granted")[0][0]
+                started = [r for r in in_flight() if r.dagster_run.status.value == "STARTED"]
+                return started if waiting else []
 
             e2e.wait(blocked, "a mirror run to start (and block on the audit table)", timeout=150)
             # Meanwhile the consumers keep acking: a new burst is drained while the mirror is stuck.
