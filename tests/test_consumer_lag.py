@@ -89,7 +89,7 @@ def test_a_run_that_wrote_materializes_the_sink_and_one_that_did_not_observes_it
 
 def test_a_draining_run_materializes_its_sink_as_it_goes_not_only_when_it_ends(redis_url, postgres_url) -> None:
     """A run lives ten minutes: its sink is materialized at its first batch with events, then every
-    MATERIALIZE_EVERY_S, then for the rest at its end; each event covers its own batches, with the lag of then."""
+    SINK_MATERIALIZE_EVERY_S, then for the rest at its end; each event covers its own batches, with the lag of then."""
     stream = "lag-" + uuid.uuid4().hex[:10]
     rt = open_rt(stream, redis_url, postgres_url, ListSource(stream, {SHARD: dated(stream, 45, oldest_age_s=100)}))
     clock = FakeClock()

@@ -51,6 +51,7 @@ BACKLOG = 3000
 BACKLOG_BATCH = 250
 MIRROR_SCHEDULE = "checkpoint_mirror_schedule"
 LAG_OBJECTIVE_S = 10
+FRESHNESS_FAIL_S = 60  # Dagster's shortest window
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,10 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, postgres_ad
                              overrides={"max_events": 100, "max_idle_s": 1, "lease_duration_s": 12}),
             "lag": Consumer(f"drain_lag_{suffix}", create_stream_table(ddb)[0],
                             "tests.support.dagster_daemon:record_deliveries",
-                            overrides={"max_events": 100, "max_idle_s": 1, "max_lag_s": LAG_OBJECTIVE_S}),
+                            overrides={"max_events": 100, "max_idle_s": 1, "max_lag_s": LAG_OBJECTIVE_S,
+                                       # the sink's FreshnessPolicy, and a derived asset automation rebuilds
+                                       "freshness": {"fail_after_s": FRESHNESS_FAIL_S},
+                                       "events_per_minute": {"window_hours": 1}}),
         }
 
     try:
@@ -267,6 +271,11 @@ def check_result_after(e2e: E2E, key: AssetCheckKey, after: float, status: Asset
     return e2e.wait(found, f"a {status.value} execution of {key.to_user_string()} after {after}", timeout=timeout)
 
 
+def freshness(e2e: E2E, key: AssetKey) -> str | None:
+    record = e2e.instance.get_freshness_state_records([key]).get(key)
+    return record.freshness_state.value if record is not None else None
+
+
 def evaluation(record: Any) -> Any:
     return record.event.dagster_event.event_specific_data
 
@@ -290,6 +299,18 @@ def test_a_consumer_reports_lag_and_throughput_on_its_sink_and_its_lag_check_fai
         passed = check_result_after(e2e, check, caught_up, AssetCheckExecutionRecordStatus.SUCCEEDED)
         assert evaluation(passed).metadata["reactive.lag_seconds"].value <= LAG_OBJECTIVE_S
 
+        # Declarative automation rebuilt the derived table from the sink by itself (no test launched it), and
+        # the daemon's freshness loop finds the sink fresh.
+        rollup = AssetKey([c.name, f"{c.name}_events_per_minute"])
+        def rolled_up() -> Any:
+            found = e2e.instance.fetch_materializations(rollup, limit=20).records
+            return [m for m in found if m.asset_materialization.metadata["events_in_window"].value == 300]
+        derived = e2e.wait(rolled_up, "the automation sensor to materialize the events_per_minute asset", timeout=180)
+        run = e2e.instance.get_run_by_id(derived[0].run_id)
+        assert run.tags.get("dagster/sensor_name") == f"{c.name}_automation", run.tags  # the consumer's own sensor
+        assert sum(n for (n,) in e2e.query(f'SELECT events FROM "{c.name}_events_per_minute"')) == 300
+        e2e.wait(lambda: freshness(e2e, sink) == "PASS", "the sink's freshness state to be PASS", timeout=120)
+
         # The consumer stops (its sensor off) while the stream is still written: the check fails, naming
         # the shard, its lag and its last ack.
         e2e.set_sensor(c, running=False)
@@ -302,10 +323,13 @@ def test_a_consumer_reports_lag_and_throughput_on_its_sink_and_its_lag_check_fai
         assert f"shard {shard}: lag" in description and "last ack 20" in description, description
         assert f"objective of {LAG_OBJECTIVE_S} s" in description and f"{c.name}_sensor" in description
         assert evaluation(failed).metadata["reactive.lag_seconds"].value > LAG_OBJECTIVE_S
+        # Nothing written for longer than the freshness window: the daemon marks the sink FAIL.
+        e2e.wait(lambda: freshness(e2e, sink) == "FAIL", "the sink's freshness state to be FAIL", timeout=240)
 
         # Running again, it catches up and the check passes again.
         e2e.set_sensor(c, running=True)
         e2e.wait_drained(c)
         recovered = time.time()
         check_result_after(e2e, check, recovered, AssetCheckExecutionRecordStatus.SUCCEEDED)
+        e2e.wait(lambda: freshness(e2e, sink) == "PASS", "the sink's freshness state to pass again", timeout=120)
         assert_every_event_once(e2e, c)

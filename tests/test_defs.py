@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dagster import Definitions
+from dagster import AssetKey, Definitions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,13 +25,18 @@ def test_definitions_load_with_every_job_sensor_asset_and_schedule() -> None:
     assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == {
         "checkpoint_mirror", "checkpoint_audit", "checkpoint_history_summary",
         "streams/dynamodb/orders", "streams/supabase/orders-changes",
-        "orders_worker/orders_worker_stream_events",
+        "orders_worker/orders_worker_stream_events", "orders_worker/orders_worker_events_per_minute",
         "supabase_orders_worker/supabase_orders_worker_stream_events",
         "orders_to_realtime/orders_to_realtime_realtime_orders"}
-    # the graph labels a node with its key's last part: every sink's label is its own
-    sinks = [k for k in repo.asset_graph.get_all_asset_keys() if k.path[0] in {"orders_worker",
-             "supabase_orders_worker", "orders_to_realtime"}]
-    assert len({k.path[-1] for k in sinks}) == len(sinks) == 3
+    # the graph labels a node with its key's last part: every consumer asset's label is its own
+    mine = [k for k in repo.asset_graph.get_all_asset_keys() if k.path[0] in {"orders_worker",
+            "supabase_orders_worker", "orders_to_realtime"}]
+    assert len({k.path[-1] for k in mine}) == len(mine) == 4
+    # the starter's derived table is rebuilt by declarative automation whenever its sink is materialized
+    derived = repo.asset_graph.get(AssetKey(["orders_worker", "orders_worker_events_per_minute"]))
+    assert derived.automation_condition is not None and derived.parent_keys == {
+        AssetKey(["orders_worker", "orders_worker_stream_events"])}
+    assert "orders_worker_automation" in {s.name for s in repo.sensor_defs}
     job = defs.resolve_job_def("orders_worker_job")
     assert [n.name for n in job.graph.node_defs] == ["drain_shard"]  # a run drains its shard, batch by batch
 

@@ -26,6 +26,7 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 
 from durability_pipelines.checkpoints.errors import ConfigError
@@ -279,6 +280,43 @@ class DeadLetterConfig(_Strict):
     )
 
 
+#: A run that writes materializes its sink at least this often (``orchestration/consumers.SinkReporter``).
+SINK_MATERIALIZE_EVERY_S = 60.0
+
+
+class FreshnessConfig(_Strict):
+    """The sink's Dagster ``FreshnessPolicy`` (a time window over its materializations)."""
+
+    enabled: bool = Field(default=True, strict=True)
+    fail_after_s: float | None = Field(
+        default=None, ge=60, le=366 * 86400, allow_inf_nan=False,
+        description="the sink fails its freshness policy when it has not been materialized for this long; "
+        "default: max_lag_s + 60 (a run that writes materializes the sink at least once a minute). At least 60 "
+        "(Dagster's bound). A quiet stream writes nothing and fails it too: enable freshness on streams with "
+        "steady traffic",
+    )
+    warn_after_s: float | None = Field(
+        default=None, ge=60, le=366 * 86400, allow_inf_nan=False,
+        description="warn this long after the last materialization (below fail_after_s); default: no warning",
+    )
+
+    def windows(self, max_lag_s: float) -> tuple[float, float | None]:
+        """(fail, warn) in seconds: fail defaults to max_lag_s plus the minute within which a writing run
+        materializes its sink (``SINK_MATERIALIZE_EVERY_S``)."""
+        fail = self.fail_after_s if self.fail_after_s is not None else max(60.0, max_lag_s + SINK_MATERIALIZE_EVERY_S)
+        return fail, self.warn_after_s
+
+
+class EventsPerMinuteConfig(_Strict):
+    """A downstream asset ``<name>/<name>_events_per_minute``: the ``stream_events`` rows of the consumer's
+    stream counted per minute and event name, rebuilt by declarative automation as batches land."""
+
+    window_hours: float = Field(
+        default=24.0, gt=0, le=24 * 366, allow_inf_nan=False,
+        description="the table covers this many hours back from now; each materialization rebuilds them",
+    )
+
+
 class ConsumerConfig(_Strict):
     name: str = Field(description="Unique name; the Dagster job is <name>_job and the sensor <name>_sensor")
     description: str = ""
@@ -343,6 +381,16 @@ class ConsumerConfig(_Strict):
         description="the lag objective: the sink's check lag_within_objective fails while a shard's oldest "
         "unprocessed record is older than this (seconds)",
     )
+    freshness: FreshnessConfig | None = Field(
+        default=None,
+        description="give the sink a Dagster FreshnessPolicy derived from max_lag_s (dagster.yaml enables the "
+        "freshness daemon); off by default, because a quiet stream materializes nothing and would fail it",
+    )
+    events_per_minute: EventsPerMinuteConfig | None = Field(
+        default=None,
+        description="add a downstream asset counting the sink's stream_events rows per minute, materialized by "
+        "declarative automation when the sink is (the handler must write stream_events, as the default does)",
+    )
     successor_lead_s: float = Field(
         default=30.0, ge=0, le=3600, allow_inf_nan=False,
         description="graceful hand-off: the sensor starts a shard's next run this long before the current "
@@ -360,6 +408,15 @@ class ConsumerConfig(_Strict):
         "always owned by a run, handed from run to run, so the first event after a quiet period is read within "
         "a poll interval; costs one run process per shard at all times",
     )
+
+    @model_validator(mode="after")
+    def _freshness(self) -> ConsumerConfig:
+        if self.freshness is not None and self.freshness.warn_after_s is not None:
+            fail, warn = self.freshness.windows(self.max_lag_s)
+            if warn is not None and warn >= fail:
+                raise ValueError(f"freshness.warn_after_s ({warn:g} s) must be below the fail window ({fail:g} s: "
+                                 "freshness.fail_after_s, or max_lag_s + 60 when unset)")
+        return self
 
     @field_validator("lease_duration_s")
     @classmethod

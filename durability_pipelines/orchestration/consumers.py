@@ -16,6 +16,7 @@
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 from dagster import (
@@ -34,6 +35,7 @@ from dagster import (
     DefaultSensorStatus,
     Definitions,
     Failure,
+    FreshnessPolicy,
     Jitter,
     JobDefinition,
     MetadataValue,
@@ -59,7 +61,12 @@ from durability_pipelines.checkpoints.errors import (
     StoreUnavailableError,
 )
 from durability_pipelines.checkpoints.keys import NO_SHARD, shard_from_tag
-from durability_pipelines.consumer.config import ConsumerConfig, DynamoDBSourceConfig, KinesisSourceConfig
+from durability_pipelines.consumer.config import (
+    SINK_MATERIALIZE_EVERY_S,
+    ConsumerConfig,
+    DynamoDBSourceConfig,
+    KinesisSourceConfig,
+)
 from durability_pipelines.consumer.dispatch import (
     Dispatch,
     InFlightRun,
@@ -185,13 +192,9 @@ def _sink_event(cfg: ConsumerConfig, checkpoint_key: str, *, shard: str, events:
     return AssetObservation(asset_key=key, metadata=metadata, description=f"shard {shard}: nothing new to write")
 
 
-#: A draining run materializes its sink this often (when it wrote events), not only when it ends.
-MATERIALIZE_EVERY_S = 60.0
-
-
 class SinkReporter:
     """Materializes the consumer's sink as a run drains: at its first batch with events, then every
-    ``MATERIALIZE_EVERY_S``, then once more for the rest when the run ends. A run lives ten minutes and
+    ``SINK_MATERIALIZE_EVERY_S``, then once more for the rest when the run ends. A run lives ten minutes and
     hands its shard on; freshness, declarative automation and the plots must follow the stream, not the
     run's length. Each event covers the batches since the previous one (its lag is the lag right then)."""
 
@@ -208,7 +211,7 @@ class SinkReporter:
         self._events += record.events
         self._batches += 1
         self._last = record
-        if self._events and (not self._emitted or self.clock() - self._start >= MATERIALIZE_EVERY_S):
+        if self._events and (not self._emitted or self.clock() - self._start >= SINK_MATERIALIZE_EVERY_S):
             self._emit("draining", caught_up=record.behind == 0)
             return True
         return False
@@ -239,7 +242,7 @@ def job_consumer_config(context: OpExecutionContext) -> ConsumerConfig:
 
 
 #: In a run of several shards, a shard's first batches are logged one by one; after that a line per shard each
-#: time its sink is reported (``MATERIALIZE_EVERY_S``) sums them, so the event log grows with time, not with
+#: time its sink is reported (``SINK_MATERIALIZE_EVERY_S``) sums them, so the event log grows with time, not with
 #: shards x batches. A run of one shard logs every batch (the latency benchmark times hand-offs from them).
 LOGGED_BATCHES_PER_SHARD = 20
 
@@ -652,7 +655,18 @@ def sink_asset_spec(cfg: ConsumerConfig) -> AssetSpec:
         description=f"{sink.description}. Written by consumer {cfg.name} (job {cfg.name}_job) from "
                     f"{cfg.adapter} stream {cfg.stream}; each run reports the shard's events, lag and events/s.",
         metadata={"consumer": cfg.name, "handler": cfg.handler, "max_lag_s": cfg.max_lag_s},
+        freshness_policy=sink_freshness_policy(cfg),
     )
+
+
+def sink_freshness_policy(cfg: ConsumerConfig) -> FreshnessPolicy | None:
+    """The sink's freshness as Dagster evaluates it (the freshness daemon, ``freshness: enabled`` in
+    dagster.yaml): materialized within ``max_lag_s`` + 60 s, or the consumer's own windows."""
+    if cfg.freshness is None or not cfg.freshness.enabled:
+        return None
+    fail, warn = cfg.freshness.windows(cfg.max_lag_s)
+    return FreshnessPolicy.time_window(fail_window=timedelta(seconds=fail),
+                                       warn_window=timedelta(seconds=warn) if warn is not None else None)
 
 
 def lag_check_key(cfg: ConsumerConfig) -> AssetCheckKey:
@@ -702,7 +716,11 @@ def build_lag_check(cfg: ConsumerConfig) -> AssetChecksDefinition:
 def build_consumer_defs(cfg: ConsumerConfig) -> Definitions:
     """A consumer's definitions: its job, sensor, sink asset and lag check (the stream's asset is
     declared once per stream by the code location, ``definitions.py``)."""
+    from durability_pipelines.orchestration.rollups import build_rollup_defs
+
     validate_for_dagster(cfg)
     consumer_job = build_consumer_job(cfg)
-    return Definitions(jobs=[consumer_job], sensors=[build_consumer_sensor(cfg, consumer_job)],
-                       assets=[sink_asset_spec(cfg)], asset_checks=[build_lag_check(cfg)])
+    return Definitions.merge(
+        Definitions(jobs=[consumer_job], sensors=[build_consumer_sensor(cfg, consumer_job)],
+                    assets=[sink_asset_spec(cfg)], asset_checks=[build_lag_check(cfg)]),
+        build_rollup_defs(cfg))
