@@ -13,6 +13,8 @@ tests/support/browser.py) checks what the UI shows:
   preview showing a 23-digit change-feed position in full (never a float);
 * the asset graph: the stream ``streams/dynamodb/orders`` upstream of the sink
   ``orders_to_realtime/orders_to_realtime_realtime_orders``, whose Plots tab draws the runs' lag figure, and its lag check;
+* downstream of a sink: ``orders_worker_events_per_minute``, materialized by itself (declarative automation,
+  its sensor ``orders_worker_automation`` switched on) once the starter has written events;
 * the code location's Docs tab, documenting the ``StreamConsumer`` component.
 
 The runs page is saved as a screenshot in the test's temporary directory, or as the tracked
@@ -147,7 +149,21 @@ def _check_ui(demo: DemoProcess, tmp_path: Path, run: dict[str, Any]) -> None:
         expect(plots).to_contain_text("events_per_s")
         expect(plots.locator("canvas").first).to_be_visible()  # drawn, not only listed
 
-        # 5. The code location's Docs tab: the component type and its attributes
+        # 5. Downstream of a sink: the starter's events_per_minute table, materialized by its automation sensor
+        derived = "orders_worker/orders_worker_events_per_minute"
+        demo.wait_until(lambda: _derived_materialized(demo), timeout=180, every=3,
+                        what="declarative automation to materialize orders_worker_events_per_minute")
+        page.goto(f"{base}/assets/{derived}")
+        body = page.locator("body")
+        expect(body).to_contain_text("Rebuilt whenever the sink is materialized")
+        expect(body).to_contain_text("orders_worker / orders_worker_stream_events")  # upstream: the sink
+        expect(body).to_contain_text("events_in_window")  # its latest materialization's figures
+        page.goto(f"{base}/automation")
+        row = page.locator("[data-index]").filter(has=page.locator('a[href$="/orders_worker_automation"]'))
+        expect(row).to_have_count(1)
+        expect(row.locator("input[type=checkbox]").last).to_be_checked()
+
+        # 6. The code location's Docs tab: the component type and its attributes
         page.goto(f"{base}/locations/__repository__@durability_pipelines/docs")
         expect(page.locator("body")).to_contain_text("Components")
         # follow the links' targets: Dagster's community dialog can sit over the sidebar
@@ -172,6 +188,16 @@ def _audit_position(demo: DemoProcess) -> str | None:
     previews = [e.get("mdStr") or "" for m in mats for e in m["metadataEntries"] if e["label"] == "preview"]
     found = re.findall(r"(?<![\d.])\d{22,}(?![\d.])", " ".join(previews))
     return found[0] if found else None
+
+
+DERIVED_RUNS = """{ assetOrError(assetKey: {path: ["orders_worker", "orders_worker_events_per_minute"]}) {
+  ... on Asset { assetMaterializations(limit: 1) { runId } } } }"""
+
+
+def _derived_materialized(demo: DemoProcess) -> bool:
+    """The derived asset has a materialization, from a run the automation sensor launched."""
+    mats = demo.graphql(DERIVED_RUNS)["assetOrError"].get("assetMaterializations") or []
+    return bool(mats)
 
 
 def test_dagster_ui_shows_the_running_demo(tmp_path: Path) -> None:

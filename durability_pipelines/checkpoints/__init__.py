@@ -24,6 +24,7 @@ from durability_pipelines.checkpoints.errors import (
     InvalidCheckpointKeyError,
     InvalidSequenceError,
     LeaseLostError,
+    StoreRefusedError,
     StoreUnavailableError,
     WrongTypeKeyError,
 )
@@ -54,6 +55,6 @@ __all__ = [
     "LATEST", "NO_SHARD", "SHARD_END", "TRIM_HORIZON", "CheckpointKey", "CheckpointStore", "CheckpointTransaction",
     "ConfigError", "DurabilityError", "HistoryEntry", "InvalidCheckpointKeyError", "InvalidSequenceError",
     "Lease", "LeaseKey", "LeaseLostError", "LeaseManager", "PostgresConnection", "SaveContext", "SaveOutcome", "SaveResult",
-    "StoreConfig", "StoreUnavailableError", "TransactionalStore", "WrongTypeKeyError", "compare_sequences",
+    "StoreConfig", "StoreRefusedError", "StoreUnavailableError", "TransactionalStore", "WrongTypeKeyError", "compare_sequences",
     "connection_is_stale", "mask_conninfo", "normalize_sequence", "open_store", "sequence_gap", "shard_from_tag", "shard_to_tag", "sort_key",
 ]

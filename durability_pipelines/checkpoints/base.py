@@ -286,6 +286,12 @@ class CheckpointStore(abc.ABC):
         """The stores this one is made of, by name: hybrid has ``redis`` and ``postgres``, the others themselves."""
         return [(self.backend, self)]
 
+    def refusals(self) -> dict[str, str]:
+        """Parts of this store whose server refused the credentials or the database, by part name, with the
+        message that says what to fix. Only a store that goes on without such a part (hybrid, on Postgres
+        alone) has any: the others fail the call. The lag check fails while there are some."""
+        return {}
+
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Push buffered state to durable storage (hybrid); no-op elsewhere."""
 

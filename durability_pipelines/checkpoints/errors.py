@@ -70,6 +70,12 @@ class StoreUnavailableError(DurabilityError):
     """A backing service (Redis or Postgres) could not be reached."""
 
 
+class StoreRefusedError(StoreUnavailableError):
+    """The server answered but refused: wrong credentials, no such role or database. Not an outage:
+    retrying will not help, so runs fail at once (never retried) and a hybrid store that falls back on its
+    other part reports it as a refusal (the lag check fails naming it)."""
+
+
 class ConfigError(DurabilityError, ValueError):
     """Configuration (environment, YAML file, resource config) is invalid."""
 

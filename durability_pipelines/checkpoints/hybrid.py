@@ -42,6 +42,7 @@ from durability_pipelines.checkpoints.base import (
 from durability_pipelines.checkpoints.errors import (
     InvalidSequenceError,
     LeaseLostError,
+    StoreRefusedError,
     StoreUnavailableError,
     WrongTypeKeyError,
     lease_lost,
@@ -245,6 +246,7 @@ class HybridCheckpointStore(CheckpointStore):
         # key -> (acked value, its context, the lease it was admitted under): what Postgres still lacks
         self._pending: dict[CheckpointKey, tuple[str, SaveContext, Lease | None]] = {}
         self.degraded: dict[str, str] = {}
+        self._refused: dict[str, str] = {}  # part -> message: refused credentials or database, not an outage
         self.fallbacks: list[Fallback] = []
         self._replace_if_equal = redis_store.client.register_script(_REPLACE_IF_EQUAL_LUA)
         self._leases = HybridLeaseManager(self)
@@ -265,12 +267,21 @@ class HybridCheckpointStore(CheckpointStore):
         with self._lock:
             return {k: v for k, (v, _, _) in self._pending.items()}
 
+    def refusals(self) -> dict[str, str]:
+        return dict(self._refused)
+
     def _degrade(self, store: str, exc: BaseException) -> None:
+        refused = isinstance(exc, StoreRefusedError)
         if store not in self.degraded:
-            log.warning("hybrid checkpoint store degraded: %s unavailable (%s)", store, exc)
+            log.warning("hybrid checkpoint store degraded: %s %s (%s)", store,
+                        "refused the credentials or the database; going on with the other store" if refused
+                        else "unavailable", exc)
         self.degraded[store] = str(exc)
+        if refused:
+            self._refused[store] = str(exc)
 
     def _recover(self, store: str) -> None:
+        self._refused.pop(store, None)
         if self.degraded.pop(store, None) is not None:
             log.info("hybrid checkpoint store: %s is back", store)
 

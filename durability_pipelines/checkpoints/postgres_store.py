@@ -33,7 +33,12 @@ from durability_pipelines.checkpoints.base import (
     SaveResult,
     require_force_context,
 )
-from durability_pipelines.checkpoints.errors import InvalidSequenceError, StoreUnavailableError, lease_lost
+from durability_pipelines.checkpoints.errors import (
+    InvalidSequenceError,
+    StoreRefusedError,
+    StoreUnavailableError,
+    lease_lost,
+)
 from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.lock_waits import lock_wait_error
 from durability_pipelines.checkpoints.ordering import MAX_DIGITS, SHARD_END, max_sequence, normalize_sequence
@@ -139,6 +144,16 @@ def _lease_from_row(row: Sequence[Any]) -> Lease:
                  requested_by or "", requested_at, handed_from or "", handed_at)
 
 
+def _refusal(exc: psycopg.OperationalError, conninfo: str) -> str | None:
+    """The CLI's message when the server refused this connection (credentials, database), else None."""
+    from durability_pipelines.services.checks import refusal_message
+
+    try:
+        return refusal_message(exc, conninfo, kind="postgres", source="DURABILITY_POSTGRES_URL")
+    except Exception:  # noqa: BLE001 - a conninfo the URL helpers cannot read: say it plainly
+        return None
+
+
 class PostgresConnection:
     """One lazily (re)connected psycopg connection shared by a store, with a lock.
 
@@ -187,6 +202,9 @@ class PostgresConnection:
                 raise lock_wait_error(self._connect(), exc, what=f"a transaction on {self.target}") from None
             except psycopg.OperationalError as exc:
                 self.reset()
+                refused = _refusal(exc, self.conninfo)
+                if refused is not None:  # credentials or database: the server is up, a retry will not help
+                    raise StoreRefusedError(refused) from None
                 raise StoreUnavailableError(
                     f"cannot reach {self.target}: {type(exc).__name__}. Check that Postgres is running and "
                     "DURABILITY_POSTGRES_URL is right; the transaction was rolled back."

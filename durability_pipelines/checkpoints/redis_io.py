@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from durability_pipelines.checkpoints.errors import (
+    StoreRefusedError,
     StoreUnavailableError,
     WrongTypeKeyError,
 )
@@ -72,6 +73,13 @@ def describe_server(client: redis.Redis) -> str:
 
 
 def unavailable_error(client: redis.Redis, exc: BaseException) -> StoreUnavailableError:
+    """What a failed Redis call raises: ``StoreRefusedError`` when the server refused the credentials
+    (WRONGPASS / NOAUTH: it is up, a retry will not help), else ``StoreUnavailableError``."""
+    from durability_pipelines.services.checks import is_credentials_error, redis_refusal
+
+    if is_credentials_error(exc):
+        return StoreRefusedError(redis_refusal(describe_server(client), f"{str(exc).rstrip('.')}.",
+                                               "DURABILITY_REDIS_URL"))
     return StoreUnavailableError(
         f"cannot reach {describe_server(client)}: {type(exc).__name__}. Check that Redis is running and "
         "DURABILITY_REDIS_URL is right; nothing was written."
@@ -83,5 +91,11 @@ def redis_errors(client: redis.Redis) -> Iterator[None]:
     """Turn connection failures into ``StoreUnavailableError`` (no credentials in the message)."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # AuthenticationError is a ConnectionError
         raise unavailable_error(client, exc) from exc
+    except redis.ResponseError as exc:
+        from durability_pipelines.services.checks import is_credentials_error
+
+        if is_credentials_error(exc):  # NOAUTH / WRONGPASS / NOPERM as a reply to a command
+            raise unavailable_error(client, exc) from None
+        raise

@@ -58,6 +58,7 @@ from durability_pipelines.checkpoints.errors import (
     ConfigError,
     DurabilityError,
     LeaseLostError,
+    StoreRefusedError,
     StoreUnavailableError,
 )
 from durability_pipelines.checkpoints.keys import NO_SHARD, shard_from_tag
@@ -92,7 +93,11 @@ from durability_pipelines.observability import LAG_SECONDS, RECORDS_BEHIND
 from durability_pipelines.orchestration.resources import DurabilityResource
 from durability_pipelines.orchestration.run_queue import CONSUMER_RUN_TAGS, IN_FLIGHT_STATUSES
 from durability_pipelines.orchestration.source_readiness import skip_when_source_not_ready
-from durability_pipelines.orchestration.stream_observations import measure_consumer_lag, observe_stream
+from durability_pipelines.orchestration.stream_observations import (
+    measure_consumer_lag_and_refusals,
+    observe_stream,
+)
+from durability_pipelines.services.errors import ServiceRefusedError
 from durability_pipelines.sources.errors import (
     SourceError,
     StreamChangedError,
@@ -283,13 +288,15 @@ class BatchLog:
 def _restartable(exc: BaseException) -> bool:
     """Errors after which a shard of a multi-shard run is restarted in place: the infrastructure (what the op's
     RetryPolicy retries for a run of one shard), or a bug/crash outside the project's errors."""
+    if isinstance(exc, StoreRefusedError):  # credentials or a database: not an outage
+        return False
     return isinstance(exc, TRANSIENT_ERRORS) or not isinstance(exc, DurabilityError)
 
 
 def _raise_for(exc: BaseException, metadata: dict) -> None:
     """A run of one shard fails as it always has: retried by the op's RetryPolicy for the infrastructure,
     not for the data, the config or a lost lease."""
-    if isinstance(exc, (ShardBusyError, LeaseLostError)):
+    if isinstance(exc, (ShardBusyError, LeaseLostError, StoreRefusedError)):
         raise Failure(str(exc), metadata=metadata, allow_retries=False) from exc
     if isinstance(exc, BatchDeadLettered):
         raise Failure(str(exc), metadata={**metadata, "dead_letter_id": exc.dead_letter_id},
@@ -349,7 +356,10 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
             f"consumer {cfg.name} reads a sharded stream: set ops.drain_shard.config.shard to a shard id "
             f"(the sensor {cfg.name}_sensor does this; its cursor lists the shards)", allow_retries=False)
     several = len(shards) > 1
-    rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
+    try:
+        rt = durability.runtime(cfg, is_owner_dead=_run_finished(context))
+    except (StoreRefusedError, ServiceRefusedError) as exc:  # credentials, a database: retrying will not help
+        raise Failure(str(exc), allow_retries=False) from exc
     sinks = {s: SinkReporter(cfg, s, rt.key(s).redis_key, context.log_event) for s in shards}
     batch_log = BatchLog(context.log, per_shard=LOGGED_BATCHES_PER_SHARD if several else float("inf"))
 
@@ -371,8 +381,10 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
         rt, shards, context.run_id, DrainBudget.from_config(cfg),
         on_start=lambda report: context.log.info(describe_claim(report)),
         on_batch=on_batch, on_retry=on_retry, on_restart=on_restart, restartable=_restartable)
+    refused: dict[str, str] = {}
     try:
         outcomes = drainer.run()
+        refused = rt.store.refusals()  # hybrid went on without a part whose server refused it: say so
     except (DagsterExecutionInterruptedError, KeyboardInterrupt) as exc:
         # Terminate in the UI, a SIGTERM: every shard finished and acked its batch in hand and released its
         # lease (ShardSetDrainer.run); the runtime's close below flushes the hybrid store. Dagster retries an
@@ -413,6 +425,12 @@ def drain_shard(context: OpExecutionContext, config: DrainShardConfig, durabilit
                       + (" (the others drained normally)" if several and len(problems) < len(outcomes) else "")
                       + ": " + "; ".join(problems),
                       metadata={**metadata, "checkpoint_key": checkpoint_keys}, allow_retries=False)
+    for part, why in refused.items():
+        context.log.warning(f"the {part} part of the {cfg.checkpoint.backend} checkpoint store refused this run, "
+                            f"which went on with the other part alone (no ack lost; the lag check fails until it is "
+                            f"fixed): {why}")
+    if refused:
+        metadata["checkpoint_store_refused"] = MetadataValue.json(refused)
     context.add_output_metadata({**metadata, "backend": cfg.checkpoint.backend,
                                  "checkpoint_key": checkpoint_keys, **rt.metrics.summary()})
 
@@ -681,7 +699,7 @@ def build_lag_check(cfg: ConsumerConfig) -> AssetChecksDefinition:
     )
     def _lag_check(context: AssetCheckExecutionContext, durability: DurabilityResource) -> AssetCheckResult:
         try:
-            lags = measure_consumer_lag(durability, cfg)
+            lags, refused = measure_consumer_lag_and_refusals(durability, cfg)
         except DurabilityError as exc:  # the stream or a store down: unknown is not "within the objective"
             return AssetCheckResult(passed=False, description=f"cannot measure consumer {cfg.name}'s lag: "
                                     f"{type(exc).__name__}: {exc}", metadata={"max_lag_s": cfg.max_lag_s})
@@ -698,6 +716,9 @@ def build_lag_check(cfg: ConsumerConfig) -> AssetChecksDefinition:
         if unknown:
             problems.append(f"{len(unknown)} shard(s) whose lag cannot be measured: "
                             + "; ".join(x.describe() for x in unknown[:5]))
+        for part, why in refused.items():
+            problems.append(f"its {cfg.checkpoint.backend} checkpoint store runs without its {part} part, whose "
+                            f"server refused it (the consumer goes on, no ack lost, but not as configured): {why}")
         return AssetCheckResult(
             passed=not problems, description="; ".join(problems) or
             f"{len(lags)} shard(s), worst lag {worst:.1f} s (objective {cfg.max_lag_s:g} s)",

@@ -56,9 +56,16 @@ def last_observed_at(context: SensorEvaluationContext, cfg: ConsumerConfig, stre
 def measure_consumer_lag(durability: DurabilityResource, cfg: ConsumerConfig) -> list[ShardLag]:
     """``consumer/lag.measure_lag`` on a runtime of its own (opened and closed here): the sensor's
     observation and the lag check measure alike."""
+    return measure_consumer_lag_and_refusals(durability, cfg)[0]
+
+
+def measure_consumer_lag_and_refusals(durability: DurabilityResource, cfg: ConsumerConfig
+                                      ) -> tuple[list[ShardLag], dict[str, str]]:
+    """The lag, and the parts of the checkpoint store that refused the credentials or the database while it
+    was measured (a hybrid store measures on its other part: ``CheckpointStore.refusals``)."""
     rt = durability.runtime(cfg)
     try:
-        return measure_lag(rt)
+        return measure_lag(rt), rt.store.refusals()
     finally:
         rt.close()
 

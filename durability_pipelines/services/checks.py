@@ -101,6 +101,30 @@ def is_credentials_error(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError) and bool(_PG_CREDENTIALS_RE.search(str(exc)))
 
 
+def refusal_message(exc: BaseException, url: str, *, kind: str, source: str | None = None) -> str | None:
+    """The CLI's message for a connection the server refused (credentials; for Postgres also a missing
+    database), or None when ``exc`` is something else (an outage). ``kind``: ``postgres`` or ``redis``."""
+    import psycopg
+
+    if kind == "postgres":
+        if not isinstance(exc, psycopg.OperationalError):
+            return None
+        failure = _postgres_failure(exc, url, source)
+        refused = isinstance(failure, PostgresAuthenticationError | PostgresDatabaseMissingError)
+        return str(failure) if refused else None
+    if not is_credentials_error(exc):
+        return None
+    return redis_refusal(f"Redis at {mask_url(url)}", _detail(exc, url), _origin(source))
+
+
+def redis_refusal(at: str, detail: str, origin: str | None) -> str:
+    """What to say when Redis refused the credentials (the CLI, the stores): ``at`` names the server."""
+    return (f"{at} answered but refused the credentials{_of(origin)}: {detail} "
+            f"To fix: check the user and password in {origin or 'the URL'} (':password@' before the host "
+            "for requirepass, 'user:password@' for an ACL user; special characters percent-encoded); the "
+            "server is up, so retrying will not help.")
+
+
 def check_redis(url: str, *, timeout: float = 5.0, source: str | None = None) -> None:
     """Validate ``url``, then send one PING.
 
@@ -120,12 +144,7 @@ def check_redis(url: str, *, timeout: float = 5.0, source: str | None = None) ->
     except redis.RedisError as exc:
         detail = _detail(exc, url)
         if is_credentials_error(exc):
-            raise RedisAuthenticationError(
-                f"Redis at {mask_url(url)} answered but refused the credentials{_of(origin)}: {detail} "
-                f"To fix: check the user and password in {origin or 'the URL'} (':password@' before the host "
-                "for requirepass, 'user:password@' for an ACL user; special characters percent-encoded); the "
-                "server is up, so retrying will not help."
-            ) from None
+            raise RedisAuthenticationError(redis_refusal(f"Redis at {mask_url(url)}", detail, origin)) from None
         raise RedisUnavailableError(
             f"Redis at {mask_url(url)}{where} is unreachable: {detail} "
             f"To fix: {_fix_for_outage(source, 'Redis')}."
