@@ -2,7 +2,8 @@
 
 ``python -m tests.support.drain_worker <json args>`` drains one shard of a moto table with the project's
 own runtime (hybrid checkpoints, the real DynamoDB reader, the ``record_deliveries`` handler), like a
-Dagster run does, and stops at ``pause`` ("launch", "read", "process", "before_ack", "ack") of batch
+Dagster run does (or, with ``wal``, the change feed of a ``wal_level = logical`` server through its slot),
+and stops at ``pause`` ("launch", "read", "process", "before_ack", "ack", "before_release") of batch
 ``pause_at``, after writing ``<flag>`` = its pid, until it is killed. The test injects the fault by
 killing it there; nothing in the project's code knows about this.
 """
@@ -35,15 +36,27 @@ def main(args: dict[str, Any]) -> int:
             while time.monotonic() < deadline:
                 time.sleep(0.05)
 
+    wal = args.get("wal")  # {"channel", "tables", "backend"}: the WAL source of a private wal_level=logical server
+    source = ({"kind": "supabase_wal", "channel": wal["channel"], "tables": wal["tables"], "replay_from": "earliest",
+               "install": True} if wal else {"kind": "dynamodb", "table": args["table"]})
+    checkpoint = {"backend": wal.get("backend", "hybrid"), "flush_every_n": 1} if wal else {
+        "backend": "hybrid", "flush_every_n": 2}
     cfg = ConsumerConfig.model_validate({
-        "name": "kill_phases", "source": {"kind": "dynamodb", "table": args["table"]}, "group": args["group"],
+        "name": "kill_phases", "source": source, "group": args["group"],
         "consumer": "worker", "handler": "tests.support.dagster_daemon:record_deliveries",
-        "checkpoint": {"backend": "hybrid", "flush_every_n": 2}, "max_events": 50, "max_idle_s": 0,
+        "checkpoint": checkpoint, "max_events": args.get("max_events", 50), "max_idle_s": 0,
         "retry": {"max_retries": 0},
     })
     rt = open_runtime(cfg, redis_url=args["redis_url"], postgres_url=args["postgres_url"],
                       is_owner_dead=lambda owner: owner in args.get("dead", []))
     real_read, real_ack, real_save = rt.source.read, rt.ack, rt.store.save
+    real_release = getattr(rt.source, "release", None)
+    if real_release is not None:  # a source whose upstream position follows the durable checkpoint (WAL)
+        def release(shard, durable, *, final=False):
+            pause("before_release")  # the checkpoint saved (durably), the slot not moved yet
+            return real_release(shard, durable, final=final)
+
+        rt.source.release = release
 
     def read(shard, after, max_events):
         nonlocal batch_no
@@ -73,8 +86,9 @@ def main(args: dict[str, Any]) -> int:
     handle.transactional = True  # type: ignore[attr-defined]
     rt.handler = handle
     pause("launch")  # the run process started, nothing taken or read yet
-    shard = rt.source.list_shards()[0]
-    report = ShardDrainer(rt, shard, args["run_id"], DrainBudget(10_000, 600, 0), prefetch=False).run()
+    shard = rt.source.list_shards()[0] if not wal else None
+    report = ShardDrainer(rt, shard, args["run_id"], DrainBudget(10_000, 600, args.get("max_idle_s", 0)),
+                          prefetch=False).run()
     rt.close()
     print(json.dumps({"events": report.events, "checkpoint": report.checkpoint}))
     return 0
