@@ -40,6 +40,7 @@ from durability_pipelines.sources.wal_changes import (
     drop_wal_source,
     install_wal_source,
     slot_info,
+    slot_is_past,
     slot_target,
 )
 from tests.support.servers import PrivatePostgres
@@ -222,6 +223,68 @@ def test_drained_by_shard_drainer_acked_then_the_slot_follows_the_durable_checkp
     finally:
         rt2.close()
     assert shape(more) == [(f"public.{channel}_a", "INSERT", 500)]
+
+
+def write_other_wal(wal_pg: PrivatePostgres, channel: str, megabytes: float) -> None:
+    """WAL of a table outside the publication (the rest of a busy database)."""
+    with wal_pg.connect() as conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {channel}_other (id serial PRIMARY KEY, pad text)")
+        conn.execute(f"INSERT INTO {channel}_other (pad) SELECT repeat(md5(g::text), 32) FROM "
+                     f"generate_series(1, %s) g", (int(megabytes * 1024),))  # ~1 KB a row
+
+
+@pytest.mark.parametrize("backend", ["postgres", "hybrid"])
+def test_quiet_tables_on_a_busy_server_are_acked_by_a_heartbeat_so_the_slot_releases_the_wal(
+        backend, wal_pg, db, channel, redis_url, postgres_url) -> None:
+    cfg = config(channel, backend, source={"heartbeat_mb": 1})
+    slot = cfg.source.slot_name("g")
+    rt = open_runtime(cfg, redis_url=redis_url, postgres_url=postgres_url, source=source_for(cfg, wal_pg))
+    seen: list[ChangeEvent] = []
+    try:
+        expected = write_workload(wal_pg, channel)
+        drain(rt, seen)
+        acked = rt.store.load(rt.key(None))
+        assert not rt.source.has_new(None, acked)  # caught up, and the server quiet: no run is needed
+        write_other_wal(wal_pg, channel, 3)
+        # the sensor's question: yes, a run should ack the quiet stretch
+        assert rt.source.has_new(None, acked)
+        held = confirmed(wal_pg, slot)
+        drain(rt, seen)  # the heartbeat: an empty batch acked at (current LSN, 0)
+        beat = rt.store.load(rt.key(None))
+        assert int(beat) > int(acked) and decode_position(int(beat))[1] == 0
+        assert shape(seen) == expected  # no event delivered by it
+    finally:
+        rt.close()  # hybrid: flushed as the run ends, so the final release reaches the heartbeat
+    moved = confirmed(wal_pg, slot)
+    assert moved == decode_position(int(beat))[0] > held + 3 * 1024 * 1024 - 65536  # the WAL is released
+    assert not slot_is_past(moved, int(beat))
+    # a change after the heartbeat is delivered once, with no gap
+    with wal_pg.connect() as conn:
+        conn.execute(f"INSERT INTO {channel}_a VALUES (700, 'after the heartbeat', null)")
+    rt2 = open_runtime(cfg, redis_url=redis_url, postgres_url=postgres_url, source=source_for(cfg, wal_pg))
+    more: list[ChangeEvent] = []
+    try:
+        assert rt2.source.has_new(None, beat)
+        drain(rt2, more)
+    finally:
+        rt2.close()
+    assert shape(more) == [(f"public.{channel}_a", "INSERT", 700)]
+
+
+def test_without_a_heartbeat_a_quiet_publication_holds_the_wal_and_no_run_is_asked_for(
+        wal_pg, db, channel, redis_url, postgres_url) -> None:
+    cfg = config(channel, "postgres", source={"heartbeat_mb": 0})
+    rt = open_runtime(cfg, redis_url=redis_url, postgres_url=postgres_url, source=source_for(cfg, wal_pg))
+    try:
+        write_workload(wal_pg, channel)
+        drain(rt, [])
+        acked = rt.store.load(rt.key(None))
+        write_other_wal(wal_pg, channel, 2)
+        assert not rt.source.has_new(None, acked)
+        batch = rt.source.read(None, acked, 10)
+        assert batch.events == [] and batch.next_checkpoint is None  # nothing to ack
+    finally:
+        rt.close()
 
 
 def test_a_checkpoint_mid_transaction_keeps_the_transaction_in_the_slot(wal_pg, db, channel, postgres_url) -> None:

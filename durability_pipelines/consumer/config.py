@@ -148,6 +148,13 @@ class SupabaseWalSourceConfig(_Strict):
         description="The audit warns (status wal-retained, check wal_retained_within_bound) when the slot holds "
         "back more WAL than this; keep it well below the server's max_slot_wal_keep_size and free disk",
     )
+    heartbeat_mb: float = Field(
+        default=64.0, ge=0, le=1_000_000, allow_inf_nan=False,
+        description="When the published tables are quiet while the server writes this much WAL past the "
+        "checkpoint (other tables, other databases), the consumer acks the quiet stretch (an empty batch, "
+        "checkpoint (current LSN, 0)) so that the slot releases that WAL; the sensor starts a run for it. "
+        "0 = never (the slot then holds WAL until a change of its own tables is acked)",
+    )
 
     @property
     def max_retained_bytes(self) -> int:

@@ -418,6 +418,9 @@ class ShardDrainer:
             if ahead is not None:
                 ahead.close()
             report.ended = self.clock()
+            if self._lease is not None:  # still ours: make the last ack durable upstream before letting go
+                with contextlib.suppress(DurabilityError):
+                    self.rt.settle(self.shard)
             self._release()
             if self.quorum is not None:
                 self.quorum.leave(self.shard)

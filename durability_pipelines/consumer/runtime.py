@@ -590,6 +590,20 @@ class ConsumerRuntime:
             return None
         return self.store.load(key)
 
+    def settle(self, shard: str | None) -> None:
+        """A drain of ``shard`` ends, its lease still held: under a source that releases upstream only what is
+        durable (a WAL slot), flush the store (hybrid: its buffered acks reach Postgres under the lease) and
+        release up to the last ack. Otherwise the server would hold that WAL until the next run, which a quiet
+        publication may not see for hours. A no-op for other sources."""
+        if shard not in self._released:
+            return
+        try:
+            self.store.flush()
+        except DurabilityError as exc:  # the slot stays where Postgres is: nothing is lost
+            log.warning("consumer %s: could not flush the checkpoint before releasing the source: %s",
+                        self.config.name, exc)
+        self._release_source(shard, final=True)
+
     def _release_source(self, shard: str | None, *, final: bool = False) -> None:
         """Ack = checkpoint, then source: let a ``ReleasingSource`` free what the durable checkpoint covers."""
         if isinstance(self.source, ReleasingSource):  # a capability (Protocol), not a concrete class
@@ -666,7 +680,8 @@ class ConsumerRuntime:
 
     def close(self) -> None:
         # A run process is short-lived: buffered hybrid acks stay in Redis for the flush bound or the
-        # mirror to carry, so hybrid does not degrade into "both stores on every ack".
+        # mirror to carry, so hybrid does not degrade into "both stores on every ack" (``settle`` is the
+        # exception, for sources that release upstream).
         for shard in sorted(self._released, key=lambda s: s or ""):
             try:
                 self._release_source(shard, final=True)

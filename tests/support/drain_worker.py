@@ -39,7 +39,8 @@ def main(args: dict[str, Any]) -> int:
     wal = args.get("wal")  # {"channel", "tables", "backend"}: the WAL source of a private wal_level=logical server
     source = ({"kind": "supabase_wal", "channel": wal["channel"], "tables": wal["tables"], "replay_from": "earliest",
                "install": True} if wal else {"kind": "dynamodb", "table": args["table"]})
-    checkpoint = {"backend": wal.get("backend", "hybrid"), "flush_every_n": 1} if wal else {
+    checkpoint = {"backend": wal.get("backend", "hybrid"), "flush_every_n": wal.get("flush_every_n", 1),
+                  "flush_every_s": 3600} if wal else {
         "backend": "hybrid", "flush_every_n": 2}
     cfg = ConsumerConfig.model_validate({
         "name": "kill_phases", "source": source, "group": args["group"],

@@ -120,7 +120,10 @@ class WalSource(UnshardedFeed):  # a read from None starts at the slot
         if info.lost or (position is not None and info.confirmed_flush_lsn is not None
                          and slot_is_past(info.confirmed_flush_lsn, position)):
             return True  # a run must name (or record) the gap
-        return self.reader.has_new(position)
+        if self.reader.has_new(position):
+            return True
+        # Quiet tables, busy server: a run acks the quiet stretch (a heartbeat) so that the slot lets go of it.
+        return info.current_lsn is not None and self._heartbeat_due(position, info.current_lsn)
 
     def read(self, shard: str | None, after: str | None, max_events: int) -> SourceBatch:
         mode, position = self._start(after)
@@ -141,8 +144,32 @@ class WalSource(UnshardedFeed):  # a read from None starts at the slot
         got = self.reader.read(position, max_events)
         self._complete.update(got.complete)
         events = [to_event(self.stream, c) for c in got.changes]
+        if not events and self.cfg.heartbeat_mb > 0:
+            heartbeat = self._heartbeat(position)
+            if heartbeat is not None:
+                return SourceBatch(shard, after, [], heartbeat, behind=0)
         last = events[-1].sequence if events else None
         return SourceBatch(shard, after, events, last, behind=0 if got.more is False else None)
+
+    # -- the heartbeat -------------------------------------------------------------------
+    def _heartbeat_due(self, position: int | None, current_lsn: int) -> bool:
+        """The server wrote at least ``heartbeat_mb`` of WAL since the checkpoint (none of it ours)."""
+        if self.cfg.heartbeat_mb <= 0 or position is None:
+            return False
+        return current_lsn - decode_position(position)[0] >= self.cfg.heartbeat_mb * 1024 * 1024
+
+    def _heartbeat(self, position: int | None) -> str | None:
+        """The position ``(L, 0)`` to ack a quiet stretch at (Debezium's heartbeat, without a write): ``L`` is
+        the WAL position taken *before* a second peek that found nothing, so every transaction committing
+        before ``L`` was decoded and none of them touched the published tables; one committing at or after
+        ``L`` has a larger position and is read later. None when not due."""
+        lsn = self.reader.current_lsn()
+        if not self._heartbeat_due(position, lsn) or self.reader.read(position, 1).changes:
+            return None
+        log.info("slot %s: the published tables were quiet for %.1f MB of WAL; acking up to %s so that the slot "
+                 "releases it (heartbeat_mb)", self.slot, (lsn - decode_position(position)[0]) / 2**20,
+                 format_lsn(lsn))
+        return str(encode_position(lsn, 0))
 
     # -- the slot ------------------------------------------------------------------------
     def _slot(self) -> SlotInfo:
