@@ -443,6 +443,29 @@ def test_the_backlog_in_bytes_reaches_the_lag_measure_the_run_metrics_jsonl_and_
                                               dict(zip(names, values, strict=True))) == summary[RETAINED_WAL_BYTES]
 
 
+def test_the_lag_check_shows_the_wal_behind_each_checkpoint_in_bytes(wal_pg, db, channel, postgres_url,
+                                                                      monkeypatch) -> None:
+    import dagster as dg
+
+    from durability_pipelines.orchestration.consumers import build_consumer_defs, lag_check_key
+    from durability_pipelines.orchestration.resources import DurabilityResource
+
+    monkeypatch.setenv("DURABILITY_SUPABASE_DB_URL", wal_pg.url)
+    cfg = config(channel, max_lag_s=3600)
+    source_for(cfg, wal_pg).close()  # installs the publication and the slot
+    _bulk_insert(wal_pg, f"{channel}_a", 1, 2000)  # ~0.3 MB of WAL, none of it acked
+    defs = dg.Definitions.merge(build_consumer_defs(cfg), dg.Definitions(
+        assets=[dg.AssetSpec(["streams", cfg.adapter, cfg.stream])],
+        resources={"durability": DurabilityResource(postgres_url=postgres_url)}))
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_check_selection={lag_check_key(cfg)})
+    (evaluation,) = job.execute_in_process().get_asset_check_evaluations()
+    assert evaluation.passed  # within the objective: bytes are shown, not judged
+    assert evaluation.metadata["reactive.lag_bytes"].value > 200_000
+    table = evaluation.metadata["per_shard"].value
+    assert "| WAL behind (bytes) |" in table.splitlines()[0]
+    assert str(evaluation.metadata["reactive.lag_bytes"].value) in table
+
+
 def test_the_audit_warns_when_a_slot_retains_more_wal_than_its_bound(wal_pg, db, channel, shared: Shared,
                                                                       capsys) -> None:
     import json

@@ -724,14 +724,23 @@ def build_lag_check(cfg: ConsumerConfig) -> AssetChecksDefinition:
             f"{len(lags)} shard(s), worst lag {worst:.1f} s (objective {cfg.max_lag_s:g} s)",
             metadata={LAG_SECONDS: worst, "max_lag_s": cfg.max_lag_s, "shards": len(lags),
                       "shards_late": len(late), "shards_unknown": len(unknown),
+                      **_bytes_figures(lags),
                       "per_shard": MetadataValue.md("\n".join(
-                          ["| shard | lag (s) | acked | last ack | problem |", "|---|---|---|---|---|"]
-                          + [f"| {shard_id(x.shard)} | {'' if x.lag_s is None else x.lag_s} | {x.acked or ''} | "
+                          ["| shard | lag (s) | WAL behind (bytes) | acked | last ack | problem |",
+                           "|---|---|---|---|---|---|"]
+                          + [f"| {shard_id(x.shard)} | {'' if x.lag_s is None else x.lag_s} | "
+                             f"{'' if x.lag_bytes is None else x.lag_bytes} | {x.acked or ''} | "
                              f"{x.last_ack_at.isoformat(timespec='seconds') if x.last_ack_at else ''} | "
                              f"{x.problem or ''} |" for x in lags[:50]]))},
         )
 
     return _lag_check
+
+
+def _bytes_figures(lags: list) -> dict:
+    """A source that counts its backlog in bytes (the WAL feed): the worst shard's, plotted beside the seconds."""
+    told = [x.lag_bytes for x in lags if x.lag_bytes is not None]
+    return {"reactive.lag_bytes": max(told)} if told else {}
 
 
 def build_consumer_defs(cfg: ConsumerConfig) -> Definitions:
