@@ -11,7 +11,8 @@ tests/support/browser.py) checks what the UI shows:
   (``drain_shard``, which drains the shard batch by batch) succeeded;
 * Catalog: the audit asset ``checkpoint_audit`` with its description, checks and lineage, and its
   preview showing a 23-digit change-feed position in full (never a float);
-* the asset graph: the stream ``streams/dynamodb/orders`` upstream of the sink
+* the asset graph: the stream ``streams/dynamodb/orders``, observed by the consumers' sensors (its events
+  list an observation with the lag), upstream of the sink
   ``orders_to_realtime/orders_to_realtime_realtime_orders``, whose Plots tab draws the runs' lag figure, and its lag check;
 * downstream of a sink: ``orders_worker_events_per_minute``, materialized by itself (declarative automation,
   its sensor ``orders_worker_automation`` switched on) once the starter has written events;
@@ -139,6 +140,13 @@ def _check_ui(demo: DemoProcess, tmp_path: Path, run: dict[str, Any]) -> None:
         expect(body).to_contain_text("reactive.lag_seconds")  # the run's figures, in its metadata
         page.goto(f"{base}/assets/{sink}?view=checks")
         expect(page.locator("body")).to_contain_text("lag_within_objective")
+        demo.wait_until(lambda: _stream_observed(demo), timeout=150, every=3,
+                        what="an observation of streams/dynamodb/orders (the sensors observe it once a minute)")
+        page.goto(f"{base}/assets/streams/dynamodb/orders?view=events")
+        events = page.locator("body")  # the stream's events: observed by the consumers, with their lag
+        expect(events).to_contain_text("Observed")
+        expect(events).to_contain_text(re.compile(r"seen by consumer \w+: \d+ shard\(s\), worst lag"))
+        expect(events).to_contain_text("reactive.lag_seconds")
         page.goto(f"{base}/assets/streams/dynamodb/orders")
         expect(page.locator("body")).to_contain_text("DynamoDB Streams stream of table 'orders' in us-east-1")
         expect(page.locator("body")).to_contain_text("orders_to_realtime / orders_to_realtime_realtime_orders")  # downstream
@@ -188,6 +196,16 @@ def _audit_position(demo: DemoProcess) -> str | None:
     previews = [e.get("mdStr") or "" for m in mats for e in m["metadataEntries"] if e["label"] == "preview"]
     found = re.findall(r"(?<![\d.])\d{22,}(?![\d.])", " ".join(previews))
     return found[0] if found else None
+
+
+STREAM_OBSERVATIONS = """{ assetOrError(assetKey: {path: ["streams", "dynamodb", "orders"]}) {
+  ... on Asset { assetObservations(limit: 1) { runId metadataEntries { label } } } } }"""
+
+
+def _stream_observed(demo: DemoProcess) -> bool:
+    """The stream asset has an observation with the consumer's lag (what its sensor records)."""
+    found = demo.graphql(STREAM_OBSERVATIONS)["assetOrError"].get("assetObservations") or []
+    return any(e["label"] == "reactive.lag_seconds" for o in found for e in o["metadataEntries"])
 
 
 DERIVED_RUNS = """{ assetOrError(assetKey: {path: ["orders_worker", "orders_worker_events_per_minute"]}) {
