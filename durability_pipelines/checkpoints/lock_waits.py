@@ -83,8 +83,8 @@ class Blocker:
 class LockWaitTimeoutError(StoreUnavailableError):
     """A sink statement waited ``lock_timeout`` for a row another transaction holds: retried, never dead-lettered.
 
-    A ``StoreUnavailableError``: nothing was committed, the batch is retried from the acked checkpoint
-    (the op's RetryPolicy), exactly as after an outage; the data is fine.
+    A ``StoreUnavailableError``: nothing was committed and the data is fine. The drain loop retries the batch
+    in place (``consumer/drain.MAX_LOCK_WAITS``), then leaves it to the op's RetryPolicy as after an outage.
     """
 
     def __init__(self, message: str, blockers: tuple[Blocker, ...] = ()) -> None:

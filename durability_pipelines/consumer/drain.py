@@ -49,6 +49,7 @@ from durability_pipelines.checkpoints import (
     StoreUnavailableError,
 )
 from durability_pipelines.checkpoints.errors import lease_lost
+from durability_pipelines.checkpoints.lock_waits import LockWaitTimeoutError
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.dispatch import shard_id
 from durability_pipelines.consumer.filters import count_filtered
@@ -68,6 +69,9 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.25
 #: Longest wait between two attempts of a failing batch.
 MAX_RETRY_DELAY_S = 60.0
+#: Lock waits of one batch retried in place (each lock_timeout = lease/4 long) before the run gives up to the op's
+#: RetryPolicy: the server ends a frozen holder after one lease, so 8 waits cover two leases.
+MAX_LOCK_WAITS = 8
 #: Batch records a run keeps (its event log has every one; the op's metadata shows the newest 200).
 KEPT_BATCHES = 1000
 
@@ -580,13 +584,30 @@ class ShardDrainer:
         )
 
     def _process_with_retries(self, read: ReadOutput) -> ProcessOutput:
-        """``runtime.process`` attempt by attempt; its last attempt dead-letters (stop raises, bisect returns)."""
+        """``runtime.process`` attempt by attempt; its last attempt dead-letters (stop raises, bisect returns).
+
+        A lock wait (``LockWaitTimeoutError``: another transaction, e.g. a frozen worker's, holds the sink's rows)
+        is not the batch's fault: it is retried in place, the lease renewed between waits, up to
+        ``MAX_LOCK_WAITS`` times, and never counts towards dead-lettering. The server ends a frozen holder after
+        one lease (``idle_in_transaction_session_timeout``), so the batch goes through in this run instead of
+        costing a new run process (the op's RetryPolicy gets it only after that)."""
         attempt = 0
+        lock_waits = 0
         while True:
             try:
                 return self.rt.process(read, retry_number=attempt)
             except (LeaseLostError, BatchDeadLettered):
                 raise
+            except LockWaitTimeoutError as exc:
+                lock_waits += 1
+                if lock_waits > MAX_LOCK_WAITS:
+                    raise
+                log.warning("consumer %s shard %s: lock wait %d of %d (%s); retrying the batch in place",
+                            self.rt.config.name, shard_id(self.shard), lock_waits, MAX_LOCK_WAITS, exc)
+                if self.on_retry is not None:
+                    self.on_retry(lock_waits, exc, 0.0)
+                self._renew_if_due()  # a wait is lease/4 at most: the lease is renewed before it could run out
+                continue
             except DurabilityError as exc:
                 if not isinstance(exc, PartialBatchFailure):
                     raise  # a store or the source is down: not the handler's fault (the op's RetryPolicy)

@@ -151,3 +151,33 @@ def test_the_change_feed_names_the_transaction_holding_it_back_instead_of_caught
     finally:
         rt.close()
         holder.close()
+
+
+def test_a_draining_run_blocked_by_a_frozen_holder_retries_the_batch_in_place_and_goes_through(
+        pg: PrivatePostgres, redis_url: str) -> None:
+    """The drain loop itself: the lock waits are retried inside the run (lease renewed between them, nothing
+    dead-lettered), and the batch commits once the server has ended the frozen transaction: no new run."""
+    from durability_pipelines.consumer.drain import DrainBudget, ShardDrainer
+
+    stream = "frozen-" + uuid.uuid4().hex[:8]
+    source = ListSource.with_events(stream, 5)
+    cfg = config(stream, "hybrid")
+    holder = frozen_worker(pg, source, cfg.name)
+    holder_pid = holder.info.backend_pid
+    rt = open_runtime(cfg, redis_url=redis_url, postgres_url=pg.url, source=source)
+    waits: list[BaseException] = []
+    try:
+        drainer = ShardDrainer(rt, "shard-0", "run-takeover", DrainBudget(100, 600, 0),
+                               on_retry=lambda n, exc, delay: waits.append(exc))
+        report = drainer.run()  # returns only once the batch went through
+        assert report.events == 5 and report.checkpoint == source.shards_events["shard-0"][-1].sequence
+        assert waits and all(isinstance(e, LockWaitTimeoutError) for e in waits)
+        assert f"pid {holder_pid} (durability frozen-run)" in str(waits[0])
+        assert report.dead_letters == 0 and ConsumerStorage(PostgresConnection(pg.url)).dead_letters(cfg.name) == []
+        assert report.batches[0].attempts == 1  # the waits were not handler attempts
+    finally:
+        rt.close()
+        holder.close()
+    with pg.connect() as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM stream_events WHERE stream = %s", (stream,)).fetchone()
+    assert rows == 5
