@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BIN, _ping, _redis_binary, _wait, load, say, set_label  # noqa: E402
+from common import BATCH_LINE, BIN, _ping, _redis_binary, _wait, load, say, set_label  # noqa: E402
 
 from durability_pipelines import services  # noqa: E402
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection  # noqa: E402
@@ -183,16 +183,29 @@ def timed_daemon(pg: PrivatePostgres, slot: str, publication: str, instance: Any
         last = _last_position(pg, slot, publication)
     before = load()
     sensor("start", f"{name}_sensor")
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     _wait(lambda: (v := rds.get(key)) is not None and v.decode() == last, f"{name} to drain", 3600, every=0.05)
     seconds = time.monotonic() - t0
     after = load()
     runs = _wait(lambda: (r := list(instance.get_run_records(filters=RunsFilter(job_name=f"{name}_job"))))
                  and all(x.dagster_run.is_finished for x in r) and r, f"{name}'s runs to end", 300, 0.5)
     sensor("stop", f"{name}_sensor")
+    reads = sorted(b for r in runs for b in _batch_times(instance, r.dagster_run.run_id))
     return {"variant": "daemon", "seconds": round(seconds, 3), "runs": len(runs),
             "runs_succeeded": sum(r.dagster_run.status.value == "SUCCESS" for r in runs),
-            "load_before": before, "load_after": after, "last": last}
+            # where the time went: the run boundary (tick, launch, process start, first read) and the drain in it
+            "to_first_batch_s": round(reads[0][0] - wall0, 3) if reads else None,
+            "in_run_drain_s": round(reads[-1][1] - reads[0][0], 3) if reads else None,
+            "batches": len(reads), "load_before": before, "load_after": after, "last": last}
+
+
+def _batch_times(instance: Any, run_id: str) -> list[tuple[float, float]]:
+    """(read at, logged at) of each batch the run logged (its batch line carries the process+ack duration)."""
+    out = []
+    for entry in instance.all_logs(run_id):
+        if entry.dagster_event is None and (m := BATCH_LINE.match(entry.user_message or "")):
+            out.append((entry.timestamp - float(m.group(3)), entry.timestamp))
+    return out
 
 
 def consumer_yaml(name: str, channel: str, table: str, group: str) -> dict[str, Any]:

@@ -17,7 +17,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,6 +172,9 @@ class ConsumerRuntime:
         self.metrics = metrics or Metrics(Labels(config.adapter, config.stream, config.group, config.consumer))
         self.is_owner_dead = is_owner_dead or (lambda owner: False)
         self._released: set[str | None] = set()  # shards acked through a ReleasingSource (released once more at close)
+        self._sink_local = threading.local()  # each drain thread's sink connection (transactional handlers)
+        self._sink_conns: list[psycopg.Connection] = []
+        self._sink_lock = threading.Lock()
         #: shard -> (when its backlog in bytes was last measured, the checkpoint then); measured once more at close
         self._backlog_at: dict[str | None, tuple[float, str]] = {}
         #: False for a sink a replay repeats (a broadcast): ``guard_replay`` then checks every read's start
@@ -318,25 +323,50 @@ class ConsumerRuntime:
             return failed
         if not self.postgres_url:
             raise DurabilityError(f"handler {self.config.handler} is transactional but no Postgres URL is configured")
-        # psycopg's connection context commits on a clean exit, before the checkpoint is saved.
+        # The handler's transaction commits before the checkpoint is saved. On this thread's own sink connection,
+        # kept open across batches (a connection per batch cost ~10 ms each); dropped when it goes stale.
+        conn = self._sink_connection()
         try:
-            with psycopg.connect(self.postgres_url) as conn, self.metrics.timed("handler", "handler", read.shard):
-                bound_lock_waits(conn, bounds, application_name=app)
-                try:
+            try:
+                with conn.transaction(), self.metrics.timed("handler", "handler", read.shard):
+                    bound_lock_waits(conn, bounds, application_name=app)
                     result = self.handler(list(events), self._context(read, conn))
-                except pg_errors.LockNotAvailable as exc:
-                    conn.rollback()
-                    raise self._lock_wait(read, lock_wait_error(
-                        conn, exc, what="the sink transaction", waited_ms=bounds.lock_timeout_ms), bounds) from None
+            except pg_errors.LockNotAvailable as exc:  # rolled back: now ask who held the lock
+                raise self._lock_wait(read, lock_wait_error(
+                    conn, exc, what="the sink transaction", waited_ms=bounds.lock_timeout_ms), bounds) from None
         except DurabilityError:
             raise
         except Exception as exc:
+            if connection_is_stale(exc) or conn.closed or conn.broken:
+                self._drop_sink_connection()
             if connection_is_stale(exc):
                 raise SinkUnavailableError(self._sink_unavailable(read, exc)) from exc
             raise
         failed = list(result.failed_sequences) if result else []
         self._ack_prefix(read, failed, ctx_save)
         return failed
+
+    def _sink_connection(self) -> psycopg.Connection:
+        """This thread's connection to the sink database (each shard of a run drains on a thread of its own)."""
+        conn = getattr(self._sink_local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            try:
+                conn = psycopg.connect(self.postgres_url, autocommit=True)
+            except psycopg.OperationalError as exc:
+                raise SinkUnavailableError(f"consumer {self.config.name}: cannot connect to the sink database "
+                                           f"({mask_conninfo(self.postgres_url or '')}): {type(exc).__name__}; "
+                                           "the batch is retried from the acked checkpoint") from None
+            self._sink_local.conn = conn
+            with self._sink_lock:
+                self._sink_conns.append(conn)
+        return conn
+
+    def _drop_sink_connection(self) -> None:
+        conn = getattr(self._sink_local, "conn", None)
+        self._sink_local.conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _lock_wait(self, read: ReadOutput, exc: LockWaitTimeoutError, bounds: LockWaitBounds) -> LockWaitTimeoutError:
         """The consumer, the shard and the bound in front of the holder's description."""
@@ -595,19 +625,22 @@ class ConsumerRuntime:
         durable (a WAL slot), flush the store (hybrid: its buffered acks reach Postgres under the lease) and
         release up to the last ack. Otherwise the server would hold that WAL until the next run, which a quiet
         publication may not see for hours. A no-op for other sources."""
-        if shard not in self._released:
-            return
-        try:
-            self.store.flush()
-        except DurabilityError as exc:  # the slot stays where Postgres is: nothing is lost
-            log.warning("consumer %s: could not flush the checkpoint before releasing the source: %s",
-                        self.config.name, exc)
-        self._release_source(shard, final=True)
+        if shard in self._released:
+            self._release_source(shard, final=True)
 
     def _release_source(self, shard: str | None, *, final: bool = False) -> None:
-        """Ack = checkpoint, then source: let a ``ReleasingSource`` free what the durable checkpoint covers."""
+        """Ack = checkpoint, then source: let a ``ReleasingSource`` free what the durable checkpoint covers.
+
+        The store is flushed first (hybrid: the ack reaches Postgres now, not at the flush bound): such a source
+        can only move to a durable position, and one that lags behind costs more than the write (a WAL slot
+        left behind makes every read decode the acked batches again)."""
         if isinstance(self.source, ReleasingSource):  # a capability (Protocol), not a concrete class
             self._released.add(shard)
+            try:
+                self.store.flush()
+            except DurabilityError as exc:  # the source stays at the last durable position: nothing is lost
+                log.warning("consumer %s: could not make the ack durable before releasing the source: %s",
+                            self.config.name, exc)
             self.source.release(shard, lambda: self.durable_checkpoint(shard), final=final)
 
     def _backlog_metrics(self, shard: str | None, checkpoint: str | None, *, final: bool = False) -> None:
@@ -690,6 +723,11 @@ class ConsumerRuntime:
         for shard, (_, checkpoint) in sorted(self._backlog_at.items(), key=lambda kv: kv[0] or ""):
             self._backlog_metrics(shard, checkpoint, final=True)
         self.metrics.close()  # a run's last push to the Pushgateway (when one is configured)
+        with self._sink_lock:
+            for conn in self._sink_conns:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._sink_conns.clear()
         self.store.close(flush=False)
         if self.source is not None:
             self.source.close()

@@ -54,8 +54,10 @@ from durability_pipelines.sources.wal_changes import (
 
 log = logging.getLogger(__name__)
 ADAPTER = "supabase"
-#: The slot is moved at most this often (each move reads the durable checkpoint and decodes WAL).
-RELEASE_EVERY_S = 1.0
+#: The slot is moved at most this often. Every ack, by default: a peek decodes everything from the slot's
+#: position, so a slot left behind for a second makes each read of that second decode the batches before it
+#: again (measured: a 50,000-change backlog drained 5.7x slower than a loop that advances after each batch).
+RELEASE_EVERY_S = 0.0
 _INSTALLED: set[tuple[str, str, str, tuple[str, ...]]] = set()
 
 
