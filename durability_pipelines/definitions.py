@@ -10,6 +10,7 @@ checks, run retention, the alert sensors (``orchestration/alerts.py``), and the 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import types
 from pathlib import Path
@@ -22,10 +23,16 @@ from durability_pipelines.consumer.config import (
     CONSUMERS_DIR,
     configured_consumers_dir,
     load_consumer_instances,
+    scan_consumer_instances,
 )
 from durability_pipelines.orchestration.alerts import build_alert_defs
 from durability_pipelines.orchestration.assets import build_audit_defs
-from durability_pipelines.orchestration.consumers import stream_asset_spec, validate_for_dagster
+from durability_pipelines.orchestration.broken import build_broken_defs
+from durability_pipelines.orchestration.consumers import (
+    build_consumer_defs,
+    stream_asset_spec,
+    validate_for_dagster,
+)
 from durability_pipelines.orchestration.resources import durability_resource_from_env
 from durability_pipelines.orchestration.retention import build_retention_defs
 
@@ -54,16 +61,36 @@ def component_tree(consumers_dir: Path | None = None) -> ComponentTree:
     return ComponentTree.from_module(defs_module=module, project_root=directory.parent)
 
 
-def build_definitions(consumers_dir: Path | None = None) -> Definitions:
+#: Set by ``dg check defs`` (and ``dagster definitions validate``): definitions are being validated, not run.
+VALIDATION_ENV = "DAGSTER_IS_DEFS_VALIDATION_CLI"
+
+
+def build_definitions(consumers_dir: Path | None = None, *, strict: bool | None = None) -> Definitions:
+    """The code location. One bad consumer file does not take the others down: outside validation it is left
+    out and reported by a sensor of its own that fails every tick naming the file and the field, while every
+    good consumer, the mirror and retention keep running. ``strict`` (default: under ``dg check defs``) fails
+    the load instead, listing every problem of every file."""
     directory = consumers_dir or configured_consumers_dir()
-    # Every problem of every consumer file at once, each naming its file and field (the component tree
-    # would stop at the first).
-    load_consumer_instances(directory, check=validate_for_dagster)
-    tree = component_tree(directory)
-    consumers = [c.config for c in tree.get_all_components(of_type=StreamConsumer)]
+    strict = os.environ.get(VALIDATION_ENV) == "1" if strict is None else strict
+    if strict or not directory.is_dir():
+        # Every problem of every consumer file at once, each naming its file and field (the component tree
+        # would stop at the first).
+        load_consumer_instances(directory, check=validate_for_dagster)
+        loaded, broken = None, []
+    else:
+        loaded, broken = scan_consumer_instances(directory, check=validate_for_dagster)
+    if not broken:
+        tree = component_tree(directory)
+        consumers = [c.config for c in tree.get_all_components(of_type=StreamConsumer)]
+        instance_defs = tree.build_defs()  # the instances' defs, the tree itself and the component types (UI docs)
+    else:
+        # The component tree would fail on the bad file: build the good instances one by one (the UI then lacks
+        # the component tree's pages until the file is fixed).
+        consumers = [cfg for _, cfg in loaded or []]
+        instance_defs = Definitions.merge(*(build_consumer_defs(cfg) for cfg in consumers), build_broken_defs(broken))
     streams = {stream_asset_spec(cfg).key: stream_asset_spec(cfg) for cfg in consumers}
     return Definitions.merge(
-        tree.build_defs(),  # the instances' defs, the tree itself and the component types (the UI's docs)
+        instance_defs,
         build_audit_defs(consumers),
         build_retention_defs(),
         build_alert_defs(consumers),  # failed runs and missed lag objectives, posted to a webhook

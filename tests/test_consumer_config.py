@@ -138,7 +138,42 @@ def test_bad_file_fails_definition_loading(tmp_path: Path) -> None:
 
     path = instance(tmp_path, "broken", GOOD + "max_events: many\n")
     with pytest.raises(ConfigError, match=f"{path}(.|\n)*attributes.max_events"):
+        build_definitions(tmp_path, strict=True)  # as under dg check defs
+
+
+def test_a_bad_file_beside_good_ones_is_left_out_and_reported_by_its_own_failing_sensor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blast radius of one bad file (issue 21): outside validation the code location still loads, with every
+    good consumer, the mirror and retention; the bad file gets a sensor, running by default, that fails each
+    tick naming the file and the field. ``dg check defs`` (strict) still fails on it."""
+    from dagster import DefaultSensorStatus, build_sensor_context
+
+    from durability_pipelines.definitions import VALIDATION_ENV, build_definitions
+
+    monkeypatch.delenv(VALIDATION_ENV, raising=False)
+    instance(tmp_path, "good_worker", GOOD.replace("t_worker", "good_worker"))
+    bad = instance(tmp_path, "typo_worker", GOOD.replace("t_worker", "typo_worker") + "max_evnts: 10\n")
+    stray = tmp_path / "billing.yml"
+    stray.write_text("attributes: {}\n")
+    defs = build_definitions(tmp_path)
+    assert defs.resolve_job_def("good_worker_job") is not None  # the good consumer runs on
+    assert defs.resolve_job_def("checkpoint_mirror_job") is not None and defs.resolve_job_def("run_retention_job")
+    jobs = {j.name for j in defs.get_repository_def().get_all_jobs()}
+    assert "typo_worker_job" not in jobs
+    sensors = {s.name: s for s in defs.get_repository_def().sensor_defs}
+    assert {"good_worker_sensor", "broken_consumer_typo_worker", "broken_consumer_billing"} <= set(sensors)
+    report = sensors["broken_consumer_typo_worker"]
+    assert report.default_status == DefaultSensorStatus.RUNNING
+    with pytest.raises(Exception) as err:  # a failed tick, every tick
+        report.evaluate_tick(build_sensor_context())
+    text = str(err.value)
+    assert str(bad) in text and "attributes.max_evnts" in text and "dg check defs" in text
+    assert "other consumers" in text
+
+    monkeypatch.setenv(VALIDATION_ENV, "1")  # what dg check defs sets: the whole load fails, naming both files
+    with pytest.raises(ConfigError, match="2 problem\\(s\\)") as strict:
         build_definitions(tmp_path)
+    assert str(bad) in str(strict.value) and str(stray) in str(strict.value)
 
 
 @pytest.mark.parametrize(
@@ -152,7 +187,7 @@ def test_configs_that_cannot_work_under_dagster_fail_definition_loading(tmp_path
 
     path = instance(tmp_path, "c", GOOD + extra)
     with pytest.raises(ConfigError, match=message) as err:
-        build_definitions(tmp_path)
+        build_definitions(tmp_path, strict=True)  # as under dg check defs
     assert str(path) in str(err.value)
 
 

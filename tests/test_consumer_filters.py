@@ -107,7 +107,7 @@ def test_a_malformed_filter_fails_definition_loading(tmp_path: Path) -> None:
 
     instance(tmp_path, "broken_filter", DYNAMODB + "filter: {event_names: [DELETE]}\n")
     with pytest.raises(ConfigError, match=r"broken_filter/defs\.yaml(.|\n)*attributes\.filter\.event_names"):
-        build_definitions(tmp_path)
+        build_definitions(tmp_path, strict=True)  # as under dg check defs
 
 
 # -- matching --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -550,21 +551,22 @@ def write_consumer_instance(directory: Path, attributes: dict[str, Any]) -> Path
     return path
 
 
-def consumer_files(directory: Path) -> tuple[list[Path], list[str]]:
-    """(the ``defs.yaml`` files of consumer instances under ``directory``, problems with other files)."""
-    instances, problems = [], []
+def consumer_files(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(the ``defs.yaml`` files of consumer instances under ``directory``, (file, problem) for other files)."""
+    instances: list[Path] = []
+    problems: list[tuple[Path, str]] = []
     for path in sorted(directory.rglob("*")):
         if not path.is_file() or path.suffix not in (".yaml", ".yml"):
             continue
         if path.name == INSTANCE_FILE:
             instances.append(path)
         elif path.suffix == ".yml":
-            problems.append(f"consumer config {path}: not loaded: a consumer is a folder with a file named exactly "
-                            f"{INSTANCE_FILE} (rename it to {path.parent / path.stem / INSTANCE_FILE}, or to "
-                            f"{path.with_name(INSTANCE_FILE)} if the folder is the consumer's)")
+            problems.append((path, f"consumer config {path}: not loaded: a consumer is a folder with a file named "
+                                   f"exactly {INSTANCE_FILE} (rename it to {path.parent / path.stem / INSTANCE_FILE}, "
+                                   f"or to {path.with_name(INSTANCE_FILE)} if the folder is the consumer's)"))
         else:
-            problems.append(f"consumer config {path}: not loaded: a consumer is a folder with a {INSTANCE_FILE} "
-                            f"(move it to {path.parent / path.stem / INSTANCE_FILE})")
+            problems.append((path, f"consumer config {path}: not loaded: a consumer is a folder with a "
+                                   f"{INSTANCE_FILE} (move it to {path.parent / path.stem / INSTANCE_FILE})"))
     return instances, problems
 
 
@@ -598,7 +600,27 @@ def load_consumer_instances(directory: Path | None = None, *, require_dir: bool 
             f"consumer folder {directory} does not exist (DURABILITY_CONSUMERS_DIR?). Point it at a folder of "
             f"consumers (one sub-folder per consumer, each with a {INSTANCE_FILE}), or unset it to use the shipped "
             "ones.")
-    paths, problems = consumer_files(directory)
+    loaded, broken = scan_consumer_instances(directory, check=check)
+    if broken:
+        raise ConfigError(f"{len(broken)} problem(s) in the consumer configs under {directory}:\n"
+                          + "\n".join(b.message for b in broken))
+    return loaded
+
+
+@dataclass(frozen=True)
+class BrokenConsumer:
+    """A file under the consumers folder that is not a runnable consumer, and why (the message names it)."""
+
+    path: Path
+    message: str
+
+
+def scan_consumer_instances(directory: Path, *, check: Callable[[ConsumerConfig, Path], None] | None = None,
+                            ) -> tuple[list[tuple[Path, ConsumerConfig]], list[BrokenConsumer]]:
+    """The runnable consumer instances under ``directory`` and the files that are not (every problem of every
+    file: one bad file never hides the next, and never stops the good ones from being listed)."""
+    paths, stray = consumer_files(directory)
+    broken = [BrokenConsumer(path, message) for path, message in stray]
     loaded: list[tuple[Path, ConsumerConfig]] = []
     seen: dict[str, Path] = {}
     for path in paths:
@@ -609,17 +631,15 @@ def load_consumer_instances(directory: Path | None = None, *, require_dir: bool 
             if check is not None:
                 check(cfg, path)
         except ConfigError as exc:
-            problems.append(str(exc))
+            broken.append(BrokenConsumer(path, str(exc)))
             continue
         if cfg.name in seen:
-            problems.append(f"consumer config {path}: name {cfg.name!r} is already used by {seen[cfg.name]}")
+            broken.append(BrokenConsumer(path, f"consumer config {path}: name {cfg.name!r} is already used by "
+                                               f"{seen[cfg.name]}"))
             continue
         seen[cfg.name] = path
         loaded.append((path, cfg))
-    if problems:
-        raise ConfigError(f"{len(problems)} problem(s) in the consumer configs under {directory}:\n"
-                          + "\n".join(problems))
-    return loaded
+    return loaded, broken
 
 
 def load_consumer_configs(directory: Path | None = None) -> list[ConsumerConfig]:
