@@ -200,6 +200,19 @@ def private_postgres(make_private_postgres: Callable[..., PrivatePostgres]) -> P
     return make_private_postgres()
 
 
+@pytest.fixture(scope="module")
+def wal_pg() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL with ``wal_level = logical`` for the WAL source's tests (one per module: the
+    setting needs a restart, and the machine's shared server is never reconfigured)."""
+    server = PrivatePostgres(settings={"wal_level": "logical", "max_replication_slots": "20",
+                                       "max_wal_senders": "20"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def make_flaky_proxy() -> Iterator[Callable[[str], FlakyProxy]]:
     """Factory: ``make_flaky_proxy(url)`` → a ``FlakyProxy`` to that URL's host:port, closed after.

@@ -48,17 +48,6 @@ from tests.support.shared_layout import Shared
 from tests.test_consumer_drain import FakeClock
 
 
-@pytest.fixture(scope="module")
-def wal_pg() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres(settings={"wal_level": "logical", "max_replication_slots": "20",
-                                       "max_wal_senders": "20"})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 @pytest.fixture
 def channel() -> str:
     return "wal" + uuid.uuid4().hex[:8]

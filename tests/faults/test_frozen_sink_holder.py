@@ -77,6 +77,11 @@ def wait_until_gone(pg: PrivatePostgres, pid: int) -> None:
             time.sleep(0.2)
 
 
+def stored_rows(pg: PrivatePostgres, stream: str) -> int:
+    with pg.connect() as conn:
+        return conn.execute("SELECT count(*) FROM stream_events WHERE stream = %s", (stream,)).fetchone()[0]
+
+
 @pytest.mark.parametrize("backend", ["postgres", "hybrid"])
 def test_a_takeover_blocked_by_a_frozen_holder_gets_a_retryable_error_naming_it_then_goes_through(
         backend: str, pg: PrivatePostgres, redis_url: str) -> None:
@@ -108,9 +113,7 @@ def test_a_takeover_blocked_by_a_frozen_holder_gets_a_retryable_error_naming_it_
     finally:
         rt.close()
         holder.close()
-    with pg.connect() as conn:
-        (rows,) = conn.execute("SELECT count(*) FROM stream_events WHERE stream = %s", (stream,)).fetchone()
-    assert rows == 5
+    assert stored_rows(pg, stream) == 5
 
 
 def test_the_change_feed_names_the_transaction_holding_it_back_instead_of_caught_up(
@@ -178,6 +181,4 @@ def test_a_draining_run_blocked_by_a_frozen_holder_retries_the_batch_in_place_an
     finally:
         rt.close()
         holder.close()
-    with pg.connect() as conn:
-        (rows,) = conn.execute("SELECT count(*) FROM stream_events WHERE stream = %s", (stream,)).fetchone()
-    assert rows == 5
+    assert stored_rows(pg, stream) == 5

@@ -49,17 +49,6 @@ PER_TRANSACTION = 15
 GROUP = "g"
 
 
-@pytest.fixture(scope="module")
-def wal_pg() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres(settings={"wal_level": "logical", "max_replication_slots": "10",
-                                       "max_wal_senders": "10"})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 @pytest.fixture
 def channel(wal_pg: PrivatePostgres, postgres_url: str) -> Iterator[str]:
     """A watched table of this test, its publication and slot (installed before the first write, as
