@@ -79,7 +79,7 @@ def unavailable_error(client: redis.Redis, exc: BaseException) -> StoreUnavailab
 
     if is_credentials_error(exc):
         return StoreRefusedError(redis_refusal(describe_server(client), f"{str(exc).rstrip('.')}.",
-                                               "DURABILITY_REDIS_URL"))
+                                               "$DURABILITY_REDIS_URL"))
     return StoreUnavailableError(
         f"cannot reach {describe_server(client)}: {type(exc).__name__}. Check that Redis is running and "
         "DURABILITY_REDIS_URL is right; nothing was written."

@@ -140,8 +140,9 @@ class StreamSource(Protocol):
 @runtime_checkable
 class ReleasingSource(Protocol):
     """A capability: a source whose server keeps what a consumer has not released (a Postgres replication
-    slot keeps the WAL). The runtime calls ``release`` after each ack (and once more when it closes,
-    ``final``), with ``durable``: the shard's checkpoint as the store's durable part holds it (hybrid: the
+    slot keeps the WAL). The runtime flushes the store and calls ``release`` after each ack (and once more, with
+    ``final``, as a drain ends and when it closes), with ``durable``: the shard's checkpoint as the store's
+    durable part holds it (hybrid: the
     position flushed to Postgres, never a Redis-only one; None: nothing durable, e.g. the memory store).
     The source calls ``durable`` only when it means to release (it may throttle), and never releases past
     what it returns, so that no loss of a checkpoint store leaves the checkpoint behind the server."""
