@@ -305,3 +305,31 @@ def test_a_crash_between_publish_and_checkpoint_publishes_nothing_extra(
     rows = realtime_rows(postgres_url)
     assert len(rows) == len(set(rows)) == len(produced)  # nothing extra was ever committed
     assert acked_checkpoint(postgres_url) == produced[-1]["sequence"]
+
+
+def test_a_foreign_rewind_stops_the_broadcaster_at_the_sensor_tick_and_nothing_is_published_again(
+        env: str, postgres_url: str) -> None:
+    """Issue 21 item 4 through the real sensor: the original pattern's worker moves the starter's Postgres
+    checkpoint back (the plain UPSERT); the next tick dispatches no run for the shard and says why, naming the
+    commands that replay on purpose or restore; nothing is re-sent, even as new records arrive."""
+    ddb, _ = clients(env)
+    create_stream_table(ddb, TOPIC)
+    driver = Driver(defs(), CONSUMER)
+    written = write_wave(env, 0, 20, 0, 0)
+    assert driver.drain() >= 1 and all(r.success for r in driver.runs)
+    assert len(realtime_rows(postgres_url)) == written
+    produced = produced_records(env)
+    with psycopg.connect(postgres_url) as conn:  # the original pattern's plain UPSERT, 15 positions back
+        conn.execute(
+            "INSERT INTO checkpoints (adapter, stream, grp, consumer, shard, sequence, ts) "
+            "VALUES ('dynamodb', %s, 'realtime', 'broadcaster', %s, %s, now()) "
+            "ON CONFLICT (adapter, stream, grp, consumer, shard) DO UPDATE SET sequence = EXCLUDED.sequence, "
+            "ts = EXCLUDED.ts", (TOPIC, produced[4]["shard"], produced[4]["sequence"]))
+    write_wave(env, 100, 5, 0, 0)  # new records too: the shard has work, and still must not move
+
+    result = driver.tick()
+    assert not result.run_requests  # no run reads on from the rewound position
+    reason = result.skip_reason.skip_message if result.skip_reason else ""
+    assert "STOPPED" in reason and "checkpoints rewind" in reason and "checkpoints repair" in reason, reason
+    assert len(realtime_rows(postgres_url)) == written  # nothing published twice
+    assert acked_checkpoint(postgres_url) == produced[4]["sequence"]  # the foreign move is left for the operator
