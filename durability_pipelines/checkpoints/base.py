@@ -29,7 +29,8 @@ class SaveOutcome(str, enum.Enum):
     STALE = "stale"  # behind the stored value: rejected, nothing written
     #: the stored value is below what the project itself last recorded there: another worker moved it back (a
     #: rewind). Recorded as a foreign move and honoured: nothing written, ``current`` is the value found, so the
-    #: consumer goes on from there (it replays what the other worker asked for). Redis stores only.
+    #: consumer goes on from there (it replays what the other worker asked for). Redis and Postgres stores (a
+    #: store knows what it last wrote only since it opened: the replay mark covers what came before).
     REWOUND = "rewound"
 
 

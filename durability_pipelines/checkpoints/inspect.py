@@ -71,8 +71,14 @@ def record_external(db: PostgresConnection, key: CheckpointKey, frm: str, to: st
     """One ``checkpoint_history`` row (writer ``external``) for a foreign move a save found in ``store``: what
     the history summary (``no_checkpoint_regression``) and the audit read."""
     with db.connection() as conn:
-        conn.execute(_RECORD_EXTERNAL_SQL, (*key.as_row().values(), frm, to, EXTERNAL_WRITER, run_id,
-                                            save_external_reason(store, frm, to)))
+        record_external_on(conn, key, frm, to, store=store, run_id=run_id)
+
+
+def record_external_on(conn: Any, key: CheckpointKey, frm: str, to: str, *, store: str,
+                       run_id: str | None = None) -> None:
+    """``record_external`` on a connection the caller holds (in the transaction of the save that found it)."""
+    conn.execute(_RECORD_EXTERNAL_SQL, (*key.as_row().values(), frm, to, EXTERNAL_WRITER, run_id,
+                                        save_external_reason(store, frm, to)))
 
 
 _CHUNK = 1000

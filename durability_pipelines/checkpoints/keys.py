@@ -41,6 +41,11 @@ LEASE_COPIES_PREFIX = "durability:leasecopies"
 #: part and Postgres rows store ''; those stay as they are (other workers read them).
 NO_SHARD = "-"
 
+#: The size beyond which a store clears a cache kept per checkpoint key (Redis key strings, what its last save
+#: left in the shared value).
+KEY_CACHE_MAX = 65_536
+
+
 
 def shard_to_tag(shard: str | None) -> str:
     return shard or NO_SHARD

@@ -10,6 +10,7 @@ bound parameter; SQL is never built from user strings.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,11 +40,19 @@ from durability_pipelines.checkpoints.errors import (
     StoreUnavailableError,
     lease_lost,
 )
-from durability_pipelines.checkpoints.keys import CheckpointKey, LeaseKey
+from durability_pipelines.checkpoints.keys import KEY_CACHE_MAX, CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.lock_waits import lock_wait_error
-from durability_pipelines.checkpoints.ordering import MAX_DIGITS, SHARD_END, max_sequence, normalize_sequence
+from durability_pipelines.checkpoints.ordering import (
+    MAX_DIGITS,
+    SHARD_END,
+    is_number,
+    max_sequence,
+    normalize_sequence,
+    sort_key,
+)
 from durability_pipelines.checkpoints.sentinels import effective, is_sentinel
 
+log = logging.getLogger(__name__)
 SCHEMA_SQL = (resources.files("durability_pipelines.checkpoints") / "schema.sql").read_text()
 # 2: durability_sequence_rank became an inlinable SQL function; 3: leaner save function;
 # 4: a fenced save also needs an unexpired lease; durability_sequence_rank_or_null
@@ -80,6 +89,8 @@ _LOAD_SQL = """
 SELECT (SELECT sequence FROM checkpoints WHERE {w}), (SELECT sentinel FROM checkpoint_sentinels WHERE {w})
 """
 _KEY_WHERE = "adapter = %s AND stream = %s AND grp = %s AND consumer = %s AND shard = %s"
+#: The shared row's value, locked until the save that reads it commits (a foreign rewind cannot slip in between)
+_FOUND_SQL = "SELECT sequence FROM checkpoints WHERE {w} FOR UPDATE"
 _LEASE_WHERE = "adapter = %s AND stream = %s AND grp = %s AND shard = %s"
 _LEASE_WHERE_NAMED = "adapter = %(adapter)s AND stream = %(stream)s AND grp = %(grp)s AND shard = %(shard)s"
 #: The update of a lease someone takes (acquire, or a request that finds it free): a takeover bumps the
@@ -383,6 +394,17 @@ def _result(key: CheckpointKey, sequence: str, lease: Lease | None, row: Sequenc
     return SaveResult(key, result, previous, sequence if result is SaveOutcome.ADVANCED else previous)
 
 
+def _shared_number(value: str | None) -> str | None:
+    """The shared row's value as a canonical number; None for anything else (the save reports garbage itself)."""
+    if value is None:
+        return None
+    try:
+        canonical = normalize_sequence(value)
+    except InvalidSequenceError:
+        return None
+    return canonical if is_number(canonical) else None
+
+
 @contextmanager
 def _invalid_sequence(key_desc: str) -> Iterator[None]:
     try:
@@ -417,6 +439,9 @@ class PostgresCheckpointStore(CheckpointStore):
     def __init__(self, conninfo: str, *, migrate_schema: bool = True, connect_timeout: int = 5) -> None:
         self.db = PostgresConnection(conninfo, connect_timeout=connect_timeout)
         self._leases = PostgresLeaseManager(self.db)
+        #: key -> the number this store's last save left in the shared row: a row found below it was moved back
+        #: by another worker (``SaveOutcome.REWOUND``)
+        self._left: dict[CheckpointKey, str] = {}
         if migrate_schema:
             ensure_schema(self.db, "checkpoints", SCHEMA_VERSION, migrate)
 
@@ -486,9 +511,42 @@ class PostgresCheckpointStore(CheckpointStore):
     def _save_on(self, conn: psycopg.Connection, key: CheckpointKey, sequence: str, lease: Lease | None,
                  context: SaveContext | None) -> SaveResult:
         sequence = normalize_sequence(sequence, key=key.redis_key)
-        with _invalid_sequence(key.redis_key):
-            row = conn.execute(_SAVE_SQL, _save_params(key, sequence, lease, context or SaveContext())).fetchone()
-        return _result(key, sequence, lease, row)
+        ctx = context or SaveContext()
+        left = self._left.get(key)
+        with conn.transaction():  # the check and the save see the same row (a savepoint inside a caller's)
+            if left is not None:
+                found = conn.execute(_FOUND_SQL.format(w=_KEY_WHERE), tuple(key.as_row().values())).fetchone()
+                found_number = _shared_number(found[0]) if found else None
+                if found_number is not None and sort_key(found_number) < sort_key(left):
+                    return self._moved_back(conn, SaveResult(key, SaveOutcome.REWOUND, found_number, found_number,
+                                                             left), ctx)
+            with _invalid_sequence(key.redis_key):
+                row = conn.execute(_SAVE_SQL, _save_params(key, sequence, lease, ctx)).fetchone()
+        result = _result(key, sequence, lease, row)
+        if result.outcome in (SaveOutcome.ADVANCED, SaveOutcome.UNCHANGED) and is_number(result.current):
+            if len(self._left) >= KEY_CACHE_MAX:
+                self._left.clear()
+            self._left[key] = result.current  # what this save left in the shared row
+        else:
+            self._left.pop(key, None)
+        return result
+
+    def _moved_back(self, conn: psycopg.Connection, result: SaveResult, ctx: SaveContext) -> SaveResult:
+        """The save found the shared row below this store's last write to it: another worker moved it back (the
+        plain UPSERT of the original pattern). Recorded in the history as a foreign move and honoured, as the Redis
+        store does (``SaveOutcome.REWOUND``): nothing written over it."""
+        from durability_pipelines.checkpoints.inspect import record_external_on
+
+        log.warning(
+            "checkpoint %s: another worker moved its Postgres row back from %s (this store's last write) to %s. "
+            "Recorded as a foreign move and honoured: nothing was written over it, and a consumer with an "
+            "idempotent sink goes on from %s (one whose sink is not stops the shard instead). If that write was a "
+            "mistake, `durability-pipelines checkpoints repair %s` puts the recorded position back.",
+            result.key.redis_key, result.moved_back_from, result.current, result.current, result.key.redis_key)
+        record_external_on(conn, result.key, result.moved_back_from or "", result.current, store="postgres",
+                           run_id=ctx.run_id)
+        self._left.pop(result.key, None)
+        return result
 
     def save(self, key: CheckpointKey, sequence: str, *, lease: Lease | None = None,
              context: SaveContext | None = None) -> SaveResult:
@@ -538,6 +596,7 @@ class PostgresCheckpointStore(CheckpointStore):
 
         The row is locked first so that the recorded previous value is the one replaced.
         """
+        self._left.pop(key, None)  # this store's own move back: the next save must not take it for a foreign one
         sequence = normalize_sequence(sequence, key=key.redis_key)
         ctx = require_force_context(context)
         params = tuple(key.as_row().values())

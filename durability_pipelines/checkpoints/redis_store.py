@@ -40,7 +40,7 @@ from durability_pipelines.checkpoints.errors import (
     WrongTypeKeyError,
     lease_lost,
 )
-from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
+from durability_pipelines.checkpoints.keys import KEY_CACHE_MAX, REDIS_PREFIX, CheckpointKey
 from durability_pipelines.checkpoints.ordering import fast_sequence, is_number, normalize_sequence
 from durability_pipelines.checkpoints.redis_io import (
     WrongType,
@@ -71,8 +71,6 @@ def _script(name: str) -> str:
 SAVE_LUA = _script("checkpoint.lua")
 MARK_FLUSHED_LUA = _script("mark_flushed.lua")
 MGET_CHUNK = 1000
-#: Per-store cache of a key's Redis key strings (building them validates a LeaseKey each time).
-KEY_CACHE_MAX = 65_536
 _OUTCOMES = {o.value.encode(): o for o in SaveOutcome}  # as the save script returns them
 FORCE_SET_LUA = _script("force_set.lua")
 

@@ -316,9 +316,11 @@ class ConsumerRuntime:
                     if target is not None:
                         for position in self._positions_to_save(read, target):
                             saved = tx.save(key, position, lease=read.lease, context=ctx_save)
+                            if saved.outcome is SaveOutcome.REWOUND:
+                                break  # another worker moved it back: honoured, nothing written over it
             except LockWaitTimeoutError as exc:
                 raise self._lock_wait(read, exc, bounds) from exc
-            if saved is not None and target == ack_to:
+            if saved is not None and (target == ack_to or saved.outcome is SaveOutcome.REWOUND):
                 self._saved_in_transaction[read.shard] = saved  # committed: the ack reports this save
             return failed
         if not self.postgres_url:
@@ -517,7 +519,10 @@ class ConsumerRuntime:
         key = self.key(read.shard)
         result = None
         rewound_at: str | None = None  # the position whose save found another worker's rewind
-        if processed.saved is not None and processed.saved.current == processed.ack_to:
+        if processed.saved is not None and processed.saved.outcome is SaveOutcome.REWOUND:
+            result = processed.saved  # the save in the handler's transaction found a foreign rewind: honour it
+            rewound_at = processed.ack_to
+        elif processed.saved is not None and processed.saved.current == processed.ack_to:
             result = processed.saved  # saved in the handler's transaction: saving again would report "unchanged"
         elif processed.ack_to is not None:
             context = SaveContext(writer=read.run_id, run_id=read.run_id, reason="batch ack")

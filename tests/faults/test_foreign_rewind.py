@@ -24,7 +24,7 @@ from durability_pipelines.audit.tables import build_checkpoint_audit, build_hist
 from durability_pipelines.checkpoints import CheckpointKey, SaveContext, SaveOutcome
 from durability_pipelines.consumer.drain import BatchRecord, DrainBudget, ShardDrainer, StopReason
 from durability_pipelines.consumer.events import ChangeEvent
-from durability_pipelines.consumer.handlers import HandlerContext
+from durability_pipelines.consumer.handlers import HandlerContext, transactional
 from durability_pipelines.consumer.runtime import open_runtime
 from tests.support.shared_layout import Shared
 from tests.support.sources import ListSource
@@ -37,6 +37,48 @@ HANDLED: dict[str, list[str]] = {}
 def counting(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
     """A handler that records every sequence it is given (a replay shows as a sequence handled twice)."""
     HANDLED.setdefault(ctx.stream, []).extend(e.sequence for e in events)
+
+
+@transactional
+def counting_in_transaction(events: Sequence[ChangeEvent], ctx: HandlerContext) -> None:
+    """``counting`` as a transactional handler: with the postgres backend its checkpoint is saved in its transaction."""
+    counting(events, ctx)
+
+
+@pytest.mark.parametrize("handler", ["counting", "counting_in_transaction"])
+def test_a_plain_upsert_rewind_of_a_postgres_checkpoint_mid_run_is_reported_and_replayed(
+        shared: Shared, handler: str) -> None:
+    """The same attack on the postgres backend: the original pattern's plain UPSERT moves the row back 20 records
+    while the consumer runs. The next save (alone, or in the handler's transaction) finds the row below its own
+    last write, records the foreign move in checkpoint_history and writes nothing over it; the run replays."""
+    stream = "rewind-" + uuid.uuid4().hex[:10]
+    source = ListSource.with_events(stream, 60)
+    events = source.shards_events["shard-0"]
+    cfg = make_config(stream, "postgres", handler=f"{__name__}:{handler}", checkpoint={"backend": "postgres"})
+    rt = open_runtime(cfg, redis_url=shared.redis_url, postgres_url=shared.postgres_url, source=source)
+    key = rt.key("shard-0")
+    rewound_to = events[9].sequence
+
+    def other_worker_rewinds(record: BatchRecord) -> None:
+        if record.index == 3:  # acked up to events[29]
+            shared.other_upsert(key, rewound_to)
+
+    report = ShardDrainer(rt, "shard-0", "run-1", DrainBudget(100, 60, 0), prefetch=False,
+                          on_batch=other_worker_rewinds).run()
+    assert report.stop_reason is StopReason.CAUGHT_UP
+    handled = Counter(HANDLED[stream])
+    assert all(handled[e.sequence] == 2 for e in events[10:30]), "the rewound-over records were not replayed"
+    assert set(handled) == {e.sequence for e in events} and rt.store.load(key) == events[-1].sequence
+    fourth = report.batches[3]
+    assert fourth.outcome == SaveOutcome.REWOUND.value and fourth.checkpoint == rewound_to
+    assert report.batches[4].start_after == rewound_to
+    (foreign,) = [h for h in rt.store.history(key) if h.writer == "external"]
+    assert (foreign.previous, foreign.sequence) == (events[29].sequence, rewound_to)
+    assert foreign.reason == (f"foreign write seen by a save in postgres: moved back from {events[29].sequence} "
+                              f"to {rewound_to}")
+    summary = build_history_summary(shared.db())
+    assert int(summary["external_regressions_recent"].sum()) == 1 and int(summary["regressions"].sum()) == 0
+    rt.close()
 
 
 @pytest.mark.parametrize("backend", ["redis", "hybrid"])
