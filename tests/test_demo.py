@@ -34,6 +34,10 @@ def test_bounded_demo_loses_and_duplicates_nothing() -> None:
     stores = {c["key"]: c for c in summary["checkpoints"]}
     worker = next(c for k, c in stores.items() if k.startswith("checkpoint:dynamodb:orders:workers:consumer-a:"))
     assert worker["redis"] is not None  # hybrid: Redis always holds the latest ack
+    # read after the demo stopped everything: each drain that ended cleanly flushed hybrid's acks to Postgres
+    assert worker["postgres"] == worker["redis"] and summary["hybrid_apart_after_stop"] == []
+    feed = stores["checkpoint:supabase:orders-changes:workers:consumer-a"]
+    assert feed["postgres"] == feed["redis"] is not None
     realtime = next(c for k, c in stores.items() if k.startswith("checkpoint:dynamodb:orders:realtime:"))
     assert realtime["postgres"] is not None and realtime["redis"] is None  # postgres backend
 

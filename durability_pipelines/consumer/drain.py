@@ -422,7 +422,7 @@ class ShardDrainer:
             if ahead is not None:
                 ahead.close()
             report.ended = self.clock()
-            if self._lease is not None:  # still ours: make the last ack durable upstream before letting go
+            if self._lease is not None:  # still ours: make the acks durable (and released upstream) before letting go
                 with contextlib.suppress(DurabilityError):
                     self.rt.settle(self.shard)
             self._release()

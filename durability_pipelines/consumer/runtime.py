@@ -626,10 +626,16 @@ class ConsumerRuntime:
         return self.store.load(key)
 
     def settle(self, shard: str | None) -> None:
-        """A drain of ``shard`` ends, its lease still held: under a source that releases upstream only what is
-        durable (a WAL slot), flush the store (hybrid: its buffered acks reach Postgres under the lease) and
-        release up to the last ack. Otherwise the server would hold that WAL until the next run, which a quiet
-        publication may not see for hours. A no-op for other sources."""
+        """A drain of ``shard`` ends cleanly (caught up, budget used, stopped, handed over), its lease still held:
+        flush the store, so that hybrid's buffered acks reach Postgres under the lease (a stop, a deploy, the
+        demo's end leave the two stores equal; only a crash leaves acks in Redis alone, for the mirror); and under
+        a source that releases upstream only what is durable (a WAL slot), release up to the last ack, or the
+        server would hold that WAL until the next run."""
+        try:
+            self.store.flush()
+        except DurabilityError as exc:  # Redis has every ack; the mirror carries them to Postgres
+            log.warning("consumer %s: could not flush the checkpoints as the drain of shard %s ended: %s",
+                        self.config.name, shard, exc)
         if shard in self._released:
             self._release_source(shard, final=True)
 
@@ -717,9 +723,8 @@ class ConsumerRuntime:
             self.metrics.record(RECORDS_BEHIND, read.batch.behind, labels=labels)
 
     def close(self) -> None:
-        # A run process is short-lived: buffered hybrid acks stay in Redis for the flush bound or the
-        # mirror to carry, so hybrid does not degrade into "both stores on every ack" (``settle`` is the
-        # exception, for sources that release upstream).
+        # Each drain flushed as it ended (``settle``, under its lease); what is still buffered here belongs to
+        # drains that did not end cleanly, and stays in Redis for the mirror to carry (a lease may be gone).
         for shard in sorted(self._released, key=lambda s: s or ""):
             try:
                 self._release_source(shard, final=True)
