@@ -23,6 +23,7 @@ from durability_pipelines.checkpoints.errors import InvalidSequenceError
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
 from durability_pipelines.checkpoints.ordering import (
     SHARD_END,
+    as_number,
     fast_sequence,
     is_number,
     normalize_sequence,
@@ -92,14 +93,7 @@ def recorded_number(sequence: str | None, previous: str | None = None) -> str | 
     ``TRIM_HORIZON`` / ``LATEST`` (an operator's rewind) left no number. A shared value is compared with this,
     never with the sentinel the history also records: an ended shard is no regression.
     """
-    value = previous if sequence == SHARD_END else sequence
-    if value is None:
-        return None
-    try:
-        canonical = normalize_sequence(value)
-    except InvalidSequenceError:
-        return None
-    return canonical if is_number(canonical) else None
+    return as_number(previous if sequence == SHARD_END else sequence)
 
 
 def _dec(v: Any) -> str | None:

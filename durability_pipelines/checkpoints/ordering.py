@@ -94,6 +94,19 @@ def is_number(value: str) -> bool:
     return value not in _SENTINEL_RANK
 
 
+def as_number(value: object) -> str | None:
+    """``value`` as a canonical number; None for a sentinel, garbage or None (what a shared value may hold)."""
+    from durability_pipelines.checkpoints.errors import InvalidSequenceError
+
+    if value is None:
+        return None
+    try:
+        canonical = normalize_sequence(value)
+    except InvalidSequenceError:
+        return None
+    return canonical if is_number(canonical) else None
+
+
 def max_sequence(*values: str | None) -> str | None:
     """The greatest of the given positions, ignoring ``None``."""
     present = [normalize_sequence(v) for v in values if v is not None]

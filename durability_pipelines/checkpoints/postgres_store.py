@@ -45,6 +45,7 @@ from durability_pipelines.checkpoints.lock_waits import lock_wait_error
 from durability_pipelines.checkpoints.ordering import (
     MAX_DIGITS,
     SHARD_END,
+    as_number,
     is_number,
     max_sequence,
     normalize_sequence,
@@ -394,17 +395,6 @@ def _result(key: CheckpointKey, sequence: str, lease: Lease | None, row: Sequenc
     return SaveResult(key, result, previous, sequence if result is SaveOutcome.ADVANCED else previous)
 
 
-def _shared_number(value: str | None) -> str | None:
-    """The shared row's value as a canonical number; None for anything else (the save reports garbage itself)."""
-    if value is None:
-        return None
-    try:
-        canonical = normalize_sequence(value)
-    except InvalidSequenceError:
-        return None
-    return canonical if is_number(canonical) else None
-
-
 @contextmanager
 def _invalid_sequence(key_desc: str) -> Iterator[None]:
     try:
@@ -516,7 +506,7 @@ class PostgresCheckpointStore(CheckpointStore):
         with conn.transaction():  # the check and the save see the same row (a savepoint inside a caller's)
             if left is not None:
                 found = conn.execute(_FOUND_SQL.format(w=_KEY_WHERE), tuple(key.as_row().values())).fetchone()
-                found_number = _shared_number(found[0]) if found else None
+                found_number = as_number(found[0]) if found else None
                 if found_number is not None and sort_key(found_number) < sort_key(left):
                     return self._moved_back(conn, SaveResult(key, SaveOutcome.REWOUND, found_number, found_number,
                                                              left), ctx)
