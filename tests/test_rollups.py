@@ -19,6 +19,7 @@ import dagster as dg
 import psycopg
 import pytest
 
+from durability_pipelines.audit.rollup import rebuild, rollup_table
 from durability_pipelines.checkpoints.errors import ConfigError
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.consumer.config import ConsumerConfig, load_consumer_config
@@ -26,7 +27,6 @@ from durability_pipelines.consumer.storage import ensure
 from durability_pipelines.orchestration.consumers import build_consumer_defs, sink_asset_key, sink_asset_spec
 from durability_pipelines.orchestration.resources import DurabilityResource
 from durability_pipelines.orchestration.rollups import rollup_asset_key
-from durability_pipelines.sinks.rollup import rebuild, rollup_table
 
 
 def consumer(**overrides: Any) -> ConsumerConfig:

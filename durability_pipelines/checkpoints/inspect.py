@@ -11,7 +11,6 @@ recorded write explains (``KeyState.external_regressions``), so that every repor
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +19,13 @@ from typing import Any
 import redis
 
 from durability_pipelines.checkpoints.errors import InvalidSequenceError
+from durability_pipelines.checkpoints.external import (  # noqa: F401 - re-exported: callers import them from here
+    EXTERNAL_WRITER,
+    external_reason,
+    external_store,
+    record_external_on,
+    save_external_reason,
+)
 from durability_pipelines.checkpoints.keys import REDIS_PREFIX, CheckpointKey
 from durability_pipelines.checkpoints.ordering import (
     SHARD_END,
@@ -33,39 +39,6 @@ from durability_pipelines.checkpoints.ordering import (
 from durability_pipelines.checkpoints.postgres_store import PostgresConnection
 from durability_pipelines.redis_client import is_cluster, mget_all
 
-#: The writer name of a history entry that records a write the project did not make (seen by the mirror).
-EXTERNAL_WRITER = "external"
-_EXTERNAL_REASON = "foreign write seen by the mirror in {store}: moved backwards"
-
-
-def external_reason(store: str) -> str:
-    """The reason of an ``external`` history entry; it names the store that was moved back."""
-    return _EXTERNAL_REASON.format(store=store)
-
-
-#: What a save writes when it finds the shared value below the project's last recorded write (checkpoint.lua).
-_SAVE_EXTERNAL_REASON = "foreign write seen by a save in {store}: moved back from {frm} to {to}"
-_EXTERNAL_REASON_RE = re.compile(r"^foreign write seen by (?:the mirror|a save) in (redis|postgres):")
-
-
-def save_external_reason(store: str, frm: str, to: str) -> str:
-    """The reason of the ``external`` history entry a save records (the Lua script writes the same text)."""
-    return _SAVE_EXTERNAL_REASON.format(store=store, frm=frm, to=to)
-
-
-def external_store(reason: str | None) -> str | None:
-    """Which store an ``external`` history entry says was moved back (None if it is not one): recorded by the
-    mirror or by a save."""
-    m = _EXTERNAL_REASON_RE.match(reason or "")
-    return m.group(1) if m else None
-
-
-_RECORD_EXTERNAL_SQL = """
-INSERT INTO checkpoint_history (adapter, stream, grp, consumer, shard, previous_sequence, new_sequence, writer,
-                                run_id, reason)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-"""
-
 
 def record_external(db: PostgresConnection, key: CheckpointKey, frm: str, to: str, *, store: str,
                     run_id: str | None = None) -> None:
@@ -73,13 +46,6 @@ def record_external(db: PostgresConnection, key: CheckpointKey, frm: str, to: st
     the history summary (``no_checkpoint_regression``) and the audit read."""
     with db.connection() as conn:
         record_external_on(conn, key, frm, to, store=store, run_id=run_id)
-
-
-def record_external_on(conn: Any, key: CheckpointKey, frm: str, to: str, *, store: str,
-                       run_id: str | None = None) -> None:
-    """``record_external`` on a connection the caller holds (in the transaction of the save that found it)."""
-    conn.execute(_RECORD_EXTERNAL_SQL, (*key.as_row().values(), frm, to, EXTERNAL_WRITER, run_id,
-                                        save_external_reason(store, frm, to)))
 
 
 _CHUNK = 1000

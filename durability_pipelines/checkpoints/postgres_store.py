@@ -40,6 +40,7 @@ from durability_pipelines.checkpoints.errors import (
     StoreUnavailableError,
     lease_lost,
 )
+from durability_pipelines.checkpoints.external import record_external_on
 from durability_pipelines.checkpoints.keys import KEY_CACHE_MAX, CheckpointKey, LeaseKey
 from durability_pipelines.checkpoints.lock_waits import lock_wait_error
 from durability_pipelines.checkpoints.ordering import (
@@ -525,8 +526,6 @@ class PostgresCheckpointStore(CheckpointStore):
         """The save found the shared row below this store's last write to it: another worker moved it back (the
         plain UPSERT of the original pattern). Recorded in the history as a foreign move and honoured, as the Redis
         store does (``SaveOutcome.REWOUND``): nothing written over it."""
-        from durability_pipelines.checkpoints.inspect import record_external_on
-
         log.warning(
             "checkpoint %s: another worker moved its Postgres row back from %s (this store's last write) to %s. "
             "Recorded as a foreign move and honoured: nothing was written over it, and a consumer with an "

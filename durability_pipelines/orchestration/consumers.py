@@ -753,4 +753,4 @@ def build_consumer_defs(cfg: ConsumerConfig) -> Definitions:
     return Definitions.merge(
         Definitions(jobs=[consumer_job], sensors=[build_consumer_sensor(cfg, consumer_job)],
                     assets=[sink_asset_spec(cfg)], asset_checks=[build_lag_check(cfg)]),
-        build_rollup_defs(cfg))
+        build_rollup_defs(cfg, sink_key=sink_asset_key(cfg), group_name=CONSUMERS_GROUP))

@@ -1,7 +1,7 @@
 """A derived asset downstream of a consumer's sink, kept fresh by declarative automation.
 
 ``<consumer>/<consumer>_events_per_minute`` counts the ``stream_events`` rows of the consumer's stream per
-minute and event name (``sinks/rollup.py``). Its automation condition is ``eager()``: whenever the sink is
+minute and event name (``audit/rollup.py``). Its automation condition is ``eager()``: whenever the sink is
 materialized (a draining run does so at least once a minute while it writes), the asset is requested
 again, never twice at once; a per-consumer ``AutomationConditionSensorDefinition``, running by default,
 evaluates it. The pattern is the one to copy for your own tables downstream of a stream (docs/assets.md).
@@ -24,11 +24,10 @@ from dagster import (
     asset,
 )
 
+from durability_pipelines.audit.rollup import COLUMNS, rebuild, rollup_table
 from durability_pipelines.audit.tables import markdown_preview
 from durability_pipelines.consumer.config import ConsumerConfig
-from durability_pipelines.orchestration.consumers import CONSUMERS_GROUP, sink_asset_key
 from durability_pipelines.orchestration.resources import DurabilityResource
-from durability_pipelines.sinks.rollup import COLUMNS, rebuild, rollup_table
 
 #: How often the consumer's automation sensor evaluates its rollup (Dagster's default is 30 s).
 AUTOMATION_INTERVAL_S = 15
@@ -38,15 +37,17 @@ def rollup_asset_key(cfg: ConsumerConfig) -> AssetKey:
     return AssetKey([cfg.name, rollup_table(cfg.name)])
 
 
-def build_rollup_defs(cfg: ConsumerConfig) -> Definitions:
-    """The consumer's ``events_per_minute`` asset and the sensor that automates it (empty when not asked for)."""
+def build_rollup_defs(cfg: ConsumerConfig, *, sink_key: AssetKey, group_name: str) -> Definitions:
+    """The consumer's ``events_per_minute`` asset downstream of its sink ``sink_key`` (in ``group_name``, the
+    sink's group), and the sensor that automates it; empty when not asked for. (``consumers.py`` passes both:
+    this module does not import it, so that the factory can import this one.)"""
     if cfg.events_per_minute is None:
         return Definitions()
     window_s = cfg.events_per_minute.window_hours * 3600
     table = rollup_table(cfg.name)
 
     @asset(
-        key=rollup_asset_key(cfg), deps=[sink_asset_key(cfg)], group_name=CONSUMERS_GROUP,
+        key=rollup_asset_key(cfg), deps=[sink_key], group_name=group_name,
         kinds={"pandas", "postgres"}, automation_condition=AutomationCondition.eager(),
         description=f"Events of {cfg.adapter} stream {cfg.stream} per minute and event name over the last "
                     f"{cfg.events_per_minute.window_hours:g} h, from the stream_events rows consumer {cfg.name} "

@@ -5,7 +5,8 @@ inserting transaction's start, so a transaction that began before a watermark ca
 incremental count that trusted the watermark would miss its rows. Rebuilding the window in one transaction
 is correct whatever commits late (a backlog drained hours later lands in the minutes its events belong to),
 and it costs one scan of the stream's rows in the window. No Dagster import: the asset that keeps it fresh
-is ``orchestration/rollups.py``.
+is ``orchestration/rollups.py``. It lives with the audit tables (a pandas table that reads what a sink wrote),
+above the core: ``sinks/`` stay writers that import nothing but the event shape.
 """
 
 from __future__ import annotations
