@@ -50,7 +50,6 @@ from durability_pipelines.checkpoints.ordering import (
     is_number,
     max_sequence,
     normalize_sequence,
-    sort_key,
 )
 from durability_pipelines.checkpoints.sentinels import effective, is_sentinel
 
@@ -91,8 +90,21 @@ _LOAD_SQL = """
 SELECT (SELECT sequence FROM checkpoints WHERE {w}), (SELECT sentinel FROM checkpoint_sentinels WHERE {w})
 """
 _KEY_WHERE = "adapter = %s AND stream = %s AND grp = %s AND consumer = %s AND shard = %s"
-#: The shared row's value, locked until the save that reads it commits (a foreign rewind cannot slip in between)
-_FOUND_SQL = "SELECT sequence FROM checkpoints WHERE {w} FOR UPDATE"
+#: A save that first looks at the shared row, in the same statement (one round trip, as a plain save): the row
+#: locked, and the save skipped when the row is below the number this store last left there (the last parameter;
+#: NULL: no such number). ``OFFSET 0`` keeps the subquery from being pulled up into the join, so its filter, which
+#: references only the row found, is a one-time filter evaluated before the save function runs: the function is
+#: never called when it is false (``EXPLAIN`` shows a ``Result`` with ``One-Time Filter`` above the function scan;
+#: ``tests/faults/test_foreign_rewind.py`` holds it to that).
+_GUARDED_SAVE_SQL = f"""
+WITH found AS MATERIALIZED (SELECT (SELECT sequence FROM checkpoints WHERE {_KEY_WHERE} FOR UPDATE) AS seq)
+SELECT f.seq, r.outcome, r.previous, r.lease_owner, r.lease_epoch
+FROM found f LEFT JOIN LATERAL (
+  SELECT * FROM durability_save_checkpoint(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+  WHERE NOT coalesce(durability_sequence_rank_or_null(f.seq) < durability_sequence_rank_or_null(%s), false)
+  OFFSET 0
+) r ON true
+"""
 _LEASE_WHERE = "adapter = %s AND stream = %s AND grp = %s AND shard = %s"
 _LEASE_WHERE_NAMED = "adapter = %(adapter)s AND stream = %(stream)s AND grp = %(grp)s AND shard = %(shard)s"
 #: The update of a lease someone takes (acquire, or a request that finds it free): a takeover bumps the
@@ -504,15 +516,12 @@ class PostgresCheckpointStore(CheckpointStore):
         sequence = normalize_sequence(sequence, key=key.redis_key)
         ctx = context or SaveContext()
         left = self._left.get(key)
-        with conn.transaction():  # the check and the save see the same row (a savepoint inside a caller's)
-            if left is not None:
-                found = conn.execute(_FOUND_SQL.format(w=_KEY_WHERE), tuple(key.as_row().values())).fetchone()
-                found_number = as_number(found[0]) if found else None
-                if found_number is not None and sort_key(found_number) < sort_key(left):
-                    return self._moved_back(conn, SaveResult(key, SaveOutcome.REWOUND, found_number, found_number,
-                                                             left), ctx)
-            with _invalid_sequence(key.redis_key):
-                row = conn.execute(_SAVE_SQL, _save_params(key, sequence, lease, ctx)).fetchone()
+        with _invalid_sequence(key.redis_key):
+            found, *row = conn.execute(_GUARDED_SAVE_SQL, (*key.as_row().values(),
+                                                           *_save_params(key, sequence, lease, ctx), left)).fetchone()
+        if row[0] is None:  # the guard skipped the save: the row is below this store's last write
+            return self._moved_back(conn, SaveResult(key, SaveOutcome.REWOUND, as_number(found), as_number(found),
+                                                     left), ctx)
         result = _result(key, sequence, lease, row)
         if result.outcome in (SaveOutcome.ADVANCED, SaveOutcome.UNCHANGED) and is_number(result.current):
             if len(self._left) >= KEY_CACHE_MAX:

@@ -339,9 +339,8 @@ class ConsumerRuntime:
         except DurabilityError:
             raise
         except Exception as exc:
-            if connection_is_stale(exc) or conn.closed or conn.broken:
+            if connection_is_stale(exc):  # (a closed or broken one is replaced by the next _sink_connection)
                 self._drop_sink_connection()
-            if connection_is_stale(exc):
                 raise SinkUnavailableError(self._sink_unavailable(read, exc)) from exc
             raise
         failed = list(result.failed_sequences) if result else []
@@ -631,13 +630,18 @@ class ConsumerRuntime:
         demo's end leave the two stores equal; only a crash leaves acks in Redis alone, for the mirror); and under
         a source that releases upstream only what is durable (a WAL slot), release up to the last ack, or the
         server would hold that WAL until the next run."""
+        if shard in self._released:
+            self._release_source(shard, final=True)  # flushes first
+        else:
+            self._flush(f"as the drain of shard {shard} ended")
+
+    def _flush(self, when: str) -> None:
+        """Flush the store (hybrid: buffered acks to Postgres); an outage only logs: Redis has every ack, the next
+        flush or the mirror carries them, and a releasing source stays at the last durable position."""
         try:
             self.store.flush()
-        except DurabilityError as exc:  # Redis has every ack; the mirror carries them to Postgres
-            log.warning("consumer %s: could not flush the checkpoints as the drain of shard %s ended: %s",
-                        self.config.name, shard, exc)
-        if shard in self._released:
-            self._release_source(shard, final=True)
+        except DurabilityError as exc:
+            log.warning("consumer %s: could not flush the checkpoints %s: %s", self.config.name, when, exc)
 
     def _release_source(self, shard: str | None, *, final: bool = False) -> None:
         """Ack = checkpoint, then source: let a ``ReleasingSource`` free what the durable checkpoint covers.
@@ -647,11 +651,7 @@ class ConsumerRuntime:
         left behind makes every read decode the acked batches again)."""
         if isinstance(self.source, ReleasingSource):  # a capability (Protocol), not a concrete class
             self._released.add(shard)
-            try:
-                self.store.flush()
-            except DurabilityError as exc:  # the source stays at the last durable position: nothing is lost
-                log.warning("consumer %s: could not make the ack durable before releasing the source: %s",
-                            self.config.name, exc)
+            self._flush("before releasing the source")
             self.source.release(shard, lambda: self.durable_checkpoint(shard), final=final)
 
     def _backlog_metrics(self, shard: str | None, checkpoint: str | None, *, final: bool = False) -> None:
