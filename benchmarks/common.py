@@ -373,7 +373,7 @@ DRAINED_LINE = re.compile(r"^drained (\d+) events in (\d+) batches .*; stopped: 
 PLANNED_STOPS = ("max_run_seconds reached", "max_batches_per_run reached", "handed over")
 #: op output metadata a hand-off adds (optional: absent before the graceful hand-off exists)
 HANDOFF_KEYS = ("handed_to", "handed_from", "claimed", "handoff_after_last_read_s", "handoff_gap_s",
-                "handoff_flush_s", "handoff_write_s")
+                "handoff_followed_s", "handoff_flush_s", "handoff_write_s")
 
 
 def run_timeline(bench: Bench, job: str) -> list[dict[str, Any]]:
@@ -421,7 +421,8 @@ def run_boundaries(runs: list[dict[str, Any]], cycle_s: float | None) -> list[di
     Unread = the successor's first read minus the predecessor's last read: the start of its last batch
     when it stopped by plan (budget, hand-over: it reads no more after that batch), else its end (a
     caught-up run polls until it ends). ``reported_unread_s`` is what the two runs report of a hand-off
-    (the owner's last read -> the hand-off, plus the hand-off -> the successor's first read). A planned
+    (the owner's last read -> the hand-off, plus the hand-off -> the successor's first read, minus how long
+    before the hand-off a successor that followed the shard first read what it then processed). A planned
     boundary meets the target when unread <= one batch cycle. Runs that read nothing (a successor that
     was not granted the shard) are no boundary: the chain is the runs that read, in the order they did."""
     out = []
@@ -431,9 +432,16 @@ def run_boundaries(runs: list[dict[str, Any]], cycle_s: float | None) -> list[di
         a_end = a["drained_at"] or a["ended_at"]
         a_last = a["batches"][-1]["read_at"] if planned and a["batches"] else a_end
         b_first = b["batches"][0]["read_at"] if b["batches"] else None
-        unread = round(b_first - a_last, 3) if b_first is not None and a_last is not None else None
         parts = (a.get("handoff_after_last_read_s"), b.get("handoff_gap_s"))
         reported = sum(parts) if all(x is not None and x >= 0 for x in parts) else None
+        followed = b.get("handoff_followed_s")
+        if reported is not None and followed is not None and followed >= 0:
+            # The successor followed the shard while it waited: its first batch was read before the hand-off
+            # (its log line says when it was processed, not read). The runs' own figures say when it was read.
+            reported = reported - followed
+            if b_first is not None and a_last is not None:
+                b_first = min(b_first, a_last + reported)
+        unread = round(b_first - a_last, 3) if b_first is not None and a_last is not None else None
         out.append({
             "from_run": a["run_id"], "to_run": b["run_id"], "from_stop_reason": a["stop_reason"], "planned": planned,
             "handed_to": a.get("handed_to"), "handed_from": b.get("handed_from"),

@@ -5,6 +5,7 @@ once, no checkpoint backwards, and no write by the old owner after the hand-off.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -12,13 +13,13 @@ import psycopg
 import pytest
 
 from durability_pipelines.checkpoints import Lease, LeaseLostError
-from durability_pipelines.consumer.drain import DrainBudget, ShardDrainer, StopReason
+from durability_pipelines.consumer.drain import DrainBudget, DrainReport, ShardDrainer, StopReason
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.consumer.handoff import claim_shard
 from durability_pipelines.consumer.runtime import ConsumerRuntime
 from durability_pipelines.sinks.realtime import install_realtime_fixture
 from tests.support.runtime_handlers import DELIVERED
-from tests.support.sources import ListSource
+from tests.support.sources import ListSource, SharedListSource
 from tests.test_consumer_drain import SHARD, FakeClock, budget, drainer, open_rt
 from tests.test_consumer_runtime import rows
 
@@ -259,3 +260,100 @@ def test_the_postgres_backend_broadcaster_publishes_every_message_once_across_ha
             "SELECT payload->>'sequence' FROM realtime.messages WHERE topic = %s", (room,)).fetchall()]
     assert sorted(sent, key=int) == seqs and len(sent) == len(set(sent))  # every message once
     rt.close()
+
+
+def _wait_for(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_successor_follows_the_shard_while_it_waits_and_processes_what_it_read_at_once(
+        backend, stream, redis_url, postgres_url) -> None:
+    """On a source that serves two readers per shard, the successor reads while the owner finishes its last
+    batch: what it read is cut at the owner's checkpoint, and its first batch needs no read after the hand-off."""
+    source = SharedListSource.with_events(stream, 95)
+    seqs = [e.sequence for e in source.shards_events[SHARD]]
+    owner_rt, flag = recording_rt(stream, redis_url, postgres_url, source, backend)
+    next_rt, _ = recording_rt(stream, redis_url, postgres_url, source, backend)
+    key = owner_rt.key(SHARD).lease_key
+    successor: dict[str, object] = {}
+
+    def run_successor() -> None:
+        successor["report"] = ShardDrainer(next_rt, SHARD, "run-next", budget(max_idle_s=0.0)).run()
+
+    thread = threading.Thread(target=run_successor, name="successor")
+
+    def followed(after: str) -> bool:
+        return any(name == "follower" and at == after for name, at, _ in source.reads)
+
+    def owner_reads(name: str, after: str | None) -> None:
+        if after == seqs[19] and name == "MainThread" and not thread.is_alive():
+            thread.start()  # the successor starts while the owner reads its 3rd batch ...
+            _wait_for(lambda: followed(seqs[19]), "the successor to follow from the owner's checkpoint")
+
+    def before_loop_top(record) -> None:
+        if record.index == 3:  # ... the owner acked its 3rd batch: the follower reads on from that checkpoint
+            _wait_for(lambda: followed(seqs[29]), "the follower to read past the owner's new checkpoint")
+
+    source.on_read = owner_reads
+    # the owner reads each batch in turn (no read-ahead), so that the successor asks while it processes batch 3
+    owner = drainer(owner_rt, FakeClock(), budget(max_idle_s=30.0), run_id="run-first", on_batch=before_loop_top,
+                    prefetch=False)
+    first = owner.run()
+    thread.join(timeout=60)
+    second = successor["report"]
+    assert isinstance(second, DrainReport)
+    assert first.stop_reason is StopReason.HANDED_OVER and first.handed_to == "run-next"
+    assert first.checkpoint == seqs[29] and second.claimed == "handed over" and second.start_after == seqs[29]
+    # its first batch is what it followed: nothing read again from the hand-over checkpoint after the hand-off
+    assert second.batches[0].first_sequence == seqs[30] and second.batches[0].events == 10
+    assert not [r for r in source.reads if r[0] == "successor" and r[1] == seqs[29]]
+    assert second.handoff_followed_s is not None and second.handoff_followed_s > 0 and second.handoff_gap_s == 0
+    assert delivered(flag) == seqs  # every record once, in order, across the two runs
+    assert rows(postgres_url, stream) == seqs
+    assert_history_never_backwards_and_fenced(owner_rt, "run-first", "run-next")
+    owner_rt.close()
+    next_rt.close()
+
+
+def test_a_follower_whose_reads_do_not_cover_the_hand_over_checkpoint_is_dropped(
+        stream, redis_url, postgres_url) -> None:
+    """The follower read from an older checkpoint than the one the lease comes with and did not reach it (the
+    owner was faster): its records are dropped, the successor reads from the checkpoint, nothing is lost."""
+    source = SharedListSource.with_events(stream, 60)
+    seqs = [e.sequence for e in source.shards_events[SHARD]]
+    rt, flag = recording_rt(stream, redis_url, postgres_url, source, "redis")
+    rt.store.save(rt.key(SHARD), seqs[9])
+    follower = ShardDrainer(rt, SHARD, "run-next", budget())._follower()
+    assert follower is not None
+    follower.start()
+    _wait_for(lambda: follower.reads >= 1, "the follower's first read")
+    follower.stop()
+    assert follower.take(seqs[9]) is not None  # it covers the checkpoint it read from ...
+    assert follower.take(seqs[29]) is None  # ... but not one past what it read (records 11..20)
+    rt.close()
+    assert flag
+
+
+def test_no_follower_on_a_source_that_serves_one_reader_per_shard(stream, redis_url, postgres_url) -> None:
+    rt, _ = recording_rt(stream, redis_url, postgres_url, ListSource.with_events(stream, 5), "redis")
+    assert ShardDrainer(rt, SHARD, "run-next", budget())._follower() is None
+    rt.close()
+
+
+def test_a_batch_read_from_an_older_checkpoint_is_cut_at_a_newer_one_it_covers() -> None:
+    source = ListSource.with_events("cut", 30)
+    seqs = [e.sequence for e in source.shards_events[SHARD]]
+    batch = source.read(SHARD, seqs[4], 10)  # records 5..14
+    assert batch.after(seqs[4]) is batch
+    cut = batch.after(seqs[9])
+    assert cut is not None and cut.start_after == seqs[9] and [e.sequence for e in cut.events] == seqs[10:15]
+    assert cut.next_checkpoint == seqs[14]
+    empty = batch.after(seqs[14])
+    assert empty is not None and empty.events == [] and empty.next_checkpoint == seqs[14]
+    assert batch.after(seqs[15]) is None  # past its end: records 15.. were never read
+    assert batch.after(seqs[2]) is None  # before its start: records 3..4 are not in it
+    assert batch.after(None) is None

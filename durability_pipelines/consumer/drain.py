@@ -15,7 +15,8 @@ for each batch:
   interval only after an empty read;
 * a run hands its shard over gracefully (``consumer/handoff.py``): when a successor asks for the lease,
   the owner finishes the batch in hand, saves its checkpoint (hybrid: in Postgres too) and hands the
-  lease over, and the successor reads on at once. A run whose budget is used (``max_batches_per_run``,
+  lease over, and the successor reads on at once; on a ``SharedReads`` source the successor has followed
+  the shard while it waited (``consumer/follower.py``) and processes what it read at once. A run whose budget is used (``max_batches_per_run``,
   ``max_run_seconds``) reads on for up to ``handoff_timeout_s`` more while it waits for its successor,
   so the shard is never left unread on a planned end;
 * the run ends when its shard is handed over, the shard is caught up (after ``max_idle_s`` of polling;
@@ -53,6 +54,7 @@ from durability_pipelines.checkpoints.lock_waits import LockWaitTimeoutError
 from durability_pipelines.consumer.config import ConsumerConfig
 from durability_pipelines.consumer.dispatch import shard_id
 from durability_pipelines.consumer.filters import count_filtered
+from durability_pipelines.consumer.follower import Follower
 from durability_pipelines.consumer.handoff import Claim, claim_shard
 from durability_pipelines.consumer.runtime import (
     BatchDeadLettered,
@@ -61,6 +63,7 @@ from durability_pipelines.consumer.runtime import (
     ProcessOutput,
     ReadOutput,
 )
+from durability_pipelines.consumer.source import SharedReads
 from durability_pipelines.sources.backoff import BackoffPolicy
 
 log = logging.getLogger(__name__)
@@ -177,6 +180,9 @@ class DrainReport:
     handed_from: str = ""
     handoff_waited_s: float | None = None  # asking -> holding the lease
     handoff_gap_s: float | None = None  # the hand-off -> this run's first read (wall clocks)
+    #: A successor that followed the shard while it waited: how long before the hand-off it first read a record
+    #: it then processed (the shard was read all along); None: it read only once it held the lease.
+    handoff_followed_s: float | None = None
     #: The run that took the shard over by hand-off, and how long after this run's last read it did.
     handed_to: str = ""
     handoff_after_last_read_s: float | None = None
@@ -242,6 +248,7 @@ class DrainReport:
             # the shard unread across a hand-off = the owner's part + the successor's part (-1: no hand-off)
             "handoff_after_last_read_s": _rounded(self.handoff_after_last_read_s),
             "handoff_gap_s": _rounded(self.handoff_gap_s),
+            "handoff_followed_s": _rounded(self.handoff_followed_s),
             "handoff_waited_s": _rounded(self.handoff_waited_s),
             "handoff_flush_s": _rounded(self.handoff_flush_s),
             "handoff_write_s": _rounded(self.handoff_write_s),
@@ -350,7 +357,12 @@ class ShardDrainer:
     def run(self) -> DrainReport:
         rt, report = self.rt, self.report
         report.started = self.clock()
-        claim = self._claim()
+        follower = self._follower()
+        try:
+            claim = self._claim(follower)
+        finally:
+            if follower is not None:
+                follower.stop()
         if claim.lease is None:
             report.stop_reason, report.not_granted = StopReason.NOT_GRANTED, claim.why_not
             report.ended = self.clock()
@@ -367,6 +379,7 @@ class ShardDrainer:
             except InvalidSequenceError as exc:  # garbage or a key of another type, no other store to fall back on
                 raise rt.unreadable_checkpoint(self.shard, exc, self.run_id) from exc
             report.start_after = report.checkpoint = acked
+            followed = self._followed(follower, acked)
             if self.on_start is not None:
                 self.on_start(report)
             idle_since: float | None = None
@@ -381,7 +394,7 @@ class ShardDrainer:
                     report.stop_reason = stop
                     break
                 self._renew_if_due()
-                read = ahead.take(acked) if ahead is not None else None
+                read, followed = followed or (ahead.take(acked) if ahead is not None else None), None
                 read = read or self._read_now(acked)
                 self._last_read_at = read.read_started  # the owner's last read, when it hands over
                 batch = read.batch
@@ -430,18 +443,42 @@ class ShardDrainer:
                 self.quorum.leave(self.shard)
         return report
 
-    def _claim(self) -> Claim:
+    def _claim(self, follower: Follower | None) -> Claim:
         rt = self.rt
         claim = claim_shard(
             rt.store.leases, rt.key(self.shard).lease_key, self.run_id, duration_s=rt.config.lease_duration_s,
             timeout_s=self.budget.handoff_timeout_s, is_owner_dead=rt.is_owner_dead, sleep=self.sleep,
-            clock=self.clock, should_stop=self.stop.is_set if self.stop is not None else lambda: False)
+            clock=self.clock, should_stop=self.stop.is_set if self.stop is not None else lambda: False,
+            on_wait=follower.start if follower is not None else None)
         report = self.report
         report.claimed, report.handoff_waited_s = claim.how, round(claim.waited_s, 3)
         if claim.how == "handed over" and claim.lease is not None:
             report.handed_from = claim.lease.handed_from
             self._handed_at = claim.lease.handed_at
         return claim
+
+    def _follower(self) -> Follower | None:
+        """A reader of the shard for the wait for a hand-off, where the source serves two readers at once."""
+        source = self.rt.source
+        if not self.prefetch or not isinstance(source, SharedReads) or not source.shared_reads:
+            return None
+        rt, key = self.rt, self.rt.key(self.shard)
+        return Follower(
+            lambda after, n: rt.read_after(self.shard, self.run_id, None, after, max_events=n, record_gap=False).batch,
+            lambda: rt.store.load(key), max_events=rt.config.max_events, poll_s=self.budget.poll_interval_s)
+
+    def _followed(self, follower: Follower | None, acked: str | None) -> ReadOutput | None:
+        """What the follower read after ``acked`` (the checkpoint the lease came with), as this run's first batch."""
+        if follower is None or self._handed_at is None:
+            return None
+        taken = follower.take(acked)
+        if taken is None or not taken[0].events:
+            return None  # nothing read past the hand-over checkpoint: the first read goes on from there
+        batch, first_read_at = taken
+        handed = self._handed_at.timestamp()
+        self.report.handoff_followed_s = max(0.0, handed - first_read_at)
+        self.report.handoff_gap_s = max(0.0, first_read_at - handed)
+        return ReadOutput(self.rt.config.name, self.shard, self.run_id, batch, self._lease, self.clock())
 
     def _read_now(self, acked: str | None) -> ReadOutput:
         """A read in the loop (not one read ahead); the first one after a hand-off ends the shard's unread time."""

@@ -45,12 +45,14 @@ class Claim:
 def claim_shard(leases: LeaseManager, key: LeaseKey, me: str, *, duration_s: float, timeout_s: float,
                 is_owner_dead: Callable[[str], bool], sleep: Callable[[float], None] = time.sleep,
                 clock: Callable[[], float] = time.monotonic, poll_s: float = HANDOFF_POLL_S,
-                should_stop: Callable[[], bool] = lambda: False) -> Claim:
+                should_stop: Callable[[], bool] = lambda: False,
+                on_wait: Callable[[], None] | None = None) -> Claim:
     """Take ``key`` for ``me``: free -> at once; held by a live owner -> ask and wait for the hand-off;
     held by a dead owner -> steal; held by a frozen one -> take it when it expires.
 
     Gives up (``lease`` None) when another successor is already waiting, or when the owner is alive (it
-    renews its lease) and has not handed over within ``timeout_s``.
+    renews its lease) and has not handed over within ``timeout_s``. ``on_wait`` is called once, when the wait
+    for a live owner begins (the drain loop starts following the shard then).
     """
     started = clock()
     first_owner: str | None = None
@@ -71,6 +73,8 @@ def claim_shard(leases: LeaseManager, key: LeaseKey, me: str, *, duration_s: flo
                 return Claim(stolen, clock() - started, "owner dead")
         if first_owner is None:
             first_owner, first_expiry = lease.owner, lease.expires_at
+            if on_wait is not None:
+                on_wait()
         renewing = lease.owner != first_owner or lease.expires_at != first_expiry
         if renewing and clock() - started >= timeout_s:
             after = leases.withdraw_request(key, me)

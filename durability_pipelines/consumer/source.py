@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from durability_pipelines.checkpoints.ordering import sort_key
 from durability_pipelines.consumer.events import ChangeEvent
 from durability_pipelines.sources.hooks import CallHook
 
 __all__ = ["BacklogBytes", "BoundsRetainedLog", "CallHook", "Gap", "Holdup", "ReleasingSource", "ReportsBacklogBytes",
-           "ReportsHoldup", "SourceBatch", "StreamSource"]
+           "ReportsHoldup", "SharedReads", "SourceBatch", "StreamSource"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,21 @@ class SourceBatch:
             more.shard_ended, more.gap, more.behind,
         )
 
+    def after(self, position: str | None) -> SourceBatch | None:
+        """This batch from ``position`` on, or None when it does not cover ``position`` (it starts after it, ends
+        before it, or has a gap). A batch read from an older position and cut at a newer checkpoint holds every
+        record after that checkpoint up to its end, because a read returns consecutive records: a successor that
+        read while its predecessor still worked (``SharedReads``) starts from what it read."""
+        if position == self.start_after:
+            return self
+        if position is None or self.start_after is None or self.next_checkpoint is None or self.gap is not None:
+            return None
+        floor = sort_key(position)
+        if not sort_key(self.start_after) <= floor <= sort_key(self.next_checkpoint):
+            return None
+        return SourceBatch(self.shard, position, [e for e in self.events if sort_key(e.sequence) > floor],
+                           self.next_checkpoint, self.shard_ended, None, self.behind)
+
     def checkpoint_before(self, sequence: str) -> str | None:
         """Checkpoint when the event at ``sequence`` (and all after it) failed: just before it."""
         previous = self.start_after
@@ -148,6 +164,18 @@ class ReleasingSource(Protocol):
     what it returns, so that no loss of a checkpoint store leaves the checkpoint behind the server."""
 
     def release(self, shard: str | None, durable: Callable[[], str | None], *, final: bool = False) -> None: ...
+
+
+@runtime_checkable
+class SharedReads(Protocol):
+    """A capability: a second reader may read a shard while its owner does, without disturbing it (DynamoDB
+    Streams serves two readers per shard). A successor waiting for a graceful hand-off then follows the shard
+    (``consumer/drain.py``'s ``Follower``), so that it holds the records after the owner's last checkpoint when
+    the lease arrives and the shard is never unread. Sources whose reads hold something on the server (a
+    replication slot has one reader) or are rate-limited per shard across readers (Kinesis: five reads a
+    second) do not declare it: their successors read once they hold the lease."""
+
+    shared_reads: bool
 
 
 @runtime_checkable

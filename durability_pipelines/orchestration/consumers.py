@@ -144,8 +144,10 @@ def describe_claim(report: DrainReport) -> str:
     sid, at = shard_id(report.shard), report.start_after or "(initial position)"
     waited = f" after waiting {report.handoff_waited_s:.3f} s" if report.handoff_waited_s else ""
     if report.claimed == "handed over":
+        followed = (f"; it had followed the shard since {report.handoff_followed_s:.3f} s before the hand-off and "
+                    "processes what it read at once" if report.handoff_followed_s is not None else "")
         return (f"took shard {sid} over from run {report.handed_from} by graceful hand-off{waited}, at checkpoint "
-                f"{at} (lease epoch {report.lease_epoch})")
+                f"{at} (lease epoch {report.lease_epoch}){followed}")
     how = {"free": "took the free lease", "released or expired": "took the lease its last holder released or "
            "let expire", "owner dead": "took the lease from a run that is no longer running"}.get(
         report.claimed, report.claimed)

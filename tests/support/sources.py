@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from durability_pipelines.checkpoints.ordering import SHARD_END, sort_key
@@ -48,3 +49,23 @@ class ListSource:
 
     def close(self) -> None:
         pass
+
+
+class SharedListSource(ListSource):
+    """A ``ListSource`` that serves two readers per shard (``SharedReads``, as DynamoDB Streams does), and logs
+    every read: (the reading thread's name, the position read after, the sequences returned)."""
+
+    shared_reads = True
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.reads: list[tuple[str, str | None, list[str]]] = []
+        self.on_read: Callable[[str, str | None], None] | None = None
+
+    def read(self, shard: str | None, after: str | None, max_events: int) -> SourceBatch:
+        batch = super().read(shard, after, max_events)
+        name = threading.current_thread().name
+        self.reads.append((name, after, [e.sequence for e in batch.events]))
+        if self.on_read is not None:
+            self.on_read(name, after)
+        return batch

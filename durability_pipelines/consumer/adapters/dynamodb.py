@@ -24,6 +24,8 @@ class DynamoDBSource:
     """One table's stream; each shard is a shard of the checkpoint key."""
 
     adapter = ADAPTER
+    #: ``SharedReads``: DynamoDB Streams serves two readers per shard, the owner and a successor following it.
+    shared_reads = True
 
     def __init__(self, cfg: DynamoDBSourceConfig, *, streams_client: Any = None, dynamodb_client: Any = None,
                  on_call: CallHook | None = None) -> None:

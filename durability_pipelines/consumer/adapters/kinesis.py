@@ -24,6 +24,10 @@ class KinesisSource(DynamoDBSource):
     checkpoint covers them) and never delivered. Undecodable records are delivered (``UNDECODABLE``).
     """
 
+    #: Not ``SharedReads``: a Kinesis shard serves five reads a second across all its readers, which a successor
+    #: following its owner would share with it (and with the table's other consumers).
+    shared_reads = False
+
     def __init__(self, cfg: KinesisSourceConfig, *, client: Any = None, on_call: CallHook | None = None) -> None:
         self.cfg = cfg
         self.stream = cfg.table
