@@ -521,6 +521,19 @@ class SinkObserver(threading.Thread):
         return out, unstamped
 
 
+    def timeline(self, label: str, start: float, end: float, bucket_s: float = 5.0) -> list[list[float]]:
+        """Where the tail is: per ``bucket_s`` of write time from ``start``, [offset s, rows, p50 s, max s]."""
+        buckets: dict[int, list[float]] = {}
+        for written_at, seen_at in self.seen[label].values():
+            if written_at is not None and start <= written_at < end:
+                buckets.setdefault(int((written_at - start) // bucket_s), []).append(seen_at - written_at)
+        out = []
+        for i in sorted(buckets):
+            xs = sorted(buckets[i])
+            out.append([i * bucket_s, len(xs), round(xs[len(xs) // 2], 3), round(xs[-1], 3)])
+        return out
+
+
 def percentiles(values: list[float]) -> dict[str, Any]:
     """p50/p95/p99/max (nearest rank) in seconds."""
     if not values:

@@ -76,6 +76,8 @@ ADAPTER = "dynamodb"
 #: GetRecords returns at most 1,000 records (and 1 MB); asking for more is an API error.
 MAX_RECORDS_PER_CALL = 1000
 DEFAULT_MAX_CALLS_PER_BATCH = 20
+#: GetRecords returns at most 1 MB per call (DynamoDB Streams): a short page near that size was cut by it.
+PAGE_BYTES_LIMIT = 1024 * 1024
 ENDPOINT_ENV = "DURABILITY_DYNAMODB_ENDPOINT_URL"
 
 TrimPolicy = Literal["fail", "skip_to_trim_horizon"]
@@ -229,7 +231,7 @@ class ShardBatch:
     shard_ended: bool = False
     gap: TrimGap | None = None
     start_at: str | None = None  # AT_SEQUENCE_NUMBER replay position, when given
-    caught_up: bool = False  # the last GetRecords returned nothing on an open shard
+    caught_up: bool = False  # the last GetRecords reached the tip of an open shard (empty or short page)
     calls: int = 0  # GetRecords calls made (throttle retries not counted)
     retries: int = 0  # throttle / server-error retries across all calls of this batch
     expired_iterators: int = 0
@@ -767,8 +769,18 @@ class DynamoDBStreamReader:
     def _caught_up(
         self, resp: Mapping[str, Any], raw_records: Sequence[Any], batch: ShardBatch, limit: int
     ) -> bool:
-        """Did this page (asked for ``limit`` records) reach the shard's tip? DynamoDB Streams: an empty page."""
-        return not raw_records
+        """Did this page (asked for ``limit`` records) reach the shard's tip? An empty page, or one with fewer
+        records than asked that the 1 MB page limit did not cut short: the shard had no more when it was read.
+
+        Why a short page ends the batch: under a steady stream every page brings the records written since the
+        last one, so a loop that read on until an empty page filled ``max_events`` at the stream's rate (two
+        seconds for 1,000 records at 500/s) and held the first records back that long. Lambda (with no batching
+        window) and KCL hand one poll's records over at once; so does this reader (``batch_window_s`` is how
+        to wait for more)."""
+        if not raw_records:
+            return True
+        page_bytes = sum(int((r.get("dynamodb") or {}).get("SizeBytes") or 0) for r in raw_records)
+        return len(raw_records) < limit and page_bytes < PAGE_BYTES_LIMIT // 2
 
     def _is_trimmed(self, exc: ClientError) -> bool:
         """Does this error say the position's records are gone (so ``trim_policy`` decides)?"""
