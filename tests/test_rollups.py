@@ -10,6 +10,7 @@ daemon's side (the automation sensor and the freshness loop acting on a draining
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -174,3 +175,35 @@ def test_freshness_windows_dagster_cannot_evaluate_are_refused_with_the_field_na
     with pytest.raises(ConfigError, match=r"events_per_minute\.window_hourz"):
         load("  events_per_minute: {window_hourz: 2}\n")
     assert load("  freshness: {}\n  events_per_minute: {}\n").events_per_minute.window_hours == 24
+
+
+def test_with_rebuild_every_minutes_the_rollup_is_rebuilt_at_most_once_a_period_after_the_sink_was_materialized(
+        postgres_url: str) -> None:
+    cfg = consumer(events_per_minute={"window_hours": 1, "rebuild_every_minutes": 5})
+    defs = defs_of(cfg, postgres_url)
+    now = datetime.now(timezone.utc)
+    tick = now.replace(minute=now.minute - now.minute % 5, second=0, microsecond=0)  # the period's cron tick
+    if tick + timedelta(minutes=5) - now < timedelta(seconds=10):  # keep the whole test inside one period
+        time.sleep((tick + timedelta(minutes=5) - now).total_seconds() + 0.5)
+        now = datetime.now(timezone.utc)
+        tick = now.replace(minute=now.minute - now.minute % 5, second=0, microsecond=0)
+    with dg.instance_for_test() as instance:
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=tick - timedelta(
+            minutes=1))
+        assert result.total_requested == 0
+        for _ in range(3):  # three batches land in this period
+            instance.report_runless_asset_event(dg.AssetMaterialization(sink_asset_key(cfg)))
+        asked = []
+        for at in (now + timedelta(seconds=1), now + timedelta(seconds=2), tick + timedelta(minutes=5, seconds=1)):
+            result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor,
+                                                       evaluation_time=at)
+            asked.append(result.get_num_requested(rollup_asset_key(cfg)))
+    # one rebuild for the period's three materializations; none in the next period, which has none of its own
+    assert asked == [1, 0, 0]
+
+
+def test_rebuild_every_minutes_must_divide_the_hour() -> None:
+    with pytest.raises(ValueError, match="divisor of 60"):
+        consumer(events_per_minute={"rebuild_every_minutes": 7})
+    assert consumer(events_per_minute={"rebuild_every_minutes": 60}).events_per_minute.cron() == "0 * * * *"
+    assert consumer(events_per_minute={}).events_per_minute.cron() is None  # eager, the default

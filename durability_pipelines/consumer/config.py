@@ -323,6 +323,26 @@ class EventsPerMinuteConfig(_Strict):
         default=24.0, gt=0, le=24 * 366, allow_inf_nan=False,
         description="the table covers this many hours back from now; each materialization rebuilds them",
     )
+    rebuild_every_minutes: int = Field(
+        default=0, ge=0, le=60,
+        description="0: rebuild whenever the sink is materialized (AutomationCondition.eager(), about one run a "
+        "minute while the stream is written); N (a divisor of 60): at most once every N minutes, once the sink "
+        "has been materialized since (AutomationCondition.on_cron). Each rebuild is a run: a process of its own",
+    )
+
+    @field_validator("rebuild_every_minutes")
+    @classmethod
+    def _divides_the_hour(cls, value: int) -> int:
+        if value and 60 % value:
+            raise ValueError(f"rebuild_every_minutes must be 0 or a divisor of 60 (1, 2, 3, 4, 5, 6, 10, 12, 15, "
+                             f"20, 30, 60), got {value}: a cron step that does not divide the hour is uneven")
+        return value
+
+    def cron(self) -> str | None:
+        """The rebuild schedule as cron, or None for "whenever the sink is materialized"."""
+        if not self.rebuild_every_minutes:
+            return None
+        return "0 * * * *" if self.rebuild_every_minutes == 60 else f"*/{self.rebuild_every_minutes} * * * *"
 
 
 class ConsumerConfig(_Strict):

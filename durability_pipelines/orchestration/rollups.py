@@ -3,7 +3,7 @@
 ``<consumer>/<consumer>_events_per_minute`` counts the ``stream_events`` rows of the consumer's stream per
 minute and event name (``audit/rollup.py``). Its automation condition is ``eager()``: whenever the sink is
 materialized (a draining run does so at least once a minute while it writes), the asset is requested
-again, never twice at once; a per-consumer ``AutomationConditionSensorDefinition``, running by default,
+again, never twice at once (or ``on_cron`` with ``rebuild_every_minutes``); a per-consumer ``AutomationConditionSensorDefinition``, running by default,
 evaluates it. The pattern is the one to copy for your own tables downstream of a stream (docs/assets.md).
 """
 
@@ -37,6 +37,14 @@ def rollup_asset_key(cfg: ConsumerConfig) -> AssetKey:
     return AssetKey([cfg.name, rollup_table(cfg.name)])
 
 
+def automation_condition(cfg: ConsumerConfig) -> AutomationCondition:
+    """``eager()``: whenever the sink is materialized; with ``rebuild_every_minutes``, ``on_cron``: once per
+    period after the sink was materialized in it (fewer runs where each run's process costs the consumer)."""
+    assert cfg.events_per_minute is not None
+    cron = cfg.events_per_minute.cron()
+    return AutomationCondition.eager() if cron is None else AutomationCondition.on_cron(cron)
+
+
 def build_rollup_defs(cfg: ConsumerConfig, *, sink_key: AssetKey, group_name: str) -> Definitions:
     """The consumer's ``events_per_minute`` asset downstream of its sink ``sink_key`` (in ``group_name``, the
     sink's group), and the sensor that automates it; empty when not asked for. (``consumers.py`` passes both:
@@ -48,10 +56,12 @@ def build_rollup_defs(cfg: ConsumerConfig, *, sink_key: AssetKey, group_name: st
 
     @asset(
         key=rollup_asset_key(cfg), deps=[sink_key], group_name=group_name,
-        kinds={"pandas", "postgres"}, automation_condition=AutomationCondition.eager(),
+        kinds={"pandas", "postgres"}, automation_condition=automation_condition(cfg),
         description=f"Events of {cfg.adapter} stream {cfg.stream} per minute and event name over the last "
                     f"{cfg.events_per_minute.window_hours:g} h, from the stream_events rows consumer {cfg.name} "
-                    f"wrote (Postgres table {table}). Rebuilt whenever the sink is materialized.",
+                    f"wrote (Postgres table {table}). Rebuilt whenever the sink is materialized"
+                    + (f", at most every {cfg.events_per_minute.rebuild_every_minutes} min." if
+                       cfg.events_per_minute.rebuild_every_minutes else "."),
         metadata={"table": table, "consumer": cfg.name,
                   "dagster/column_schema": TableSchema([TableColumn(c, t, description=d)
                                                         for c, (t, d) in COLUMNS.items()])},

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import boto3
 from boto3.dynamodb.types import TypeDeserializer
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
@@ -42,6 +41,7 @@ from durability_pipelines.checkpoints.ordering import (
     is_number,
     normalize_sequence,
 )
+from durability_pipelines.sources.aws_clients import aws_client
 from durability_pipelines.sources.backoff import BackoffPolicy
 from durability_pipelines.sources.errors import (
     SequenceOutOfRangeError,
@@ -278,12 +278,11 @@ def make_clients(region: str | None, endpoint_url: str | None = None) -> tuple[A
     bounded retry layer and every attempt reaches the ``on_call`` metrics hook.
     """
     endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
-    session = boto3.session.Session(region_name=region or None)
     control = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=30)
     data = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=30)
-    return (
-        session.client("dynamodb", endpoint_url=endpoint, config=control),
-        session.client("dynamodbstreams", endpoint_url=endpoint, config=data),
+    return (  # made once per process (sources/aws_clients.py): a sensor builds its source every tick
+        aws_client("dynamodb", region, endpoint, control, "control"),
+        aws_client("dynamodbstreams", region, endpoint, data, "data"),
     )
 
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from durability_pipelines.checkpoints.ordering import normalize_sequence
+from durability_pipelines.sources.aws_clients import aws_client
 from durability_pipelines.sources.dynamodb import (
     ENDPOINT_ENV,
     DynamoDBStreamReader,
@@ -89,9 +89,8 @@ def make_client(region: str | None, endpoint_url: str | None = None) -> Any:
     (moto serves DynamoDB and Kinesis on one port), else AWS. botocore's own retries are off so that the
     reader's ``BackoffPolicy`` is the single, bounded retry layer (as for DynamoDB Streams)."""
     endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
-    session = boto3.session.Session(region_name=region or None)
     config = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=30)
-    return session.client("kinesis", endpoint_url=endpoint, config=config)
+    return aws_client("kinesis", region, endpoint, config, "data")  # once per process (sources/aws_clients.py)
 
 
 def describe_stream(client: Any, stream_name: str) -> KinesisStream:
