@@ -16,9 +16,9 @@ for each batch:
 * a run hands its shard over gracefully (``consumer/handoff.py``): when a successor asks for the lease,
   the owner finishes the batch in hand, saves its checkpoint (hybrid: in Postgres too) and hands the
   lease over, and the successor reads on at once; on a ``SharedReads`` source the successor has followed
-  the shard while it waited (``consumer/follower.py``) and processes what it read at once. A run whose budget is used (``max_batches_per_run``,
-  ``max_run_seconds``) reads on for up to ``handoff_timeout_s`` more while it waits for its successor,
-  so the shard is never left unread on a planned end;
+  the shard while it waited (``consumer/follower.py``) and processes what it read at once. A run whose
+  budget is used (``max_batches_per_run``, ``max_run_seconds``) reads on for up to ``handoff_timeout_s``
+  more while it waits for its successor, so the shard is never left unread on a planned end;
 * the run ends when its shard is handed over, the shard is caught up (after ``max_idle_s`` of polling;
   never with ``keep_owned``), its shard ended, the budget and the wait for a successor are used, a batch
   failed, or the lease was lost.
