@@ -30,7 +30,8 @@ def test_latency_benchmark_reports_percentiles_runs_and_boundaries(postgres_url:
     report = json.loads(proc.stdout)  # stdout is exactly one JSON document
 
     assert report["benchmark"] == "latency" and report["interleaving"].startswith("concurrent")
-    assert report["config_overrides"] == {"max_run_seconds": 8.0}
+    # the starter's downstream rollup is off unless --with-rollup: its runs are not the consumer's work
+    assert report["config_overrides"] == {"max_run_seconds": 8.0, "events_per_minute": None}
     (phase,) = report["rates"]
     assert phase["rate_target"] == 20 and phase["rate_achieved"] > 0 and phase["seconds"] == 20
     assert phase["warmup_s"] > 0 and phase["records_in_window"] > 0
@@ -41,6 +42,9 @@ def test_latency_benchmark_reports_percentiles_runs_and_boundaries(postgres_url:
         assert figures["count"] == figures["committed_in_window"] > 0  # every record was seen committed
         assert figures["committed_total"] == phase["records_written"] and figures["unstamped_rows"] == 0
         assert figures["p50_s"] <= figures["p95_s"] <= figures["p99_s"] <= figures["max_s"]
+        # per 5 s of write time: [offset, rows, p50, max]; together the buckets hold every record of the window
+        assert figures["timeline"] and all(len(b) == 4 and b[2] <= b[3] for b in figures["timeline"])
+        assert sum(b[1] for b in figures["timeline"]) == figures["count"]
 
     # the first run ends by its budget before the producer stops: at least one run boundary
     runs, boundaries = phase["runs"], phase["boundaries"]
@@ -56,6 +60,9 @@ def test_latency_benchmark_reports_percentiles_runs_and_boundaries(postgres_url:
         assert isinstance(b["planned"], bool) and isinstance(b["unread_s"], float)
     assert phase["planned_handoffs"] >= 1 and isinstance(phase["batch_cycle_s"], float)
     assert phase["observer_poll_period_s"] > 0
+    assert all(len(r) == 3 and r[0] != "bench_lat_20_job" for r in phase["other_runs"])  # mirror runs, if any
+    for r in runs:
+        assert r.get("handoff_followed_s") is None or isinstance(r["handoff_followed_s"], float)
     for targets in (phase["targets"], report["targets"]):
         assert targets["pipeline_p99_max_s"] == 1.0 and targets["pipeline_max_max_s"] == 3.0
         assert isinstance(targets["latency_met"], bool) and isinstance(targets["handoff_met"], bool)

@@ -278,7 +278,6 @@ def test_a_successor_follows_the_shard_while_it_waits_and_processes_what_it_read
     seqs = [e.sequence for e in source.shards_events[SHARD]]
     owner_rt, flag = recording_rt(stream, redis_url, postgres_url, source, backend)
     next_rt, _ = recording_rt(stream, redis_url, postgres_url, source, backend)
-    key = owner_rt.key(SHARD).lease_key
     successor: dict[str, object] = {}
 
     def run_successor() -> None:
