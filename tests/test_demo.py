@@ -39,7 +39,9 @@ def test_bounded_demo_loses_and_duplicates_nothing() -> None:
     feed = stores["checkpoint:supabase:orders-changes:workers:consumer-a"]
     assert feed["postgres"] == feed["redis"] is not None
     realtime = next(c for k, c in stores.items() if k.startswith("checkpoint:dynamodb:orders:realtime:"))
-    assert realtime["postgres"] is not None and realtime["redis"] is None  # postgres backend
+    # postgres backend: the broadcaster writes Postgres only; Redis holds at most the every-minute mirror's copy
+    # of that row (the mirror restores every Postgres checkpoint missing in Redis), never anything else
+    assert realtime["postgres"] is not None and realtime["redis"] in (None, realtime["postgres"])
 
 
 def test_a_port_in_use_is_named_before_anything_starts(tmp_path: Path) -> None:
