@@ -15,6 +15,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from tests.support.dagster_daemon import (
     DagsterDaemon,
     DagsterHome,
     run_records,
+    sensor_state,
     sensor_ticks,
     wait_until,
 )
@@ -49,6 +51,8 @@ MAX_EVENTS = 100
 FLUSH_EVERY_N = 100
 FLUSH_EVERY_S = 5.0
 WAIT_S = 150.0  # hang guard for one scenario step
+#: After `dagster sensor stop`: longer than a tick interval (5 s) plus a tick, so a tick in flight has written its state.
+SENSOR_STOP_SETTLE_S = 8.0
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 
 
@@ -239,13 +243,26 @@ class E2E:
         return run_records(instance or self.instance, {CONSUMER_TAG: c.name})
 
     def set_sensor(self, c: Consumer, *, running: bool) -> None:
-        """``dagster sensor start|stop`` on the current node, as an operator would."""
+        """``dagster sensor start|stop`` on the current node, as an operator would.
+
+        A stop can be lost: a tick in flight when the CLI writes STOPPED writes the sensor's state back (with its
+        new cursor, and the status it read when it began), and the sensor goes on ticking. Seen once in CI: the
+        consumer kept draining while a test waited for it to fall behind. So a stop is checked one tick
+        interval later and repeated, as an operator who saw the sensor still ticking would."""
         home = self.daemon.home
         env = {**os.environ, **self.node_env(), "DAGSTER_HOME": str(home.path), DAGSTER_POSTGRES_URL: home.storage_url}
-        out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "sensor", "start" if running else "stop",
-                              "-w", str(self.workspace), c.sensor], cwd=REPO_WORKSPACE.parent, env=env,
-                             capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        for _ in range(5):
+            out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "sensor",
+                                  "start" if running else "stop", "-w", str(self.workspace), c.sensor],
+                                 cwd=REPO_WORKSPACE.parent, env=env, capture_output=True, text=True, timeout=180)
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+            if running:
+                return
+            time.sleep(SENSOR_STOP_SETTLE_S)  # a tick in flight has written its state by now
+            state = sensor_state(self.instance, c.sensor)
+            if state is None or state.status.value == "STOPPED":
+                return
+        raise AssertionError(f"{c.sensor} still runs after 5 stops")
 
     # -- waits -----------------------------------------------------------------------
     def wait_drained(self, c: Consumer, timeout: float = WAIT_S) -> dict[str, str]:
